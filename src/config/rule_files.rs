@@ -1,0 +1,164 @@
+//! Reading rule files: YAML, one or more rules per file separated by `---`.
+//! Each document is parsed on its own so that an error is reported with the
+//! line it is on in the file and the id of the rule it belongs to.
+
+use super::ConfigError;
+use crate::rules::{self, Rule, RuleSpec};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Loads every rule under `paths` (files, or folders of `*.yaml`/`*.yml`),
+/// appending each problem to `errors`.
+pub fn load(paths: &[PathBuf], errors: &mut Vec<ConfigError>) -> Vec<Rule> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            match std::fs::read_dir(path) {
+                Ok(entries) => {
+                    let mut found: Vec<PathBuf> =
+                        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_rule_file(p)).collect();
+                    found.sort();
+                    files.extend(found);
+                }
+                Err(e) => errors.push(file_error(path, None, None, format!("cannot list rules folder: {e}"))),
+            }
+        } else {
+            files.push(path.clone());
+        }
+    }
+    let mut rules = Vec::new();
+    let mut seen: HashMap<String, (PathBuf, usize)> = HashMap::new();
+    for file in files {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(file_error(&file, None, None, format!("cannot read rule file: {e}")));
+                continue;
+            }
+        };
+        for (start, doc) in documents(&text) {
+            if doc.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+                continue;
+            }
+            let spec: RuleSpec = match serde_yaml_ng::from_str(doc) {
+                Ok(s) => s,
+                Err(e) => {
+                    let line = e.location().map(|l| start + l.line() - 1).or(Some(start));
+                    let message = e.to_string();
+                    // "at line N column M" would point into the document, not the file.
+                    let message = message.split(" at line ").next().unwrap_or(&message).to_string();
+                    errors.push(file_error(&file, line, lenient_id(doc), message));
+                    continue;
+                }
+            };
+            let id = spec.id.clone();
+            let id_line = start + line_of(doc, "id").unwrap_or(1) - 1;
+            if let Some((first_file, first_line)) = seen.get(&id) {
+                errors.push(file_error(
+                    &file,
+                    Some(id_line),
+                    Some(id.clone()),
+                    format!("duplicate rule id, first defined at {}:{first_line}", first_file.display()),
+                ));
+                continue;
+            }
+            seen.insert(id.clone(), (file.clone(), id_line));
+            match rules::compile(spec) {
+                Ok(rule) => rules.push(rule),
+                Err(field_errors) => {
+                    for fe in field_errors {
+                        let line = line_of(doc, fe.field).map(|l| start + l - 1).or(Some(id_line));
+                        errors.push(file_error(&file, line, Some(id.clone()), fe.message));
+                    }
+                }
+            }
+        }
+    }
+    rules
+}
+
+fn is_rule_file(p: &Path) -> bool {
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    (name.ends_with(".yaml") || name.ends_with(".yml")) && !name.contains(".test.")
+}
+
+fn file_error(file: &Path, line: Option<usize>, rule: Option<String>, message: String) -> ConfigError {
+    ConfigError { file: file.to_path_buf(), line, rule, message }
+}
+
+/// Splits a multi-document YAML text; each document with its first line number.
+fn documents(text: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let mut start_byte = 0;
+    let mut start_line = 1;
+    let mut offset = 0;
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end();
+        if bare == "---" || bare.starts_with("--- ") {
+            docs.push((start_line, &text[start_byte..offset]));
+            start_byte = offset + line.len();
+            start_line = i + 2;
+        }
+        offset += line.len();
+    }
+    docs.push((start_line, &text[start_byte..]));
+    docs
+}
+
+/// 1-based line of the first `key:` in a document, in block or flow style.
+fn line_of(doc: &str, key: &str) -> Option<usize> {
+    let is_key_at = |l: &str, i: usize| {
+        let before = l[..i].trim_end();
+        (before.is_empty() || before.ends_with(['{', ',', '-'])) && l[i + key.len()..].starts_with(':')
+    };
+    doc.lines().position(|l| l.match_indices(key).any(|(i, _)| is_key_at(l, i))).map(|i| i + 1)
+}
+
+/// The rule id of a document that does not parse as a rule, if it has one.
+fn lenient_id(doc: &str) -> Option<String> {
+    let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(doc).ok()?;
+    v.get("id")?.as_str().map(String::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_keep_their_line_numbers() {
+        let text = "id: a\n---\n# c\nid: b\n--- \nid: c\n";
+        let docs = documents(text);
+        assert_eq!(docs.iter().map(|d| d.0).collect::<Vec<_>>(), vec![1, 3, 6]);
+        assert_eq!(line_of(docs[1].1, "id"), Some(2));
+    }
+
+    #[test]
+    fn every_error_is_listed_with_file_line_and_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = "id: ok_rule\ntitle: t\nseverity: LOW\nentity: {type: user, key: u}\nmatch: 'a == \"b\"'\n";
+        let text = format!(
+            "{good}---\nid: bad_one\ntitle: t\nseverity: SEVERE\nentity: {{type: user, key: u}}\nmatch: 'a =='\n---\nid: bad_two\ntitle: t\nseverity: LOW\nentity: {{type: user, key: u}}\nmatch: 'true'\nstate:\n  count: {{window: 1 fortnight, threshold: 0}}\n---\nid: bad_three\ntitlee: typo\n"
+        );
+        let f = dir.path().join("r.yaml");
+        std::fs::write(&f, text).unwrap();
+        let mut errors = Vec::new();
+        let rules = load(&[dir.path().to_path_buf()], &mut errors);
+        assert_eq!(rules.len(), 1);
+        let got: Vec<(Option<usize>, Option<&str>, bool)> =
+            errors.iter().map(|e| (e.line, e.rule.as_deref(), e.file == f)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some(9), Some("bad_one"), true),
+                (Some(11), Some("bad_one"), true),
+                (Some(19), Some("bad_two"), true),
+                (Some(19), Some("bad_two"), true),
+                (Some(22), Some("bad_three"), true),
+            ],
+            "{errors:#?}"
+        );
+        assert!(errors[0].message.contains("SEVERE"));
+        assert!(errors[1].message.contains("match does not compile"));
+        assert!(errors[4].message.contains("titlee"));
+    }
+}

@@ -1,0 +1,239 @@
+//! An event: a parsed JSON object, its event time, and where it came from.
+//! Field paths are compiled once and looked up without allocating.
+
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+use serde_json::Value;
+use std::fmt;
+
+/// A compiled field path such as `userIdentity.arn` or `resources[0].ARN`
+/// (`resources.0.ARN` works too).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldPath {
+    text: String,
+    segments: Vec<Segment>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Segment {
+    Key(String),
+    /// A numeric segment: an array index, or an object key spelled with digits.
+    Index(usize, String),
+}
+
+/// A field path that does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid field path {path:?}: {reason}")]
+pub struct PathError {
+    /// The path as written.
+    pub path: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+impl FieldPath {
+    /// Parses `a.b[0].c`.
+    pub fn parse(text: &str) -> Result<Self, PathError> {
+        let err = |reason| PathError { path: text.to_string(), reason };
+        if text.trim().is_empty() {
+            return Err(err("empty"));
+        }
+        let mut segments = Vec::new();
+        for part in text.split('.') {
+            let (name, mut rest) = match part.find('[') {
+                Some(i) => (&part[..i], &part[i..]),
+                None => (part, ""),
+            };
+            if name.is_empty() && (rest.is_empty() || segments.is_empty()) {
+                return Err(err("empty segment"));
+            }
+            if !name.is_empty() {
+                segments.push(match name.parse::<usize>() {
+                    Ok(i) => Segment::Index(i, name.to_string()),
+                    Err(_) => Segment::Key(name.to_string()),
+                });
+            }
+            while !rest.is_empty() {
+                let close = rest.find(']').ok_or_else(|| err("unclosed '['"))?;
+                let idx = rest[1..close].parse::<usize>().map_err(|_| err("index in [] is not a number"))?;
+                segments.push(Segment::Index(idx, idx.to_string()));
+                rest = &rest[close + 1..];
+                if !rest.is_empty() && !rest.starts_with('[') {
+                    return Err(err("text after ']'"));
+                }
+            }
+        }
+        Ok(Self { text: text.to_string(), segments })
+    }
+
+    /// The value at this path, if every step exists (JSON `null` counts as absent).
+    pub fn lookup<'a>(&self, root: &'a Value) -> Option<&'a Value> {
+        let mut v = root;
+        for seg in &self.segments {
+            v = match (seg, v) {
+                (Segment::Key(k), Value::Object(m)) => m.get(k)?,
+                (Segment::Index(_, k), Value::Object(m)) => m.get(k)?,
+                (Segment::Index(i, _), Value::Array(a)) => a.get(*i)?,
+                _ => return None,
+            };
+        }
+        (!v.is_null()).then_some(v)
+    }
+
+    /// The path's first segment (the top-level field it starts from).
+    pub fn root(&self) -> &str {
+        match &self.segments[0] {
+            Segment::Key(k) | Segment::Index(_, k) => k,
+        }
+    }
+
+    /// The path as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// A scalar rendered as a string for keys and sets: strings as they are,
+/// numbers and booleans in their JSON spelling; objects and arrays are not
+/// scalars.
+pub fn scalar_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Reads an event time from a JSON value: an RFC 3339 string, Panther's
+/// `2024-01-01 00:00:00.000` (UTC), or epoch seconds or milliseconds (a
+/// number or a string of digits; values above 10^11 are milliseconds).
+pub fn parse_time_ms(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => epoch_to_ms(n.as_f64()?),
+        Value::String(s) => {
+            let s = s.trim();
+            if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
+                return Some(dt.timestamp_millis());
+            }
+            if let Ok(dt) = NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f") {
+                return Some(dt.and_utc().timestamp_millis());
+            }
+            epoch_to_ms(s.parse::<f64>().ok()?)
+        }
+        _ => None,
+    }
+}
+
+fn epoch_to_ms(x: f64) -> Option<i64> {
+    if !x.is_finite() || x < 0.0 {
+        return None;
+    }
+    let ms = if x >= 1e11 { x } else { x * 1000.0 };
+    (ms < 1e15).then_some(ms.round() as i64)
+}
+
+/// Event time as RFC 3339 (UTC, milliseconds).
+pub fn format_time_ms(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|dt| dt.to_rfc3339_opts(SecondsFormat::Millis, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// Milliseconds since the epoch now, by the wall clock (ingest time).
+pub fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+/// Where in the input an event was read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// Source name: a file path, `stdin`, later a topic.
+    pub source: String,
+    /// 1-based line number.
+    pub line: u64,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.source, self.line)
+    }
+}
+
+/// A decoded event.
+#[derive(Debug)]
+pub struct Event {
+    /// The JSON object.
+    pub value: Value,
+    /// Event time (ms since the epoch).
+    pub time_ms: i64,
+    /// Whether the time came from the event (false: ingest time).
+    pub time_from_event: bool,
+}
+
+/// Decides each event's time from the first present of configured fields.
+#[derive(Clone, Debug)]
+pub struct EventTime {
+    fields: Vec<FieldPath>,
+}
+
+impl EventTime {
+    /// From field paths, in order of preference.
+    pub fn new(fields: Vec<FieldPath>) -> Self {
+        Self { fields }
+    }
+
+    /// Builds the event, falling back to `ingest_ms` when no field holds a
+    /// readable time.
+    pub fn event(&self, value: Value, ingest_ms: i64) -> Event {
+        let found = self.fields.iter().find_map(|p| p.lookup(&value).and_then(parse_time_ms));
+        Event { time_ms: found.unwrap_or(ingest_ms), time_from_event: found.is_some(), value }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn paths_reach_nested_objects_and_arrays() {
+        let v = json!({"a": {"b": [{"c": 1}, {"c": 2}]}, "n": {"0": "zero"}, "z": null});
+        assert_eq!(FieldPath::parse("a.b[1].c").unwrap().lookup(&v), Some(&json!(2)));
+        assert_eq!(FieldPath::parse("a.b.0.c").unwrap().lookup(&v), Some(&json!(1)));
+        assert_eq!(FieldPath::parse("n.0").unwrap().lookup(&v), Some(&json!("zero")));
+        assert_eq!(FieldPath::parse("a.x").unwrap().lookup(&v), None);
+        assert_eq!(FieldPath::parse("z").unwrap().lookup(&v), None);
+        assert!(FieldPath::parse("a..b").is_err());
+        assert!(FieldPath::parse("a[x]").is_err());
+        assert!(FieldPath::parse("").is_err());
+    }
+
+    #[test]
+    fn times_in_every_accepted_form() {
+        let t = 1_700_000_000_000;
+        assert_eq!(parse_time_ms(&json!("2023-11-14T22:13:20Z")), Some(t));
+        assert_eq!(parse_time_ms(&json!("2023-11-14T23:13:20.000+01:00")), Some(t));
+        assert_eq!(parse_time_ms(&json!("2023-11-14 22:13:20.000000000")), Some(t));
+        assert_eq!(parse_time_ms(&json!(1_700_000_000)), Some(t));
+        assert_eq!(parse_time_ms(&json!(1_700_000_000_000_i64)), Some(t));
+        assert_eq!(parse_time_ms(&json!("1700000000")), Some(t));
+        assert_eq!(parse_time_ms(&json!("yesterday")), None);
+        assert_eq!(format_time_ms(t), "2023-11-14T22:13:20.000Z");
+    }
+
+    #[test]
+    fn event_time_takes_first_present_field_then_ingest() {
+        let et =
+            EventTime::new(vec![FieldPath::parse("p_event_time").unwrap(), FieldPath::parse("eventTime").unwrap()]);
+        let e = et.event(json!({"eventTime": "2023-11-14T22:13:20Z"}), 5);
+        assert_eq!((e.time_ms, e.time_from_event), (1_700_000_000_000, true));
+        let e = et.event(json!({"eventTime": "garbage"}), 5);
+        assert_eq!((e.time_ms, e.time_from_event), (5, false));
+    }
+}

@@ -1,0 +1,33 @@
+//! # riskd — a stream-processing UEBA risk scorer
+//!
+//! Events come in as JSON, every rule evaluates them in a fixed order,
+//! per-entity state lives in a store behind a write-back cache, and alerts go
+//! out as JSON lines.
+//!
+//! # Layout
+//! - [`config`]: `riskd.toml` and the rule files: parse, validate, compile,
+//!   every error with file, line and rule id.
+//! - [`event`]: an event, field paths, event time.
+//! - [`rules`]: rule model, conditions (CEL with a native fast path),
+//!   evaluation and alerts.
+//! - [`state`]: the state primitives, the write-back cache and the store
+//!   trait with its in-memory and embedded (redb) implementations.
+//! - [`source`]: JSON-lines input with positions for checkpoints.
+//! - [`sink`]: JSON-lines outputs (alerts, dead letters).
+//! - [`pipeline`]: the main job tying them together, and its checkpoints.
+//! - [`generate`]: a synthetic CloudTrail/Okta stream for benchmarks and demos.
+//! - [`telemetry`]: logging setup.
+
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod event;
+pub mod generate;
+pub mod pipeline;
+pub mod rules;
+pub mod sink;
+pub mod source;
+pub mod state;
+pub mod telemetry;
+
+pub use pipeline::{run, RunOptions, Summary};

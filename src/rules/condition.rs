@@ -1,0 +1,264 @@
+//! Conditions: CEL expressions, compiled once at load.
+//!
+//! The conjuncts of a condition that are plain field tests — `path ==
+//! literal`, `path != literal`, `has(path)` — are also compiled to a native
+//! matcher. They run first, as a pre-filter, so most rules skip most events
+//! without touching CEL; when the whole condition is made of them (as in all
+//! shipped rules), CEL is not run at all. `cargo bench --bench throughput`
+//! measures both paths on the same rule.
+//!
+//! Event fields are CEL variables: `errorCode`, `userIdentity.arn`. A field
+//! the event lacks makes a comparison an error, and an error reads as
+//! "false", so an absent field never matches; `has(a.b)` tests presence.
+
+use crate::event::FieldPath;
+use cel::common::ast::{Expr, LiteralValue};
+use cel::common::value::CowVal;
+use cel::context::VariableResolver;
+use cel::objects::{Key, Map};
+use cel::{Context, Program};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+/// A compiled condition.
+pub struct Condition {
+    source: String,
+    native: Vec<Term>,
+    /// `None` when the native terms are the whole condition.
+    program: Option<Program>,
+}
+
+impl std::fmt::Debug for Condition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Condition").field("source", &self.source).field("native", &self.native).finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Term {
+    Eq(FieldPath, Literal),
+    Ne(FieldPath, Literal),
+    Has(FieldPath),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Literal {
+    Str(String),
+    Num(f64),
+    Bool(bool),
+}
+
+impl Literal {
+    fn equals(&self, v: &Value) -> bool {
+        match (self, v) {
+            (Literal::Str(s), Value::String(x)) => s == x,
+            (Literal::Num(n), Value::Number(x)) => x.as_f64() == Some(*n),
+            (Literal::Bool(b), Value::Bool(x)) => b == x,
+            _ => false,
+        }
+    }
+}
+
+impl Term {
+    fn test(&self, event: &Value) -> bool {
+        match self {
+            Term::Eq(p, lit) => p.lookup(event).is_some_and(|v| lit.equals(v)),
+            // Like CEL here: an absent field is an error, which reads as false.
+            Term::Ne(p, lit) => p.lookup(event).is_some_and(|v| !lit.equals(v)),
+            Term::Has(p) => p.lookup(event).is_some(),
+        }
+    }
+}
+
+/// Variables other than the event's fields (such as `state`), by name.
+pub type Extra<'a> = &'a [(&'a str, &'a Value)];
+
+impl Condition {
+    /// Compiles `source`; the error is the parser's message.
+    pub fn compile(source: &str) -> Result<Self, String> {
+        let program = Program::compile(source).map_err(|e| e.to_string().trim().to_string())?;
+        let mut conjuncts = Vec::new();
+        flatten_and(&program.expression().expr, &mut conjuncts);
+        let native: Vec<Term> = conjuncts.iter().filter_map(|e| native_term(e)).collect();
+        let whole = native.len() == conjuncts.len();
+        Ok(Self { source: source.to_string(), native, program: (!whole).then_some(program) })
+    }
+
+    /// The condition as written.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether evaluation needs CEL (some part is not a plain field test).
+    pub fn uses_cel(&self) -> bool {
+        self.program.is_some()
+    }
+
+    /// Evaluates against an event; `extra` binds more variables.
+    pub fn eval(&self, event: &Value, extra: Extra<'_>) -> bool {
+        if !self.native.iter().all(|t| t.test(event)) {
+            return false;
+        }
+        match &self.program {
+            None => true,
+            Some(p) => eval_cel(p, event, extra),
+        }
+    }
+}
+
+/// Compiles a condition to a bare CEL program (for comparing with the native matcher).
+pub fn compile_cel(source: &str) -> Result<Program, String> {
+    Program::compile(source).map_err(|e| e.to_string())
+}
+
+/// Runs a compiled CEL program on an event; any error is `false`.
+pub fn eval_cel(program: &Program, event: &Value, extra: Extra<'_>) -> bool {
+    let vars = Vars { event, extra };
+    let mut ctx = Context::with_env(env());
+    ctx.set_variable_resolver(&vars);
+    matches!(program.execute(&ctx), Ok(cel::Value::Bool(true)))
+}
+
+fn env() -> Arc<cel::Env> {
+    static ENV: OnceLock<Arc<cel::Env>> = OnceLock::new();
+    ENV.get_or_init(|| Arc::new(cel::Env::stdlib())).clone()
+}
+
+struct Vars<'a> {
+    event: &'a Value,
+    extra: Extra<'a>,
+}
+
+impl VariableResolver for Vars<'_> {
+    fn resolve<'b>(&'b self, name: &str) -> Option<CowVal<'b, 'b>> {
+        let v = match self.extra.iter().find(|(n, _)| *n == name) {
+            Some((_, v)) => *v,
+            None => self.event.get(name)?,
+        };
+        let boxed: Box<dyn cel::common::value::Val> = json_to_cel(v).try_into().ok()?;
+        Some(CowVal::Owned(boxed))
+    }
+}
+
+/// Converts a JSON value to a CEL value (only for the fields a condition reads).
+pub fn json_to_cel(v: &Value) -> cel::Value {
+    match v {
+        Value::Null => cel::Value::Null,
+        Value::Bool(b) => cel::Value::Bool(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => cel::Value::Int(i),
+            (None, Some(u)) => cel::Value::UInt(u),
+            _ => cel::Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => cel::Value::String(Arc::new(s.clone())),
+        Value::Array(a) => cel::Value::List(Arc::new(a.iter().map(json_to_cel).collect())),
+        Value::Object(m) => {
+            let map: HashMap<Key, cel::Value> =
+                m.iter().map(|(k, v)| (Key::from(k.as_str()), json_to_cel(v))).collect();
+            cel::Value::Map(Map { map: Arc::new(map) })
+        }
+    }
+}
+
+fn flatten_and<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
+    match e {
+        Expr::Call(c) if c.func_name == "_&&_" && c.target.is_none() && c.args.len() == 2 => {
+            flatten_and(&c.args[0].expr, out);
+            flatten_and(&c.args[1].expr, out);
+        }
+        other => out.push(other),
+    }
+}
+
+fn native_term(e: &Expr) -> Option<Term> {
+    match e {
+        Expr::Select(s) if s.test => {
+            let mut segs = path_segments(&s.operand.expr)?;
+            segs.push(s.field.clone());
+            Some(Term::Has(FieldPath::parse(&segs.join(".")).ok()?))
+        }
+        Expr::Call(c)
+            if c.target.is_none() && c.args.len() == 2 && (c.func_name == "_==_" || c.func_name == "_!=_") =>
+        {
+            let (path, lit) = match (path_of(&c.args[0].expr), literal(&c.args[1].expr)) {
+                (Some(p), Some(l)) => (p, l),
+                _ => (path_of(&c.args[1].expr)?, literal(&c.args[0].expr)?),
+            };
+            Some(if c.func_name == "_==_" { Term::Eq(path, lit) } else { Term::Ne(path, lit) })
+        }
+        _ => None,
+    }
+}
+
+fn path_of(e: &Expr) -> Option<FieldPath> {
+    FieldPath::parse(&path_segments(e)?.join(".")).ok()
+}
+
+fn path_segments(e: &Expr) -> Option<Vec<String>> {
+    match e {
+        Expr::Ident(name) => Some(vec![name.clone()]),
+        Expr::Select(s) if !s.test => {
+            let mut segs = path_segments(&s.operand.expr)?;
+            segs.push(s.field.clone());
+            Some(segs)
+        }
+        _ => None,
+    }
+}
+
+fn literal(e: &Expr) -> Option<Literal> {
+    match e {
+        Expr::Literal(LiteralValue::String(s)) => Some(Literal::Str(s.inner().to_string())),
+        Expr::Literal(LiteralValue::Int(i)) => Some(Literal::Num(*i.inner() as f64)),
+        Expr::Literal(LiteralValue::Double(d)) => Some(Literal::Num(*d.inner())),
+        Expr::Literal(LiteralValue::Boolean(b)) => Some(Literal::Bool(*b.inner())),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn native_and_cel_agree() {
+        let events = [
+            json!({"eventName": "ConsoleLogin", "responseElements": {"ConsoleLogin": "Failure"}, "n": 3}),
+            json!({"eventName": "ConsoleLogin", "responseElements": {"ConsoleLogin": "Success"}, "n": 4}),
+            json!({"eventName": "AssumeRole"}),
+            json!({}),
+        ];
+        for src in [
+            r#"eventName == "ConsoleLogin" && responseElements.ConsoleLogin == "Failure""#,
+            r#"eventName == "ConsoleLogin" && has(responseElements.ConsoleLogin)"#,
+            r#""AssumeRole" == eventName"#,
+            r#"eventName != "AssumeRole""#,
+            r#"n == 3"#,
+            r#"eventName == "ConsoleLogin" && n > 3"#,
+            r#"eventName == "ConsoleLogin" || eventName == "AssumeRole""#,
+        ] {
+            let c = Condition::compile(src).unwrap();
+            let p = compile_cel(src).unwrap();
+            for e in &events {
+                assert_eq!(c.eval(e, &[]), eval_cel(&p, e, &[]), "{src} on {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn plain_field_tests_skip_cel() {
+        assert!(!Condition::compile(r#"a == "x" && has(b.c) && d != 1"#).unwrap().uses_cel());
+        assert!(Condition::compile(r#"a == "x" && size(b) > 2"#).unwrap().uses_cel());
+    }
+
+    #[test]
+    fn extra_variables_and_errors() {
+        let c = Condition::compile("state.count >= 3").unwrap();
+        let state = json!({"count": 3});
+        assert!(c.eval(&json!({}), &[("state", &state)]));
+        assert!(!c.eval(&json!({}), &[]), "undeclared variable reads as false");
+        assert!(Condition::compile("a ==").is_err());
+    }
+}

@@ -1,0 +1,368 @@
+//! Evaluation: every enabled rule, in a fixed order, on each event; state
+//! through the write-back cache; alerts de-duplicated on event time.
+
+use super::{Form, OnFire, Rule, Severity};
+use crate::event::{format_time_ms, parse_time_ms, scalar_string, Event, FieldPath};
+use crate::state::{Expiry, StateCache, StateError};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+/// Namespace of alert ids (UUID v5 over the alert's identity).
+const ALERT_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6a0b_8d2e_51c4_4f0e_9b57_3c1d_2f8e_a4b1);
+
+/// Alerts never list more values of a set than this.
+const MAX_LISTED_VALUES: usize = 50;
+
+/// The entity an alert is about.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EntityRef {
+    /// Entity type.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// Entity id.
+    pub id: String,
+}
+
+/// An alert, as written to the alert sinks (one JSON object per line).
+#[derive(Clone, Debug, Serialize)]
+pub struct Alert {
+    /// Deterministic id: the same event firing the same rule gives the same id.
+    pub alert_id: String,
+    /// The rule that fired.
+    pub rule_id: String,
+    /// The rule's title.
+    pub title: String,
+    /// The rule's severity.
+    pub severity: Severity,
+    /// Whom it is about.
+    pub entity: EntityRef,
+    /// Event time of the event that fired (RFC 3339).
+    pub event_time: String,
+    /// Risk points.
+    pub risk: u32,
+    /// Key its dedup window is kept under.
+    pub dedup_key: String,
+    /// The state values that led to the alert, and the rule's context fields.
+    pub context: Value,
+    /// The triggering event.
+    pub event: Value,
+}
+
+/// Something a rule could not do with an event (a field it needs is absent,
+/// a value is too large). The event is reported and that rule skips it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Problem {
+    /// The rule.
+    pub rule_id: String,
+    /// What was wrong.
+    pub message: String,
+}
+
+/// What one event did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Rules whose match held.
+    pub matched: u32,
+    /// Alerts suppressed by dedup.
+    pub suppressed: u32,
+    /// Rules that had to skip the event.
+    pub problems: Vec<Problem>,
+}
+
+/// The rule engine of one lane: its rules and its state.
+pub struct Engine {
+    rules: Arc<Vec<Rule>>,
+    cache: StateCache,
+}
+
+/// What a state form decided.
+struct Decision {
+    context: Map<String, Value>,
+    reset: bool,
+}
+
+enum Skip {
+    Missing(String),
+    State(StateError),
+}
+
+impl From<StateError> for Skip {
+    fn from(e: StateError) -> Self {
+        Skip::State(e)
+    }
+}
+
+impl Engine {
+    /// An engine over compiled rules (evaluated in the given order).
+    pub fn new(rules: Arc<Vec<Rule>>, cache: StateCache) -> Self {
+        Self { rules, cache }
+    }
+
+    /// The state cache.
+    pub fn cache(&mut self) -> &mut StateCache {
+        &mut self.cache
+    }
+
+    /// The rules.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Applies one event; alerts are appended to `alerts`. Only a failing
+    /// store is an error: problems with the event are in the outcome.
+    pub fn process(&mut self, event: &Event, alerts: &mut Vec<Alert>) -> Result<Outcome, StateError> {
+        let mut out = Outcome::default();
+        for rule in self.rules.iter().filter(|r| r.enabled) {
+            if !rule.matcher.eval(&event.value, &[]) {
+                continue;
+            }
+            out.matched += 1;
+            let problem = |message: String| Problem { rule_id: rule.id.clone(), message };
+            let Some(entity_id) = rule.entity_key.lookup(&event.value).and_then(scalar_string) else {
+                out.problems.push(problem(format!("entity key field {} is absent or not a scalar", rule.entity_key)));
+                continue;
+            };
+            let key = format!("{}/{}/{}", rule.namespace, rule.entity_type, entity_id);
+            let decision = match apply_form(&mut self.cache, rule, &key, event) {
+                Ok(Some(d)) => d,
+                Ok(None) => continue,
+                Err(Skip::Missing(m)) => {
+                    out.problems.push(problem(m));
+                    continue;
+                }
+                Err(Skip::State(e @ StateError::DictionaryTooLarge { .. })) => {
+                    out.problems.push(problem(e.to_string()));
+                    continue;
+                }
+                Err(Skip::State(e)) => return Err(e),
+            };
+            let mut context = decision.context;
+            if let Some(fire) = &rule.fire {
+                let state = Value::Object(context);
+                if !fire.eval(&event.value, &[("state", &state)]) {
+                    continue;
+                }
+                context = match state {
+                    Value::Object(m) => m,
+                    _ => Map::new(),
+                };
+            }
+            if decision.reset {
+                self.cache.delete(&key, event.time_ms)?;
+            }
+            let dedup_key = match &rule.dedup_key {
+                None => entity_id.clone(),
+                Some(p) => match p.lookup(&event.value).and_then(scalar_string) {
+                    Some(k) => k,
+                    None => {
+                        out.problems.push(problem(format!("dedup key field {p} is absent or not a scalar")));
+                        continue;
+                    }
+                },
+            };
+            let dedup_state = format!("riskd/dedup/{}/{}", rule.id, dedup_key);
+            if self.cache.read(&dedup_state, event.time_ms)?.is_some() {
+                self.cache.increment_counter(&dedup_state, 1, event.time_ms)?;
+                out.suppressed += 1;
+                continue;
+            }
+            self.cache.increment_counter(&dedup_state, 1, event.time_ms)?;
+            self.cache.set_key_expiration(&dedup_state, Expiry::After(rule.dedup_window_ms), event.time_ms)?;
+            for (name, path) in &rule.context {
+                context.insert(name.clone(), path.lookup(&event.value).cloned().unwrap_or(Value::Null));
+            }
+            alerts.push(Alert {
+                alert_id: alert_id(rule, &entity_id, event),
+                rule_id: rule.id.clone(),
+                title: rule.title.clone(),
+                severity: rule.severity,
+                entity: EntityRef { type_: rule.entity_type.clone(), id: entity_id },
+                event_time: format_time_ms(event.time_ms),
+                risk: rule.risk,
+                dedup_key,
+                context: Value::Object(context),
+                event: event.value.clone(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn alert_id(rule: &Rule, entity_id: &str, event: &Event) -> String {
+    // serde_json's default map is ordered by key, so this serialization is
+    // canonical: the same event gives the same bytes however it was spaced.
+    let mut name = format!("{}\0{}\0{}\0{}\0", rule.id, rule.entity_type, entity_id, event.time_ms).into_bytes();
+    name.extend(serde_json::to_vec(&event.value).unwrap_or_default());
+    uuid::Uuid::new_v5(&ALERT_NAMESPACE, &name).to_string()
+}
+
+fn required<'a>(path: &FieldPath, event: &'a Event) -> Result<&'a Value, Skip> {
+    path.lookup(&event.value).ok_or_else(|| Skip::Missing(format!("field {path} is absent")))
+}
+
+fn required_scalar(path: &FieldPath, event: &Event) -> Result<String, Skip> {
+    scalar_string(required(path, event)?).ok_or_else(|| Skip::Missing(format!("field {path} is not a scalar")))
+}
+
+fn number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+    .filter(|x: &f64| x.is_finite())
+}
+
+/// Great-circle distance (haversine, Earth radius 6371 km).
+pub fn haversine_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
+    let (p1, p2) = (lat1.to_radians(), lat2.to_radians());
+    let dp = (lat2 - lat1).to_radians();
+    let dl = (lon2 - lon1).to_radians();
+    let a = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
+    2.0 * 6371.0 * a.sqrt().min(1.0).asin()
+}
+
+fn round1(x: f64) -> Value {
+    json!((x * 10.0).round() / 10.0)
+}
+
+fn apply_form(cache: &mut StateCache, rule: &Rule, key: &str, event: &Event) -> Result<Option<Decision>, Skip> {
+    let now = event.time_ms;
+    let decision = match &rule.form {
+        Form::Stateless => Some(Decision { context: Map::new(), reset: false }),
+        Form::Count { window_ms, threshold, on_fire } => {
+            let open = cache.read(key, now)?.is_some_and(|r| r.count > 0);
+            let count = cache.increment_counter(key, 1, now)?;
+            if !open {
+                cache.set_key_expiration(key, Expiry::After(*window_ms), now)?;
+            }
+            (count >= *threshold).then(|| {
+                let end = cache.expires_at(key, now).ok().flatten().unwrap_or(now);
+                let mut c = Map::new();
+                c.insert("count".into(), json!(count));
+                c.insert("threshold".into(), json!(threshold));
+                c.insert("window_start".into(), json!(format_time_ms(end - window_ms)));
+                c.insert("window_end".into(), json!(format_time_ms(end)));
+                Decision { context: c, reset: *on_fire == OnFire::Reset }
+            })
+        }
+        Form::Distinct { field, window_ms, threshold, on_fire } => {
+            let value = required_scalar(field, event)?;
+            let open = cache.read(key, now)?.is_some_and(|r| !r.set.is_empty());
+            let size = cache.add_to_string_set(key, [value], now)?;
+            if !open {
+                cache.set_key_expiration(key, Expiry::After(*window_ms), now)?;
+            }
+            if size >= *threshold {
+                let end = cache.expires_at(key, now)?.unwrap_or(now);
+                let values: Vec<String> = cache.get_string_set(key, now)?.into_iter().take(MAX_LISTED_VALUES).collect();
+                let mut c = Map::new();
+                c.insert("distinct".into(), json!(size));
+                c.insert("threshold".into(), json!(threshold));
+                c.insert("values".into(), json!(values));
+                c.insert("window_start".into(), json!(format_time_ms(end - window_ms)));
+                c.insert("window_end".into(), json!(format_time_ms(end)));
+                Some(Decision { context: c, reset: *on_fire == OnFire::Reset })
+            } else {
+                None
+            }
+        }
+        Form::FirstSeen { field, ttl_ms } => {
+            let value = required_scalar(field, event)?;
+            let (known, seen) = match cache.read(key, now)? {
+                Some(r) => (r.set.len(), r.set.contains(&value)),
+                None => (0, false),
+            };
+            let fire = known > 0 && !seen;
+            let listed: Vec<String> = if fire {
+                cache.get_string_set(key, now)?.into_iter().take(MAX_LISTED_VALUES).collect()
+            } else {
+                Vec::new()
+            };
+            cache.add_to_string_set(key, [value.clone()], now)?;
+            cache.set_key_expiration(key, Expiry::After(*ttl_ms), now)?;
+            fire.then(|| {
+                let mut c = Map::new();
+                c.insert("new_value".into(), json!(value));
+                c.insert("known_count".into(), json!(known));
+                c.insert("known_values".into(), json!(listed));
+                Decision { context: c, reset: false }
+            })
+        }
+        Form::Changed { fields, ttl_ms } => {
+            let mut current = Map::new();
+            for (name, path) in fields {
+                current.insert(name.clone(), required(path, event)?.clone());
+            }
+            let previous = cache.get_dictionary(key, now)?;
+            let changed: Vec<&str> = fields
+                .iter()
+                .filter(|(name, _)| previous.get(name).is_some_and(|p| Some(p) != current.get(name)))
+                .map(|(name, _)| name.as_str())
+                .collect();
+            let fire = !previous.is_empty() && !changed.is_empty();
+            let mut stored = current.clone();
+            stored.insert("time".into(), json!(format_time_ms(now)));
+            cache.put_dictionary(key, stored, now)?;
+            cache.set_key_expiration(key, Expiry::After(*ttl_ms), now)?;
+            fire.then(|| {
+                let mut c = Map::new();
+                c.insert("changed".into(), json!(changed));
+                c.insert("previous".into(), Value::Object(previous));
+                c.insert("current".into(), Value::Object(current));
+                Decision { context: c, reset: false }
+            })
+        }
+        Form::Travel { lat, lon, city, ttl_ms, min_km, max_kmh } => {
+            let lat_v =
+                number(required(lat, event)?).ok_or_else(|| Skip::Missing(format!("field {lat} is not a number")))?;
+            let lon_v =
+                number(required(lon, event)?).ok_or_else(|| Skip::Missing(format!("field {lon} is not a number")))?;
+            let city_v = city.as_ref().and_then(|c| c.lookup(&event.value)).cloned().unwrap_or(Value::Null);
+            let current = json!({"city": city_v, "lat": lat_v, "lon": lon_v, "time": format_time_ms(now)});
+            let previous = cache.get_dictionary(key, now)?;
+            let prev_point = (|| {
+                let plat = number(previous.get("lat")?)?;
+                let plon = number(previous.get("lon")?)?;
+                let ptime = parse_time_ms(previous.get("time")?)?;
+                Some((plat, plon, ptime))
+            })();
+            let mut decision = None;
+            if let Some((plat, plon, ptime)) = prev_point {
+                let km = haversine_km(plat, plon, lat_v, lon_v);
+                let hours = (now - ptime) as f64 / 3_600_000.0;
+                let kmh = if hours <= 0.0 { f64::INFINITY } else { km / hours };
+                if km > *min_km && kmh > *max_kmh {
+                    let mut c = Map::new();
+                    c.insert("distance_km".into(), round1(km));
+                    // JSON has no infinity: a zero or negative time difference reads as null.
+                    c.insert("speed_kmh".into(), if kmh.is_finite() { round1(kmh) } else { Value::Null });
+                    c.insert("hours".into(), json!(((hours * 1000.0).round()) / 1000.0));
+                    c.insert("previous".into(), Value::Object(previous));
+                    c.insert("current".into(), current.clone());
+                    decision = Some(Decision { context: c, reset: false });
+                }
+            }
+            if let Value::Object(stored) = current {
+                cache.put_dictionary(key, stored, now)?;
+            }
+            cache.set_key_expiration(key, Expiry::After(*ttl_ms), now)?;
+            decision
+        }
+    };
+    Ok(decision)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn haversine_matches_known_distances() {
+        // Paris – London is about 344 km.
+        let d = haversine_km(48.8566, 2.3522, 51.5074, -0.1278);
+        assert!((d - 343.5).abs() < 1.0, "{d}");
+        assert_eq!(haversine_km(10.0, 10.0, 10.0, 10.0), 0.0);
+    }
+}

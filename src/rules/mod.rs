@@ -1,0 +1,320 @@
+//! Rules: the model operators write ([`spec`]), its compiled form
+//! ([`Rule`]), conditions ([`condition`]) and evaluation ([`engine`]).
+
+pub mod condition;
+pub mod engine;
+pub mod spec;
+
+pub use condition::Condition;
+pub use engine::{Alert, Engine, Outcome, Problem};
+use spec::{ChangedSpec, CountSpec, DistinctSpec, FirstSeenSpec, TravelSpec};
+pub use spec::{OnFire, RuleSpec, StateSpec};
+
+use crate::event::FieldPath;
+use serde::Serialize;
+use std::time::Duration;
+
+/// Alert severity, lowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Severity {
+    /// Informational.
+    Info,
+    /// Low.
+    Low,
+    /// Medium.
+    Medium,
+    /// High.
+    High,
+    /// Critical.
+    Critical,
+}
+
+impl Severity {
+    /// Parses `INFO` … `CRITICAL` (any case).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_uppercase().as_str() {
+            "INFO" => Severity::Info,
+            "LOW" => Severity::Low,
+            "MEDIUM" => Severity::Medium,
+            "HIGH" => Severity::High,
+            "CRITICAL" => Severity::Critical,
+            _ => return None,
+        })
+    }
+
+    /// The label value, as in alerts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "INFO",
+            Severity::Low => "LOW",
+            Severity::Medium => "MEDIUM",
+            Severity::High => "HIGH",
+            Severity::Critical => "CRITICAL",
+        }
+    }
+}
+
+/// What a rule keeps per entity, compiled.
+#[derive(Debug)]
+pub enum Form {
+    /// No state: every matching event fires.
+    Stateless,
+    /// Counter in a window opened by its first event.
+    Count {
+        /// Window, ms.
+        window_ms: i64,
+        /// Count that fires.
+        threshold: i64,
+        /// After firing.
+        on_fire: OnFire,
+    },
+    /// Distinct values in a window opened by its first event.
+    Distinct {
+        /// Value.
+        field: FieldPath,
+        /// Window, ms.
+        window_ms: i64,
+        /// Number of values that fires.
+        threshold: usize,
+        /// After firing.
+        on_fire: OnFire,
+    },
+    /// Values seen, trust on first use.
+    FirstSeen {
+        /// Value.
+        field: FieldPath,
+        /// Kept this long after the last event, ms.
+        ttl_ms: i64,
+    },
+    /// Fields of the last event.
+    Changed {
+        /// Name and path of each field.
+        fields: Vec<(String, FieldPath)>,
+        /// Kept this long after the last event, ms.
+        ttl_ms: i64,
+    },
+    /// Place and time of the last event.
+    Travel {
+        /// Latitude.
+        lat: FieldPath,
+        /// Longitude.
+        lon: FieldPath,
+        /// Place name.
+        city: Option<FieldPath>,
+        /// Kept this long after the last event, ms.
+        ttl_ms: i64,
+        /// Distance that never fires, km.
+        min_km: f64,
+        /// Impossible speed, km/h.
+        max_kmh: f64,
+    },
+}
+
+/// A compiled, validated rule.
+#[derive(Debug)]
+pub struct Rule {
+    /// Rule id.
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// Description.
+    pub description: String,
+    /// Severity of its alerts.
+    pub severity: Severity,
+    /// Whether it is evaluated.
+    pub enabled: bool,
+    /// Risk points per alert.
+    pub risk: u32,
+    /// Entity type.
+    pub entity_type: String,
+    /// Where the entity id is.
+    pub entity_key: FieldPath,
+    /// Which events it looks at.
+    pub matcher: Condition,
+    /// What it remembers.
+    pub form: Form,
+    /// Extra firing condition.
+    pub fire: Option<Condition>,
+    /// First part of its state keys: its id, or a shared key.
+    pub namespace: String,
+    /// Dedup window, ms.
+    pub dedup_window_ms: i64,
+    /// Dedup key path; the entity id when `None`.
+    pub dedup_key: Option<FieldPath>,
+    /// Event fields copied into alerts.
+    pub context: Vec<(String, FieldPath)>,
+}
+
+/// A problem with one field of a rule spec; the loader adds file and line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldError {
+    /// The YAML key at fault (used to find its line).
+    pub field: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn duration_ms(text: &str, field: &'static str, errors: &mut Vec<FieldError>) -> i64 {
+    match humantime::parse_duration(text.trim()) {
+        Ok(d) if d > Duration::ZERO => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Ok(_) => {
+            errors.push(FieldError { field, message: format!("{field} must be longer than zero, got {text:?}") });
+            0
+        }
+        Err(e) => {
+            errors.push(FieldError {
+                field,
+                message: format!("{field}: invalid duration {text:?} ({e}); use e.g. 90s, 15m, 1h, 7d"),
+            });
+            0
+        }
+    }
+}
+
+fn path(text: &str, field: &'static str, errors: &mut Vec<FieldError>) -> FieldPath {
+    FieldPath::parse(text).unwrap_or_else(|e| {
+        errors.push(FieldError { field, message: e.to_string() });
+        FieldPath::parse("invalid").unwrap_or_else(|_| unreachable!("a plain word is a valid path"))
+    })
+}
+
+fn is_ident(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+fn threshold(n: u32, field: &'static str, errors: &mut Vec<FieldError>) -> u32 {
+    if n == 0 {
+        errors.push(FieldError { field, message: "threshold must be at least 1".into() });
+    }
+    n
+}
+
+/// Validates and compiles a rule spec, collecting every problem.
+pub fn compile(spec: RuleSpec) -> Result<Rule, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    if !is_ident(&spec.id) {
+        errors.push(FieldError {
+            field: "id",
+            message: format!("id {:?} must be lowercase letters, digits and _", spec.id),
+        });
+    }
+    if spec.title.trim().is_empty() {
+        errors.push(FieldError { field: "title", message: "title is empty".into() });
+    }
+    let severity = Severity::parse(&spec.severity).unwrap_or_else(|| {
+        errors.push(FieldError {
+            field: "severity",
+            message: format!("unknown severity {:?}; use INFO, LOW, MEDIUM, HIGH or CRITICAL", spec.severity),
+        });
+        Severity::Info
+    });
+    if !is_ident(&spec.entity.type_) {
+        errors.push(FieldError {
+            field: "type",
+            message: format!("entity type {:?} must be lowercase letters, digits and _", spec.entity.type_),
+        });
+    }
+    let entity_key = path(&spec.entity.key, "key", &mut errors);
+    let matcher = Condition::compile(&spec.match_).map_err(|e| {
+        errors.push(FieldError { field: "match", message: format!("match does not compile: {e}") });
+    });
+    let fire = spec.fire.as_deref().map(|src| {
+        Condition::compile(src)
+            .map_err(|e| errors.push(FieldError { field: "fire", message: format!("fire does not compile: {e}") }))
+    });
+    let form = match spec.state {
+        None => Form::Stateless,
+        Some(state) => compile_state(state, &mut errors),
+    };
+    if let Some(shared) = &spec.shared_key {
+        if shared.is_empty() || shared.contains('/') {
+            errors.push(FieldError {
+                field: "shared_key",
+                message: format!("shared_key {shared:?} must be non-empty, without '/'"),
+            });
+        }
+    }
+    let dedup_window_ms = duration_ms(&spec.dedup.window, "window", &mut errors);
+    let dedup_key = spec.dedup.key.as_deref().map(|k| path(k, "dedup", &mut errors));
+    let context = spec.context.iter().map(|(name, p)| (name.clone(), path(p, "context", &mut errors))).collect();
+    let fire = match fire {
+        Some(Ok(c)) => Some(c),
+        _ => None,
+    };
+    match (matcher, errors.is_empty()) {
+        (Ok(matcher), true) => Ok(Rule {
+            namespace: spec.shared_key.unwrap_or_else(|| spec.id.clone()),
+            id: spec.id,
+            title: spec.title,
+            description: spec.description,
+            severity,
+            enabled: spec.enabled,
+            risk: spec.risk,
+            entity_type: spec.entity.type_,
+            entity_key,
+            matcher,
+            form,
+            fire,
+            dedup_window_ms,
+            dedup_key,
+            context,
+        }),
+        _ => Err(errors),
+    }
+}
+
+fn compile_state(state: StateSpec, errors: &mut Vec<FieldError>) -> Form {
+    let StateSpec { count, distinct, first_seen, changed, travel } = state;
+    let given = [count.is_some(), distinct.is_some(), first_seen.is_some(), changed.is_some(), travel.is_some()];
+    if given.iter().filter(|g| **g).count() != 1 {
+        errors.push(FieldError {
+            field: "state",
+            message: "state needs exactly one of count, distinct, first_seen, changed, travel".into(),
+        });
+    }
+    if let Some(CountSpec { window, threshold: t, on_fire }) = count {
+        return Form::Count {
+            window_ms: duration_ms(&window, "window", errors),
+            threshold: i64::from(threshold(t, "threshold", errors)),
+            on_fire,
+        };
+    }
+    if let Some(DistinctSpec { field, window, threshold: t, on_fire }) = distinct {
+        return Form::Distinct {
+            field: path(&field, "field", errors),
+            window_ms: duration_ms(&window, "window", errors),
+            threshold: threshold(t, "threshold", errors) as usize,
+            on_fire,
+        };
+    }
+    if let Some(FirstSeenSpec { field, ttl }) = first_seen {
+        return Form::FirstSeen { field: path(&field, "field", errors), ttl_ms: duration_ms(&ttl, "ttl", errors) };
+    }
+    if let Some(ChangedSpec { fields, ttl }) = changed {
+        if fields.is_empty() {
+            errors.push(FieldError { field: "fields", message: "changed needs at least one field".into() });
+        }
+        return Form::Changed {
+            fields: fields.iter().map(|(name, p)| (name.clone(), path(p, "fields", errors))).collect(),
+            ttl_ms: duration_ms(&ttl, "ttl", errors),
+        };
+    }
+    if let Some(TravelSpec { lat, lon, city, ttl, min_km, max_kmh }) = travel {
+        if !(min_km >= 0.0 && min_km.is_finite()) {
+            errors.push(FieldError { field: "min_km", message: format!("min_km must be 0 or more, got {min_km}") });
+        }
+        if !(max_kmh > 0.0 && max_kmh.is_finite()) {
+            errors.push(FieldError { field: "max_kmh", message: format!("max_kmh must be above 0, got {max_kmh}") });
+        }
+        return Form::Travel {
+            lat: path(&lat, "lat", errors),
+            lon: path(&lon, "lon", errors),
+            city: city.map(|c| path(&c, "city", errors)),
+            ttl_ms: duration_ms(&ttl, "ttl", errors),
+            min_km,
+            max_kmh,
+        };
+    }
+    Form::Stateless
+}

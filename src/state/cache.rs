@@ -1,0 +1,351 @@
+//! The write-back cache and the twelve state primitives.
+//!
+//! Reads load a key from the store once; every change after that is made in
+//! memory and the key is marked dirty; [`StateCache::flush`] writes each dirty
+//! key once, with the checkpoint the changes cover, in one batch. So the store
+//! sees one write per distinct key per flush, not one per event.
+//!
+//! All primitives take `now_ms`, the event time of the event being applied:
+//! expiry is decided on event time, so a replay gives the same results. A key
+//! whose expiry has been reached reads as its defaults (0, empty set, `{}`)
+//! and a write to it starts from those defaults: an expired counter never
+//! resurrects its old count.
+
+use super::{Checkpoint, Mutation, Record, Result, StateError, Store, WriteBatch, MAX_DICT_BYTES};
+use serde_json::{Map, Value};
+use std::collections::{BTreeSet, HashMap};
+
+/// When a key expires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// At this event time (ms since the epoch).
+    At(i64),
+    /// This many milliseconds after the current event time.
+    After(i64),
+}
+
+#[derive(Debug)]
+struct Entry {
+    record: Record,
+    dirty: bool,
+}
+
+/// Write-back cache in front of a [`Store`].
+pub struct StateCache {
+    store: Box<dyn Store>,
+    entries: HashMap<String, Entry>,
+    dirty: usize,
+    max_clean_entries: usize,
+}
+
+impl StateCache {
+    /// A cache over `store` that keeps at most `max_clean_entries` clean
+    /// entries after a flush (dirty ones are always kept until flushed).
+    pub fn new(store: Box<dyn Store>, max_clean_entries: usize) -> Self {
+        Self { store, entries: HashMap::new(), dirty: 0, max_clean_entries }
+    }
+
+    /// The store behind the cache.
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    /// Number of keys changed since the last flush.
+    pub fn dirty_keys(&self) -> usize {
+        self.dirty
+    }
+
+    /// Loads the keys not yet cached in one store read.
+    pub fn prefetch(&mut self, keys: &[&str]) -> Result<()> {
+        let missing: Vec<&str> = keys.iter().copied().filter(|k| !self.entries.contains_key(*k)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let found = self.store.get_many(&missing)?;
+        for (key, record) in missing.into_iter().zip(found) {
+            self.entries.insert(key.to_string(), Entry { record: record.unwrap_or_default(), dirty: false });
+        }
+        Ok(())
+    }
+
+    fn entry(&mut self, key: &str) -> Result<&mut Entry> {
+        if !self.entries.contains_key(key) {
+            self.prefetch(&[key])?;
+        }
+        self.entries.get_mut(key).ok_or_else(|| StateError::Backend {
+            store: "cache",
+            message: format!("key {key:?} vanished after loading"),
+        })
+    }
+
+    /// The live record under `key` at `now_ms`, or `None`.
+    pub fn read(&mut self, key: &str, now_ms: i64) -> Result<Option<&Record>> {
+        let entry = self.entry(key)?;
+        Ok(Some(&entry.record).filter(|r| r.is_live(now_ms) && (!r.is_empty() || r.expires_at_ms.is_some())))
+    }
+
+    /// The record under `key` for writing: expired values are cleared first.
+    pub fn write(&mut self, key: &str, now_ms: i64) -> Result<&mut Record> {
+        let entry = self.entry(key)?;
+        if !entry.dirty {
+            entry.dirty = true;
+            self.dirty += 1;
+        }
+        // Re-borrow: `self.dirty` was touched above.
+        let entry = self.entries.get_mut(key).ok_or_else(|| StateError::Backend {
+            store: "cache",
+            message: format!("key {key:?} vanished after loading"),
+        })?;
+        if !entry.record.is_live(now_ms) {
+            entry.record = Record::default();
+        }
+        Ok(&mut entry.record)
+    }
+
+    /// Removes every value and the expiry of `key`.
+    pub fn delete(&mut self, key: &str, now_ms: i64) -> Result<()> {
+        *self.write(key, now_ms)? = Record::default();
+        Ok(())
+    }
+
+    // --- counters -------------------------------------------------------
+
+    /// `get_counter`: the count, 0 when absent or expired.
+    pub fn get_counter(&mut self, key: &str, now_ms: i64) -> Result<i64> {
+        Ok(self.read(key, now_ms)?.map_or(0, |r| r.count))
+    }
+
+    /// `increment_counter`: adds `by` and returns the new count.
+    pub fn increment_counter(&mut self, key: &str, by: i64, now_ms: i64) -> Result<i64> {
+        let record = self.write(key, now_ms)?;
+        record.count = record.count.saturating_add(by);
+        Ok(record.count)
+    }
+
+    /// `reset_counter`: back to 0, leaving the key's other values alone.
+    pub fn reset_counter(&mut self, key: &str, now_ms: i64) -> Result<()> {
+        self.write(key, now_ms)?.count = 0;
+        Ok(())
+    }
+
+    // --- string sets ----------------------------------------------------
+
+    /// `get_string_set`: the set, empty when absent or expired.
+    pub fn get_string_set(&mut self, key: &str, now_ms: i64) -> Result<BTreeSet<String>> {
+        Ok(self.read(key, now_ms)?.map(|r| r.set.clone()).unwrap_or_default())
+    }
+
+    /// `put_string_set`: replaces the set.
+    pub fn put_string_set(&mut self, key: &str, values: BTreeSet<String>, now_ms: i64) -> Result<()> {
+        self.write(key, now_ms)?.set = values;
+        Ok(())
+    }
+
+    /// `add_to_string_set`: adds one or many values, returns the new size.
+    pub fn add_to_string_set<I, S>(&mut self, key: &str, values: I, now_ms: i64) -> Result<usize>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let record = self.write(key, now_ms)?;
+        record.set.extend(values.into_iter().map(Into::into));
+        Ok(record.set.len())
+    }
+
+    /// `remove_from_string_set`: removes one or many values, returns the new size.
+    pub fn remove_from_string_set<I, S>(&mut self, key: &str, values: I, now_ms: i64) -> Result<usize>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let record = self.write(key, now_ms)?;
+        for v in values {
+            record.set.remove(v.as_ref());
+        }
+        Ok(record.set.len())
+    }
+
+    /// `reset_string_set`: empties the set, leaving the key's other values alone.
+    pub fn reset_string_set(&mut self, key: &str, now_ms: i64) -> Result<()> {
+        self.write(key, now_ms)?.set.clear();
+        Ok(())
+    }
+
+    // --- dictionaries ---------------------------------------------------
+
+    /// `get_dictionary`: the object, `{}` when absent or expired.
+    pub fn get_dictionary(&mut self, key: &str, now_ms: i64) -> Result<Map<String, Value>> {
+        Ok(self.read(key, now_ms)?.and_then(|r| r.dict.clone()).unwrap_or_default())
+    }
+
+    /// `put_dictionary`: replaces the object; over [`MAX_DICT_BYTES`]
+    /// serialized it is refused and the stored one is left as it was.
+    pub fn put_dictionary(&mut self, key: &str, dict: Map<String, Value>, now_ms: i64) -> Result<()> {
+        let bytes = serde_json::to_vec(&dict).map(|v| v.len()).unwrap_or(usize::MAX);
+        if bytes > MAX_DICT_BYTES {
+            return Err(StateError::DictionaryTooLarge { key: key.to_string(), bytes, limit: MAX_DICT_BYTES });
+        }
+        self.write(key, now_ms)?.dict = Some(dict);
+        Ok(())
+    }
+
+    // --- expiry ---------------------------------------------------------
+
+    /// `set_key_expiration`: the key reads as absent from that event time on.
+    pub fn set_key_expiration(&mut self, key: &str, expiry: Expiry, now_ms: i64) -> Result<()> {
+        let at = match expiry {
+            Expiry::At(at) => at,
+            Expiry::After(ms) => now_ms.saturating_add(ms),
+        };
+        self.write(key, now_ms)?.expires_at_ms = Some(at);
+        Ok(())
+    }
+
+    /// The expiry of a live key, if it has one.
+    pub fn expires_at(&mut self, key: &str, now_ms: i64) -> Result<Option<i64>> {
+        Ok(self.read(key, now_ms)?.and_then(|r| r.expires_at_ms))
+    }
+
+    // --- flushing -------------------------------------------------------
+
+    /// Writes every dirty key, and `checkpoint` with them, as one batch;
+    /// then trims clean entries down to the configured bound. Returns the
+    /// number of keys written.
+    pub fn flush(&mut self, checkpoint: Option<(String, Checkpoint)>) -> Result<usize> {
+        let mut mutations = Vec::with_capacity(self.dirty);
+        for (key, entry) in self.entries.iter().filter(|(_, e)| e.dirty) {
+            let mutation = if entry.record.is_empty() && entry.record.expires_at_ms.is_none() {
+                Mutation::Delete
+            } else {
+                Mutation::Put(entry.record.clone())
+            };
+            mutations.push((key.clone(), mutation));
+        }
+        // A stable order keeps batches reproducible (and diffable in tests).
+        mutations.sort_by(|a, b| a.0.cmp(&b.0));
+        let written = mutations.len();
+        if written == 0 && checkpoint.is_none() {
+            return Ok(0);
+        }
+        self.store.apply(WriteBatch { mutations, checkpoint })?;
+        for entry in self.entries.values_mut() {
+            entry.dirty = false;
+        }
+        self.dirty = 0;
+        if self.entries.len() > self.max_clean_entries {
+            self.entries.clear();
+        }
+        Ok(written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{EmbeddedStore, MemoryStore};
+    use serde_json::json;
+
+    fn cache() -> StateCache {
+        StateCache::new(Box::new(MemoryStore::new()), 1000)
+    }
+
+    const H: i64 = 3_600_000;
+
+    #[test]
+    fn counter_increments_resets_and_defaults_to_zero() {
+        let mut c = cache();
+        assert_eq!(c.get_counter("k", 0).unwrap(), 0);
+        assert_eq!(c.increment_counter("k", 1, 0).unwrap(), 1);
+        assert_eq!(c.increment_counter("k", 5, 0).unwrap(), 6);
+        assert_eq!(c.get_counter("k", 0).unwrap(), 6);
+        c.reset_counter("k", 0).unwrap();
+        assert_eq!(c.get_counter("k", 0).unwrap(), 0);
+    }
+
+    #[test]
+    fn expiry_boundary_is_exact_and_expired_counter_does_not_resurrect() {
+        let mut c = cache();
+        c.increment_counter("k", 4, 0).unwrap();
+        c.set_key_expiration("k", Expiry::After(H), 0).unwrap();
+        assert_eq!(c.expires_at("k", 0).unwrap(), Some(H));
+        assert_eq!(c.get_counter("k", H - 1).unwrap(), 4, "live one ms before expiry");
+        assert_eq!(c.get_counter("k", H).unwrap(), 0, "expired at exactly expiresAt");
+        assert_eq!(c.increment_counter("k", 1, H).unwrap(), 1, "starts again from the increment");
+        assert_eq!(c.expires_at("k", H).unwrap(), None, "old expiry is gone with the old value");
+    }
+
+    #[test]
+    fn absolute_expiry() {
+        let mut c = cache();
+        c.add_to_string_set("k", ["a"], 0).unwrap();
+        c.set_key_expiration("k", Expiry::At(500), 0).unwrap();
+        assert_eq!(c.get_string_set("k", 499).unwrap().len(), 1);
+        assert!(c.get_string_set("k", 500).unwrap().is_empty());
+    }
+
+    #[test]
+    fn string_set_primitives() {
+        let mut c = cache();
+        assert!(c.get_string_set("s", 0).unwrap().is_empty());
+        assert_eq!(c.add_to_string_set("s", ["a"], 0).unwrap(), 1);
+        assert_eq!(c.add_to_string_set("s", ["b", "c", "a"], 0).unwrap(), 3);
+        assert_eq!(c.remove_from_string_set("s", ["a", "zz"], 0).unwrap(), 2);
+        assert_eq!(c.remove_from_string_set("s", ["b", "c"], 0).unwrap(), 0);
+        c.put_string_set("s", ["x".to_string(), "y".to_string()].into(), 0).unwrap();
+        assert_eq!(c.get_string_set("s", 0).unwrap(), ["x".to_string(), "y".to_string()].into());
+        c.reset_string_set("s", 0).unwrap();
+        assert!(c.get_string_set("s", 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn dictionary_primitives_and_size_limit() {
+        let mut c = cache();
+        assert_eq!(c.get_dictionary("d", 0).unwrap(), Map::new());
+        let small = json!({"ip": "1.1.1.1"}).as_object().cloned().unwrap();
+        c.put_dictionary("d", small.clone(), 0).unwrap();
+        assert_eq!(c.get_dictionary("d", 0).unwrap(), small);
+        // Exactly at the limit is accepted; one byte over is refused.
+        let pad = MAX_DICT_BYTES - r#"{"x":""}"#.len();
+        let at_limit = json!({"x": "a".repeat(pad)}).as_object().cloned().unwrap();
+        c.put_dictionary("d", at_limit, 0).unwrap();
+        let over = json!({"x": "a".repeat(pad + 1)}).as_object().cloned().unwrap();
+        let err = c.put_dictionary("d", over, 0).unwrap_err();
+        assert!(matches!(err, StateError::DictionaryTooLarge { bytes, .. } if bytes == MAX_DICT_BYTES + 1));
+        assert_eq!(c.get_dictionary("d", 0).unwrap()["x"].as_str().map(str::len), Some(pad));
+    }
+
+    #[test]
+    fn typed_values_do_not_overwrite_each_other() {
+        let mut c = cache();
+        c.increment_counter("k", 2, 0).unwrap();
+        c.put_dictionary("k", json!({"a": 1}).as_object().cloned().unwrap(), 0).unwrap();
+        c.add_to_string_set("k", ["s"], 0).unwrap();
+        assert_eq!(c.get_counter("k", 0).unwrap(), 2);
+        assert_eq!(c.get_dictionary("k", 0).unwrap().len(), 1);
+        assert_eq!(c.get_string_set("k", 0).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn flush_writes_each_dirty_key_once_with_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        {
+            let mut c = StateCache::new(Box::new(EmbeddedStore::open(&path).unwrap()), 0);
+            for _ in 0..100 {
+                c.increment_counter("a", 1, 0).unwrap();
+                c.add_to_string_set("b", ["x"], 0).unwrap();
+            }
+            c.increment_counter("gone", 1, 0).unwrap();
+            c.delete("gone", 0).unwrap();
+            assert_eq!(c.dirty_keys(), 3);
+            let cp = Checkpoint { offset: 10, ..Checkpoint::default() };
+            assert_eq!(c.flush(Some(("f".into(), cp))).unwrap(), 3);
+            assert_eq!(c.dirty_keys(), 0);
+        }
+        let mut c = StateCache::new(Box::new(EmbeddedStore::open(&path).unwrap()), 0);
+        assert_eq!(c.get_counter("a", 0).unwrap(), 100);
+        assert_eq!(c.get_string_set("b", 0).unwrap().len(), 1);
+        assert_eq!(c.store().get_many(&["gone"]).unwrap(), vec![None]);
+        assert_eq!(c.store().checkpoint("f").unwrap().map(|c| c.offset), Some(10));
+    }
+}

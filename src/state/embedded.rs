@@ -1,0 +1,143 @@
+//! The embedded on-disk [`Store`], riskd's default: one redb file.
+//!
+//! Why redb: pure Rust, maintained, a stable file format, and ACID write
+//! transactions over several tables — which is exactly what the resume
+//! guarantee needs: the records a flush changes and the checkpoint of the
+//! input they cover commit in one transaction, so after a crash the store
+//! holds either both or neither. fjall (an LSM) would also do, but its
+//! cross-keyspace atomic batches and background compaction bring more
+//! moving parts than riskd's write pattern (one batched writer, point reads
+//! on cache misses) needs.
+
+use super::{Checkpoint, Mutation, Record, Result, StateError, Store, WriteBatch};
+use redb::{Database, ReadableDatabase, TableDefinition};
+use std::path::Path;
+
+const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
+const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
+
+/// A redb database holding records (JSON-encoded) and checkpoints.
+pub struct EmbeddedStore {
+    db: Database,
+}
+
+fn backend(e: impl std::fmt::Display) -> StateError {
+    StateError::Backend { store: "embedded", message: e.to_string() }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
+        store: "embedded",
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
+
+impl EmbeddedStore {
+    /// Opens the database at `path`, creating it (and its folder) if needed.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| backend(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let db = Database::create(path).map_err(|e| backend(format!("{}: {e}", path.display())))?;
+        // Create both tables up front so read transactions always find them.
+        let txn = db.begin_write().map_err(backend)?;
+        txn.open_table(RECORDS).map_err(backend)?;
+        txn.open_table(CHECKPOINTS).map_err(backend)?;
+        txn.commit().map_err(backend)?;
+        Ok(Self { db })
+    }
+}
+
+impl Store for EmbeddedStore {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Record>>> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(RECORDS).map_err(backend)?;
+        keys.iter()
+            .map(|key| match table.get(*key).map_err(backend)? {
+                Some(v) => decode(key, v.value()).map(Some),
+                None => Ok(None),
+            })
+            .collect()
+    }
+
+    fn apply(&mut self, batch: WriteBatch) -> Result<()> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        {
+            let mut records = txn.open_table(RECORDS).map_err(backend)?;
+            for (key, mutation) in &batch.mutations {
+                match mutation {
+                    Mutation::Put(record) => {
+                        let bytes = serde_json::to_vec(record).map_err(backend)?;
+                        records.insert(key.as_str(), bytes.as_slice()).map_err(backend)?;
+                    }
+                    Mutation::Delete => {
+                        records.remove(key.as_str()).map_err(backend)?;
+                    }
+                }
+            }
+            if let Some((source, cp)) = &batch.checkpoint {
+                let mut cps = txn.open_table(CHECKPOINTS).map_err(backend)?;
+                let bytes = serde_json::to_vec(cp).map_err(backend)?;
+                cps.insert(source.as_str(), bytes.as_slice()).map_err(backend)?;
+            }
+        }
+        txn.commit().map_err(backend)
+    }
+
+    fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(CHECKPOINTS).map_err(backend)?;
+        match table.get(source).map_err(backend)? {
+            Some(v) => decode(source, v.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn scan(&self, prefix: &str, visit: &mut dyn FnMut(&str, &Record)) -> Result<()> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(RECORDS).map_err(backend)?;
+        for item in table.range(prefix..).map_err(backend)? {
+            let (k, v) = item.map_err(backend)?;
+            let key = k.value();
+            if !key.starts_with(prefix) {
+                break;
+            }
+            visit(key, &decode(key, v.value())?);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_store_behaviour() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        super::super::store_tests::round_trip(&mut store);
+    }
+
+    #[test]
+    fn persists_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/s.redb");
+        {
+            let mut store = EmbeddedStore::open(&path).unwrap();
+            let batch = WriteBatch {
+                mutations: vec![("k".into(), Mutation::Put(Record { count: 7, ..Record::default() }))],
+                checkpoint: Some(("src".into(), Checkpoint { offset: 9, ..Checkpoint::default() })),
+            };
+            store.apply(batch).unwrap();
+        }
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(store.get_many(&["k"]).unwrap()[0].as_ref().map(|r| r.count), Some(7));
+        assert_eq!(store.checkpoint("src").unwrap().map(|c| c.offset), Some(9));
+    }
+}

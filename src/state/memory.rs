@@ -1,0 +1,68 @@
+//! An in-memory [`Store`], for tests and `riskd test`/`replay` runs whose
+//! state is thrown away.
+
+use super::{Checkpoint, Mutation, Record, Result, Store, WriteBatch};
+use std::collections::BTreeMap;
+
+/// Records in a `BTreeMap`, so scans come out in key order.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    records: BTreeMap<String, Record>,
+    checkpoints: BTreeMap<String, Checkpoint>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Store for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Record>>> {
+        Ok(keys.iter().map(|k| self.records.get(*k).cloned()).collect())
+    }
+
+    fn apply(&mut self, batch: WriteBatch) -> Result<()> {
+        for (key, mutation) in batch.mutations {
+            match mutation {
+                Mutation::Put(record) => {
+                    self.records.insert(key, record);
+                }
+                Mutation::Delete => {
+                    self.records.remove(&key);
+                }
+            }
+        }
+        if let Some((source, cp)) = batch.checkpoint {
+            self.checkpoints.insert(source, cp);
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>> {
+        Ok(self.checkpoints.get(source).cloned())
+    }
+
+    fn scan(&self, prefix: &str, visit: &mut dyn FnMut(&str, &Record)) -> Result<()> {
+        for (k, v) in self.records.range(prefix.to_string()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            visit(k, v);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shares_store_behaviour() {
+        super::super::store_tests::round_trip(&mut super::MemoryStore::new());
+    }
+}
