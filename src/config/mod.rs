@@ -252,7 +252,7 @@ impl Config {
             |line, message| ConfigErrors(vec![ConfigError { file: path.to_path_buf(), line, rule: None, message }]);
         let text = std::fs::read_to_string(path).map_err(|e| at(None, format!("cannot read: {e}")))?;
         let file: ConfigFile = toml::from_str(&text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             at(line, e.message().to_string())
         })?;
         Self::build(path, &text, file)

@@ -1,0 +1,89 @@
+//! Bad input is counted, reported with where it came from, set aside and
+//! skipped; a bad config is rejected whole before any event is read.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn bad_lines_are_counted_set_aside_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let good: Vec<String> = std::fs::read_to_string(samples()).unwrap().lines().take(30).map(String::from).collect();
+    let mut lines = good.clone();
+    lines.insert(3, "this is not json".into());
+    lines.insert(5, "[1, 2, 3]".into());
+    lines.insert(7, format!(r#"{{"eventName": "GetObject", "pad": "{}"}}"#, "x".repeat(5000)));
+    // Matches okta_ip_change but has no actor: the rule cannot key it.
+    lines.insert(9, r#"{"eventType": "user.session.start", "published": "2024-03-01T00:00:00Z", "client": {"ipAddress": "1.2.3.4"}}"#.into());
+    lines.insert(11, "".into());
+    let input = dir.path().join("mixed.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let config = write_config(dir.path(), &input, "max_line_bytes = 2048", "");
+    let stderr = run_ok(&config);
+    assert!(
+        stderr.contains("riskd: events read 34, skipped 3 (invalid 2, too large 1), incomplete 1, alerts"),
+        "{stderr}"
+    );
+    let dead = read_lines(&dir.path().join("dead-letter.jsonl"));
+    let got: Vec<(u64, &str)> =
+        dead.iter().map(|d| (d["line"].as_u64().unwrap_or(0), d["reason"].as_str().unwrap_or(""))).collect();
+    assert_eq!(got, vec![(4, "invalid_json"), (6, "not_object"), (8, "too_large"), (10, "incomplete")]);
+    assert!(dead.iter().all(|d| d["source"] == input.display().to_string()));
+    assert_eq!(dead[0]["raw"], "this is not json");
+    assert!(dead[2]["raw"].as_str().map(str::len) == Some(2048), "too large: first bytes kept");
+    assert!(dead[3]["detail"].as_str().unwrap_or("").contains("okta_ip_change"), "{}", dead[3]);
+    // The good lines were all applied: the same alerts as the good lines alone.
+    let only_good = tempfile::tempdir().unwrap();
+    let good_input = only_good.path().join("good.jsonl");
+    std::fs::write(&good_input, good.join("\n") + "\n").unwrap();
+    run_ok(&write_config(only_good.path(), &good_input, "", ""));
+    let ids = |d: &std::path::Path| alerts(d).iter().map(|a| a["alert_id"].clone()).collect::<Vec<_>>();
+    assert_eq!(ids(dir.path()), ids(only_good.path()));
+}
+
+#[test]
+fn bad_config_is_rejected_whole_with_every_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    std::fs::copy(root().join("config/rules/okta.yaml"), rules.join("a_okta.yaml")).unwrap();
+    std::fs::write(
+        rules.join("b_broken.yaml"),
+        "id: broken_match\ntitle: t\nseverity: HIGH\nentity: { type: user, key: actor.alternateId }\nmatch: eventType ==\n---\nid: okta_ip_change\ntitle: duplicate\nseverity: LOW\nentity: { type: user, key: a }\nmatch: 'true'\n",
+    )
+    .unwrap();
+    std::fs::write(
+        rules.join("c_typo.yaml"),
+        "id: typo_rule\ntitle: t\nseverity: HIGH\nentity: { type: user, key: u }\nmatch: 'true'\nstate:\n  count: { window: 1 hour, threshold: 10, on_fire: explode }\n",
+    )
+    .unwrap();
+    let config = write_config_with_rules(dir.path(), &samples(), &rules, "", "");
+    let out = riskd(&["run", "--config", &config.display().to_string()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let b = rules.join("b_broken.yaml").display().to_string();
+    let c = rules.join("c_typo.yaml").display().to_string();
+    for expected in [
+        "invalid configuration (3 errors)".to_string(),
+        format!("{b}:5: rule broken_match: match does not compile"),
+        format!("{b}:7: rule okta_ip_change: duplicate rule id, first defined at"),
+        format!("{c}:7: rule typo_rule: state.count.on_fire: unknown variant `explode`"),
+    ] {
+        assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
+    }
+    assert!(!dir.path().join("alerts.jsonl").exists(), "no event may be read");
+    let check = riskd(&["check", "--config", &config.display().to_string()]);
+    assert!(!check.status.success());
+    assert_eq!(String::from_utf8_lossy(&check.stderr), stderr);
+}
+
+#[test]
+fn bad_service_config_names_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("riskd.toml");
+    std::fs::write(&path, "[source]\npath = \"x\"\n\n[store]\nkind = \"embedded\"\nflush_evry = 3\n").unwrap();
+    let out = riskd(&["check", "--config", &path.display().to_string()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("{}:6: unknown field `flush_evry`", path.display())), "{stderr}");
+}

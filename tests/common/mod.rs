@@ -1,0 +1,97 @@
+//! Helpers shared by the integration tests: run the real `riskd` binary on
+//! configs written into a temporary folder.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shipped sample stream.
+pub fn samples() -> PathBuf {
+    root().join("config/samples/events.jsonl")
+}
+
+/// Writes a `riskd.toml` into `dir` with the shipped rules, an embedded store
+/// and alerts/dead letters in `dir`; `extra` is appended to `[source]`/`[store]`
+/// as `key = value` lines via the two parameters.
+pub fn write_config(dir: &Path, input: &Path, source_extra: &str, store_extra: &str) -> PathBuf {
+    write_config_with_rules(dir, input, &root().join("config/rules"), source_extra, store_extra)
+}
+
+/// As [`write_config`], with another rules folder.
+pub fn write_config_with_rules(
+    dir: &Path,
+    input: &Path,
+    rules: &Path,
+    source_extra: &str,
+    store_extra: &str,
+) -> PathBuf {
+    let text = format!(
+        r#"[source]
+path = {input:?}
+dead_letter = "dead-letter.jsonl"
+{source_extra}
+
+[sink]
+path = "alerts.jsonl"
+
+[store]
+kind = "embedded"
+path = "state/riskd.redb"
+{store_extra}
+
+[rules]
+paths = [{rules:?}]
+"#,
+        input = input.display().to_string(),
+        rules = rules.display().to_string(),
+    );
+    let path = dir.join("riskd.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// `riskd ARGS…`, waited for.
+pub fn riskd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_riskd")).args(args).stdin(Stdio::null()).output().expect("riskd runs")
+}
+
+/// A command for `riskd ARGS…` to spawn by hand.
+pub fn riskd_command(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_riskd"));
+    c.args(args);
+    c
+}
+
+/// Runs `riskd run --config CONFIG`, asserts success, returns stderr.
+pub fn run_ok(config: &Path) -> String {
+    let out = riskd(&["run", "--config", &config.display().to_string()]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "riskd run failed: {stderr}");
+    stderr
+}
+
+/// The alerts a run wrote into `dir`, parsed.
+pub fn alerts(dir: &Path) -> Vec<serde_json::Value> {
+    read_lines(&dir.join("alerts.jsonl"))
+}
+
+/// A JSON-lines file, parsed (missing: empty).
+pub fn read_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+/// `riskd state export` of a config's store, as text.
+pub fn export_state(config: &Path) -> String {
+    let out = riskd(&["state", "--config", &config.display().to_string(), "export"]);
+    assert!(out.status.success(), "export failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

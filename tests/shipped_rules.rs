@@ -1,0 +1,173 @@
+//! The five shipped rules on the shipped sample stream: the exact alerts,
+//! and the planted near misses that must not fire.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::sync::OnceLock;
+
+struct Run {
+    _dir: tempfile::TempDir,
+    alerts: Vec<Value>,
+    stderr: String,
+}
+
+fn run() -> &'static Run {
+    static RUN: OnceLock<Run> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), &samples(), "", "");
+        let stderr = run_ok(&config);
+        Run { alerts: alerts(dir.path()), stderr, _dir: dir }
+    })
+}
+
+fn of_rule(rule: &str) -> Vec<&'static Value> {
+    run().alerts.iter().filter(|a| a["rule_id"] == rule).collect()
+}
+
+fn ids(alerts: &[&Value]) -> Vec<(String, String, String)> {
+    alerts
+        .iter()
+        .map(|a| {
+            let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            (s(&a["entity"]["type"]), s(&a["entity"]["id"]), s(&a["event_time"]))
+        })
+        .collect()
+}
+
+fn t(s: &str) -> (String, String, String) {
+    let mut parts = s.splitn(3, ' ');
+    let mut next = || parts.next().unwrap_or_default().to_string();
+    (next(), next(), next())
+}
+
+#[test]
+fn summary_counts_every_event_alert_and_suppression() {
+    let line = run().stderr.lines().last().unwrap_or_default();
+    assert_eq!(
+        line,
+        "riskd: events read 206, skipped 0 (invalid 0, too large 0), incomplete 0, alerts 7, suppressed 1"
+    );
+    assert_eq!(run().alerts.len(), 7);
+}
+
+#[test]
+fn alerts_have_the_documented_shape() {
+    for a in &run().alerts {
+        for field in [
+            "alert_id",
+            "rule_id",
+            "title",
+            "severity",
+            "entity",
+            "event_time",
+            "risk",
+            "dedup_key",
+            "context",
+            "event",
+        ] {
+            assert!(a.get(field).is_some(), "alert lacks {field}: {a}");
+        }
+        assert_eq!(a["dedup_key"], a["entity"]["id"], "default dedup key is the entity id");
+        assert_eq!(a["alert_id"].as_str().map(str::len), Some(36), "a UUID");
+    }
+}
+
+#[test]
+fn access_denied_burst_fires_at_ten_and_only_for_alice() {
+    let got = of_rule("aws_access_denied_burst");
+    // bob's 10th is after his window, carol's is exactly at its end, dave's are other errors;
+    // alice's second burst within the hour is suppressed (the summary counts it).
+    assert_eq!(ids(&got), vec![t("principal arn:aws:iam::123456789012:user/alice 2024-03-01T00:09:00.000Z")]);
+    let a = got[0];
+    assert_eq!((a["severity"].as_str(), a["risk"].as_u64()), (Some("MEDIUM"), Some(20)));
+    assert_eq!(a["context"]["count"], 10);
+    assert_eq!(a["context"]["window_start"], "2024-03-01T00:00:00.000Z");
+    assert_eq!(a["context"]["window_end"], "2024-03-01T01:00:00.000Z");
+    assert_eq!(a["context"]["source_ip"], "192.0.2.10");
+}
+
+#[test]
+fn assume_role_from_new_ip_fires_after_trust_on_first_use() {
+    let got = of_rule("aws_assume_role_new_source_ip");
+    // backup's second IP comes 31 days after its first: the set expired, so it is trusted again.
+    assert_eq!(ids(&got), vec![t("role arn:aws:iam::123456789012:role/deploy 2024-03-01T00:10:00.000Z")]);
+    let a = got[0];
+    assert_eq!((a["severity"].as_str(), a["risk"].as_u64()), (Some("HIGH"), Some(30)));
+    assert_eq!(a["context"]["new_value"], "198.51.100.2");
+    assert_eq!(a["context"]["known_values"], serde_json::json!(["198.51.100.1"]));
+}
+
+#[test]
+fn console_login_spray_fires_at_twenty_distinct_users() {
+    let got = of_rule("aws_console_login_spray");
+    // .77 repeats 19 users; .88's 20th user comes after the hour; .99's logins succeed.
+    assert_eq!(ids(&got), vec![t("ip 203.0.113.66 2024-03-01T02:03:10.000Z")]);
+    assert_eq!((got[0]["severity"].as_str(), got[0]["risk"].as_u64()), (Some("MEDIUM"), Some(25)));
+    assert_eq!(got[0]["context"]["distinct"], 20);
+    assert_eq!(got[0]["context"]["values"].as_array().map(Vec::len), Some(20));
+}
+
+#[test]
+fn okta_ip_change_fires_when_previous_login_ip_differs() {
+    let got = of_rule("okta_ip_change");
+    // erin keeps her IP, heidi too; frank's previous login is 8 days old; ivan logs in once.
+    assert_eq!(
+        ids(&got),
+        vec![
+            t("user mallory@example.com 2024-03-01T05:00:00.000Z"),
+            t("user grace@example.com 2024-03-01T14:00:00.000Z")
+        ]
+    );
+    assert_eq!((got[0]["severity"].as_str(), got[0]["risk"].as_u64()), (Some("LOW"), Some(10)));
+    assert_eq!(got[0]["context"]["previous"]["ip"], "203.0.113.5");
+    assert_eq!(got[0]["context"]["current"]["ip"], "203.0.113.6");
+}
+
+#[test]
+fn okta_impossible_travel_fires_on_speed_and_on_zero_time_difference() {
+    let got = of_rule("okta_impossible_travel");
+    // erin: 306 km in 2 h; grace: 878 km in 10 h; frank: previous login forgotten.
+    assert_eq!(
+        ids(&got),
+        vec![
+            t("user heidi@example.com 2024-03-01T04:00:00.000Z"),
+            t("user mallory@example.com 2024-03-01T05:00:00.000Z")
+        ]
+    );
+    let heidi = got[0];
+    assert_eq!(heidi["context"]["speed_kmh"], Value::Null, "same instant: infinite speed");
+    let mallory = got[1];
+    assert_eq!((mallory["severity"].as_str(), mallory["risk"].as_u64()), (Some("HIGH"), Some(40)));
+    assert_eq!(mallory["context"]["distance_km"], 5570.2);
+    assert_eq!(mallory["context"]["speed_kmh"], 5570.2);
+    assert_eq!(mallory["context"]["previous"]["city"], "New York");
+    assert_eq!(mallory["context"]["current"]["city"], "London");
+}
+
+#[test]
+fn same_input_from_empty_state_gives_identical_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    // A flush after every event: flush points must not change the outcome.
+    let config = write_config(dir.path(), &samples(), "", "flush_every_events = 1");
+    run_ok(&config);
+    assert_eq!(alerts(dir.path()), run().alerts);
+}
+
+#[test]
+fn stdin_to_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &samples(), "", "");
+    let out = riskd_command(&["run", "--config", &config.display().to_string(), "--input", "-", "--alerts", "-"])
+        .stdin(std::fs::File::open(samples()).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let ids: Vec<&Value> = lines.iter().map(|a| &a["alert_id"]).collect();
+    let expected: Vec<&Value> = run().alerts.iter().map(|a| &a["alert_id"]).collect();
+    assert_eq!(ids, expected);
+}
