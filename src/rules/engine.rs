@@ -3,9 +3,10 @@
 
 use super::{Form, OnFire, Rule, Severity};
 use crate::event::{format_time_ms, parse_time_ms, scalar_string, Event, FieldPath};
-use crate::state::{Expiry, StateCache, StateError};
+use crate::state::{check_dict_size, Expiry, StateCache, StateError};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 /// Namespace of alert ids (UUID v5 over the alert's identity).
@@ -74,6 +75,8 @@ pub struct Outcome {
 pub struct Engine {
     rules: Arc<Vec<Rule>>,
     cache: StateCache,
+    /// Scratch buffer for state keys: no allocation per evaluation.
+    key: String,
 }
 
 /// What a state form decided.
@@ -96,7 +99,7 @@ impl From<StateError> for Skip {
 impl Engine {
     /// An engine over compiled rules (evaluated in the given order).
     pub fn new(rules: Arc<Vec<Rule>>, cache: StateCache) -> Self {
-        Self { rules, cache }
+        Self { rules, cache, key: String::new() }
     }
 
     /// The state cache.
@@ -123,8 +126,10 @@ impl Engine {
                 out.problems.push(problem(format!("entity key field {} is absent or not a scalar", rule.entity_key)));
                 continue;
             };
-            let key = format!("{}/{}/{}", rule.namespace, rule.entity_type, entity_id);
-            let decision = match apply_form(&mut self.cache, rule, &key, event) {
+            self.key.clear();
+            let _ = write!(self.key, "{}/{}/{}", rule.namespace, rule.entity_type, entity_id);
+            let key = self.key.as_str();
+            let decision = match apply_form(&mut self.cache, rule, key, event) {
                 Ok(Some(d)) => d,
                 Ok(None) => continue,
                 Err(Skip::Missing(m)) => {
@@ -149,7 +154,7 @@ impl Engine {
                 };
             }
             if decision.reset {
-                self.cache.delete(&key, event.time_ms)?;
+                self.cache.delete(key, event.time_ms)?;
             }
             let dedup_key = match &rule.dedup_key {
                 None => entity_id.clone(),
@@ -227,20 +232,24 @@ fn round1(x: f64) -> Value {
     json!((x * 10.0).round() / 10.0)
 }
 
+/// Applies the rule's state form to the entity's record and decides whether
+/// it fires. Works on the record in place: one cache lookup per rule.
 fn apply_form(cache: &mut StateCache, rule: &Rule, key: &str, event: &Event) -> Result<Option<Decision>, Skip> {
     let now = event.time_ms;
     let decision = match &rule.form {
         Form::Stateless => Some(Decision { context: Map::new(), reset: false }),
         Form::Count { window_ms, threshold, on_fire } => {
-            let open = cache.read(key, now)?.is_some_and(|r| r.count > 0);
-            let count = cache.increment_counter(key, 1, now)?;
-            if !open {
-                cache.set_key_expiration(key, Expiry::After(*window_ms), now)?;
+            let r = cache.write(key, now)?;
+            // The window opens at the first counted event and is not moved by later ones.
+            if r.count <= 0 {
+                r.count = 0;
+                r.expires_at_ms = Some(now.saturating_add(*window_ms));
             }
-            (count >= *threshold).then(|| {
-                let end = cache.expires_at(key, now).ok().flatten().unwrap_or(now);
+            r.count = r.count.saturating_add(1);
+            (r.count >= *threshold).then(|| {
+                let end = r.expires_at_ms.unwrap_or(now);
                 let mut c = Map::new();
-                c.insert("count".into(), json!(count));
+                c.insert("count".into(), json!(r.count));
                 c.insert("threshold".into(), json!(threshold));
                 c.insert("window_start".into(), json!(format_time_ms(end - window_ms)));
                 c.insert("window_end".into(), json!(format_time_ms(end)));
@@ -249,106 +258,103 @@ fn apply_form(cache: &mut StateCache, rule: &Rule, key: &str, event: &Event) -> 
         }
         Form::Distinct { field, window_ms, threshold, on_fire } => {
             let value = required_scalar(field, event)?;
-            let open = cache.read(key, now)?.is_some_and(|r| !r.set.is_empty());
-            let size = cache.add_to_string_set(key, [value], now)?;
-            if !open {
-                cache.set_key_expiration(key, Expiry::After(*window_ms), now)?;
+            let r = cache.write(key, now)?;
+            if r.set.is_empty() {
+                r.expires_at_ms = Some(now.saturating_add(*window_ms));
             }
-            if size >= *threshold {
-                let end = cache.expires_at(key, now)?.unwrap_or(now);
-                let values: Vec<String> = cache.get_string_set(key, now)?.into_iter().take(MAX_LISTED_VALUES).collect();
+            r.set.insert(value);
+            (r.set.len() >= *threshold).then(|| {
+                let end = r.expires_at_ms.unwrap_or(now);
+                let values: Vec<&String> = r.set.iter().take(MAX_LISTED_VALUES).collect();
                 let mut c = Map::new();
-                c.insert("distinct".into(), json!(size));
+                c.insert("distinct".into(), json!(r.set.len()));
                 c.insert("threshold".into(), json!(threshold));
                 c.insert("values".into(), json!(values));
                 c.insert("window_start".into(), json!(format_time_ms(end - window_ms)));
                 c.insert("window_end".into(), json!(format_time_ms(end)));
-                Some(Decision { context: c, reset: *on_fire == OnFire::Reset })
-            } else {
-                None
-            }
+                Decision { context: c, reset: *on_fire == OnFire::Reset }
+            })
         }
         Form::FirstSeen { field, ttl_ms } => {
             let value = required_scalar(field, event)?;
-            let (known, seen) = match cache.read(key, now)? {
-                Some(r) => (r.set.len(), r.set.contains(&value)),
-                None => (0, false),
-            };
-            let fire = known > 0 && !seen;
-            let listed: Vec<String> = if fire {
-                cache.get_string_set(key, now)?.into_iter().take(MAX_LISTED_VALUES).collect()
-            } else {
-                Vec::new()
-            };
-            cache.add_to_string_set(key, [value.clone()], now)?;
-            cache.set_key_expiration(key, Expiry::After(*ttl_ms), now)?;
-            fire.then(|| {
+            let r = cache.write(key, now)?;
+            let known = r.set.len();
+            let fire = known > 0 && !r.set.contains(&value);
+            let decision = fire.then(|| {
+                let listed: Vec<&String> = r.set.iter().take(MAX_LISTED_VALUES).collect();
                 let mut c = Map::new();
                 c.insert("new_value".into(), json!(value));
                 c.insert("known_count".into(), json!(known));
                 c.insert("known_values".into(), json!(listed));
                 Decision { context: c, reset: false }
-            })
+            });
+            r.set.insert(value);
+            // Every matching event keeps the set for another ttl.
+            r.expires_at_ms = Some(now.saturating_add(*ttl_ms));
+            decision
         }
         Form::Changed { fields, ttl_ms } => {
             let mut current = Map::new();
             for (name, path) in fields {
                 current.insert(name.clone(), required(path, event)?.clone());
             }
-            let previous = cache.get_dictionary(key, now)?;
-            let changed: Vec<&str> = fields
-                .iter()
-                .filter(|(name, _)| previous.get(name).is_some_and(|p| Some(p) != current.get(name)))
-                .map(|(name, _)| name.as_str())
-                .collect();
-            let fire = !previous.is_empty() && !changed.is_empty();
             let mut stored = current.clone();
             stored.insert("time".into(), json!(format_time_ms(now)));
-            cache.put_dictionary(key, stored, now)?;
-            cache.set_key_expiration(key, Expiry::After(*ttl_ms), now)?;
-            fire.then(|| {
-                let mut c = Map::new();
-                c.insert("changed".into(), json!(changed));
-                c.insert("previous".into(), Value::Object(previous));
-                c.insert("current".into(), Value::Object(current));
-                Decision { context: c, reset: false }
+            check_dict_size(key, &stored)?;
+            let r = cache.write(key, now)?;
+            let previous = r.dict.replace(stored).filter(|d| !d.is_empty());
+            r.expires_at_ms = Some(now.saturating_add(*ttl_ms));
+            previous.and_then(|previous| {
+                let changed: Vec<&str> = fields
+                    .iter()
+                    .filter(|(name, _)| previous.get(name).is_some_and(|p| Some(p) != current.get(name)))
+                    .map(|(name, _)| name.as_str())
+                    .collect();
+                (!changed.is_empty()).then(|| {
+                    let mut c = Map::new();
+                    c.insert("changed".into(), json!(changed));
+                    c.insert("previous".into(), Value::Object(previous));
+                    c.insert("current".into(), Value::Object(current));
+                    Decision { context: c, reset: false }
+                })
             })
         }
         Form::Travel { lat, lon, city, ttl_ms, min_km, max_kmh } => {
-            let lat_v =
-                number(required(lat, event)?).ok_or_else(|| Skip::Missing(format!("field {lat} is not a number")))?;
-            let lon_v =
-                number(required(lon, event)?).ok_or_else(|| Skip::Missing(format!("field {lon} is not a number")))?;
+            let lat_v = number(required(lat, event)?).ok_or_else(|| Skip::Missing(format!("field {lat} is not a number")))?;
+            let lon_v = number(required(lon, event)?).ok_or_else(|| Skip::Missing(format!("field {lon} is not a number")))?;
             let city_v = city.as_ref().and_then(|c| c.lookup(&event.value)).cloned().unwrap_or(Value::Null);
-            let current = json!({"city": city_v, "lat": lat_v, "lon": lon_v, "time": format_time_ms(now)});
-            let previous = cache.get_dictionary(key, now)?;
-            let prev_point = (|| {
+            let mut current = Map::new();
+            current.insert("city".into(), city_v);
+            current.insert("lat".into(), json!(lat_v));
+            current.insert("lon".into(), json!(lon_v));
+            current.insert("time".into(), json!(format_time_ms(now)));
+            check_dict_size(key, &current)?;
+            let r = cache.write(key, now)?;
+            let previous = r.dict.replace(current.clone()).unwrap_or_default();
+            r.expires_at_ms = Some(now.saturating_add(*ttl_ms));
+            // A previous value that is not a readable point (written by
+            // something else under a shared key) is treated as absent.
+            let point = (|| {
                 let plat = number(previous.get("lat")?)?;
                 let plon = number(previous.get("lon")?)?;
                 let ptime = parse_time_ms(previous.get("time")?)?;
                 Some((plat, plon, ptime))
             })();
-            let mut decision = None;
-            if let Some((plat, plon, ptime)) = prev_point {
+            point.and_then(|(plat, plon, ptime)| {
                 let km = haversine_km(plat, plon, lat_v, lon_v);
                 let hours = (now - ptime) as f64 / 3_600_000.0;
                 let kmh = if hours <= 0.0 { f64::INFINITY } else { km / hours };
-                if km > *min_km && kmh > *max_kmh {
+                (km > *min_km && kmh > *max_kmh).then(|| {
                     let mut c = Map::new();
                     c.insert("distance_km".into(), round1(km));
                     // JSON has no infinity: a zero or negative time difference reads as null.
                     c.insert("speed_kmh".into(), if kmh.is_finite() { round1(kmh) } else { Value::Null });
-                    c.insert("hours".into(), json!(((hours * 1000.0).round()) / 1000.0));
+                    c.insert("hours".into(), json!((hours * 1000.0).round() / 1000.0));
                     c.insert("previous".into(), Value::Object(previous));
-                    c.insert("current".into(), current.clone());
-                    decision = Some(Decision { context: c, reset: false });
-                }
-            }
-            if let Value::Object(stored) = current {
-                cache.put_dictionary(key, stored, now)?;
-            }
-            cache.set_key_expiration(key, Expiry::After(*ttl_ms), now)?;
-            decision
+                    c.insert("current".into(), Value::Object(current));
+                    Decision { context: c, reset: false }
+                })
+            })
         }
     };
     Ok(decision)

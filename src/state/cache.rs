@@ -86,16 +86,17 @@ impl StateCache {
 
     /// The record under `key` for writing: expired values are cleared first.
     pub fn write(&mut self, key: &str, now_ms: i64) -> Result<&mut Record> {
-        let entry = self.entry(key)?;
-        if !entry.dirty {
-            entry.dirty = true;
-            self.dirty += 1;
+        if !self.entries.contains_key(key) {
+            self.prefetch(&[key])?;
         }
-        // Re-borrow: `self.dirty` was touched above.
         let entry = self.entries.get_mut(key).ok_or_else(|| StateError::Backend {
             store: "cache",
             message: format!("key {key:?} vanished after loading"),
         })?;
+        if !entry.dirty {
+            entry.dirty = true;
+            self.dirty += 1;
+        }
         if !entry.record.is_live(now_ms) {
             entry.record = Record::default();
         }
@@ -181,10 +182,7 @@ impl StateCache {
     /// `put_dictionary`: replaces the object; over [`MAX_DICT_BYTES`]
     /// serialized it is refused and the stored one is left as it was.
     pub fn put_dictionary(&mut self, key: &str, dict: Map<String, Value>, now_ms: i64) -> Result<()> {
-        let bytes = serde_json::to_vec(&dict).map(|v| v.len()).unwrap_or(usize::MAX);
-        if bytes > MAX_DICT_BYTES {
-            return Err(StateError::DictionaryTooLarge { key: key.to_string(), bytes, limit: MAX_DICT_BYTES });
-        }
+        check_dict_size(key, &dict)?;
         self.write(key, now_ms)?.dict = Some(dict);
         Ok(())
     }
@@ -217,16 +215,17 @@ impl StateCache {
             let mutation = if entry.record.is_empty() && entry.record.expires_at_ms.is_none() {
                 Mutation::Delete
             } else {
-                Mutation::Put(entry.record.clone())
+                Mutation::Put(&entry.record)
             };
-            mutations.push((key.clone(), mutation));
+            mutations.push((key.as_str(), mutation));
         }
-        // A stable order keeps batches reproducible (and diffable in tests).
-        mutations.sort_by(|a, b| a.0.cmp(&b.0));
+        // A stable order keeps batches reproducible (and B-tree inserts local).
+        mutations.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let written = mutations.len();
         if written == 0 && checkpoint.is_none() {
             return Ok(0);
         }
+        let checkpoint = checkpoint.as_ref().map(|(source, cp)| (source.as_str(), cp));
         self.store.apply(WriteBatch { mutations, checkpoint })?;
         for entry in self.entries.values_mut() {
             entry.dirty = false;
@@ -237,6 +236,29 @@ impl StateCache {
         }
         Ok(written)
     }
+}
+
+/// Refuses a dictionary over [`MAX_DICT_BYTES`] serialized (counted, not built).
+pub fn check_dict_size(key: &str, dict: &Map<String, Value>) -> Result<()> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let bytes = match serde_json::to_writer(&mut count, dict) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
+    };
+    if bytes > MAX_DICT_BYTES {
+        return Err(StateError::DictionaryTooLarge { key: key.to_string(), bytes, limit: MAX_DICT_BYTES });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -65,25 +65,27 @@ impl Store for EmbeddedStore {
             .collect()
     }
 
-    fn apply(&mut self, batch: WriteBatch) -> Result<()> {
+    fn apply(&mut self, batch: WriteBatch<'_>) -> Result<()> {
         let txn = self.db.begin_write().map_err(backend)?;
         {
             let mut records = txn.open_table(RECORDS).map_err(backend)?;
-            for (key, mutation) in &batch.mutations {
+            let mut bytes = Vec::with_capacity(256);
+            for (key, mutation) in batch.mutations {
                 match mutation {
                     Mutation::Put(record) => {
-                        let bytes = serde_json::to_vec(record).map_err(backend)?;
-                        records.insert(key.as_str(), bytes.as_slice()).map_err(backend)?;
+                        bytes.clear();
+                        serde_json::to_writer(&mut bytes, record).map_err(backend)?;
+                        records.insert(key, bytes.as_slice()).map_err(backend)?;
                     }
                     Mutation::Delete => {
-                        records.remove(key.as_str()).map_err(backend)?;
+                        records.remove(key).map_err(backend)?;
                     }
                 }
             }
-            if let Some((source, cp)) = &batch.checkpoint {
+            if let Some((source, cp)) = batch.checkpoint {
                 let mut cps = txn.open_table(CHECKPOINTS).map_err(backend)?;
                 let bytes = serde_json::to_vec(cp).map_err(backend)?;
-                cps.insert(source.as_str(), bytes.as_slice()).map_err(backend)?;
+                cps.insert(source, bytes.as_slice()).map_err(backend)?;
             }
         }
         txn.commit().map_err(backend)
@@ -130,10 +132,9 @@ mod tests {
         let path = dir.path().join("sub/s.redb");
         {
             let mut store = EmbeddedStore::open(&path).unwrap();
-            let batch = WriteBatch {
-                mutations: vec![("k".into(), Mutation::Put(Record { count: 7, ..Record::default() }))],
-                checkpoint: Some(("src".into(), Checkpoint { offset: 9, ..Checkpoint::default() })),
-            };
+            let record = Record { count: 7, ..Record::default() };
+            let cp = Checkpoint { offset: 9, ..Checkpoint::default() };
+            let batch = WriteBatch { mutations: vec![("k", Mutation::Put(&record))], checkpoint: Some(("src", &cp)) };
             store.apply(batch).unwrap();
         }
         let store = EmbeddedStore::open(&path).unwrap();

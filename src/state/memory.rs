@@ -27,19 +27,19 @@ impl Store for MemoryStore {
         Ok(keys.iter().map(|k| self.records.get(*k).cloned()).collect())
     }
 
-    fn apply(&mut self, batch: WriteBatch) -> Result<()> {
+    fn apply(&mut self, batch: WriteBatch<'_>) -> Result<()> {
         for (key, mutation) in batch.mutations {
             match mutation {
                 Mutation::Put(record) => {
-                    self.records.insert(key, record);
+                    self.records.insert(key.to_string(), record.clone());
                 }
                 Mutation::Delete => {
-                    self.records.remove(&key);
+                    self.records.remove(key);
                 }
             }
         }
         if let Some((source, cp)) = batch.checkpoint {
-            self.checkpoints.insert(source, cp);
+            self.checkpoints.insert(source.to_string(), cp.clone());
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ mod cache;
 mod embedded;
 mod memory;
 
-pub use cache::{Expiry, StateCache};
+pub use cache::{check_dict_size, Expiry, StateCache};
 pub use embedded::EmbeddedStore;
 pub use memory::MemoryStore;
 
@@ -113,11 +113,11 @@ pub struct Checkpoint {
     pub outputs: BTreeMap<String, u64>,
 }
 
-/// A change to one key.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Mutation {
+/// A change to one key. Borrowed from the cache: a flush copies nothing.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Mutation<'a> {
     /// Store this record under the key, replacing what was there.
-    Put(Record),
+    Put(&'a Record),
     /// Remove the key.
     Delete,
 }
@@ -125,11 +125,11 @@ pub enum Mutation {
 /// Changes applied together: in a transactional store all of them and the
 /// checkpoint commit atomically, so a crash leaves either all or none.
 #[derive(Clone, Debug, Default)]
-pub struct WriteBatch {
+pub struct WriteBatch<'a> {
     /// Changed keys, each once.
-    pub mutations: Vec<(String, Mutation)>,
+    pub mutations: Vec<(&'a str, Mutation<'a>)>,
     /// The input position these changes bring the store to, by source id.
-    pub checkpoint: Option<(String, Checkpoint)>,
+    pub checkpoint: Option<(&'a str, &'a Checkpoint)>,
 }
 
 /// A place to keep records. Small and batch-shaped, so that a remote store
@@ -140,7 +140,7 @@ pub trait Store: Send {
     /// Reads many keys at once; `None` for a key that is not stored.
     fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Record>>>;
     /// Applies a batch, with its checkpoint, as one unit.
-    fn apply(&mut self, batch: WriteBatch) -> Result<()>;
+    fn apply(&mut self, batch: WriteBatch<'_>) -> Result<()>;
     /// The checkpoint last applied for a source.
     fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>>;
     /// Visits every stored key starting with `prefix`, in key order.
@@ -160,13 +160,11 @@ pub(crate) mod store_tests {
             expires_at_ms: Some(1_000),
         };
         let cp = Checkpoint { offset: 42, line: 2, watermark_ms: 5, outputs: BTreeMap::new() };
+        let empty = Record::default();
         store
             .apply(WriteBatch {
-                mutations: vec![
-                    ("r/a".into(), Mutation::Put(rec.clone())),
-                    ("r/b".into(), Mutation::Put(Record::default())),
-                ],
-                checkpoint: Some(("in".into(), cp.clone())),
+                mutations: vec![("r/a", Mutation::Put(&rec)), ("r/b", Mutation::Put(&empty))],
+                checkpoint: Some(("in", &cp)),
             })
             .unwrap();
         assert_eq!(store.get_many(&["r/a", "zz"]).unwrap(), vec![Some(rec.clone()), None]);
@@ -175,7 +173,7 @@ pub(crate) mod store_tests {
         let mut seen = Vec::new();
         store.scan("r/", &mut |k, _| seen.push(k.to_string())).unwrap();
         assert_eq!(seen, vec!["r/a", "r/b"]);
-        store.apply(WriteBatch { mutations: vec![("r/a".into(), Mutation::Delete)], checkpoint: None }).unwrap();
+        store.apply(WriteBatch { mutations: vec![("r/a", Mutation::Delete)], checkpoint: None }).unwrap();
         assert_eq!(store.get_many(&["r/a"]).unwrap(), vec![None]);
     }
 }
