@@ -40,7 +40,7 @@ fn riskd_run(root: &Path, input: &Path, work: &Path) -> u64 {
     std::fs::create_dir_all(work).expect("work dir");
     let config = work.join("riskd.toml");
     let text = format!(
-        "[source]\npath = {:?}\n[sink]\npath = \"alerts.jsonl\"\n[store]\nkind = \"embedded\"\npath = \"state.redb\"\nflush_every_events = 10000\n[rules]\npaths = [{:?}]\n",
+        "[source]\npath = {:?}\n[sink]\npath = \"alerts.jsonl\"\n[store]\nkind = \"embedded\"\npath = \"state.redb\"\nflush_every_events = 100000\nflush_interval = \"2s\"\n[rules]\npaths = [{:?}]\n",
         input.display().to_string(),
         root.join("config/rules").display().to_string()
     );
@@ -82,7 +82,10 @@ fn main() {
     }
     let alerts = std::fs::read_to_string(dir.path().join("run/alerts.jsonl")).map(|s| s.lines().count()).unwrap_or(0);
     let (p, r) = (median(parse_rates), median(riskd_rates));
-    println!("median: parse-only {p:.0} events/s, riskd {r:.0} events/s = {:.0}% of parse-only ({alerts} alerts)", 100.0 * r / p);
+    println!(
+        "median: parse-only {p:.0} events/s, riskd {r:.0} events/s = {:.0}% of parse-only ({alerts} alerts)",
+        100.0 * r / p
+    );
 
     // Conditions: native matcher vs CEL alone, on the same events.
     let cfg = Config::load(&root.join("config/riskd.toml")).expect("shipped config");

@@ -185,6 +185,7 @@ pub fn run_blocking(cfg: Config, opts: &RunOptions, stop: &AtomicBool) -> Result
     let mut buf = Vec::new();
     let mut alerts = Vec::new();
     let mut since_flush = 0u64;
+    let mut last_flush = std::time::Instant::now();
     let flush = |engine: &mut Engine, outputs: &mut Outputs, position: &mut Checkpoint| -> Result<(), RunError> {
         position.outputs = outputs.sync()?;
         let cp = source_id.as_ref().map(|id| (id.clone(), position.clone()));
@@ -199,9 +200,13 @@ pub fn run_blocking(cfg: Config, opts: &RunOptions, stop: &AtomicBool) -> Result
         position.offset = info.end_offset;
         position.line = info.line;
         since_flush += 1;
-        if since_flush >= cfg.flush_every_events {
+        // The clock is read every 1024 lines only: cheap, and often enough.
+        if since_flush >= cfg.flush_every_events
+            || (since_flush % 1024 == 0 && last_flush.elapsed() >= cfg.flush_interval)
+        {
             flush(&mut engine, &mut outputs, &mut position)?;
             since_flush = 0;
+            last_flush = std::time::Instant::now();
         }
         let set_aside = |reason, detail: String, buf: &[u8]| DeadLetter {
             source: &source_name,

@@ -120,9 +120,12 @@ pub struct StoreFile {
     /// Database file of the embedded store.
     #[serde(default = "default_db")]
     pub path: String,
-    /// State and checkpoint are flushed after this many events (and at the end).
-    #[serde(default = "ten_thousand")]
+    /// State and checkpoint are flushed after this many events…
+    #[serde(default = "hundred_thousand")]
     pub flush_every_events: u64,
+    /// …or this long after the last flush, whichever comes first (and at the end).
+    #[serde(default = "two_seconds")]
+    pub flush_interval: String,
     /// Clean cache entries kept after a flush; beyond it the cache is emptied.
     #[serde(default = "million")]
     pub cache_max_entries: usize,
@@ -130,7 +133,13 @@ pub struct StoreFile {
 
 impl Default for StoreFile {
     fn default() -> Self {
-        Self { kind: embedded(), path: default_db(), flush_every_events: ten_thousand(), cache_max_entries: million() }
+        Self {
+            kind: embedded(),
+            path: default_db(),
+            flush_every_events: hundred_thousand(),
+            flush_interval: two_seconds(),
+            cache_max_entries: million(),
+        }
     }
 }
 
@@ -178,8 +187,11 @@ fn embedded() -> String {
 fn default_db() -> String {
     "riskd.redb".into()
 }
-fn ten_thousand() -> u64 {
-    10_000
+fn hundred_thousand() -> u64 {
+    100_000
+}
+fn two_seconds() -> String {
+    "2s".into()
 }
 fn million() -> usize {
     1_000_000
@@ -237,6 +249,8 @@ pub struct Config {
     pub store: StoreKind,
     /// Events between flushes.
     pub flush_every_events: u64,
+    /// Wall-clock time between flushes.
+    pub flush_interval: std::time::Duration,
     /// Cache bound.
     pub cache_max_entries: usize,
     /// Event time.
@@ -276,6 +290,19 @@ impl Config {
         if file.store.flush_every_events == 0 {
             err("flush_every_events", "store.flush_every_events must be at least 1".into());
         }
+        let flush_interval = match humantime::parse_duration(&file.store.flush_interval) {
+            Ok(d) if !d.is_zero() => d,
+            _ => {
+                err(
+                    "flush_interval",
+                    format!(
+                        "store.flush_interval {:?} is not a duration above zero, e.g. 2s",
+                        file.store.flush_interval
+                    ),
+                );
+                std::time::Duration::from_secs(2)
+            }
+        };
         if file.source.max_line_bytes == 0 {
             err("max_line_bytes", "source.max_line_bytes must be at least 1".into());
         }
@@ -310,6 +337,7 @@ impl Config {
             alerts: Stream::parse(&file.sink.path, &base),
             store,
             flush_every_events: file.store.flush_every_events,
+            flush_interval,
             cache_max_entries: file.store.cache_max_entries,
             event_time: EventTime::new(time_fields),
             rules,

@@ -320,8 +320,10 @@ fn apply_form(cache: &mut StateCache, rule: &Rule, key: &str, event: &Event) -> 
             })
         }
         Form::Travel { lat, lon, city, ttl_ms, min_km, max_kmh } => {
-            let lat_v = number(required(lat, event)?).ok_or_else(|| Skip::Missing(format!("field {lat} is not a number")))?;
-            let lon_v = number(required(lon, event)?).ok_or_else(|| Skip::Missing(format!("field {lon} is not a number")))?;
+            let lat_v =
+                number(required(lat, event)?).ok_or_else(|| Skip::Missing(format!("field {lat} is not a number")))?;
+            let lon_v =
+                number(required(lon, event)?).ok_or_else(|| Skip::Missing(format!("field {lon} is not a number")))?;
             let city_v = city.as_ref().and_then(|c| c.lookup(&event.value)).cloned().unwrap_or(Value::Null);
             let mut current = Map::new();
             current.insert("city".into(), city_v);

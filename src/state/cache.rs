@@ -13,7 +13,10 @@
 
 use super::{Checkpoint, Mutation, Record, Result, StateError, Store, WriteBatch, MAX_DICT_BYTES};
 use serde_json::{Map, Value};
-use std::collections::{BTreeSet, HashMap};
+// hashbrown for `entry_ref` (look up by &str, allocate the key only on
+// insert) and its fast default hasher: this map is on every event's path.
+use hashbrown::HashMap;
+use std::collections::BTreeSet;
 
 /// When a key expires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,7 +37,6 @@ struct Entry {
 pub struct StateCache {
     store: Box<dyn Store>,
     entries: HashMap<String, Entry>,
-    dirty: usize,
     max_clean_entries: usize,
 }
 
@@ -42,7 +44,7 @@ impl StateCache {
     /// A cache over `store` that keeps at most `max_clean_entries` clean
     /// entries after a flush (dirty ones are always kept until flushed).
     pub fn new(store: Box<dyn Store>, max_clean_entries: usize) -> Self {
-        Self { store, entries: HashMap::new(), dirty: 0, max_clean_entries }
+        Self { store, entries: HashMap::new(), max_clean_entries }
     }
 
     /// The store behind the cache.
@@ -52,7 +54,7 @@ impl StateCache {
 
     /// Number of keys changed since the last flush.
     pub fn dirty_keys(&self) -> usize {
-        self.dirty
+        self.entries.values().filter(|e| e.dirty).count()
     }
 
     /// Loads the keys not yet cached in one store read.
@@ -69,13 +71,13 @@ impl StateCache {
     }
 
     fn entry(&mut self, key: &str) -> Result<&mut Entry> {
-        if !self.entries.contains_key(key) {
-            self.prefetch(&[key])?;
+        match self.entries.entry_ref(key) {
+            hashbrown::hash_map::EntryRef::Occupied(e) => Ok(e.into_mut()),
+            hashbrown::hash_map::EntryRef::Vacant(e) => {
+                let record = self.store.get_many(&[key])?.pop().flatten().unwrap_or_default();
+                Ok(e.insert(Entry { record, dirty: false }))
+            }
         }
-        self.entries.get_mut(key).ok_or_else(|| StateError::Backend {
-            store: "cache",
-            message: format!("key {key:?} vanished after loading"),
-        })
     }
 
     /// The live record under `key` at `now_ms`, or `None`.
@@ -86,17 +88,8 @@ impl StateCache {
 
     /// The record under `key` for writing: expired values are cleared first.
     pub fn write(&mut self, key: &str, now_ms: i64) -> Result<&mut Record> {
-        if !self.entries.contains_key(key) {
-            self.prefetch(&[key])?;
-        }
-        let entry = self.entries.get_mut(key).ok_or_else(|| StateError::Backend {
-            store: "cache",
-            message: format!("key {key:?} vanished after loading"),
-        })?;
-        if !entry.dirty {
-            entry.dirty = true;
-            self.dirty += 1;
-        }
+        let entry = self.entry(key)?;
+        entry.dirty = true;
         if !entry.record.is_live(now_ms) {
             entry.record = Record::default();
         }
@@ -210,7 +203,7 @@ impl StateCache {
     /// then trims clean entries down to the configured bound. Returns the
     /// number of keys written.
     pub fn flush(&mut self, checkpoint: Option<(String, Checkpoint)>) -> Result<usize> {
-        let mut mutations = Vec::with_capacity(self.dirty);
+        let mut mutations = Vec::new();
         for (key, entry) in self.entries.iter().filter(|(_, e)| e.dirty) {
             let mutation = if entry.record.is_empty() && entry.record.expires_at_ms.is_none() {
                 Mutation::Delete
@@ -230,7 +223,6 @@ impl StateCache {
         for entry in self.entries.values_mut() {
             entry.dirty = false;
         }
-        self.dirty = 0;
         if self.entries.len() > self.max_clean_entries {
             self.entries.clear();
         }
