@@ -10,6 +10,7 @@
 //! - [`event`]: an event, field paths, event time.
 //! - [`rules`]: rule model, conditions (CEL with a native fast path),
 //!   evaluation and alerts.
+//! - [`scoring`]: entity risk: decaying scores, risk alerts, explanations.
 //! - [`state`]: the state primitives, the write-back cache and the store
 //!   trait with its in-memory and embedded (redb) implementations.
 //! - [`source`]: JSON-lines input with positions for checkpoints.
@@ -25,6 +26,7 @@ pub mod event;
 pub mod generate;
 pub mod pipeline;
 pub mod rules;
+pub mod scoring;
 pub mod sink;
 pub mod source;
 pub mod state;

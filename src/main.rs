@@ -37,6 +37,19 @@ enum Command {
         #[arg(long, default_value = "config/riskd.toml")]
         config: PathBuf,
     },
+    /// Explain an entity: its risk score, contributions and every rule's state.
+    Entity {
+        /// Entity type (user, ip, role, principal, …).
+        entity_type: String,
+        /// Entity id.
+        id: String,
+        /// Service config (names the store and the rules).
+        #[arg(long, default_value = "config/riskd.toml")]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Look at the state store.
     State {
         /// Service config (names the store).
@@ -106,6 +119,18 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Check { config } => {
             let cfg = load(&config)?;
             println!("{}: ok, {} rules", config.display(), cfg.rules.len());
+        }
+        Command::Entity { entity_type, id, config, json } => {
+            let cfg = load(&config)?;
+            let store = riskd::pipeline::open_store(&cfg.store).context("opening the store")?;
+            let entity = riskd::rules::EntityRef { type_: entity_type, id };
+            let x = riskd::scoring::explain_entity(&cfg.rules, &cfg.scoring, store.as_ref(), &entity)
+                .context("reading the entity's state")?;
+            if json {
+                println!("{x:#}");
+            } else {
+                print!("{}", riskd::scoring::render_explanation(&x));
+            }
         }
         Command::State { config, action: StateAction::Export } => {
             let cfg = load(&config)?;

@@ -14,7 +14,7 @@ use crate::event::now_ms;
 use crate::rules::{Engine, Problem};
 use crate::sink::{DeadLetter, JsonLinesSink};
 use crate::source::JsonLines;
-use crate::state::{Checkpoint, EmbeddedStore, MemoryStore, StateCache, StateError, Store};
+use crate::state::{Checkpoint, EmbeddedStore, MemoryStore, StateCache, StateError, Store, WATERMARK_KEY};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -48,6 +48,8 @@ pub struct Summary {
     pub alerts: u64,
     /// Alerts suppressed by dedup.
     pub suppressed: u64,
+    /// Of the alerts, `entity_risk` alerts.
+    pub risk_alerts: u64,
     /// The line the run resumed after (0: from the start).
     pub resumed_after_line: u64,
 }
@@ -56,14 +58,15 @@ impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "riskd: events read {}, skipped {} (invalid {}, too large {}), incomplete {}, alerts {}, suppressed {}",
+            "riskd: events read {}, skipped {} (invalid {}, too large {}), incomplete {}, alerts {}, suppressed {}, risk alerts {}",
             self.read,
             self.invalid + self.too_large,
             self.invalid,
             self.too_large,
             self.incomplete,
             self.alerts,
-            self.suppressed
+            self.suppressed,
+            self.risk_alerts
         )?;
         if self.resumed_after_line > 0 {
             write!(f, " (resumed after line {})", self.resumed_after_line)?;
@@ -180,7 +183,8 @@ pub fn run_blocking(cfg: Config, opts: &RunOptions, stop: &AtomicBool) -> Result
     if cp.line > 0 {
         tracing::info!(source = %source_name, line = cp.line, "resuming after the last checkpoint");
     }
-    let mut engine = Engine::new(Arc::new(cfg.rules), StateCache::new(store, cfg.cache_max_entries));
+    let mut engine =
+        Engine::new(Arc::new(cfg.rules), Arc::new(cfg.scoring), StateCache::new(store, cfg.cache_max_entries));
     let mut position = cp.clone();
     let mut buf = Vec::new();
     let mut alerts = Vec::new();
@@ -188,6 +192,9 @@ pub fn run_blocking(cfg: Config, opts: &RunOptions, stop: &AtomicBool) -> Result
     let mut last_flush = std::time::Instant::now();
     let flush = |engine: &mut Engine, outputs: &mut Outputs, position: &mut Checkpoint| -> Result<(), RunError> {
         position.outputs = outputs.sync()?;
+        // The latest event time seen: "now" for `riskd entity` and state browsing.
+        let clock = engine.cache().write(WATERMARK_KEY, position.watermark_ms)?;
+        clock.count = clock.count.max(position.watermark_ms);
         let cp = source_id.as_ref().map(|id| (id.clone(), position.clone()));
         let keys = engine.cache().flush(cp)?;
         tracing::debug!(keys, line = position.line, "flushed state");
@@ -249,6 +256,7 @@ pub fn run_blocking(cfg: Config, opts: &RunOptions, stop: &AtomicBool) -> Result
             tracing::info!(rule = %alert.rule_id, entity_type = %alert.entity.type_, alert_id = %alert.alert_id, "alert");
             outputs.alerts.write(&alert).map_err(io_err("alerts", "output"))?;
             summary.alerts += 1;
+            summary.risk_alerts += u64::from(alert.rule_id == crate::scoring::RISK_RULE_ID);
         }
         if !outcome.problems.is_empty() {
             summary.incomplete += 1;

@@ -23,7 +23,7 @@ fn rerun_on_the_same_state_applies_nothing_twice() {
     let state_before = export_state(&config);
     let stderr = run_ok(&config);
     assert!(stderr.contains("events read 0,"), "{stderr}");
-    assert!(stderr.contains("resumed after line 206"), "{stderr}");
+    assert!(stderr.contains("resumed after line 210"), "{stderr}");
     assert_eq!(std::fs::read(dir.path().join("alerts.jsonl")).unwrap(), alerts_before);
     assert_eq!(export_state(&config), state_before);
 }

@@ -48,9 +48,9 @@ fn summary_counts_every_event_alert_and_suppression() {
     let line = run().stderr.lines().last().unwrap_or_default();
     assert_eq!(
         line,
-        "riskd: events read 206, skipped 0 (invalid 0, too large 0), incomplete 0, alerts 7, suppressed 1"
+        "riskd: events read 210, skipped 0 (invalid 0, too large 0), incomplete 0, alerts 14, suppressed 1, risk alerts 1"
     );
-    assert_eq!(run().alerts.len(), 7);
+    assert_eq!(run().alerts.len(), 14);
 }
 
 #[test]
@@ -71,6 +71,9 @@ fn alerts_have_the_documented_shape() {
             assert!(a.get(field).is_some(), "alert lacks {field}: {a}");
         }
         assert_eq!(a["dedup_key"], a["entity"]["id"], "default dedup key is the entity id");
+        if a["rule_id"] == "entity_risk" {
+            assert_eq!(a["risk"], 0, "risk alerts add no risk");
+        }
         assert_eq!(a["alert_id"].as_str().map(str::len), Some(36), "a UUID");
     }
 }
@@ -118,7 +121,10 @@ fn okta_ip_change_fires_when_previous_login_ip_differs() {
         ids(&got),
         vec![
             t("user mallory@example.com 2024-03-01T05:00:00.000Z"),
-            t("user grace@example.com 2024-03-01T14:00:00.000Z")
+            t("user trudy@example.com 2024-03-01T07:00:00.000Z"),
+            t("user trudy@example.com 2024-03-01T08:30:00.000Z"),
+            t("user trudy@example.com 2024-03-01T10:00:00.000Z"),
+            t("user grace@example.com 2024-03-01T14:00:00.000Z"),
         ]
     );
     assert_eq!((got[0]["severity"].as_str(), got[0]["risk"].as_u64()), (Some("LOW"), Some(10)));
@@ -134,7 +140,10 @@ fn okta_impossible_travel_fires_on_speed_and_on_zero_time_difference() {
         ids(&got),
         vec![
             t("user heidi@example.com 2024-03-01T04:00:00.000Z"),
-            t("user mallory@example.com 2024-03-01T05:00:00.000Z")
+            t("user mallory@example.com 2024-03-01T05:00:00.000Z"),
+            t("user trudy@example.com 2024-03-01T07:00:00.000Z"),
+            t("user trudy@example.com 2024-03-01T08:30:00.000Z"),
+            t("user trudy@example.com 2024-03-01T10:00:00.000Z")
         ]
     );
     let heidi = got[0];
@@ -170,4 +179,29 @@ fn stdin_to_stdout() {
     let ids: Vec<&Value> = lines.iter().map(|a| &a["alert_id"]).collect();
     let expected: Vec<&Value> = run().alerts.iter().map(|a| &a["alert_id"]).collect();
     assert_eq!(ids, expected);
+}
+
+#[test]
+fn one_planted_attacker_raises_exactly_one_entity_risk_alert() {
+    let got = of_rule("entity_risk");
+    // trudy: three continent hops, 10 + 40 points each, 24 h half-life; mallory
+    // (50 points) and everyone else stay under 100.
+    assert_eq!(ids(&got), vec![t("user trudy@example.com 2024-03-01T10:00:00.000Z")]);
+    let a = got[0];
+    assert_eq!(a["severity"], "MEDIUM");
+    let score = a["context"]["score"].as_f64().unwrap();
+    assert!((score - 103.73).abs() < 0.01, "{score}");
+    let rows = a["context"]["contributions"].as_array().unwrap();
+    let rules: Vec<&str> = rows.iter().map(|r| r["rule_id"].as_str().unwrap()).collect();
+    assert_eq!(
+        rules,
+        ["okta_impossible_travel", "okta_impossible_travel", "okta_ip_change", "okta_ip_change", "okta_ip_change"]
+    );
+    let sum: f64 = rows.iter().map(|r| r["decayed_points"].as_f64().unwrap()).sum();
+    assert!((sum - score).abs() < 0.01, "contributions sum to the score: {sum} vs {score}");
+    // The contributions are the rule alerts that came before, by id.
+    let earlier: Vec<&Value> = run().alerts.iter().filter(|x| x["entity"]["id"] == "trudy@example.com").collect();
+    for r in rows {
+        assert!(earlier.iter().any(|x| x["alert_id"] == r["alert_id"]), "{r}");
+    }
 }

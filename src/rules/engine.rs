@@ -3,6 +3,7 @@
 
 use super::{Form, OnFire, Rule, Severity};
 use crate::event::{format_time_ms, parse_time_ms, scalar_string, Event, FieldPath};
+use crate::scoring::{self, Scored, ScoringConfig};
 use crate::state::{check_dict_size, Expiry, StateCache, StateError};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -67,6 +68,8 @@ pub struct Outcome {
     pub matched: u32,
     /// Alerts suppressed by dedup.
     pub suppressed: u32,
+    /// Alerts whose risk was not added because of their rule's `risk_cap`.
+    pub capped: u32,
     /// Rules that had to skip the event.
     pub problems: Vec<Problem>,
 }
@@ -74,6 +77,7 @@ pub struct Outcome {
 /// The rule engine of one lane: its rules and its state.
 pub struct Engine {
     rules: Arc<Vec<Rule>>,
+    scoring: Arc<ScoringConfig>,
     cache: StateCache,
     /// Scratch buffer for state keys: no allocation per evaluation.
     key: String,
@@ -98,8 +102,8 @@ impl From<StateError> for Skip {
 
 impl Engine {
     /// An engine over compiled rules (evaluated in the given order).
-    pub fn new(rules: Arc<Vec<Rule>>, cache: StateCache) -> Self {
-        Self { rules, cache, key: String::new() }
+    pub fn new(rules: Arc<Vec<Rule>>, scoring: Arc<ScoringConfig>, cache: StateCache) -> Self {
+        Self { rules, scoring, cache, key: String::new() }
     }
 
     /// The state cache.
@@ -177,7 +181,7 @@ impl Engine {
             for (name, path) in &rule.context {
                 context.insert(name.clone(), path.lookup(&event.value).cloned().unwrap_or(Value::Null));
             }
-            alerts.push(Alert {
+            let alert = Alert {
                 alert_id: alert_id(rule, &entity_id, event),
                 rule_id: rule.id.clone(),
                 title: rule.title.clone(),
@@ -188,7 +192,14 @@ impl Engine {
                 dedup_key,
                 context: Value::Object(context),
                 event: event.value.clone(),
-            });
+            };
+            let (scored, risk_alert) =
+                scoring::contribute(&self.scoring, &mut self.cache, rule, &alert, &event.value, event.time_ms)?;
+            if scored == Scored::Capped {
+                out.capped += 1;
+            }
+            alerts.push(alert);
+            alerts.extend(risk_alert);
         }
         Ok(out)
     }

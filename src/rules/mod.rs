@@ -6,7 +6,7 @@ pub mod engine;
 pub mod spec;
 
 pub use condition::Condition;
-pub use engine::{Alert, Engine, Outcome, Problem};
+pub use engine::{Alert, Engine, EntityRef, Outcome, Problem};
 use spec::{ChangedSpec, CountSpec, DistinctSpec, FirstSeenSpec, TravelSpec};
 pub use spec::{OnFire, RuleSpec, StateSpec};
 
@@ -126,6 +126,8 @@ pub struct Rule {
     pub enabled: bool,
     /// Risk points per alert.
     pub risk: u32,
+    /// Contributions per entity per half-life.
+    pub risk_cap: Option<u32>,
     /// Entity type.
     pub entity_type: String,
     /// Where the entity id is.
@@ -227,6 +229,9 @@ pub fn compile(spec: RuleSpec) -> Result<Rule, Vec<FieldError>> {
         None => Form::Stateless,
         Some(state) => compile_state(state, &mut errors),
     };
+    if spec.risk_cap == Some(0) {
+        errors.push(FieldError { field: "risk_cap", message: "risk_cap must be at least 1 (or absent)".into() });
+    }
     if let Some(shared) = &spec.shared_key {
         if shared.is_empty() || shared.contains('/') {
             errors.push(FieldError {
@@ -251,6 +256,7 @@ pub fn compile(spec: RuleSpec) -> Result<Rule, Vec<FieldError>> {
             severity,
             enabled: spec.enabled,
             risk: spec.risk,
+            risk_cap: spec.risk_cap,
             entity_type: spec.entity.type_,
             entity_key,
             matcher,

@@ -24,6 +24,10 @@ pub struct RuleSpec {
     /// Risk points an alert of this rule adds to its entity.
     #[serde(default)]
     pub risk: u32,
+    /// At most this many of the rule's alerts add risk to one entity per
+    /// half-life of its entity type; no limit when absent.
+    #[serde(default)]
+    pub risk_cap: Option<u32>,
     /// Whose state the rule keeps and whom its alerts are about.
     pub entity: EntitySpec,
     /// Condition (CEL) an event must meet to be looked at at all.

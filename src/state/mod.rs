@@ -22,6 +22,9 @@ pub use memory::MemoryStore;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// Key whose counter holds the latest event time (ms) the state has seen.
+pub const WATERMARK_KEY: &str = "riskd/watermark";
+
 /// Largest serialized dictionary, as DynamoDB's item limit (400 KB).
 pub const MAX_DICT_BYTES: usize = 400 * 1024;
 

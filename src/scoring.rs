@@ -1,0 +1,543 @@
+//! Entity risk: every emitted rule alert adds its rule's risk points to its
+//! entity; the score decays with a half-life; an entity whose score crosses
+//! its threshold raises one `entity_risk` alert, and re-arms once a later
+//! contribution finds the score back under `rearm_below`.
+//!
+//! The score at event time `t` is `Σ points × 0.5^((t − time) / half_life)`
+//! over the contributions with `time ≤ t`. Contributions live in the state
+//! store like any other value — a dictionary under `riskd/risk/<type>/<id>`
+//! — so they survive restarts, are covered by the checkpoint, and work on
+//! every store. Risk alerts never add risk.
+
+use crate::event::format_time_ms;
+use crate::rules::{Alert, EntityRef, Rule, Severity};
+use crate::state::{check_dict_size, StateCache, StateError};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+
+/// Rule id of risk alerts.
+pub const RISK_RULE_ID: &str = "entity_risk";
+
+/// Namespace of risk alert ids.
+const RISK_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x1f3e_77a0_2b9c_4d61_8e05_94c2_d3a8_6b10);
+
+/// How one entity type is scored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TypePolicy {
+    /// Score that raises a risk alert.
+    pub threshold: f64,
+    /// A disarmed entity re-arms when a contribution finds its score below this.
+    pub rearm_below: f64,
+    /// Half-life of a contribution, ms.
+    pub half_life_ms: i64,
+    /// (lowest score, severity), ascending: a risk alert takes the last band
+    /// whose lowest score it reaches.
+    pub bands: Vec<(f64, Severity)>,
+}
+
+impl TypePolicy {
+    /// Threshold 100, re-arm below 50, half-life 24 h, bands relative to the threshold.
+    pub fn with_threshold(threshold: f64) -> Self {
+        Self { threshold, rearm_below: threshold / 2.0, half_life_ms: 24 * 3_600_000, bands: default_bands(threshold) }
+    }
+
+    fn severity(&self, score: f64) -> Severity {
+        self.bands.iter().rev().find(|(min, _)| score >= *min).map_or(Severity::Medium, |(_, s)| *s)
+    }
+
+    /// A contribution's value `age_ms` after it was made.
+    pub fn decayed(&self, points: f64, age_ms: i64) -> f64 {
+        points * 0.5f64.powf(age_ms as f64 / self.half_life_ms as f64)
+    }
+}
+
+/// MEDIUM at the threshold, HIGH at 1.5×, CRITICAL at 3×.
+pub fn default_bands(threshold: f64) -> Vec<(f64, Severity)> {
+    vec![(threshold, Severity::Medium), (threshold * 1.5, Severity::High), (threshold * 3.0, Severity::Critical)]
+}
+
+/// Multiplies the points of matching entities (×2 for privileged accounts,
+/// ×0 for a known scanner).
+#[derive(Clone, Debug)]
+pub struct Modifier {
+    /// Entity type it applies to; every type when `None`.
+    pub entity_type: Option<String>,
+    /// Entity ids (glob patterns: `*`, `?`, `[...]`).
+    pub ids: globset::GlobSet,
+    /// The factor.
+    pub multiply: f64,
+}
+
+/// Scoring settings, validated.
+#[derive(Clone, Debug)]
+pub struct ScoringConfig {
+    /// Contributions whose decayed value falls below this are dropped.
+    pub floor: f64,
+    /// Policy of types not listed in `types`.
+    pub default: TypePolicy,
+    /// Per entity type.
+    pub types: HashMap<String, TypePolicy>,
+    /// Applied in order; all that match multiply.
+    pub modifiers: Vec<Modifier>,
+}
+
+impl Default for ScoringConfig {
+    fn default() -> Self {
+        Self { floor: 0.5, default: TypePolicy::with_threshold(100.0), types: HashMap::new(), modifiers: Vec::new() }
+    }
+}
+
+impl ScoringConfig {
+    /// The policy of an entity type.
+    pub fn policy(&self, entity_type: &str) -> &TypePolicy {
+        self.types.get(entity_type).unwrap_or(&self.default)
+    }
+
+    fn multiplier(&self, entity: &EntityRef) -> f64 {
+        self.modifiers
+            .iter()
+            .filter(|m| m.entity_type.as_deref().is_none_or(|t| t == entity.type_))
+            .filter(|m| m.ids.is_match(&entity.id))
+            .map(|m| m.multiply)
+            .product()
+    }
+}
+
+/// One rule alert's share of an entity's risk, as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Contribution {
+    /// Rule that fired.
+    pub rule_id: String,
+    /// Points added (after modifiers).
+    pub points: f64,
+    /// Event time of the alert (ms).
+    pub event_time: i64,
+    /// The rule alert.
+    pub alert_id: String,
+}
+
+/// An entity's risk state, kept as the dictionary of its risk key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RiskState {
+    /// Whether crossing the threshold raises an alert.
+    pub armed: bool,
+    /// Contributions not yet decayed below the floor.
+    pub contributions: Vec<Contribution>,
+}
+
+impl Default for RiskState {
+    fn default() -> Self {
+        Self { armed: true, contributions: Vec::new() }
+    }
+}
+
+impl RiskState {
+    /// Score at event time `now`.
+    pub fn score(&self, policy: &TypePolicy, now: i64) -> f64 {
+        // `+ 0.0`: an empty f64 sum is -0.0.
+        self.contributions
+            .iter()
+            .filter(|c| c.event_time <= now)
+            .map(|c| policy.decayed(c.points, now - c.event_time))
+            .sum::<f64>()
+            + 0.0
+    }
+
+    fn from_dict(dict: Option<&Map<String, Value>>) -> Self {
+        dict.and_then(|d| serde_json::from_value(Value::Object(d.clone())).ok()).unwrap_or_default()
+    }
+
+    fn to_dict(&self) -> Map<String, Value> {
+        match serde_json::to_value(self) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        }
+    }
+}
+
+/// The state key of an entity's risk.
+pub fn risk_key(entity: &EntityRef) -> String {
+    format!("riskd/risk/{}/{}", entity.type_, entity.id)
+}
+
+/// What a contribution did.
+#[derive(Debug, PartialEq)]
+pub enum Scored {
+    /// Added; the score is now this.
+    Added(f64),
+    /// The rule already contributed `risk_cap` times within one half-life.
+    Capped,
+    /// Zero points (no risk, or a ×0 modifier).
+    Nothing,
+}
+
+/// Adds `alert`'s risk to its entity; returns what happened, and a risk
+/// alert when the score crosses the threshold while armed.
+pub fn contribute(
+    cfg: &ScoringConfig,
+    cache: &mut StateCache,
+    rule: &Rule,
+    alert: &Alert,
+    event: &Value,
+    now: i64,
+) -> Result<(Scored, Option<Alert>), StateError> {
+    let points = f64::from(rule.risk) * cfg.multiplier(&alert.entity);
+    if points <= 0.0 {
+        return Ok((Scored::Nothing, None));
+    }
+    let policy = cfg.policy(&alert.entity.type_);
+    let key = risk_key(&alert.entity);
+    let mut state = RiskState::from_dict(cache.read(&key, now)?.and_then(|r| r.dict.as_ref()));
+    if let Some(cap) = rule.risk_cap {
+        let recent = state
+            .contributions
+            .iter()
+            .filter(|c| c.rule_id == rule.id && c.event_time <= now && now - c.event_time < policy.half_life_ms)
+            .count();
+        if recent >= cap as usize {
+            return Ok((Scored::Capped, None));
+        }
+    }
+    // Contributions that have decayed to nothing are dropped, so state stays bounded.
+    state.contributions.retain(|c| c.event_time > now || policy.decayed(c.points, now - c.event_time) >= cfg.floor);
+    let before = state.score(policy, now);
+    if !state.armed && before < policy.rearm_below {
+        state.armed = true;
+    }
+    state.contributions.push(Contribution {
+        rule_id: rule.id.clone(),
+        points,
+        event_time: now,
+        alert_id: alert.alert_id.clone(),
+    });
+    let score = before + points;
+    let mut risk_alert = None;
+    if state.armed && score >= policy.threshold {
+        state.armed = false;
+        risk_alert = Some(risk_alert_for(policy, &state, alert, event, score, now));
+    }
+    let dict = state.to_dict();
+    check_dict_size(&key, &dict)?;
+    cache.write(&key, now)?.dict = Some(dict);
+    Ok((Scored::Added(score), risk_alert))
+}
+
+/// Contributions at `now`, largest decayed value first, as JSON.
+pub fn explain_contributions(policy: &TypePolicy, state: &RiskState, now: i64) -> Vec<Value> {
+    let mut rows: Vec<(f64, &Contribution)> = state
+        .contributions
+        .iter()
+        .filter(|c| c.event_time <= now)
+        .map(|c| (policy.decayed(c.points, now - c.event_time), c))
+        .collect();
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.alert_id.cmp(&b.1.alert_id)));
+    rows.into_iter()
+        .map(|(decayed, c)| {
+            json!({
+                "rule_id": c.rule_id,
+                "points": c.points,
+                "decayed_points": round3(decayed),
+                "event_time": format_time_ms(c.event_time),
+                "alert_id": c.alert_id,
+            })
+        })
+        .collect()
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn risk_alert_for(
+    policy: &TypePolicy,
+    state: &RiskState,
+    trigger: &Alert,
+    event: &Value,
+    score: f64,
+    now: i64,
+) -> Alert {
+    let name = format!("{}\0{}\0{}\0{}", trigger.entity.type_, trigger.entity.id, now, trigger.alert_id);
+    let context = json!({
+        "score": round3(score),
+        "threshold": policy.threshold,
+        "rearm_below": policy.rearm_below,
+        "half_life_hours": policy.half_life_ms as f64 / 3_600_000.0,
+        "triggered_by": trigger.alert_id,
+        "contributions": explain_contributions(policy, state, now),
+    });
+    Alert {
+        alert_id: uuid::Uuid::new_v5(&RISK_NAMESPACE, name.as_bytes()).to_string(),
+        rule_id: RISK_RULE_ID.to_string(),
+        title: format!("Risk of {} {} crossed {}", trigger.entity.type_, trigger.entity.id, policy.threshold),
+        severity: policy.severity(score),
+        entity: trigger.entity.clone(),
+        event_time: format_time_ms(now),
+        risk: 0,
+        dedup_key: trigger.entity.id.clone(),
+        context,
+        event: event.clone(),
+    }
+}
+
+/// An entity's risk state as stored (default when none).
+pub fn load(cache: &mut StateCache, entity: &EntityRef, now: i64) -> Result<RiskState, StateError> {
+    Ok(RiskState::from_dict(cache.read(&risk_key(entity), now)?.and_then(|r| r.dict.as_ref())))
+}
+
+/// Everything riskd knows about one entity: its score at the latest event
+/// time seen, its contributions with their decay, whether it is armed, and
+/// the raw state of every rule keyed by its type (live or expired).
+pub fn explain_entity(
+    rules: &[Rule],
+    cfg: &ScoringConfig,
+    store: &dyn crate::state::Store,
+    entity: &EntityRef,
+) -> Result<Value, StateError> {
+    let policy = cfg.policy(&entity.type_);
+    let risk = risk_key(entity);
+    let mut keys: Vec<(String, String)> = vec![("(risk)".to_string(), risk.clone())];
+    for rule in rules.iter().filter(|r| r.entity_type == entity.type_) {
+        keys.push((rule.id.clone(), format!("{}/{}/{}", rule.namespace, entity.type_, entity.id)));
+        keys.push((rule.id.clone(), format!("riskd/dedup/{}/{}", rule.id, entity.id)));
+    }
+    let mut lookup: Vec<&str> = keys.iter().map(|(_, k)| k.as_str()).collect();
+    lookup.push(crate::state::WATERMARK_KEY);
+    let mut records = store.get_many(&lookup)?;
+    let watermark = records.pop().flatten().map_or(0, |r| r.count);
+    let state = RiskState::from_dict(records[0].as_ref().and_then(|r| r.dict.as_ref()));
+    let latest = state.contributions.iter().map(|c| c.event_time).max().unwrap_or(0);
+    let now = watermark.max(latest);
+    let score = state.score(policy, now);
+    let rule_state: Vec<Value> = keys
+        .iter()
+        .zip(&records)
+        .skip(1)
+        .filter_map(|((rule, key), record)| {
+            let r = record.as_ref()?;
+            Some(json!({
+                "rule_id": rule,
+                "key": key,
+                "count": r.count,
+                "set": r.set,
+                "dict": r.dict,
+                "expires_at": r.expires_at_ms.map(format_time_ms),
+                "live": r.is_live(now),
+            }))
+        })
+        .collect();
+    Ok(json!({
+        "entity": entity,
+        "now": format_time_ms(now),
+        "score": round3(score),
+        "threshold": policy.threshold,
+        "rearm_below": policy.rearm_below,
+        "half_life_hours": policy.half_life_ms as f64 / 3_600_000.0,
+        "armed": state.armed,
+        "contributions": explain_contributions(policy, &state, now),
+        "rule_state": rule_state,
+    }))
+}
+
+/// The explanation of [`explain_entity`] for a terminal.
+pub fn render_explanation(x: &Value) -> String {
+    use std::fmt::Write as _;
+    let s = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "entity {} {}", s(&x["entity"]["type"]), s(&x["entity"]["id"]));
+    let _ = writeln!(
+        out,
+        "score  {} at {} (threshold {}, re-arms below {}, half-life {} h) — {}",
+        s(&x["score"]),
+        s(&x["now"]),
+        s(&x["threshold"]),
+        s(&x["rearm_below"]),
+        s(&x["half_life_hours"]),
+        if x["armed"] == true { "armed" } else { "disarmed (alerted; re-arms below rearm_below)" }
+    );
+    let empty = Vec::new();
+    let contributions = x["contributions"].as_array().unwrap_or(&empty);
+    let _ = writeln!(out, "contributions ({}), largest first:", contributions.len());
+    for c in contributions {
+        let _ = writeln!(
+            out,
+            "  {:<32} {:>7} pts at {} → {:>9} now  alert {}",
+            s(&c["rule_id"]),
+            s(&c["points"]),
+            s(&c["event_time"]),
+            s(&c["decayed_points"]),
+            s(&c["alert_id"])
+        );
+    }
+    let rule_state = x["rule_state"].as_array().unwrap_or(&empty);
+    let _ = writeln!(out, "rule state ({} keys):", rule_state.len());
+    for r in rule_state {
+        let mut values = Vec::new();
+        if r["count"] != 0 {
+            values.push(format!("count={}", s(&r["count"])));
+        }
+        if r["set"].as_array().is_some_and(|a| !a.is_empty()) {
+            values.push(format!("set={}", r["set"]));
+        }
+        if !r["dict"].is_null() {
+            values.push(format!("dict={}", r["dict"]));
+        }
+        let expiry = match (&r["expires_at"], r["live"] == true) {
+            (Value::Null, _) => "no expiry".to_string(),
+            (at, true) => format!("expires {}", s(at)),
+            (at, false) => format!("EXPIRED at {} (reads as empty)", s(at)),
+        };
+        let _ = writeln!(out, "  {}  [{}]  {}  {}", s(&r["key"]), s(&r["rule_id"]), values.join(" "), expiry);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{compile, RuleSpec};
+    use crate::state::MemoryStore;
+
+    const H: i64 = 3_600_000;
+
+    fn rule(id: &str, risk: u32, cap: Option<u32>) -> Rule {
+        let mut yaml =
+            format!("id: {id}\ntitle: t\nseverity: LOW\nrisk: {risk}\nentity: {{type: user, key: u}}\nmatch: 'true'\n");
+        if let Some(cap) = cap {
+            yaml.push_str(&format!("risk_cap: {cap}\n"));
+        }
+        let spec: RuleSpec = serde_yaml_ng::from_str(&yaml).unwrap();
+        compile(spec).unwrap()
+    }
+
+    fn alert(rule: &Rule, user: &str, n: u32) -> Alert {
+        Alert {
+            alert_id: format!("{}-{n}", rule.id),
+            rule_id: rule.id.clone(),
+            title: String::new(),
+            severity: Severity::Low,
+            entity: EntityRef { type_: "user".into(), id: user.into() },
+            event_time: String::new(),
+            risk: rule.risk,
+            dedup_key: user.into(),
+            context: Value::Null,
+            event: Value::Null,
+        }
+    }
+
+    struct Bench {
+        cfg: ScoringConfig,
+        cache: StateCache,
+        n: u32,
+        risk_alerts: Vec<Alert>,
+    }
+
+    impl Bench {
+        fn new(cfg: ScoringConfig) -> Self {
+            Self { cfg, cache: StateCache::new(Box::new(MemoryStore::new()), 1000), n: 0, risk_alerts: Vec::new() }
+        }
+        fn hit(&mut self, rule: &Rule, user: &str, t: i64) -> Scored {
+            self.n += 1;
+            let a = alert(rule, user, self.n);
+            let (scored, risk) = contribute(&self.cfg, &mut self.cache, rule, &a, &Value::Null, t).unwrap();
+            self.risk_alerts.extend(risk);
+            scored
+        }
+        fn score(&mut self, user: &str, t: i64) -> f64 {
+            let e = EntityRef { type_: "user".into(), id: user.into() };
+            let state = load(&mut self.cache, &e, t).unwrap();
+            state.score(self.cfg.policy("user"), t)
+        }
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn decays_by_half_at_each_half_life() {
+        let r = rule("r", 80, None);
+        let mut b = Bench::new(ScoringConfig::default());
+        assert_eq!(b.hit(&r, "u", 0), Scored::Added(80.0));
+        assert!(close(b.score("u", 24 * H), 40.0));
+        assert!(close(b.score("u", 48 * H), 20.0));
+        assert!(close(b.score("u", -1), 0.0), "a contribution counts from its own time on");
+    }
+
+    #[test]
+    fn crossing_alerts_once_then_rearms_below_half_and_alerts_again() {
+        let r = rule("r", 60, None);
+        let mut b = Bench::new(ScoringConfig::default());
+        b.hit(&r, "u", 0); // 60
+        assert!(b.risk_alerts.is_empty());
+        b.hit(&r, "u", H); // ~118.3: crosses
+        assert_eq!(b.risk_alerts.len(), 1);
+        let first = &b.risk_alerts[0];
+        assert_eq!((first.rule_id.as_str(), first.entity.id.as_str()), ("entity_risk", "u"));
+        assert_eq!(first.risk, 0);
+        b.hit(&r, "u", 2 * H); // still above: no second alert
+        assert_eq!(b.risk_alerts.len(), 1);
+        // ≈ 175 at 2 h.
+        b.hit(&r, "u", 2 * H + 30 * H); // score before ≈ 74: not below 50, stays disarmed
+        assert_eq!(b.risk_alerts.len(), 1);
+        b.hit(&r, "u", 2 * H + 30 * H + 48 * H); // before ≈ 33 < 50: re-arms; ≈ 93 < 100
+        assert_eq!(b.risk_alerts.len(), 1);
+        b.hit(&r, "u", 2 * H + 30 * H + 48 * H + 1); // ≈ 152: crosses again
+        assert_eq!(b.risk_alerts.len(), 2);
+    }
+
+    #[test]
+    fn risk_alert_explains_the_score_largest_first() {
+        let small = rule("small", 30, None);
+        let big = rule("big", 90, None);
+        let mut b = Bench::new(ScoringConfig::default());
+        b.hit(&small, "u", 0);
+        b.hit(&big, "u", 24 * H);
+        let a = &b.risk_alerts[0];
+        let rows = a.context["contributions"].as_array().unwrap();
+        assert_eq!(rows[0]["rule_id"], "big");
+        assert_eq!(rows[1]["rule_id"], "small");
+        assert_eq!(rows[1]["decayed_points"], 15.0);
+        let sum: f64 = rows.iter().map(|r| r["decayed_points"].as_f64().unwrap()).sum();
+        assert!(close(sum, a.context["score"].as_f64().unwrap()));
+        assert_eq!(a.context["score"], 105.0);
+        assert_eq!(a.severity, Severity::Medium);
+    }
+
+    #[test]
+    fn cap_limits_contributions_per_half_life() {
+        let r = rule("r", 10, Some(2));
+        let mut b = Bench::new(ScoringConfig::default());
+        assert_eq!(b.hit(&r, "u", 0), Scored::Added(10.0));
+        assert!(matches!(b.hit(&r, "u", H), Scored::Added(_)));
+        assert_eq!(b.hit(&r, "u", 2 * H), Scored::Capped);
+        assert!(matches!(b.hit(&r, "u", 24 * H), Scored::Added(_)), "the first left the half-life window");
+    }
+
+    #[test]
+    fn modifiers_multiply_points() {
+        let mut cfg = ScoringConfig::default();
+        let glob = |p: &str| globset::GlobSet::builder().add(globset::Glob::new(p).unwrap()).build().unwrap();
+        cfg.modifiers.push(Modifier { entity_type: Some("user".into()), ids: glob("admin-*"), multiply: 2.0 });
+        cfg.modifiers.push(Modifier { entity_type: None, ids: glob("scanner"), multiply: 0.0 });
+        let r = rule("r", 30, None);
+        let mut b = Bench::new(cfg);
+        assert_eq!(b.hit(&r, "admin-bob", 0), Scored::Added(60.0));
+        assert_eq!(b.hit(&r, "scanner", 0), Scored::Nothing);
+        assert_eq!(b.hit(&r, "carol", 0), Scored::Added(30.0));
+    }
+
+    #[test]
+    fn decayed_contributions_are_dropped() {
+        let r = rule("r", 10, None);
+        let mut b = Bench::new(ScoringConfig::default());
+        b.hit(&r, "u", 0);
+        // 10 points fall under the 0.5 floor after log2(20) ≈ 4.3 half-lives.
+        b.hit(&r, "u", 5 * 24 * H);
+        let e = EntityRef { type_: "user".into(), id: "u".into() };
+        assert_eq!(load(&mut b.cache, &e, 5 * 24 * H).unwrap().contributions.len(), 1);
+    }
+}
