@@ -109,9 +109,13 @@ async fn shutdown_signal() {
 }
 
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
+    if !matches!(cli.command, Command::Run { .. }) {
+        init_logging(cli.log_format, "warn");
+    }
     match cli.command {
         Command::Run { config, input, alerts } => {
             let cfg = load(&config)?;
+            init_logging(cli.log_format, &cfg.log_level);
             let opts = riskd::RunOptions { input: input.as_deref().map(stream), alerts: alerts.as_deref().map(stream) };
             let summary = riskd::run(cfg, opts, shutdown_signal()).await?;
             eprintln!("{summary}");
@@ -152,7 +156,6 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

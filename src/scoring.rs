@@ -189,6 +189,7 @@ pub fn contribute(
     let policy = cfg.policy(&alert.entity.type_);
     let key = risk_key(&alert.entity);
     let mut state = RiskState::from_dict(cache.read(&key, now)?.and_then(|r| r.dict.as_ref()));
+    let m = crate::telemetry::metrics();
     if let Some(cap) = rule.risk_cap {
         let recent = state
             .contributions
@@ -196,6 +197,7 @@ pub fn contribute(
             .filter(|c| c.rule_id == rule.id && c.event_time <= now && now - c.event_time < policy.half_life_ms)
             .count();
         if recent >= cap as usize {
+            m.risk_contributions.with_label_values(&[alert.entity.type_.as_str(), "capped"]).inc();
             return Ok((Scored::Capped, None));
         }
     }
@@ -204,6 +206,7 @@ pub fn contribute(
     let before = state.score(policy, now);
     if !state.armed && before < policy.rearm_below {
         state.armed = true;
+        m.entities_at_risk.with_label_values(&[alert.entity.type_.as_str()]).dec();
     }
     state.contributions.push(Contribution {
         rule_id: rule.id.clone(),
@@ -213,8 +216,11 @@ pub fn contribute(
     });
     let score = before + points;
     let mut risk_alert = None;
+    m.risk_contributions.with_label_values(&[alert.entity.type_.as_str(), "added"]).inc();
     if state.armed && score >= policy.threshold {
         state.armed = false;
+        m.entities_at_risk.with_label_values(&[alert.entity.type_.as_str()]).inc();
+        m.risk_score_at_alert.with_label_values(&[alert.entity.type_.as_str()]).observe(score);
         risk_alert = Some(risk_alert_for(policy, &state, alert, event, score, now));
     }
     let dict = state.to_dict();

@@ -1,6 +1,339 @@
-//! Logging (and, as it grows, metrics): set up once, in one place.
+//! Telemetry, defined in one place: every Prometheus metric riskd exports,
+//! the health state behind `/healthz` and `/readyz`, the HTTP endpoint, and
+//! logging.
+//!
+//! Naming follows Prometheus: base units, counters end in `_total`,
+//! durations are histograms in seconds, and labels come from bounded sets
+//! (rule id, severity, entity type, store, operation, outcome) — never an
+//! entity id, a key or an error message.
 
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{
+    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use tracing_subscriber::EnvFilter;
+
+/// Every metric riskd exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Lines read, by source kind and outcome (`ok`, `invalid`, `too_large`, `incomplete`).
+    pub events: IntCounterVec,
+    /// Lines written to the dead-letter file, by reason.
+    pub dead_letters: IntCounterVec,
+    /// Ingest time minus event time, for events carrying a time.
+    pub event_lag: Histogram,
+    /// Events without a readable event time (ingest time used).
+    pub event_time_missing: IntCounter,
+    /// Match conditions evaluated, by rule.
+    pub rule_evaluations: IntCounterVec,
+    /// Match conditions that held, by rule.
+    pub rule_matches: IntCounterVec,
+    /// Time to evaluate one rule on one event, sampled on one event in 64.
+    pub rule_seconds: HistogramVec,
+    /// Matching events a rule had to skip, by rule and reason.
+    pub rule_skips: IntCounterVec,
+    /// Alerts written, by rule and severity.
+    pub alerts: IntCounterVec,
+    /// Alerts suppressed, by rule and reason (`dedup`).
+    pub alerts_suppressed: IntCounterVec,
+    /// Risk contributions, by entity type and outcome (`added`, `capped`).
+    pub risk_contributions: IntCounterVec,
+    /// Entities disarmed above their threshold since this process started, by type.
+    pub entities_at_risk: IntGaugeVec,
+    /// Entity risk score when a risk alert fires, by entity type.
+    pub risk_score_at_alert: HistogramVec,
+    /// Store operations, by store, operation and outcome.
+    pub store_operations: IntCounterVec,
+    /// Store operation latency, by store and operation.
+    pub store_seconds: HistogramVec,
+    /// Write-back cache lookups, by result (`hit`, `miss`).
+    pub cache_lookups: IntCounterVec,
+    /// Entries in the write-back cache.
+    pub cache_entries: IntGauge,
+    /// Approximate bytes held by the write-back cache.
+    pub cache_bytes: IntGauge,
+    /// Clean entries dropped from the cache to honour its bound.
+    pub cache_evictions: IntCounter,
+    /// Flushes (state + checkpoint commits), by outcome.
+    pub flushes: IntCounterVec,
+    /// Keys written per flush.
+    pub flush_keys: Histogram,
+    /// Duration of a flush, outputs sync included.
+    pub flush_seconds: Histogram,
+    /// 1 when riskd is ready (rules loaded, source open, store reachable).
+    pub ready: IntGauge,
+    /// Always 1, labelled with the version.
+    pub build_info: IntGaugeVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    c
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(h.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    h
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    g
+}
+
+fn buckets(start: f64, factor: f64, count: usize) -> Vec<f64> {
+    exponential_buckets(start, factor, count).unwrap_or_default()
+}
+
+impl Metrics {
+    // The names and labels below are constants: registering them cannot
+    // fail unless this function itself is wrong, which the tests catch.
+    fn new() -> Self {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        {
+            let _ = r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+        }
+        let seconds = buckets(1e-6, 4.0, 12); // 1 µs … ~4 s
+        let m = Metrics {
+            events: counter(
+                &r,
+                "riskd_events_total",
+                "Input lines read, by source kind and outcome.",
+                &["source", "outcome"],
+            ),
+            dead_letters: counter(
+                &r,
+                "riskd_dead_letters_total",
+                "Lines written to the dead-letter file, by reason.",
+                &["reason"],
+            ),
+            event_lag: histogram(
+                &r,
+                "riskd_event_lag_seconds",
+                "Ingest time minus event time.",
+                &[],
+                buckets(0.1, 4.0, 14), // 0.1 s … ~19 days
+            )
+            .with_label_values::<&str>(&[]),
+            event_time_missing: counter(
+                &r,
+                "riskd_event_time_missing_total",
+                "Events without a readable event time (ingest time used).",
+                &[],
+            )
+            .with_label_values::<&str>(&[]),
+            rule_evaluations: counter(
+                &r,
+                "riskd_rule_evaluations_total",
+                "Match conditions evaluated, by rule.",
+                &["rule"],
+            ),
+            rule_matches: counter(&r, "riskd_rule_matches_total", "Match conditions that held, by rule.", &["rule"]),
+            rule_seconds: histogram(
+                &r,
+                "riskd_rule_evaluation_seconds",
+                "Time to evaluate one rule on one event (sampled: one event in 64).",
+                &["rule"],
+                seconds.clone(),
+            ),
+            rule_skips: counter(
+                &r,
+                "riskd_rule_skips_total",
+                "Matching events a rule had to skip, by rule and reason.",
+                &["rule", "reason"],
+            ),
+            alerts: counter(&r, "riskd_alerts_total", "Alerts written, by rule and severity.", &["rule", "severity"]),
+            alerts_suppressed: counter(
+                &r,
+                "riskd_alerts_suppressed_total",
+                "Alerts suppressed, by rule and reason.",
+                &["rule", "reason"],
+            ),
+            risk_contributions: counter(
+                &r,
+                "riskd_risk_contributions_total",
+                "Risk contributions, by entity type and outcome.",
+                &["entity_type", "outcome"],
+            ),
+            entities_at_risk: gauge(
+                &r,
+                "riskd_entities_at_risk",
+                "Entities that crossed their risk threshold and have not re-armed (since start), by type.",
+                &["entity_type"],
+            ),
+            risk_score_at_alert: histogram(
+                &r,
+                "riskd_risk_score_at_alert",
+                "Entity risk score when a risk alert fires.",
+                &["entity_type"],
+                buckets(50.0, 1.5, 10),
+            ),
+            store_operations: counter(
+                &r,
+                "riskd_store_operations_total",
+                "State store operations, by store, operation and outcome.",
+                &["store", "op", "outcome"],
+            ),
+            store_seconds: histogram(
+                &r,
+                "riskd_store_operation_seconds",
+                "State store operation latency.",
+                &["store", "op"],
+                seconds.clone(),
+            ),
+            cache_lookups: counter(
+                &r,
+                "riskd_cache_lookups_total",
+                "Write-back cache lookups, by result.",
+                &["result"],
+            ),
+            cache_entries: gauge(&r, "riskd_cache_entries", "Entries in the write-back cache.", &[])
+                .with_label_values::<&str>(&[]),
+            cache_bytes: gauge(&r, "riskd_cache_bytes", "Approximate bytes held by the write-back cache.", &[])
+                .with_label_values::<&str>(&[]),
+            cache_evictions: counter(
+                &r,
+                "riskd_cache_evictions_total",
+                "Clean cache entries dropped to honour the cache bound.",
+                &[],
+            )
+            .with_label_values::<&str>(&[]),
+            flushes: counter(&r, "riskd_flushes_total", "State and checkpoint commits, by outcome.", &["outcome"]),
+            flush_keys: histogram(&r, "riskd_flush_keys", "Keys written per flush.", &[], buckets(1.0, 4.0, 12))
+                .with_label_values::<&str>(&[]),
+            flush_seconds: histogram(
+                &r,
+                "riskd_flush_seconds",
+                "Duration of a flush, outputs sync included.",
+                &[],
+                buckets(1e-4, 3.0, 12),
+            )
+            .with_label_values::<&str>(&[]),
+            ready: gauge(&r, "riskd_ready", "1 when riskd is ready to score events.", &[])
+                .with_label_values::<&str>(&[]),
+            build_info: gauge(&r, "riskd_build_info", "Always 1, labelled with riskd's version.", &["version"]),
+            registry: r,
+        };
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m
+    }
+
+    /// The exposition in the Prometheus text format.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+    }
+}
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// What `/readyz` reports: ready when rules are loaded, the source is open
+/// and the store answers; otherwise the reasons.
+#[derive(Default)]
+pub struct Health {
+    rules_loaded: AtomicBool,
+    // std Mutex: held for a string copy only, never across an await.
+    source_problem: Mutex<Option<String>>,
+    store_problem: Mutex<Option<String>>,
+}
+
+impl Health {
+    /// A new health state: not ready until told otherwise.
+    pub fn new() -> Arc<Self> {
+        let h = Arc::new(Self::default());
+        h.set_source(Some("source not opened yet".into()));
+        h
+    }
+
+    /// Rules are loaded and compiled.
+    pub fn rules_loaded(&self) {
+        self.rules_loaded.store(true, Ordering::Relaxed);
+        self.publish();
+    }
+
+    /// The source is fine (`None`) or not, and why.
+    pub fn set_source(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.source_problem.lock() {
+            *p = problem;
+        }
+        self.publish();
+    }
+
+    /// The store answers (`None`) or not, and why.
+    pub fn set_store(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.store_problem.lock() {
+            *p = problem;
+        }
+        self.publish();
+    }
+
+    /// Whether ready, and the reasons it is not.
+    pub fn readiness(&self) -> (bool, Vec<String>) {
+        let mut reasons = Vec::new();
+        if !self.rules_loaded.load(Ordering::Relaxed) {
+            reasons.push("rules not loaded".to_string());
+        }
+        for (what, m) in [("source", &self.source_problem), ("store", &self.store_problem)] {
+            if let Some(p) = m.lock().ok().and_then(|p| p.clone()) {
+                reasons.push(format!("{what}: {p}"));
+            }
+        }
+        (reasons.is_empty(), reasons)
+    }
+
+    fn publish(&self) {
+        metrics().ready.set(i64::from(self.readiness().0));
+    }
+}
+
+async fn metrics_handler() -> impl IntoResponse {
+    ([("content-type", "text/plain; version=0.0.4")], metrics().render())
+}
+
+async fn healthz() -> impl IntoResponse {
+    "ok\n"
+}
+
+async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    match health.readiness() {
+        (true, _) => (StatusCode::OK, "ready\n".to_string()),
+        (false, reasons) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", reasons.join("; "))),
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the
+/// returned task is aborted. Binding errors are returned at once.
+pub async fn serve(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let app = axum::Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(health);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "telemetry endpoint stopped");
+        }
+    }))
+}
 
 /// Log line format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -11,13 +344,39 @@ pub enum LogFormat {
     Json,
 }
 
-/// Sends `tracing` events to stderr; level from `RUST_LOG`, default `warn`
-/// (alerts themselves go to the alert sink, never only to logs).
-pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+/// Sends `tracing` events to stderr; level from `RUST_LOG`, else `default`
+/// (the config's `[telemetry] log_level`). Alerts themselves go to the alert
+/// sink, never only to logs.
+pub fn init_logging(format: LogFormat, default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_registers_and_renders() {
+        let m = metrics();
+        m.events.with_label_values(&["file", "ok"]).inc();
+        let text = m.render();
+        assert!(text.contains("riskd_build_info{version=\""));
+        assert!(text.contains("riskd_events_total{outcome=\"ok\",source=\"file\"}"));
+    }
+
+    #[test]
+    fn readiness_lists_every_reason() {
+        let h = Health::new();
+        assert_eq!(h.readiness(), (false, vec!["rules not loaded".into(), "source: source not opened yet".into()]));
+        h.rules_loaded();
+        h.set_source(None);
+        assert_eq!(h.readiness(), (true, vec![]));
+        h.set_store(Some("timed out".into()));
+        assert_eq!(h.readiness(), (false, vec!["store: timed out".into()]));
+    }
 }

@@ -77,6 +77,35 @@ pub struct ConfigFile {
     /// How rule alerts add up to entity risk.
     #[serde(default)]
     pub scoring: ScoringFile,
+    /// Metrics, health endpoints, logs.
+    #[serde(default)]
+    pub telemetry: TelemetryFile,
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryFile {
+    /// Address of `/metrics`, `/healthz` and `/readyz`; `""` turns the endpoint off.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Log level (`error`, `warn`, `info`, `debug`, or a `tracing` filter); `RUST_LOG` wins.
+    #[serde(default = "warn")]
+    pub log_level: String,
+}
+
+impl Default for TelemetryFile {
+    fn default() -> Self {
+        Self { listen: default_listen(), log_level: warn() }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+
+fn warn() -> String {
+    "warn".into()
 }
 
 /// `[scoring]`.
@@ -159,11 +188,14 @@ pub struct SourceFile {
     /// File that receives every line set aside, with the reason; none when absent.
     #[serde(default)]
     pub dead_letter: Option<String>,
+    /// At the end of a file, wait for more lines (as `tail -f`) until stopped.
+    #[serde(default)]
+    pub follow: bool,
 }
 
 impl Default for SourceFile {
     fn default() -> Self {
-        Self { path: dash(), max_line_bytes: one_mib(), dead_letter: None }
+        Self { path: dash(), max_line_bytes: one_mib(), dead_letter: None, follow: false }
     }
 }
 
@@ -315,6 +347,8 @@ pub struct Config {
     pub max_line_bytes: usize,
     /// Dead-letter file.
     pub dead_letter: Option<PathBuf>,
+    /// Wait for more lines at the end of a file.
+    pub follow: bool,
     /// Alert output.
     pub alerts: Stream,
     /// State store.
@@ -331,6 +365,10 @@ pub struct Config {
     pub rules: Vec<Rule>,
     /// Entity risk scoring.
     pub scoring: ScoringConfig,
+    /// Telemetry endpoint address, if on.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Default log filter.
+    pub log_level: String,
 }
 
 impl Config {
@@ -388,6 +426,19 @@ impl Config {
             }
         }
         let scoring = scoring_config(&file.scoring, &mut err);
+        let listen = match file.telemetry.listen.trim() {
+            "" => None,
+            addr => match addr.parse::<std::net::SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    err("listen", format!("telemetry.listen {addr:?} is not an address such as 127.0.0.1:9464: {e}"));
+                    None
+                }
+            },
+        };
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&file.telemetry.log_level) {
+            err("log_level", format!("telemetry.log_level {:?}: {e}", file.telemetry.log_level));
+        }
         if file.rules.paths.is_empty() {
             err("paths", "rules.paths is empty: riskd would have no rules".into());
         }
@@ -409,6 +460,7 @@ impl Config {
             input: Stream::parse(&file.source.path, &base),
             max_line_bytes: file.source.max_line_bytes,
             dead_letter: file.source.dead_letter.map(|p| base.join(p)),
+            follow: file.source.follow,
             alerts: Stream::parse(&file.sink.path, &base),
             store,
             flush_every_events: file.store.flush_every_events,
@@ -417,6 +469,8 @@ impl Config {
             event_time: EventTime::new(time_fields),
             rules,
             scoring,
+            listen,
+            log_level: file.telemetry.log_level,
         })
     }
 }

@@ -5,6 +5,8 @@ use super::{Form, OnFire, Rule, Severity};
 use crate::event::{format_time_ms, parse_time_ms, scalar_string, Event, FieldPath};
 use crate::scoring::{self, Scored, ScoringConfig};
 use crate::state::{check_dict_size, Expiry, StateCache, StateError};
+use crate::telemetry::metrics;
+use prometheus::{Histogram, IntCounter};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use std::fmt::Write as _;
@@ -81,6 +83,23 @@ pub struct Engine {
     cache: StateCache,
     /// Scratch buffer for state keys: no allocation per evaluation.
     key: String,
+    /// Per event: the matched rules (index, entity id) and the keys to load.
+    matched: Vec<(usize, String)>,
+    keys: Vec<String>,
+    /// Events seen (for sampling the evaluation timer).
+    events: u64,
+    /// Per rule: (evaluations, matches) not yet published.
+    counts: Vec<(u64, u64)>,
+    /// Per rule: evaluation time in the current sampled event.
+    elapsed: Vec<std::time::Duration>,
+    rule_metrics: Vec<RuleMetrics>,
+}
+
+/// A rule's metric handles, resolved once.
+struct RuleMetrics {
+    evaluations: IntCounter,
+    matches: IntCounter,
+    seconds: Histogram,
 }
 
 /// What a state form decided.
@@ -103,7 +122,27 @@ impl From<StateError> for Skip {
 impl Engine {
     /// An engine over compiled rules (evaluated in the given order).
     pub fn new(rules: Arc<Vec<Rule>>, scoring: Arc<ScoringConfig>, cache: StateCache) -> Self {
-        Self { rules, scoring, cache, key: String::new() }
+        let m = metrics();
+        let rule_metrics = rules
+            .iter()
+            .map(|r| RuleMetrics {
+                evaluations: m.rule_evaluations.with_label_values(&[r.id.as_str()]),
+                matches: m.rule_matches.with_label_values(&[r.id.as_str()]),
+                seconds: m.rule_seconds.with_label_values(&[r.id.as_str()]),
+            })
+            .collect();
+        Self {
+            counts: vec![(0, 0); rules.len()],
+            elapsed: vec![std::time::Duration::ZERO; rules.len()],
+            rules,
+            scoring,
+            cache,
+            key: String::new(),
+            matched: Vec::new(),
+            keys: Vec::new(),
+            events: 0,
+            rule_metrics,
+        }
     }
 
     /// The state cache.
@@ -117,91 +156,175 @@ impl Engine {
     }
 
     /// Applies one event; alerts are appended to `alerts`. Only a failing
-    /// store is an error: problems with the event are in the outcome.
+    /// store is an error, and then nothing of the event has been applied:
+    /// every key it needs is loaded first, so the caller may retry it.
+    /// Problems with the event are in the outcome.
     pub fn process(&mut self, event: &Event, alerts: &mut Vec<Alert>) -> Result<Outcome, StateError> {
         let mut out = Outcome::default();
-        for rule in self.rules.iter().filter(|r| r.enabled) {
-            if !rule.matcher.eval(&event.value, &[]) {
+        self.events += 1;
+        let sampled = self.events % 64 == 0;
+        let mut timer = sampled.then(std::time::Instant::now);
+        // Phase 1: which rules match, for which entity; load their keys.
+        self.matched.clear();
+        self.keys.clear();
+        for (i, rule) in self.rules.iter().enumerate().filter(|(_, r)| r.enabled) {
+            self.counts[i].0 += 1;
+            let matched = rule.matcher.eval(&event.value, &[]);
+            if let Some(t) = timer.as_mut() {
+                self.elapsed[i] += t.elapsed();
+                *t = std::time::Instant::now();
+            }
+            if !matched {
                 continue;
             }
+            self.counts[i].1 += 1;
             out.matched += 1;
-            let problem = |message: String| Problem { rule_id: rule.id.clone(), message };
             let Some(entity_id) = rule.entity_key.lookup(&event.value).and_then(scalar_string) else {
-                out.problems.push(problem(format!("entity key field {} is absent or not a scalar", rule.entity_key)));
+                out.problems.push(Problem {
+                    rule_id: rule.id.clone(),
+                    message: format!("entity key field {} is absent or not a scalar", rule.entity_key),
+                });
                 continue;
             };
-            self.key.clear();
-            let _ = write!(self.key, "{}/{}/{}", rule.namespace, rule.entity_type, entity_id);
-            let key = self.key.as_str();
-            let decision = match apply_form(&mut self.cache, rule, key, event) {
-                Ok(Some(d)) => d,
-                Ok(None) => continue,
-                Err(Skip::Missing(m)) => {
-                    out.problems.push(problem(m));
-                    continue;
-                }
-                Err(Skip::State(e @ StateError::DictionaryTooLarge { .. })) => {
-                    out.problems.push(problem(e.to_string()));
-                    continue;
-                }
-                Err(Skip::State(e)) => return Err(e),
-            };
-            let mut context = decision.context;
-            if let Some(fire) = &rule.fire {
-                let state = Value::Object(context);
-                if !fire.eval(&event.value, &[("state", &state)]) {
-                    continue;
-                }
-                context = match state {
-                    Value::Object(m) => m,
-                    _ => Map::new(),
-                };
+            self.keys.push(format!("{}/{}/{}", rule.namespace, rule.entity_type, entity_id));
+            if let Some(dedup) = dedup_key(rule, &entity_id, &event.value) {
+                self.keys.push(format!("riskd/dedup/{}/{}", rule.id, dedup));
             }
-            if decision.reset {
-                self.cache.delete(key, event.time_ms)?;
+            if rule.risk > 0 {
+                self.keys
+                    .push(scoring::risk_key(&EntityRef { type_: rule.entity_type.clone(), id: entity_id.clone() }));
             }
-            let dedup_key = match &rule.dedup_key {
-                None => entity_id.clone(),
-                Some(p) => match p.lookup(&event.value).and_then(scalar_string) {
-                    Some(k) => k,
-                    None => {
-                        out.problems.push(problem(format!("dedup key field {p} is absent or not a scalar")));
-                        continue;
-                    }
-                },
-            };
-            let dedup_state = format!("riskd/dedup/{}/{}", rule.id, dedup_key);
-            if self.cache.read(&dedup_state, event.time_ms)?.is_some() {
-                self.cache.increment_counter(&dedup_state, 1, event.time_ms)?;
-                out.suppressed += 1;
-                continue;
-            }
-            self.cache.increment_counter(&dedup_state, 1, event.time_ms)?;
-            self.cache.set_key_expiration(&dedup_state, Expiry::After(rule.dedup_window_ms), event.time_ms)?;
-            for (name, path) in &rule.context {
-                context.insert(name.clone(), path.lookup(&event.value).cloned().unwrap_or(Value::Null));
-            }
-            let alert = Alert {
-                alert_id: alert_id(rule, &entity_id, event),
-                rule_id: rule.id.clone(),
-                title: rule.title.clone(),
-                severity: rule.severity,
-                entity: EntityRef { type_: rule.entity_type.clone(), id: entity_id },
-                event_time: format_time_ms(event.time_ms),
-                risk: rule.risk,
-                dedup_key,
-                context: Value::Object(context),
-                event: event.value.clone(),
-            };
-            let (scored, risk_alert) =
-                scoring::contribute(&self.scoring, &mut self.cache, rule, &alert, &event.value, event.time_ms)?;
-            if scored == Scored::Capped {
-                out.capped += 1;
-            }
-            alerts.push(alert);
-            alerts.extend(risk_alert);
+            self.matched.push((i, entity_id));
         }
+        if self.matched.is_empty() {
+            self.observe(timer.is_some());
+            return Ok(out);
+        }
+        let keys: Vec<&str> = self.keys.iter().map(String::as_str).collect();
+        self.cache.prefetch(&keys)?;
+        // Phase 2: apply, in rule order; every key is in the cache now.
+        let matched = std::mem::take(&mut self.matched);
+        let rules = Arc::clone(&self.rules);
+        for (i, entity_id) in &matched {
+            let rule = &rules[*i];
+            if let Err(e) = self.apply(rule, entity_id.clone(), event, alerts, &mut out) {
+                self.matched = matched;
+                return Err(e);
+            }
+            if let Some(t) = timer.as_mut() {
+                self.elapsed[*i] += t.elapsed();
+                *t = std::time::Instant::now();
+            }
+        }
+        self.matched = matched;
+        self.observe(timer.is_some());
         Ok(out)
+    }
+
+    fn observe(&mut self, sampled: bool) {
+        if sampled {
+            for (m, d) in self.rule_metrics.iter().zip(self.elapsed.iter_mut()) {
+                m.seconds.observe(d.as_secs_f64());
+                *d = std::time::Duration::ZERO;
+            }
+        }
+    }
+
+    /// Adds the evaluation counts gathered since the last call to the
+    /// exported metrics (counted locally: the hot path stays free of atomics).
+    pub fn publish_metrics(&mut self) {
+        for (m, c) in self.rule_metrics.iter().zip(self.counts.iter_mut()) {
+            m.evaluations.inc_by(c.0);
+            m.matches.inc_by(c.1);
+            *c = (0, 0);
+        }
+        self.cache.publish_metrics();
+    }
+
+    fn apply(
+        &mut self,
+        rule: &Rule,
+        entity_id: String,
+        event: &Event,
+        alerts: &mut Vec<Alert>,
+        out: &mut Outcome,
+    ) -> Result<(), StateError> {
+        let problem = |message: String| Problem { rule_id: rule.id.clone(), message };
+        self.key.clear();
+        let _ = write!(self.key, "{}/{}/{}", rule.namespace, rule.entity_type, entity_id);
+        let key = self.key.as_str();
+        let decision = match apply_form(&mut self.cache, rule, key, event) {
+            Ok(Some(d)) => d,
+            Ok(None) => return Ok(()),
+            Err(Skip::Missing(m)) => {
+                out.problems.push(problem(m));
+                return Ok(());
+            }
+            Err(Skip::State(e @ StateError::DictionaryTooLarge { .. })) => {
+                out.problems.push(problem(e.to_string()));
+                return Ok(());
+            }
+            Err(Skip::State(e)) => return Err(e),
+        };
+        let mut context = decision.context;
+        if let Some(fire) = &rule.fire {
+            let state = Value::Object(context);
+            if !fire.eval(&event.value, &[("state", &state)]) {
+                return Ok(());
+            }
+            context = match state {
+                Value::Object(m) => m,
+                _ => Map::new(),
+            };
+        }
+        if decision.reset {
+            self.cache.delete(key, event.time_ms)?;
+        }
+        let Some(dedup_key) = dedup_key(rule, &entity_id, &event.value) else {
+            let path = rule.dedup_key.as_ref().map(FieldPath::as_str).unwrap_or_default();
+            out.problems.push(problem(format!("dedup key field {path} is absent or not a scalar")));
+            return Ok(());
+        };
+        let dedup_state = format!("riskd/dedup/{}/{}", rule.id, dedup_key);
+        if self.cache.read(&dedup_state, event.time_ms)?.is_some() {
+            self.cache.increment_counter(&dedup_state, 1, event.time_ms)?;
+            out.suppressed += 1;
+            metrics().alerts_suppressed.with_label_values(&[rule.id.as_str(), "dedup"]).inc();
+            return Ok(());
+        }
+        self.cache.increment_counter(&dedup_state, 1, event.time_ms)?;
+        self.cache.set_key_expiration(&dedup_state, Expiry::After(rule.dedup_window_ms), event.time_ms)?;
+        for (name, path) in &rule.context {
+            context.insert(name.clone(), path.lookup(&event.value).cloned().unwrap_or(Value::Null));
+        }
+        let alert = Alert {
+            alert_id: alert_id(rule, &entity_id, event),
+            rule_id: rule.id.clone(),
+            title: rule.title.clone(),
+            severity: rule.severity,
+            entity: EntityRef { type_: rule.entity_type.clone(), id: entity_id },
+            event_time: format_time_ms(event.time_ms),
+            risk: rule.risk,
+            dedup_key,
+            context: Value::Object(context),
+            event: event.value.clone(),
+        };
+        let (scored, risk_alert) =
+            scoring::contribute(&self.scoring, &mut self.cache, rule, &alert, &event.value, event.time_ms)?;
+        if scored == Scored::Capped {
+            out.capped += 1;
+        }
+        alerts.push(alert);
+        alerts.extend(risk_alert);
+        Ok(())
+    }
+}
+
+/// The dedup key of a rule's alert on this event, if it can be read.
+fn dedup_key(rule: &Rule, entity_id: &str, event: &Value) -> Option<String> {
+    match &rule.dedup_key {
+        None => Some(entity_id.to_string()),
+        Some(p) => p.lookup(event).and_then(scalar_string),
     }
 }
 

@@ -21,10 +21,31 @@ pub struct LineInfo {
 
 /// Reads lines of at most `max_line_bytes`, keeping count of where it is.
 pub struct JsonLines {
-    inner: Box<dyn BufRead + Send>,
+    inner: Input,
     max: usize,
     offset: u64,
     line: u64,
+}
+
+enum Input {
+    /// A file: it can be followed (see [`JsonLines::next_line`]).
+    File(BufReader<File>),
+    Other(Box<dyn BufRead + Send>),
+}
+
+impl Input {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        match self {
+            Input::File(r) => r.fill_buf(),
+            Input::Other(r) => r.fill_buf(),
+        }
+    }
+    fn consume(&mut self, n: usize) {
+        match self {
+            Input::File(r) => r.consume(n),
+            Input::Other(r) => r.consume(n),
+        }
+    }
 }
 
 impl JsonLines {
@@ -39,26 +60,39 @@ impl JsonLines {
             ));
         }
         file.seek(SeekFrom::Start(offset))?;
-        Ok(Self::new(Box::new(BufReader::with_capacity(256 * 1024, file)), offset, line, max_line_bytes))
+        Ok(Self::new(Input::File(BufReader::with_capacity(256 * 1024, file)), offset, line, max_line_bytes))
     }
 
     /// Reads standard input.
     pub fn stdin(max_line_bytes: usize) -> Self {
-        Self::new(Box::new(BufReader::with_capacity(256 * 1024, io::stdin())), 0, 0, max_line_bytes)
+        Self::new(Input::Other(Box::new(BufReader::with_capacity(256 * 1024, io::stdin()))), 0, 0, max_line_bytes)
     }
 
     /// Reads any reader (tests, benchmarks).
     pub fn from_reader(r: impl Read + Send + 'static, max_line_bytes: usize) -> Self {
-        Self::new(Box::new(BufReader::with_capacity(256 * 1024, r)), 0, 0, max_line_bytes)
+        Self::new(Input::Other(Box::new(BufReader::with_capacity(256 * 1024, r))), 0, 0, max_line_bytes)
     }
 
-    fn new(inner: Box<dyn BufRead + Send>, offset: u64, line: u64, max: usize) -> Self {
+    fn new(inner: Input, offset: u64, line: u64, max: usize) -> Self {
         Self { inner, max, offset, line }
     }
 
     /// Reads the next line into `buf` (cleared first, newline and a trailing
-    /// `\r` removed); `None` at the end of input.
+    /// `\r` removed); `None` at the end of input. A last line without a
+    /// newline counts as a line.
     pub fn next_line(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<LineInfo>> {
+        self.read_line(buf, false)
+    }
+
+    /// As [`next_line`](Self::next_line), for a file still being written: a
+    /// last line without its newline is left for a later call (the file is
+    /// read again from its start), since the writer may be in the middle of it.
+    pub fn next_complete_line(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<LineInfo>> {
+        self.read_line(buf, true)
+    }
+
+    fn read_line(&mut self, buf: &mut Vec<u8>, complete_only: bool) -> io::Result<Option<LineInfo>> {
+        let start = self.offset;
         buf.clear();
         let mut len = 0usize;
         let mut consumed_any = false;
@@ -67,6 +101,14 @@ impl JsonLines {
             if avail.is_empty() {
                 if !consumed_any {
                     return Ok(None);
+                }
+                if complete_only {
+                    if let Input::File(r) = &mut self.inner {
+                        r.seek(SeekFrom::Start(start))?;
+                        self.offset = start;
+                        buf.clear();
+                        return Ok(None);
+                    }
                 }
                 break;
             }
@@ -132,5 +174,27 @@ mod tests {
         let info = r.next_line(&mut buf).unwrap().unwrap();
         assert_eq!((buf.as_slice(), info.line), (&b"two"[..], 2));
         assert!(JsonLines::open_file(&p, 999, 0, 100).is_err());
+    }
+}
+
+#[cfg(test)]
+mod follow_tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_line_being_written_is_read_once_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in.jsonl");
+        std::fs::write(&p, "one\ntw").unwrap();
+        let mut r = JsonLines::open_file(&p, 0, 0, 100).unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(r.next_complete_line(&mut buf).unwrap().map(|i| i.line), Some(1));
+        assert_eq!(r.next_complete_line(&mut buf).unwrap(), None, "half a line is not a line yet");
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"o\nthree\n").unwrap();
+        let info = r.next_complete_line(&mut buf).unwrap().unwrap();
+        assert_eq!((buf.as_slice(), info.line, info.end_offset), (&b"two"[..], 2, 8));
+        assert_eq!(r.next_complete_line(&mut buf).unwrap().map(|i| i.line), Some(3));
     }
 }

@@ -12,6 +12,7 @@
 //! resurrects its old count.
 
 use super::{Checkpoint, Mutation, Record, Result, StateError, Store, WriteBatch, MAX_DICT_BYTES};
+use crate::telemetry::metrics;
 use serde_json::{Map, Value};
 // hashbrown for `entry_ref` (look up by &str, allocate the key only on
 // insert) and its fast default hasher: this map is on every event's path.
@@ -38,13 +39,15 @@ pub struct StateCache {
     store: Box<dyn Store>,
     entries: HashMap<String, Entry>,
     max_clean_entries: usize,
+    /// Lookups (hits, misses) not yet published to the metrics.
+    lookups: (u64, u64),
 }
 
 impl StateCache {
     /// A cache over `store` that keeps at most `max_clean_entries` clean
     /// entries after a flush (dirty ones are always kept until flushed).
     pub fn new(store: Box<dyn Store>, max_clean_entries: usize) -> Self {
-        Self { store, entries: HashMap::new(), max_clean_entries }
+        Self { store, entries: HashMap::new(), max_clean_entries, lookups: (0, 0) }
     }
 
     /// The store behind the cache.
@@ -60,9 +63,11 @@ impl StateCache {
     /// Loads the keys not yet cached in one store read.
     pub fn prefetch(&mut self, keys: &[&str]) -> Result<()> {
         let missing: Vec<&str> = keys.iter().copied().filter(|k| !self.entries.contains_key(*k)).collect();
+        self.lookups.0 += (keys.len() - missing.len()) as u64;
         if missing.is_empty() {
             return Ok(());
         }
+        self.lookups.1 += missing.len() as u64;
         let found = self.store.get_many(&missing)?;
         for (key, record) in missing.into_iter().zip(found) {
             self.entries.insert(key.to_string(), Entry { record: record.unwrap_or_default(), dirty: false });
@@ -74,6 +79,7 @@ impl StateCache {
         match self.entries.entry_ref(key) {
             hashbrown::hash_map::EntryRef::Occupied(e) => Ok(e.into_mut()),
             hashbrown::hash_map::EntryRef::Vacant(e) => {
+                self.lookups.1 += 1;
                 let record = self.store.get_many(&[key])?.pop().flatten().unwrap_or_default();
                 Ok(e.insert(Entry { record, dirty: false }))
             }
@@ -223,11 +229,38 @@ impl StateCache {
         for entry in self.entries.values_mut() {
             entry.dirty = false;
         }
+        let m = metrics();
         if self.entries.len() > self.max_clean_entries {
+            m.cache_evictions.inc_by(self.entries.len() as u64);
             self.entries.clear();
         }
+        m.cache_entries.set(self.entries.len() as i64);
+        m.cache_bytes.set(self.entries.iter().map(|(k, e)| k.len() + approx_bytes(&e.record)).sum::<usize>() as i64);
         Ok(written)
     }
+
+    /// Adds the lookups counted since the last call to the exported metrics.
+    pub fn publish_metrics(&mut self) {
+        let m = metrics();
+        m.cache_lookups.with_label_values(&["hit"]).inc_by(self.lookups.0);
+        m.cache_lookups.with_label_values(&["miss"]).inc_by(self.lookups.1);
+        self.lookups = (0, 0);
+    }
+}
+
+/// A rough size of a record in memory, for the cache-bytes gauge.
+fn approx_bytes(r: &Record) -> usize {
+    fn value(v: &Value) -> usize {
+        match v {
+            Value::String(s) => 24 + s.len(),
+            Value::Array(a) => 24 + a.iter().map(value).sum::<usize>(),
+            Value::Object(m) => 24 + m.iter().map(|(k, v)| 24 + k.len() + value(v)).sum::<usize>(),
+            _ => 16,
+        }
+    }
+    let set: usize = r.set.iter().map(|s| 32 + s.len()).sum();
+    let dict: usize = r.dict.iter().flat_map(|d| d.iter()).map(|(k, v)| 24 + k.len() + value(v)).sum();
+    64 + set + dict
 }
 
 /// Refuses a dictionary over [`MAX_DICT_BYTES`] serialized (counted, not built).

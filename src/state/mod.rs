@@ -13,10 +13,12 @@
 
 mod cache;
 mod embedded;
+mod instrumented;
 mod memory;
 
 pub use cache::{check_dict_size, Expiry, StateCache};
 pub use embedded::EmbeddedStore;
+pub use instrumented::Instrumented;
 pub use memory::MemoryStore;
 
 use serde::{Deserialize, Serialize};

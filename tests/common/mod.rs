@@ -46,6 +46,9 @@ path = "state/riskd.redb"
 
 [rules]
 paths = [{rules:?}]
+
+[telemetry]
+listen = ""
 "#,
         input = input.display().to_string(),
         rules = rules.display().to_string(),

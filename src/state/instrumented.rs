@@ -1,0 +1,58 @@
+//! A [`Store`] decorator that counts and times every operation of the store
+//! it wraps, so every store is measured the same way.
+
+use super::{Checkpoint, Record, Result, Store, WriteBatch};
+use crate::telemetry::metrics;
+use std::time::Instant;
+
+/// Wraps a store with metrics.
+pub struct Instrumented {
+    inner: Box<dyn Store>,
+}
+
+impl Instrumented {
+    /// Measures `inner`.
+    pub fn new(inner: Box<dyn Store>) -> Self {
+        Self { inner }
+    }
+
+    fn measure<T>(&self, op: &str, f: impl FnOnce(&dyn Store) -> Result<T>) -> Result<T> {
+        let start = Instant::now();
+        let result = f(self.inner.as_ref());
+        let m = metrics();
+        let kind = self.inner.kind();
+        m.store_seconds.with_label_values(&[kind, op]).observe(start.elapsed().as_secs_f64());
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        m.store_operations.with_label_values(&[kind, op, outcome]).inc();
+        result
+    }
+}
+
+impl Store for Instrumented {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Record>>> {
+        self.measure("get_many", |s| s.get_many(keys))
+    }
+
+    fn apply(&mut self, batch: WriteBatch<'_>) -> Result<()> {
+        let start = Instant::now();
+        let result = self.inner.apply(batch);
+        let m = metrics();
+        let kind = self.inner.kind();
+        m.store_seconds.with_label_values(&[kind, "apply"]).observe(start.elapsed().as_secs_f64());
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        m.store_operations.with_label_values(&[kind, "apply", outcome]).inc();
+        result
+    }
+
+    fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>> {
+        self.measure("checkpoint", |s| s.checkpoint(source))
+    }
+
+    fn scan(&self, prefix: &str, visit: &mut dyn FnMut(&str, &Record)) -> Result<()> {
+        self.measure("scan", |s| s.scan(prefix, visit))
+    }
+}
