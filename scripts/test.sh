@@ -1,9 +1,23 @@
 #!/usr/bin/env bash
 # riskd's whole test suite, from a fresh clone: lints, then every unit and
-# integration test. Services the tests need are installed under .services/
-# and started here (none yet: the embedded store needs none).
+# integration test. What the tests need is installed here when missing
+# (Debian packages; later, services under .services/) and started here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+# Prometheus server and promtool: the observability tests scrape riskd with
+# a real server and check its exposition and every dashboard query.
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  echo "== installing Debian's prometheus package"
+  apt_install prometheus
+fi
 
 command -v cargo >/dev/null || { echo "scripts/test.sh: cargo not found; install Rust (rustup)" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy >/dev/null 2>&1 || true
