@@ -186,13 +186,25 @@ impl Engine {
                 });
                 continue;
             };
-            self.keys.push(format!("{}/{}/{}", rule.namespace, rule.entity_type, entity_id));
+            // Only keys the cache lacks are collected (and allocated).
+            self.key.clear();
+            let _ = write!(self.key, "{}/{}/{}", rule.namespace, rule.entity_type, entity_id);
+            if !self.cache.is_cached(&self.key) {
+                self.keys.push(self.key.clone());
+            }
             if let Some(dedup) = dedup_key(rule, &entity_id, &event.value) {
-                self.keys.push(format!("riskd/dedup/{}/{}", rule.id, dedup));
+                self.key.clear();
+                let _ = write!(self.key, "riskd/dedup/{}/{}", rule.id, dedup);
+                if !self.cache.is_cached(&self.key) {
+                    self.keys.push(self.key.clone());
+                }
             }
             if rule.risk > 0 {
-                self.keys
-                    .push(scoring::risk_key(&EntityRef { type_: rule.entity_type.clone(), id: entity_id.clone() }));
+                self.key.clear();
+                let _ = write!(self.key, "riskd/risk/{}/{}", rule.entity_type, entity_id);
+                if !self.cache.is_cached(&self.key) {
+                    self.keys.push(self.key.clone());
+                }
             }
             self.matched.push((i, entity_id));
         }
@@ -200,14 +212,16 @@ impl Engine {
             self.observe(timer.is_some());
             return Ok(out);
         }
-        let keys: Vec<&str> = self.keys.iter().map(String::as_str).collect();
-        self.cache.prefetch(&keys)?;
+        if !self.keys.is_empty() {
+            let keys: Vec<&str> = self.keys.iter().map(String::as_str).collect();
+            self.cache.prefetch(&keys)?;
+        }
         // Phase 2: apply, in rule order; every key is in the cache now.
         let matched = std::mem::take(&mut self.matched);
         let rules = Arc::clone(&self.rules);
         for (i, entity_id) in &matched {
             let rule = &rules[*i];
-            if let Err(e) = self.apply(rule, entity_id.clone(), event, alerts, &mut out) {
+            if let Err(e) = self.apply(rule, entity_id, event, alerts, &mut out) {
                 self.matched = matched;
                 return Err(e);
             }
@@ -244,7 +258,7 @@ impl Engine {
     fn apply(
         &mut self,
         rule: &Rule,
-        entity_id: String,
+        entity_id: &str,
         event: &Event,
         alerts: &mut Vec<Alert>,
         out: &mut Outcome,
@@ -280,7 +294,7 @@ impl Engine {
         if decision.reset {
             self.cache.delete(key, event.time_ms)?;
         }
-        let Some(dedup_key) = dedup_key(rule, &entity_id, &event.value) else {
+        let Some(dedup_key) = dedup_key(rule, entity_id, &event.value) else {
             let path = rule.dedup_key.as_ref().map(FieldPath::as_str).unwrap_or_default();
             out.problems.push(problem(format!("dedup key field {path} is absent or not a scalar")));
             return Ok(());
@@ -298,11 +312,11 @@ impl Engine {
             context.insert(name.clone(), path.lookup(&event.value).cloned().unwrap_or(Value::Null));
         }
         let alert = Alert {
-            alert_id: alert_id(rule, &entity_id, event),
+            alert_id: alert_id(rule, entity_id, event),
             rule_id: rule.id.clone(),
             title: rule.title.clone(),
             severity: rule.severity,
-            entity: EntityRef { type_: rule.entity_type.clone(), id: entity_id },
+            entity: EntityRef { type_: rule.entity_type.clone(), id: entity_id.to_string() },
             event_time: format_time_ms(event.time_ms),
             risk: rule.risk,
             dedup_key,
