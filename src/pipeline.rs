@@ -10,7 +10,7 @@
 //! restarted ends with exactly the state and alerts of one uninterrupted run.
 
 use crate::config::{Config, StoreKind, Stream};
-use crate::event::now_ms;
+use crate::event::{now_ms, Event, EventTime};
 use crate::rules::{Alert, Engine, Problem};
 use crate::sink::{DeadLetter, JsonLinesSink};
 use crate::source::{JsonLines, LineInfo};
@@ -182,7 +182,7 @@ struct Job<'a> {
 /// The parts of the config the read loop needs after the rules moved into the engine.
 struct JobSettings {
     max_line_bytes: usize,
-    event_time: crate::event::EventTime,
+    event_time: EventTime,
     flush_every_events: u64,
     flush_interval: Duration,
     follow: bool,
@@ -261,32 +261,23 @@ impl Job<'_> {
 
     /// Decodes and applies one line; the position is advanced by the caller.
     fn line(&mut self, info: &LineInfo, buf: &[u8]) -> Result<(), RunError> {
-        if info.too_large {
-            self.summary.read += 1;
-            self.summary.too_large += 1;
-            self.counters.too_large.inc();
-            let detail = format!("line is {} bytes, over the {}-byte limit", info.len, self.cfg.max_line_bytes);
-            return self.set_aside(info.line, "too_large", detail, buf);
-        }
-        if buf.iter().all(u8::is_ascii_whitespace) {
-            return Ok(());
-        }
-        self.summary.read += 1;
-        let value = match serde_json::from_slice::<Value>(buf) {
-            Ok(v @ Value::Object(_)) => v,
-            Ok(_) => {
-                self.summary.invalid += 1;
-                self.counters.invalid.inc();
-                return self.set_aside(info.line, "not_object", "line is JSON but not an object".into(), buf);
-            }
-            Err(e) => {
-                self.summary.invalid += 1;
-                self.counters.invalid.inc();
-                return self.set_aside(info.line, "invalid_json", e.to_string(), buf);
-            }
-        };
         let ingest = now_ms();
-        let event = self.cfg.event_time.event(value, ingest);
+        let event = match decode(buf, info, self.cfg.max_line_bytes, &self.cfg.event_time, ingest) {
+            Decoded::Blank => return Ok(()),
+            Decoded::Rejected { reason, detail } => {
+                self.summary.read += 1;
+                if reason == "too_large" {
+                    self.summary.too_large += 1;
+                    self.counters.too_large.inc();
+                } else {
+                    self.summary.invalid += 1;
+                    self.counters.invalid.inc();
+                }
+                return self.set_aside(info.line, reason, detail, buf);
+            }
+            Decoded::Event(event) => event,
+        };
+        self.summary.read += 1;
         let m = metrics();
         if event.time_from_event {
             self.position.watermark_ms = self.position.watermark_ms.max(event.time_ms);
@@ -326,6 +317,37 @@ impl Job<'_> {
             self.set_aside(info.line, "incomplete", detail, buf)?;
         }
         Ok(())
+    }
+}
+
+/// One input line, decoded.
+pub enum Decoded {
+    /// Only white space: not an event, not an error.
+    Blank,
+    /// Set aside: `reason` is `too_large`, `invalid_json` or `not_object`.
+    Rejected {
+        /// Dead-letter reason.
+        reason: &'static str,
+        /// The details (the parser's message).
+        detail: String,
+    },
+    /// An event.
+    Event(Event),
+}
+
+/// Decodes one line read by [`JsonLines`] into an event, with its time.
+pub fn decode(buf: &[u8], info: &LineInfo, max_line_bytes: usize, event_time: &EventTime, ingest_ms: i64) -> Decoded {
+    if info.too_large {
+        let detail = format!("line is {} bytes, over the {max_line_bytes}-byte limit", info.len);
+        return Decoded::Rejected { reason: "too_large", detail };
+    }
+    if buf.iter().all(u8::is_ascii_whitespace) {
+        return Decoded::Blank;
+    }
+    match serde_json::from_slice::<Value>(buf) {
+        Ok(v @ Value::Object(_)) => Decoded::Event(event_time.event(v, ingest_ms)),
+        Ok(_) => Decoded::Rejected { reason: "not_object", detail: "line is JSON but not an object".into() },
+        Err(e) => Decoded::Rejected { reason: "invalid_json", detail: e.to_string() },
     }
 }
 

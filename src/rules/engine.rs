@@ -9,6 +9,7 @@ use crate::telemetry::metrics;
 use prometheus::{Histogram, IntCounter};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
+use hashbrown::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -93,6 +94,8 @@ pub struct Engine {
     /// Per rule: evaluation time in the current sampled event.
     elapsed: Vec<std::time::Duration>,
     rule_metrics: Vec<RuleMetrics>,
+    /// Per-rule replay figures, when enabled.
+    stats: Option<Vec<RuleStats>>,
 }
 
 /// A rule's metric handles, resolved once.
@@ -106,6 +109,23 @@ struct RuleMetrics {
 struct Decision {
     context: Map<String, Value>,
     reset: bool,
+}
+
+/// Per-rule figures of a replay (`riskd replay`), gathered when enabled.
+#[derive(Debug, Default, Clone)]
+pub struct RuleStats {
+    /// Events whose match held.
+    pub matches: u64,
+    /// Alerts written.
+    pub alerts: u64,
+    /// Alerts suppressed by dedup.
+    pub suppressed: u64,
+    /// Entities with a matching event.
+    pub entities_matched: std::collections::HashSet<String>,
+    /// Entities with an alert.
+    pub entities_alerted: std::collections::HashSet<String>,
+    /// For `count` and `distinct` rules: the highest value each state key reached.
+    pub peaks: HashMap<String, i64>,
 }
 
 enum Skip {
@@ -142,7 +162,18 @@ impl Engine {
             keys: Vec::new(),
             events: 0,
             rule_metrics,
+            stats: None,
         }
+    }
+
+    /// Starts gathering per-rule figures for a replay report.
+    pub fn enable_stats(&mut self) {
+        self.stats = Some(vec![RuleStats::default(); self.rules.len()]);
+    }
+
+    /// Per-rule figures, in rule order, when enabled.
+    pub fn stats(&self) -> Option<&[RuleStats]> {
+        self.stats.as_deref()
     }
 
     /// The state cache.
@@ -179,6 +210,9 @@ impl Engine {
             }
             self.counts[i].1 += 1;
             out.matched += 1;
+            if let Some(stats) = self.stats.as_mut() {
+                stats[i].matches += 1;
+            }
             let Some(entity_id) = rule.entity_key.lookup(&event.value).and_then(scalar_string) else {
                 out.problems.push(Problem {
                     rule_id: rule.id.clone(),
@@ -206,6 +240,9 @@ impl Engine {
                     self.keys.push(self.key.clone());
                 }
             }
+            if let Some(stats) = self.stats.as_mut() {
+                stats[i].entities_matched.insert(entity_id.clone());
+            }
             self.matched.push((i, entity_id));
         }
         if self.matched.is_empty() {
@@ -221,7 +258,7 @@ impl Engine {
         let rules = Arc::clone(&self.rules);
         for (i, entity_id) in &matched {
             let rule = &rules[*i];
-            if let Err(e) = self.apply(rule, entity_id, event, alerts, &mut out) {
+            if let Err(e) = self.apply(*i, rule, entity_id, event, alerts, &mut out) {
                 self.matched = matched;
                 return Err(e);
             }
@@ -257,6 +294,7 @@ impl Engine {
 
     fn apply(
         &mut self,
+        rule_index: usize,
         rule: &Rule,
         entity_id: &str,
         event: &Event,
@@ -267,7 +305,13 @@ impl Engine {
         self.key.clear();
         let _ = write!(self.key, "{}/{}/{}", rule.namespace, rule.entity_type, entity_id);
         let key = self.key.as_str();
-        let decision = match apply_form(&mut self.cache, rule, key, event) {
+        let mut reached = None;
+        let result = apply_form(&mut self.cache, rule, key, event, &mut reached);
+        if let (Some(stats), Some(v)) = (self.stats.as_mut(), reached) {
+            let peak = stats[rule_index].peaks.entry(key.to_string()).or_insert(0);
+            *peak = (*peak).max(v);
+        }
+        let decision = match result {
             Ok(Some(d)) => d,
             Ok(None) => return Ok(()),
             Err(Skip::Missing(m)) => {
@@ -303,6 +347,9 @@ impl Engine {
         if self.cache.read(&dedup_state, event.time_ms)?.is_some() {
             self.cache.increment_counter(&dedup_state, 1, event.time_ms)?;
             out.suppressed += 1;
+            if let Some(stats) = self.stats.as_mut() {
+                stats[rule_index].suppressed += 1;
+            }
             metrics().alerts_suppressed.with_label_values(&[rule.id.as_str(), "dedup"]).inc();
             return Ok(());
         }
@@ -327,6 +374,10 @@ impl Engine {
             scoring::contribute(&self.scoring, &mut self.cache, rule, &alert, &event.value, event.time_ms)?;
         if scored == Scored::Capped {
             out.capped += 1;
+        }
+        if let Some(stats) = self.stats.as_mut() {
+            stats[rule_index].alerts += 1;
+            stats[rule_index].entities_alerted.insert(entity_id.to_string());
         }
         alerts.push(alert);
         alerts.extend(risk_alert);
@@ -382,7 +433,13 @@ fn round1(x: f64) -> Value {
 
 /// Applies the rule's state form to the entity's record and decides whether
 /// it fires. Works on the record in place: one cache lookup per rule.
-fn apply_form(cache: &mut StateCache, rule: &Rule, key: &str, event: &Event) -> Result<Option<Decision>, Skip> {
+fn apply_form(
+    cache: &mut StateCache,
+    rule: &Rule,
+    key: &str,
+    event: &Event,
+    reached: &mut Option<i64>,
+) -> Result<Option<Decision>, Skip> {
     let now = event.time_ms;
     let decision = match &rule.form {
         Form::Stateless => Some(Decision { context: Map::new(), reset: false }),
@@ -394,6 +451,7 @@ fn apply_form(cache: &mut StateCache, rule: &Rule, key: &str, event: &Event) -> 
                 r.expires_at_ms = Some(now.saturating_add(*window_ms));
             }
             r.count = r.count.saturating_add(1);
+            *reached = Some(r.count);
             (r.count >= *threshold).then(|| {
                 let end = r.expires_at_ms.unwrap_or(now);
                 let mut c = Map::new();
@@ -411,6 +469,7 @@ fn apply_form(cache: &mut StateCache, rule: &Rule, key: &str, event: &Event) -> 
                 r.expires_at_ms = Some(now.saturating_add(*window_ms));
             }
             r.set.insert(value);
+            *reached = Some(r.set.len() as i64);
             (r.set.len() >= *threshold).then(|| {
                 let end = r.expires_at_ms.unwrap_or(now);
                 let values: Vec<&String> = r.set.iter().take(MAX_LISTED_VALUES).collect();
