@@ -17,7 +17,8 @@
 //! - [`sink`]: JSON-lines outputs (alerts, dead letters).
 //! - [`pipeline`]: the main job tying them together, and its checkpoints.
 //! - [`generate`]: a synthetic CloudTrail/Okta stream for benchmarks and demos.
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: every metric, health, the HTTP endpoint, logging.
+//! - [`tuning`]: rule tests, replays (backtests), check warnings.
 
 #![deny(unsafe_code)]
 
@@ -31,5 +32,6 @@ pub mod sink;
 pub mod source;
 pub mod state;
 pub mod telemetry;
+pub mod tuning;
 
 pub use pipeline::{run, RunOptions, Summary};

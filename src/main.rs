@@ -31,11 +31,37 @@ enum Command {
         #[arg(long)]
         alerts: Option<String>,
     },
-    /// Validate the config and every rule file; list every error.
+    /// Validate the config and every rule file; list every error, then warnings.
     Check {
         /// Service config.
         #[arg(long, default_value = "config/riskd.toml")]
         config: PathBuf,
+        /// JSON-lines sample events: warn about fields no sample has.
+        #[arg(long)]
+        sample: Option<PathBuf>,
+    },
+    /// Run rule tests (`*.test.yaml`) on the real engine with an in-memory store.
+    Test {
+        /// Test files or folders; default: the config's rule paths.
+        paths: Vec<PathBuf>,
+        /// Service config (names the rules).
+        #[arg(long, default_value = "config/riskd.toml")]
+        config: PathBuf,
+    },
+    /// Backtest: run the rules over recorded events on a throw-away store and report per rule.
+    Replay {
+        /// Service config (names the rules; its store is never touched).
+        #[arg(long, default_value = "config/riskd.toml")]
+        config: PathBuf,
+        /// JSON-lines events.
+        #[arg(long)]
+        input: PathBuf,
+        /// Override a rule setting, e.g. `rules.aws_access_denied_burst.threshold=15` (repeatable).
+        #[arg(long = "set", value_name = "rules.ID.KEY=VALUE")]
+        set: Vec<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
     },
     /// Explain an entity: its risk score, contributions and every rule's state.
     Entity {
@@ -75,10 +101,43 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum StateAction {
+    /// One key: its values, expiry and whether it is live.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Keys (with a prefix), a line each: values and expiry.
+    List {
+        /// Only keys starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+    /// Remove one key.
+    Delete {
+        /// The key.
+        key: String,
+        /// Really do it.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Every record as a JSON line: key, values, expiry.
     Export,
+    /// Write records from a JSON-lines file in the export format.
+    Import {
+        /// The file (`-` = stdin).
+        file: String,
+        /// Really do it.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 fn stream(text: &str) -> Stream {
@@ -120,9 +179,46 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let summary = riskd::run(cfg, opts, shutdown_signal()).await?;
             eprintln!("{summary}");
         }
-        Command::Check { config } => {
+        Command::Check { config, sample } => {
             let cfg = load(&config)?;
             println!("{}: ok, {} rules", config.display(), cfg.rules.len());
+            let samples = match &sample {
+                None => Vec::new(),
+                Some(p) => std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?
+                    .lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect(),
+            };
+            let warnings = riskd::tuning::check::warnings(&cfg.rules, &samples);
+            if !warnings.is_empty() {
+                println!("warnings ({}):", warnings.len());
+                for w in warnings {
+                    println!("  {w}");
+                }
+            }
+        }
+        Command::Test { paths, config } => {
+            let cfg = load(&config)?;
+            let paths = if paths.is_empty() { cfg.rule_paths.clone() } else { paths };
+            let files = riskd::tuning::ruletest::discover(&paths);
+            anyhow::ensure!(!files.is_empty(), "no *.test.yaml files under {paths:?}");
+            let results = riskd::tuning::ruletest::run(cfg, &files);
+            print!("{}", riskd::tuning::ruletest::render(&results));
+            anyhow::ensure!(results.iter().all(|r| r.failures.is_empty()), "some rule tests failed");
+        }
+        Command::Replay { config, input, set, format } => {
+            let overrides = set
+                .iter()
+                .map(|s| riskd::config::Override::parse(s))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)?;
+            let cfg = riskd::config::Config::load_with(&config, &overrides)?;
+            let report = tokio::task::spawn_blocking(move || riskd::tuning::replay::replay(cfg, &input)).await??;
+            match format {
+                Format::Text => print!("{}", riskd::tuning::replay::render(&report)),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
         }
         Command::Entity { entity_type, id, config, json } => {
             let cfg = load(&config)?;
@@ -136,12 +232,51 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", riskd::scoring::render_explanation(&x));
             }
         }
-        Command::State { config, action: StateAction::Export } => {
+        Command::State { config, action } => {
             let cfg = load(&config)?;
-            let store = riskd::pipeline::open_store(&cfg.store).context("opening the store")?;
+            let mut store = riskd::pipeline::open_store(&cfg.store).context("opening the store")?;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            riskd::state::export(store.as_ref(), &mut out).context("exporting state")?;
+            match action {
+                StateAction::Export => {
+                    riskd::state::export(store.as_ref(), &mut out).context("exporting state")?;
+                }
+                StateAction::Get { key } => {
+                    let record = store.get_many(&[&key])?.pop().flatten();
+                    anyhow::ensure!(record.is_some(), "no key {key:?}");
+                    let now = riskd::state::watermark(store.as_ref())?;
+                    let view = riskd::state::describe(&key, record.as_ref(), now);
+                    std::io::Write::write_all(&mut out, format!("{view:#}\n").as_bytes())?;
+                }
+                StateAction::List { prefix } => {
+                    let now = riskd::state::watermark(store.as_ref())?;
+                    let mut lines = Vec::new();
+                    store.scan(&prefix, &mut |key, record| lines.push(riskd::state::summarize(key, record, now)))?;
+                    for l in lines {
+                        std::io::Write::write_all(&mut out, format!("{l}\n").as_bytes())?;
+                    }
+                }
+                StateAction::Delete { key, yes } => {
+                    anyhow::ensure!(yes, "deleting {key:?} changes the store: add --yes");
+                    anyhow::ensure!(store.get_many(&[&key])?.pop().flatten().is_some(), "no key {key:?}");
+                    store.apply(riskd::state::WriteBatch {
+                        mutations: vec![(key.as_str(), riskd::state::Mutation::Delete)],
+                        checkpoint: None,
+                    })?;
+                    eprintln!("deleted {key}");
+                }
+                StateAction::Import { file, yes } => {
+                    anyhow::ensure!(yes, "importing changes the store: add --yes");
+                    let text = if file == "-" {
+                        std::io::read_to_string(std::io::stdin())?
+                    } else {
+                        std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?
+                    };
+                    let n = riskd::state::import(store.as_mut(), &text).context("importing")?;
+                    eprintln!("imported {n} records");
+                }
+            }
+            std::io::Write::flush(&mut out)?;
         }
         Command::Generate { events, users, seed, attack_every } => {
             let spec = riskd::generate::Spec { events, users, seed, attack_every, ..Default::default() };

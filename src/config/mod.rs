@@ -7,6 +7,8 @@
 
 mod rule_files;
 
+pub use rule_files::Override;
+
 use crate::event::{EventTime, FieldPath};
 use crate::rules::{Rule, Severity};
 use crate::scoring::{default_bands, Modifier, ScoringConfig, TypePolicy};
@@ -363,6 +365,8 @@ pub struct Config {
     pub event_time: EventTime,
     /// Compiled rules, in evaluation order (file name, then position in file).
     pub rules: Vec<Rule>,
+    /// The rule files and folders (where `riskd test` looks for tests).
+    pub rule_paths: Vec<PathBuf>,
     /// Entity risk scoring.
     pub scoring: ScoringConfig,
     /// Telemetry endpoint address, if on.
@@ -374,6 +378,11 @@ pub struct Config {
 impl Config {
     /// Reads and validates `path` and every rule file it names.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        Self::load_with(path, &[])
+    }
+
+    /// As [`load`](Self::load), with rule settings overridden (`--set`).
+    pub fn load_with(path: &Path, overrides: &[Override]) -> Result<Self, ConfigErrors> {
         let at =
             |line, message| ConfigErrors(vec![ConfigError { file: path.to_path_buf(), line, rule: None, message }]);
         let text = std::fs::read_to_string(path).map_err(|e| at(None, format!("cannot read: {e}")))?;
@@ -381,10 +390,10 @@ impl Config {
             let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             at(line, e.message().to_string())
         })?;
-        Self::build(path, &text, file)
+        Self::build(path, &text, file, overrides)
     }
 
-    fn build(path: &Path, text: &str, file: ConfigFile) -> Result<Self, ConfigErrors> {
+    fn build(path: &Path, text: &str, file: ConfigFile, overrides: &[Override]) -> Result<Self, ConfigErrors> {
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let mut errors = Vec::new();
         let mut err = |key: &str, message: String| {
@@ -443,7 +452,7 @@ impl Config {
             err("paths", "rules.paths is empty: riskd would have no rules".into());
         }
         let rule_paths: Vec<PathBuf> = file.rules.paths.iter().map(|p| base.join(p)).collect();
-        let rules = rule_files::load(&rule_paths, &mut errors);
+        let rules = rule_files::load(&rule_paths, overrides, &mut errors);
         if rules.is_empty() && errors.is_empty() {
             errors.push(ConfigError {
                 file: path.to_path_buf(),
@@ -468,6 +477,7 @@ impl Config {
             cache_max_entries: file.store.cache_max_entries,
             event_time: EventTime::new(time_fields),
             rules,
+            rule_paths,
             scoring,
             listen,
             log_level: file.telemetry.log_level,

@@ -7,9 +7,94 @@ use crate::rules::{self, Rule, RuleSpec};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// A setting changed without editing a file: `rules.ID.threshold=15` (a key
+/// of the rule's state form may be named directly) or a full path such as
+/// `rules.ID.state.count.window=2h`, `rules.ID.risk=40`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Override {
+    /// Rule id.
+    pub rule: String,
+    /// Keys inside the rule.
+    pub path: Vec<String>,
+    /// The new value (YAML).
+    pub value: serde_yaml_ng::Value,
+    /// As written.
+    pub text: String,
+}
+
+impl Override {
+    /// Parses `rules.ID.key[.key…]=value`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (lhs, rhs) = text.split_once('=').ok_or_else(|| format!("--set {text:?}: expected rules.ID.KEY=VALUE"))?;
+        let mut parts = lhs.trim().split('.');
+        if parts.next() != Some("rules") {
+            return Err(format!("--set {text:?}: only rules.ID.KEY=VALUE settings can be overridden"));
+        }
+        let rule = parts.next().filter(|r| !r.is_empty()).ok_or_else(|| format!("--set {text:?}: no rule id"))?;
+        let path: Vec<String> = parts.map(String::from).collect();
+        if path.is_empty() || path.iter().any(String::is_empty) {
+            return Err(format!("--set {text:?}: no setting named after the rule id"));
+        }
+        let value = serde_yaml_ng::from_str(rhs.trim()).map_err(|e| format!("--set {text:?}: {e}"))?;
+        Ok(Self { rule: rule.to_string(), path, value, text: text.to_string() })
+    }
+
+    /// Applies the override to a rule document; the error says why not.
+    fn apply(&self, doc: &mut serde_yaml_ng::Value) -> Result<(), String> {
+        use serde_yaml_ng::Value as Y;
+        let top_keys = [
+            "id",
+            "title",
+            "description",
+            "severity",
+            "enabled",
+            "risk",
+            "risk_cap",
+            "entity",
+            "match",
+            "state",
+            "fire",
+            "shared_key",
+            "dedup",
+            "context",
+        ];
+        let path: Vec<&str> = self.path.iter().map(String::as_str).collect();
+        if !top_keys.contains(&path[0]) {
+            // A key of the state form, named directly: rules.ID.threshold.
+            let form = doc
+                .get("state")
+                .and_then(Y::as_mapping)
+                .and_then(|m| m.iter().find(|(_, v)| v.get(path[0]).is_some()))
+                .and_then(|(k, _)| k.as_str())
+                .map(String::from);
+            match form {
+                Some(form) => {
+                    let mut full = vec!["state".to_string(), form];
+                    full.extend(self.path.iter().cloned());
+                    return self.set(doc, &full);
+                }
+                None => return Err(format!("--set {}: rule {} has no setting {:?}", self.text, self.rule, path[0])),
+            }
+        }
+        self.set(doc, &self.path)
+    }
+
+    fn set(&self, doc: &mut serde_yaml_ng::Value, path: &[String]) -> Result<(), String> {
+        use serde_yaml_ng::Value as Y;
+        let mut node = doc;
+        for key in &path[..path.len() - 1] {
+            let map = node.as_mapping_mut().ok_or_else(|| format!("--set {}: {key} is not a mapping", self.text))?;
+            node = map.entry(Y::String(key.clone())).or_insert_with(|| Y::Mapping(Default::default()));
+        }
+        let map = node.as_mapping_mut().ok_or_else(|| format!("--set {}: cannot set a key there", self.text))?;
+        map.insert(Y::String(path[path.len() - 1].to_string()), self.value.clone());
+        Ok(())
+    }
+}
+
 /// Loads every rule under `paths` (files, or folders of `*.yaml`/`*.yml`),
-/// appending each problem to `errors`.
-pub fn load(paths: &[PathBuf], errors: &mut Vec<ConfigError>) -> Vec<Rule> {
+/// with `overrides` applied, appending each problem to `errors`.
+pub fn load(paths: &[PathBuf], overrides: &[Override], errors: &mut Vec<ConfigError>) -> Vec<Rule> {
     let mut files = Vec::new();
     for path in paths {
         if path.is_dir() {
@@ -40,7 +125,20 @@ pub fn load(paths: &[PathBuf], errors: &mut Vec<ConfigError>) -> Vec<Rule> {
             if doc.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
                 continue;
             }
-            let spec: RuleSpec = match serde_yaml_ng::from_str(doc) {
+            let id = lenient_id(doc);
+            let mine: Vec<&Override> = overrides.iter().filter(|o| Some(&o.rule) == id.as_ref()).collect();
+            let parsed = if mine.is_empty() {
+                serde_yaml_ng::from_str(doc)
+            } else {
+                let mut value: serde_yaml_ng::Value = serde_yaml_ng::from_str(doc).unwrap_or_default();
+                for o in &mine {
+                    if let Err(message) = o.apply(&mut value) {
+                        errors.push(file_error(&file, Some(start), id.clone(), message));
+                    }
+                }
+                serde_yaml_ng::from_value(value)
+            };
+            let spec: RuleSpec = match parsed {
                 Ok(s) => s,
                 Err(e) => {
                     let line = e.location().map(|l| start + l.line() - 1).or(Some(start));
@@ -72,6 +170,16 @@ pub fn load(paths: &[PathBuf], errors: &mut Vec<ConfigError>) -> Vec<Rule> {
                     }
                 }
             }
+        }
+    }
+    for o in overrides {
+        if !seen.contains_key(&o.rule) {
+            errors.push(ConfigError {
+                file: PathBuf::from("--set"),
+                line: None,
+                rule: Some(o.rule.clone()),
+                message: format!("--set {}: no rule with this id", o.text),
+            });
         }
     }
     rules
@@ -142,7 +250,7 @@ mod tests {
         let f = dir.path().join("r.yaml");
         std::fs::write(&f, text).unwrap();
         let mut errors = Vec::new();
-        let rules = load(&[dir.path().to_path_buf()], &mut errors);
+        let rules = load(&[dir.path().to_path_buf()], &[], &mut errors);
         assert_eq!(rules.len(), 1);
         let got: Vec<(Option<usize>, Option<&str>, bool)> =
             errors.iter().map(|e| (e.line, e.rule.as_deref(), e.file == f)).collect();
@@ -160,5 +268,27 @@ mod tests {
         assert!(errors[0].message.contains("SEVERE"));
         assert!(errors[1].message.contains("match does not compile"));
         assert!(errors[4].message.contains("titlee"));
+    }
+}
+
+#[cfg(test)]
+mod override_tests {
+    use super::Override;
+
+    #[test]
+    fn overrides_parse_and_reach_state_form_keys() {
+        let o = Override::parse("rules.burst.threshold=15").unwrap();
+        assert_eq!((o.rule.as_str(), o.path.as_slice()), ("burst", &["threshold".to_string()][..]));
+        let mut doc: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str("id: burst\nrisk: 1\nstate:\n  count: {window: 1h, threshold: 10}\n").unwrap();
+        o.apply(&mut doc).unwrap();
+        Override::parse("rules.burst.risk=40").unwrap().apply(&mut doc).unwrap();
+        Override::parse("rules.burst.state.count.window=2h").unwrap().apply(&mut doc).unwrap();
+        assert_eq!(doc["state"]["count"]["threshold"].as_u64(), Some(15));
+        assert_eq!(doc["state"]["count"]["window"].as_str(), Some("2h"));
+        assert_eq!(doc["risk"].as_u64(), Some(40));
+        assert!(Override::parse("rules.burst.nonsense=1").unwrap().apply(&mut doc).is_err());
+        assert!(Override::parse("store.kind=memory").is_err());
+        assert!(Override::parse("rules.burst").is_err());
     }
 }

@@ -90,6 +90,39 @@ impl Condition {
         &self.source
     }
 
+    /// The field paths the condition reads: those of its plain field tests,
+    /// and the top-level variables of its CEL part.
+    pub fn fields(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .native
+            .iter()
+            .map(|t| match t {
+                Term::Eq(p, _) | Term::Ne(p, _) | Term::Has(p) => p.as_str().to_string(),
+            })
+            .collect();
+        if let Some(p) = &self.program {
+            out.extend(p.references().variables().into_iter().map(String::from));
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Whether the condition can never hold: it is `false`, or it asks one
+    /// field to equal two different values.
+    pub fn never_true(&self) -> bool {
+        if self.source.trim() == "false" {
+            return true;
+        }
+        self.native.iter().enumerate().any(|(i, a)| {
+            self.native[i + 1..].iter().any(|b| match (a, b) {
+                (Term::Eq(p, x), Term::Eq(q, y)) => p == q && x != y,
+                (Term::Eq(p, x), Term::Ne(q, y)) | (Term::Ne(q, y), Term::Eq(p, x)) => p == q && x == y,
+                _ => false,
+            })
+        })
+    }
+
     /// Whether evaluation needs CEL (some part is not a plain field test).
     pub fn uses_cel(&self) -> bool {
         self.program.is_some()

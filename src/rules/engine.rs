@@ -6,10 +6,10 @@ use crate::event::{format_time_ms, parse_time_ms, scalar_string, Event, FieldPat
 use crate::scoring::{self, Scored, ScoringConfig};
 use crate::state::{check_dict_size, Expiry, StateCache, StateError};
 use crate::telemetry::metrics;
+use hashbrown::HashMap;
 use prometheus::{Histogram, IntCounter};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
-use hashbrown::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 

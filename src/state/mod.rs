@@ -218,3 +218,76 @@ pub fn export(store: &dyn Store, out: &mut dyn std::io::Write) -> std::io::Resul
     out.flush()?;
     Ok(n)
 }
+
+/// The latest event time the state has seen (ms), 0 when none.
+pub fn watermark(store: &dyn Store) -> Result<i64> {
+    Ok(store.get_many(&[WATERMARK_KEY])?.pop().flatten().map_or(0, |r| r.count))
+}
+
+/// A record as JSON for people: values, expiry as RFC 3339, and whether it
+/// is live at `now_ms`.
+pub fn describe(key: &str, record: Option<&Record>, now_ms: i64) -> serde_json::Value {
+    match record {
+        None => serde_json::json!({ "key": key, "absent": true }),
+        Some(r) => serde_json::json!({
+            "key": key,
+            "count": r.count,
+            "set": r.set,
+            "dict": r.dict,
+            "expires_at": r.expires_at_ms.map(crate::event::format_time_ms),
+            "live": r.is_live(now_ms),
+        }),
+    }
+}
+
+/// One line for `riskd state list`.
+pub fn summarize(key: &str, r: &Record, now_ms: i64) -> String {
+    let mut parts = vec![key.to_string()];
+    if r.count != 0 {
+        parts.push(format!("count={}", r.count));
+    }
+    if !r.set.is_empty() {
+        parts.push(format!("set[{}]", r.set.len()));
+    }
+    if let Some(d) = &r.dict {
+        parts.push(format!("dict{{{} keys}}", d.len()));
+    }
+    parts.push(match r.expires_at_ms {
+        None => "no expiry".to_string(),
+        Some(at) if r.is_live(now_ms) => format!("expires {}", crate::event::format_time_ms(at)),
+        Some(at) => format!("EXPIRED {}", crate::event::format_time_ms(at)),
+    });
+    parts.join("  ")
+}
+
+/// An import that could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// A line is not a record of the export format.
+    #[error("line {line}: {message}")]
+    Line {
+        /// 1-based line.
+        line: usize,
+        /// The parser's message.
+        message: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// Writes the records of an export (JSON lines) to the store, in batches;
+/// nothing is written if any line is bad.
+pub fn import(store: &mut dyn Store, text: &str) -> std::result::Result<usize, ImportError> {
+    let mut records = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let r: ExportedRecord =
+            serde_json::from_str(line).map_err(|e| ImportError::Line { line: i + 1, message: e.to_string() })?;
+        records.push(r);
+    }
+    for chunk in records.chunks(1000) {
+        let mutations = chunk.iter().map(|r| (r.key.as_str(), Mutation::Put(&r.record))).collect();
+        store.apply(WriteBatch { mutations, checkpoint: None })?;
+    }
+    Ok(records.len())
+}
