@@ -16,6 +16,7 @@
 //! - [`source`]: JSON-lines input with positions for checkpoints.
 //! - [`sink`]: JSON-lines outputs (alerts, dead letters).
 //! - [`pipeline`]: the main job tying them together, and its checkpoints.
+//! - [`reload`]: live reload on SIGHUP and on rule file changes.
 //! - [`generate`]: a synthetic CloudTrail/Okta stream for benchmarks and demos.
 //! - [`telemetry`]: every metric, health, the HTTP endpoint, logging.
 //! - [`tuning`]: rule tests, replays (backtests), check warnings.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod event;
 pub mod generate;
 pub mod pipeline;
+pub mod reload;
 pub mod rules;
 pub mod scoring;
 pub mod sink;

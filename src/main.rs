@@ -175,7 +175,12 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Run { config, input, alerts } => {
             let cfg = load(&config)?;
             init_logging(cli.log_format, &cfg.log_level);
-            let opts = riskd::RunOptions { input: input.as_deref().map(stream), alerts: alerts.as_deref().map(stream) };
+            let opts = riskd::RunOptions {
+                input: input.as_deref().map(stream),
+                alerts: alerts.as_deref().map(stream),
+                watch: true,
+                reloads: None,
+            };
             let summary = riskd::run(cfg, opts, shutdown_signal()).await?;
             eprintln!("{summary}");
         }

@@ -29,13 +29,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Overrides of the config's input and alert output (`--input`, `--alerts`).
-#[derive(Debug, Default, Clone)]
+/// How to run: overrides of the config's input and alert output (`--input`,
+/// `--alerts`), and live reload.
+#[derive(Debug, Default)]
 pub struct RunOptions {
     /// Replaces `[source] path`.
     pub input: Option<Stream>,
     /// Replaces `[sink] path`.
     pub alerts: Option<Stream>,
+    /// Reload rules and scoring on SIGHUP and when their files change.
+    pub watch: bool,
+    /// Reloaded configs to swap in (set by [`run`] when `watch` is on).
+    pub reloads: Option<std::sync::mpsc::Receiver<Config>>,
 }
 
 /// What a run did.
@@ -177,6 +182,7 @@ struct Job<'a> {
     counters: EventMetrics,
     health: Arc<Health>,
     stop: &'a AtomicBool,
+    reloads: Option<&'a std::sync::mpsc::Receiver<Config>>,
 }
 
 /// The parts of the config the read loop needs after the rules moved into the engine.
@@ -246,6 +252,20 @@ impl Job<'_> {
         }
         m.flush_seconds.observe(start.elapsed().as_secs_f64());
         result.map(|_| ())
+    }
+
+    /// Swaps in every reloaded config that has arrived.
+    fn reload(&mut self) -> Result<(), RunError> {
+        let Some(rx) = self.reloads else { return Ok(()) };
+        while let Ok(cfg) = rx.try_recv() {
+            let n = cfg.rules.len();
+            let rules = Arc::new(cfg.rules);
+            let scoring = Arc::new(cfg.scoring);
+            let fresh =
+                self.retry("reload", |job| Ok(job.engine.set_rules(Arc::clone(&rules), Arc::clone(&scoring))?))?;
+            tracing::info!(rules = n, fresh = ?fresh, "config reloaded");
+        }
+        Ok(())
     }
 
     fn set_aside(&mut self, line: u64, reason: &'static str, detail: String, raw: &[u8]) -> Result<(), RunError> {
@@ -439,6 +459,7 @@ pub fn run_with_store(
         counters: EventMetrics::new(source_kind),
         health,
         stop,
+        reloads: opts.reloads.as_ref(),
     };
     if first_run && job.source_id.is_some() {
         // Record where the outputs start before the first event: a crash
@@ -449,6 +470,8 @@ pub fn run_with_store(
     let mut since_flush = 0u64;
     let mut last_flush = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        // A reloaded config is swapped in before the next line (a channel poll: cheap).
+        job.reload()?;
         let next = if settings.follow { reader.next_complete_line(&mut buf) } else { reader.next_line(&mut buf) };
         let Some(info) = next.map_err(io_err("input", &job.source_name))? else {
             if !settings.follow {
@@ -557,6 +580,14 @@ pub async fn run(
             })?)
         }
         None => None,
+    };
+    let mut opts = opts;
+    let _reloader = if opts.watch {
+        let (tx, rx) = std::sync::mpsc::channel();
+        opts.reloads = Some(rx);
+        Some(crate::reload::spawn(cfg.path.clone(), cfg.rule_paths.clone(), tx))
+    } else {
+        None
     };
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub flush_keys: Histogram,
     /// Duration of a flush, outputs sync included.
     pub flush_seconds: Histogram,
+    /// Config reloads, by outcome (`ok`, `error`).
+    pub config_reloads: IntCounterVec,
     /// 1 when riskd is ready (rules loaded, source open, store reachable).
     pub ready: IntGauge,
     /// Always 1, labelled with the version.
@@ -221,6 +223,7 @@ impl Metrics {
                 buckets(1e-4, 3.0, 12),
             )
             .with_label_values::<&str>(&[]),
+            config_reloads: counter(&r, "riskd_config_reloads_total", "Config reloads, by outcome.", &["outcome"]),
             ready: gauge(&r, "riskd_ready", "1 when riskd is ready to score events.", &[])
                 .with_label_values::<&str>(&[]),
             build_info: gauge(&r, "riskd_build_info", "Always 1, labelled with riskd's version.", &["version"]),

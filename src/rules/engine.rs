@@ -142,15 +142,7 @@ impl From<StateError> for Skip {
 impl Engine {
     /// An engine over compiled rules (evaluated in the given order).
     pub fn new(rules: Arc<Vec<Rule>>, scoring: Arc<ScoringConfig>, cache: StateCache) -> Self {
-        let m = metrics();
-        let rule_metrics = rules
-            .iter()
-            .map(|r| RuleMetrics {
-                evaluations: m.rule_evaluations.with_label_values(&[r.id.as_str()]),
-                matches: m.rule_matches.with_label_values(&[r.id.as_str()]),
-                seconds: m.rule_seconds.with_label_values(&[r.id.as_str()]),
-            })
-            .collect();
+        let rule_metrics = rule_metrics(&rules);
         Self {
             counts: vec![(0, 0); rules.len()],
             elapsed: vec![std::time::Duration::ZERO; rules.len()],
@@ -164,6 +156,31 @@ impl Engine {
             rule_metrics,
             stats: None,
         }
+    }
+
+    /// Swaps in new rules and scoring (a reload), between events. The state
+    /// of a rule whose [`Rule::state_shape`] changed, or that is gone, is
+    /// removed, so that it starts fresh; every other rule keeps its state.
+    /// Returns the ids of the rules that start fresh.
+    pub fn set_rules(&mut self, rules: Arc<Vec<Rule>>, scoring: Arc<ScoringConfig>) -> Result<Vec<String>, StateError> {
+        self.publish_metrics();
+        let mut fresh = Vec::new();
+        for old in self.rules.iter() {
+            let shared = old.namespace != old.id;
+            let same = rules.iter().find(|r| r.id == old.id).is_some_and(|r| r.state_shape() == old.state_shape());
+            if !same && !shared {
+                let n = self.cache.purge_prefix(&format!("{}/", old.namespace))?;
+                tracing::info!(rule = %old.id, keys = n, "rule state starts fresh: its state shape changed or it is gone");
+                fresh.push(old.id.clone());
+            }
+        }
+        self.counts = vec![(0, 0); rules.len()];
+        self.elapsed = vec![std::time::Duration::ZERO; rules.len()];
+        self.rule_metrics = rule_metrics(&rules);
+        self.stats = self.stats.as_ref().map(|_| vec![RuleStats::default(); rules.len()]);
+        self.rules = rules;
+        self.scoring = scoring;
+        Ok(fresh)
     }
 
     /// Starts gathering per-rule figures for a replay report.
@@ -385,6 +402,18 @@ impl Engine {
     }
 }
 
+fn rule_metrics(rules: &[Rule]) -> Vec<RuleMetrics> {
+    let m = metrics();
+    rules
+        .iter()
+        .map(|r| RuleMetrics {
+            evaluations: m.rule_evaluations.with_label_values(&[r.id.as_str()]),
+            matches: m.rule_matches.with_label_values(&[r.id.as_str()]),
+            seconds: m.rule_seconds.with_label_values(&[r.id.as_str()]),
+        })
+        .collect()
+}
+
 /// The dedup key of a rule's alert on this event, if it can be read.
 fn dedup_key(rule: &Rule, entity_id: &str, event: &Value) -> Option<String> {
     match &rule.dedup_key {
@@ -572,6 +601,35 @@ fn apply_form(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rules(yaml: &str) -> Arc<Vec<Rule>> {
+        let rules = yaml
+            .split("---\n")
+            .map(|doc| crate::rules::compile(serde_yaml_ng::from_str(doc).unwrap()).unwrap())
+            .collect();
+        Arc::new(rules)
+    }
+
+    #[test]
+    fn a_reload_keeps_the_state_of_unchanged_shapes_and_clears_the_others() {
+        let base = "title: t\nseverity: LOW\nentity: {type: user, key: u}\nmatch: 'true'\n";
+        let v1 = format!(
+            "id: kept\n{base}state: {{count: {{window: 1h, threshold: 100}}}}\n---\nid: reshaped\n{base}state: {{count: {{window: 1h, threshold: 100}}}}\n"
+        );
+        let v2 = format!(
+            "id: kept\n{base}state: {{count: {{window: 2h, threshold: 5}}}}\n---\nid: reshaped\n{base}state: {{distinct: {{field: u, window: 1h, threshold: 100}}}}\n"
+        );
+        let cache = StateCache::new(Box::new(crate::state::MemoryStore::new()), 1000);
+        let mut engine = Engine::new(rules(&v1), Arc::new(ScoringConfig::default()), cache);
+        let event = Event { value: json!({"u": "x"}), time_ms: 0, time_from_event: true };
+        let mut alerts = Vec::new();
+        engine.process(&event, &mut alerts).unwrap();
+        engine.process(&event, &mut alerts).unwrap();
+        let fresh = engine.set_rules(rules(&v2), Arc::new(ScoringConfig::default())).unwrap();
+        assert_eq!(fresh, ["reshaped"]);
+        assert_eq!(engine.cache().get_counter("kept/user/x", 0).unwrap(), 2);
+        assert_eq!(engine.cache().read("reshaped/user/x", 0).unwrap(), None);
+    }
 
     #[test]
     fn haversine_matches_known_distances() {

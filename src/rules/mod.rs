@@ -148,6 +148,28 @@ pub struct Rule {
     pub context: Vec<(String, FieldPath)>,
 }
 
+impl Rule {
+    /// What the rule's stored state means: the form and the fields it keeps,
+    /// the entity and the key namespace — not its thresholds or windows. A
+    /// reload keeps the state of a rule whose shape is unchanged.
+    pub fn state_shape(&self) -> String {
+        let form = match &self.form {
+            Form::Stateless => "stateless".to_string(),
+            Form::Count { .. } => "count".to_string(),
+            Form::Distinct { field, .. } => format!("distinct {field}"),
+            Form::FirstSeen { field, .. } => format!("first_seen {field}"),
+            Form::Changed { fields, .. } => {
+                let f: Vec<String> = fields.iter().map(|(n, p)| format!("{n}={p}")).collect();
+                format!("changed {}", f.join(","))
+            }
+            Form::Travel { lat, lon, city, .. } => {
+                format!("travel {lat} {lon} {}", city.as_ref().map(FieldPath::as_str).unwrap_or(""))
+            }
+        };
+        format!("{}|{}|{}|{}", self.namespace, self.entity_type, self.entity_key, form)
+    }
+}
+
 /// A problem with one field of a rule spec; the loader adds file and line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FieldError {

@@ -109,6 +109,22 @@ impl StateCache {
         Ok(&mut entry.record)
     }
 
+    /// Removes every key starting with `prefix`, in the cache and (at the
+    /// next flush) in the store; returns how many.
+    pub fn purge_prefix(&mut self, prefix: &str) -> Result<usize> {
+        let mut keys: Vec<String> = Vec::new();
+        self.store.scan(prefix, &mut |k, _| keys.push(k.to_string()))?;
+        keys.extend(self.entries.keys().filter(|k| k.starts_with(prefix)).cloned());
+        keys.sort();
+        keys.dedup();
+        for key in &keys {
+            let entry = self.entry(key)?;
+            entry.record = Record::default();
+            entry.dirty = true;
+        }
+        Ok(keys.len())
+    }
+
     /// Removes every value and the expiry of `key`.
     pub fn delete(&mut self, key: &str, now_ms: i64) -> Result<()> {
         *self.write(key, now_ms)? = Record::default();
