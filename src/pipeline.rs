@@ -14,7 +14,9 @@ use crate::event::now_ms;
 use crate::rules::{Engine, Problem};
 use crate::sink::{DeadLetter, JsonLinesSink};
 use crate::source::JsonLines;
-use crate::state::{Checkpoint, EmbeddedStore, MemoryStore, StateCache, StateError, Store, WATERMARK_KEY};
+use crate::state::{
+    dynamodb, Checkpoint, DynamoStore, EmbeddedStore, MemoryStore, StateCache, StateError, Store, WATERMARK_KEY,
+};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -100,12 +102,35 @@ fn io_err<'a>(what: &'static str, path: &'a str) -> impl FnOnce(io::Error) -> Ru
     move |source| RunError::Io { what, path: path.to_string(), source }
 }
 
-/// Opens the configured store.
+/// Opens the configured store. The DynamoDB store blocks on its own
+/// runtime: open and use it from a blocking thread, not an async task.
 pub fn open_store(kind: &StoreKind) -> Result<Box<dyn Store>, StateError> {
     Ok(match kind {
         StoreKind::Memory => Box::new(MemoryStore::new()),
         StoreKind::Embedded(path) => Box::new(EmbeddedStore::open(path)?),
+        StoreKind::DynamoDb(cfg) => Box::new(DynamoStore::open(cfg)?),
     })
+}
+
+/// `riskd store init`: sets up what the configured store needs (a DynamoDB
+/// table with TTL); returns what was done, one line per step. Blocks.
+pub fn init_store(kind: &StoreKind) -> Result<Vec<String>, StateError> {
+    match kind {
+        StoreKind::DynamoDb(cfg) => dynamodb::init_table(cfg),
+        StoreKind::Embedded(path) => {
+            Ok(vec![format!("the embedded store needs no setup: {} is created on first use", path.display())])
+        }
+        StoreKind::Memory => Ok(vec!["the memory store needs no setup".into()]),
+    }
+}
+
+/// `riskd store check`: everything wrong with the configured store's setup
+/// (empty when nothing is). Blocks.
+pub fn check_store(kind: &StoreKind) -> Result<Vec<String>, StateError> {
+    match kind {
+        StoreKind::DynamoDb(cfg) => dynamodb::check_table(cfg),
+        StoreKind::Embedded(_) | StoreKind::Memory => Ok(Vec::new()),
+    }
 }
 
 fn absolute(p: &Path) -> PathBuf {
