@@ -12,10 +12,11 @@
 //!   evaluation and alerts.
 //! - [`scoring`]: entity risk: decaying scores, risk alerts, explanations.
 //! - [`state`]: the state primitives, the write-back cache and the store
-//!   trait with its in-memory and embedded (redb) implementations.
+//!   trait with its in-memory, embedded (redb) and DynamoDB implementations.
 //! - [`source`]: JSON-lines input with positions for checkpoints.
 //! - [`sink`]: JSON-lines outputs (alerts, dead letters).
-//! - [`pipeline`]: the main job tying them together, and its checkpoints.
+//! - [`pipeline`]: the main job tying them together, its checkpoints, and
+//!   opening, setting up and checking the configured store.
 //! - [`reload`]: live reload on SIGHUP and on rule file changes.
 //! - [`generate`]: a synthetic CloudTrail/Okta stream for benchmarks and demos.
 //! - [`telemetry`]: every metric, health, the HTTP endpoint, logging.

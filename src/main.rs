@@ -84,6 +84,11 @@ enum Command {
         #[command(subcommand)]
         action: StateAction,
     },
+    /// Set up or verify the state store (the DynamoDB table and its TTL).
+    Store {
+        #[command(subcommand)]
+        action: StoreAction,
+    },
     /// Write a synthetic CloudTrail/Okta stream with planted attacks to stdout.
     Generate {
         /// Number of events.
@@ -140,12 +145,84 @@ enum StateAction {
     },
 }
 
+#[derive(Subcommand)]
+enum StoreAction {
+    /// Create the table (on-demand, hash key `key`) and enable TTL on
+    /// `expiresAt`; a table already set up is left as it is.
+    Init {
+        /// Service config (names the store).
+        #[arg(long, default_value = "config/riskd.toml")]
+        config: PathBuf,
+    },
+    /// Verify the table's key schema and TTL; exit non-zero, saying what is
+    /// wrong, when they do not fit riskd.
+    Check {
+        /// Service config (names the store).
+        #[arg(long, default_value = "config/riskd.toml")]
+        config: PathBuf,
+    },
+}
+
 fn stream(text: &str) -> Stream {
     Stream::parse(text, Path::new(""))
 }
 
 fn load(path: &Path) -> anyhow::Result<Config> {
     Config::load(path).map_err(anyhow::Error::from)
+}
+
+/// Runs store work on a blocking thread: the DynamoDB store blocks on a
+/// runtime of its own, which cannot happen on an async worker.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(work).await.context("store task failed")?
+}
+
+/// `riskd state …`, on a blocking thread (stores may block on a runtime of their own).
+fn state_command(cfg: &Config, action: StateAction) -> anyhow::Result<()> {
+    let mut store = riskd::pipeline::open_store(&cfg.store).context("opening the store")?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match action {
+        StateAction::Export => {
+            riskd::state::export(store.as_ref(), &mut out).context("exporting state")?;
+        }
+        StateAction::Get { key } => {
+            let record = store.get_many(&[&key])?.pop().flatten();
+            anyhow::ensure!(record.is_some(), "no key {key:?}");
+            let now = riskd::state::watermark(store.as_ref())?;
+            let view = riskd::state::describe(&key, record.as_ref(), now);
+            std::io::Write::write_all(&mut out, format!("{view:#}\n").as_bytes())?;
+        }
+        StateAction::List { prefix } => {
+            let now = riskd::state::watermark(store.as_ref())?;
+            let mut lines = Vec::new();
+            store.scan(&prefix, &mut |key, record| lines.push(riskd::state::summarize(key, record, now)))?;
+            for l in lines {
+                std::io::Write::write_all(&mut out, format!("{l}\n").as_bytes())?;
+            }
+        }
+        StateAction::Delete { key, yes } => {
+            anyhow::ensure!(yes, "deleting {key:?} changes the store: add --yes");
+            anyhow::ensure!(store.get_many(&[&key])?.pop().flatten().is_some(), "no key {key:?}");
+            store.apply(riskd::state::WriteBatch {
+                mutations: vec![(key.as_str(), riskd::state::Mutation::Delete)],
+                checkpoint: None,
+            })?;
+            eprintln!("deleted {key}");
+        }
+        StateAction::Import { file, yes } => {
+            anyhow::ensure!(yes, "importing changes the store: add --yes");
+            let text = if file == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?
+            };
+            let n = riskd::state::import(store.as_mut(), &text).context("importing")?;
+            eprintln!("imported {n} records");
+        }
+    }
+    std::io::Write::flush(&mut out)?;
+    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -227,61 +304,34 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Entity { entity_type, id, config, json } => {
             let cfg = load(&config)?;
-            let store = riskd::pipeline::open_store(&cfg.store).context("opening the store")?;
-            let entity = riskd::rules::EntityRef { type_: entity_type, id };
-            let x = riskd::scoring::explain_entity(&cfg.rules, &cfg.scoring, store.as_ref(), &entity)
-                .context("reading the entity's state")?;
-            if json {
-                println!("{x:#}");
-            } else {
-                print!("{}", riskd::scoring::render_explanation(&x));
-            }
+            let text = blocking(move || {
+                let store = riskd::pipeline::open_store(&cfg.store).context("opening the store")?;
+                let entity = riskd::rules::EntityRef { type_: entity_type, id };
+                let x = riskd::scoring::explain_entity(&cfg.rules, &cfg.scoring, store.as_ref(), &entity)
+                    .context("reading the entity's state")?;
+                Ok(if json { format!("{x:#}\n") } else { riskd::scoring::render_explanation(&x) })
+            })
+            .await?;
+            print!("{text}");
         }
         Command::State { config, action } => {
             let cfg = load(&config)?;
-            let mut store = riskd::pipeline::open_store(&cfg.store).context("opening the store")?;
-            let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::new(stdout.lock());
-            match action {
-                StateAction::Export => {
-                    riskd::state::export(store.as_ref(), &mut out).context("exporting state")?;
-                }
-                StateAction::Get { key } => {
-                    let record = store.get_many(&[&key])?.pop().flatten();
-                    anyhow::ensure!(record.is_some(), "no key {key:?}");
-                    let now = riskd::state::watermark(store.as_ref())?;
-                    let view = riskd::state::describe(&key, record.as_ref(), now);
-                    std::io::Write::write_all(&mut out, format!("{view:#}\n").as_bytes())?;
-                }
-                StateAction::List { prefix } => {
-                    let now = riskd::state::watermark(store.as_ref())?;
-                    let mut lines = Vec::new();
-                    store.scan(&prefix, &mut |key, record| lines.push(riskd::state::summarize(key, record, now)))?;
-                    for l in lines {
-                        std::io::Write::write_all(&mut out, format!("{l}\n").as_bytes())?;
-                    }
-                }
-                StateAction::Delete { key, yes } => {
-                    anyhow::ensure!(yes, "deleting {key:?} changes the store: add --yes");
-                    anyhow::ensure!(store.get_many(&[&key])?.pop().flatten().is_some(), "no key {key:?}");
-                    store.apply(riskd::state::WriteBatch {
-                        mutations: vec![(key.as_str(), riskd::state::Mutation::Delete)],
-                        checkpoint: None,
-                    })?;
-                    eprintln!("deleted {key}");
-                }
-                StateAction::Import { file, yes } => {
-                    anyhow::ensure!(yes, "importing changes the store: add --yes");
-                    let text = if file == "-" {
-                        std::io::read_to_string(std::io::stdin())?
-                    } else {
-                        std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?
-                    };
-                    let n = riskd::state::import(store.as_mut(), &text).context("importing")?;
-                    eprintln!("imported {n} records");
-                }
+            blocking(move || state_command(&cfg, action)).await?;
+        }
+        Command::Store { action: StoreAction::Init { config } } => {
+            let cfg = load(&config)?;
+            let done = blocking(move || Ok(riskd::pipeline::init_store(&cfg.store)?)).await?;
+            for line in done {
+                println!("{line}");
             }
-            std::io::Write::flush(&mut out)?;
+        }
+        Command::Store { action: StoreAction::Check { config } } => {
+            let cfg = load(&config)?;
+            let problems = blocking(move || Ok(riskd::pipeline::check_store(&cfg.store)?)).await?;
+            if !problems.is_empty() {
+                anyhow::bail!("{}: the store does not fit riskd:\n  {}", config.display(), problems.join("\n  "));
+            }
+            println!("{}: store ok", config.display());
         }
         Command::Generate { events, users, seed, attack_every } => {
             let spec = riskd::generate::Spec { events, users, seed, attack_every, ..Default::default() };

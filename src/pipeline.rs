@@ -15,7 +15,8 @@ use crate::rules::{Alert, Engine, Problem};
 use crate::sink::{DeadLetter, JsonLinesSink};
 use crate::source::{JsonLines, LineInfo};
 use crate::state::{
-    Checkpoint, EmbeddedStore, Instrumented, MemoryStore, StateCache, StateError, Store, WATERMARK_KEY,
+    dynamodb, Checkpoint, DynamoStore, EmbeddedStore, Instrumented, MemoryStore, StateCache, StateError, Store,
+    WATERMARK_KEY,
 };
 use crate::telemetry::{metrics, Health};
 use prometheus::IntCounter;
@@ -110,13 +111,37 @@ fn io_err<'a>(what: &'static str, path: &'a str) -> impl FnOnce(io::Error) -> Ru
     move |source| RunError::Io { what, path: path.to_string(), source }
 }
 
-/// Opens the configured store, with metrics around it.
+/// Opens the configured store, with metrics around it. The DynamoDB store
+/// blocks on its own runtime: open and use it from a blocking thread, not an
+/// async task.
 pub fn open_store(kind: &StoreKind) -> Result<Box<dyn Store>, StateError> {
     let inner: Box<dyn Store> = match kind {
         StoreKind::Memory => Box::new(MemoryStore::new()),
         StoreKind::Embedded(path) => Box::new(EmbeddedStore::open(path)?),
+        StoreKind::DynamoDb(cfg) => Box::new(DynamoStore::open(cfg)?),
     };
     Ok(Box::new(Instrumented::new(inner)))
+}
+
+/// `riskd store init`: sets up what the configured store needs (a DynamoDB
+/// table with TTL); returns what was done, one line per step. Blocks.
+pub fn init_store(kind: &StoreKind) -> Result<Vec<String>, StateError> {
+    match kind {
+        StoreKind::DynamoDb(cfg) => dynamodb::init_table(cfg),
+        StoreKind::Embedded(path) => {
+            Ok(vec![format!("the embedded store needs no setup: {} is created on first use", path.display())])
+        }
+        StoreKind::Memory => Ok(vec!["the memory store needs no setup".into()]),
+    }
+}
+
+/// `riskd store check`: everything wrong with the configured store's setup
+/// (empty when nothing is). Blocks.
+pub fn check_store(kind: &StoreKind) -> Result<Vec<String>, StateError> {
+    match kind {
+        StoreKind::DynamoDb(cfg) => dynamodb::check_table(cfg),
+        StoreKind::Embedded(_) | StoreKind::Memory => Ok(Vec::new()),
+    }
 }
 
 fn absolute(p: &Path) -> PathBuf {

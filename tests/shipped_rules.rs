@@ -166,6 +166,27 @@ fn same_input_from_empty_state_gives_identical_alerts() {
 }
 
 #[test]
+fn the_dynamodb_store_gives_the_same_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_dynamodb_config(dir.path(), &samples(), "", "");
+    let stderr = run_ok(&config);
+    assert_eq!(stderr.lines().last(), run().stderr.lines().last());
+    assert_eq!(alerts(dir.path()), run().alerts);
+}
+
+#[test]
+fn the_dynamodb_store_gives_the_same_alerts_when_every_read_goes_to_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    // A flush after every event and an empty cache after each: every key is
+    // read back from DynamoDB. No TTL: these 2024 events' state is past its
+    // wall-clock expiry, and DynamoDB Local would delete it within seconds.
+    let config =
+        write_dynamodb_config(dir.path(), &samples(), "", "flush_every_events = 1\ncache_max_entries = 0\nttl = false");
+    run_ok(&config);
+    assert_eq!(alerts(dir.path()), run().alerts);
+}
+
+#[test]
 fn stdin_to_stdout() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &samples(), "", "");

@@ -12,6 +12,7 @@ pub use rule_files::Override;
 use crate::event::{EventTime, FieldPath};
 use crate::rules::{Rule, Severity};
 use crate::scoring::{default_bands, Modifier, ScoringConfig, TypePolicy};
+use crate::state::dynamodb::{DynamoConfig, DEFAULT_TABLE};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -220,12 +221,26 @@ impl Default for SinkFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreFile {
-    /// `embedded` (on disk, the default) or `memory` (lost at exit).
+    /// `embedded` (on disk, the default), `dynamodb` or `memory` (lost at exit).
     #[serde(default = "embedded")]
     pub kind: String,
-    /// Database file of the embedded store.
-    #[serde(default = "default_db")]
-    pub path: String,
+    /// Database file of the embedded store (default `riskd.redb`).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// DynamoDB table (default `panther-kv-store`).
+    #[serde(default)]
+    pub table: Option<String>,
+    /// AWS region of the table; the standard AWS chain's when absent.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// DynamoDB endpoint instead of AWS's, e.g. DynamoDB Local's `http://127.0.0.1:8000`.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// Whether the table deletes expired items with DynamoDB's TTL on
+    /// `expiresAt` (default true). TTL runs on wall-clock time: turn it off
+    /// for a table that replays events older than their state's lifetime.
+    #[serde(default)]
+    pub ttl: Option<bool>,
     /// State and checkpoint are flushed after this many events…
     #[serde(default = "hundred_thousand")]
     pub flush_every_events: u64,
@@ -241,7 +256,11 @@ impl Default for StoreFile {
     fn default() -> Self {
         Self {
             kind: embedded(),
-            path: default_db(),
+            path: None,
+            table: None,
+            region: None,
+            endpoint_url: None,
+            ttl: None,
             flush_every_events: hundred_thousand(),
             flush_interval: two_seconds(),
             cache_max_entries: million(),
@@ -290,9 +309,6 @@ fn one_mib() -> usize {
 fn embedded() -> String {
     "embedded".into()
 }
-fn default_db() -> String {
-    "riskd.redb".into()
-}
 fn hundred_thousand() -> u64 {
     100_000
 }
@@ -336,6 +352,8 @@ pub enum StoreKind {
     Memory,
     /// redb file.
     Embedded(PathBuf),
+    /// A DynamoDB table.
+    DynamoDb(DynamoConfig),
 }
 
 /// The validated configuration riskd runs with.
@@ -400,14 +418,7 @@ impl Config {
             let line = text.lines().position(|l| l.trim_start().starts_with(key)).map(|i| i + 1);
             errors.push(ConfigError { file: path.to_path_buf(), line, rule: None, message });
         };
-        let store = match file.store.kind.as_str() {
-            "embedded" => StoreKind::Embedded(base.join(&file.store.path)),
-            "memory" => StoreKind::Memory,
-            other => {
-                err("kind", format!("store.kind {other:?} is not one of embedded, memory"));
-                StoreKind::Memory
-            }
-        };
+        let store = store_kind(&file.store, &base, &mut err);
         if file.store.flush_every_events == 0 {
             err("flush_every_events", "store.flush_every_events must be at least 1".into());
         }
@@ -482,6 +493,69 @@ impl Config {
             listen,
             log_level: file.telemetry.log_level,
         })
+    }
+}
+
+/// The store `[store]` names, with every misplaced or malformed key reported.
+fn store_kind(file: &StoreFile, base: &Path, err: &mut impl FnMut(&str, String)) -> StoreKind {
+    let dynamodb_only = [
+        ("table", file.table.is_some()),
+        ("region", file.region.is_some()),
+        ("endpoint_url", file.endpoint_url.is_some()),
+        ("ttl", file.ttl.is_some()),
+    ];
+    fn not_here(kind: &str, keys: &[(&str, bool)], err: &mut impl FnMut(&str, String)) {
+        for (key, set) in keys {
+            if *set {
+                err(key, format!("store.{key} does not apply to store.kind = {kind:?}"));
+            }
+        }
+    }
+    match file.kind.as_str() {
+        "embedded" => {
+            not_here("embedded", &dynamodb_only, err);
+            StoreKind::Embedded(base.join(file.path.as_deref().unwrap_or("riskd.redb")))
+        }
+        "memory" => {
+            not_here("memory", &dynamodb_only, err);
+            StoreKind::Memory
+        }
+        "dynamodb" => {
+            not_here("dynamodb", &[("path", file.path.is_some())], err);
+            let table = file.table.clone().unwrap_or_else(|| DEFAULT_TABLE.to_string());
+            let table_ok = (3..=255).contains(&table.len())
+                && table.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            if !table_ok {
+                err(
+                    "table",
+                    format!("store.table {table:?} is not a DynamoDB table name (3-255 of a-z A-Z 0-9 _ - .)"),
+                );
+            }
+            if let Some(region) = &file.region {
+                if region.is_empty()
+                    || !region.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                {
+                    err("region", format!("store.region {region:?} is not an AWS region name, e.g. us-east-1"));
+                }
+            }
+            if let Some(url) = &file.endpoint_url {
+                let host = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+                if host.is_none_or(|h| h.is_empty() || h.starts_with('/')) {
+                    err("endpoint_url", format!("store.endpoint_url {url:?} is not an http:// or https:// URL"));
+                }
+            }
+            StoreKind::DynamoDb(DynamoConfig {
+                table,
+                region: file.region.clone(),
+                endpoint_url: file.endpoint_url.clone(),
+                ttl: file.ttl.unwrap_or(true),
+                remember_versions: file.cache_max_entries,
+            })
+        }
+        other => {
+            err("kind", format!("store.kind {other:?} is not one of embedded, dynamodb, memory"));
+            StoreKind::Memory
+        }
     }
 }
 
@@ -592,6 +666,38 @@ mod tests {
         assert_eq!(s.policy("user").half_life_ms, 48 * 3_600_000);
         assert_eq!(s.policy("role"), &s.default);
         assert!(s.modifiers[0].ids.is_match("admin-root"));
+    }
+
+    #[test]
+    fn dynamodb_store_defaults_and_every_store_error() {
+        let cfg = load_text("[store]\nkind = \"dynamodb\"\n").unwrap();
+        let StoreKind::DynamoDb(d) = &cfg.store else { panic!("{:?}", cfg.store) };
+        assert_eq!((d.table.as_str(), &d.region, &d.endpoint_url, d.ttl), ("panther-kv-store", &None, &None, true));
+        let cfg = load_text(
+            "[store]\nkind = \"dynamodb\"\ntable = \"t-1\"\nregion = \"eu-west-1\"\nendpoint_url = \"http://127.0.0.1:8000\"\nttl = false\n",
+        )
+        .unwrap();
+        let StoreKind::DynamoDb(d) = &cfg.store else { panic!("{:?}", cfg.store) };
+        assert_eq!(d.region.as_deref(), Some("eu-west-1"));
+        assert_eq!((d.endpoint_url.as_deref(), d.ttl), (Some("http://127.0.0.1:8000"), false));
+
+        let errors = load_text(
+            "[store]\nkind = \"dynamodb\"\npath = \"x.redb\"\ntable = \"a\"\nregion = \"US East\"\nendpoint_url = \"ftp://h\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(errors.0.len(), 4, "{errors}");
+        assert!(errors.0.iter().all(|e| e.line.is_some()), "{errors}");
+        let text = errors.to_string();
+        for needle in
+            ["store.path does not apply", "store.table \"a\"", "store.region \"US East\"", "store.endpoint_url"]
+        {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+        let errors = load_text("[store]\nkind = \"embedded\"\ntable = \"t-1\"\nttl = true\n").unwrap_err();
+        assert_eq!(errors.0.len(), 2, "{errors}");
+        assert!(errors.to_string().contains("store.table does not apply to store.kind = \"embedded\""), "{errors}");
+        let errors = load_text("[store]\nkind = \"cassandra\"\n").unwrap_err();
+        assert!(errors.to_string().contains("not one of embedded, dynamodb, memory"), "{errors}");
     }
 
     #[test]

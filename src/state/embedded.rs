@@ -119,12 +119,12 @@ impl Store for EmbeddedStore {
 mod tests {
     use super::*;
 
-    #[test]
-    fn shares_store_behaviour() {
+    fn fresh() -> (EmbeddedStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
-        super::super::store_tests::round_trip(&mut store);
+        (EmbeddedStore::open(&dir.path().join("s.redb")).unwrap(), dir)
     }
+
+    crate::state::store_tests::shared_store_tests!(fresh());
 
     #[test]
     fn persists_across_reopen() {

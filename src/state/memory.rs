@@ -61,8 +61,5 @@ impl Store for MemoryStore {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn shares_store_behaviour() {
-        super::super::store_tests::round_trip(&mut super::MemoryStore::new());
-    }
+    crate::state::store_tests::shared_store_tests!((super::MemoryStore::new(), ()));
 }

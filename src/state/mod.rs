@@ -12,11 +12,13 @@
 //! one [`WriteBatch`].
 
 mod cache;
+pub mod dynamodb;
 mod embedded;
 mod instrumented;
 mod memory;
 
 pub use cache::{check_dict_size, Expiry, StateCache};
+pub use dynamodb::{DynamoConfig, DynamoStore};
 pub use embedded::EmbeddedStore;
 pub use instrumented::Instrumented;
 pub use memory::MemoryStore;
@@ -52,6 +54,40 @@ pub enum StateError {
         /// The decoder's message.
         message: String,
     },
+    /// A request to a remote store failed for good: not worth retrying, or
+    /// still failing when the retries ran out.
+    #[error("{0}")]
+    Request(Box<RequestFailure>),
+    /// A key the store cannot hold (empty, or too long).
+    #[error("{store} store: key {key:?} cannot be stored: {message}")]
+    BadKey {
+        /// Which store.
+        store: &'static str,
+        /// The key.
+        key: String,
+        /// Why.
+        message: String,
+    },
+    /// A record whose item would be over the store's item size limit.
+    #[error("{store} store: key {key:?} would be a {bytes}-byte item, over the {limit}-byte limit (the item holds the key's previous version too)")]
+    ItemTooLarge {
+        /// Which store.
+        store: &'static str,
+        /// The key.
+        key: String,
+        /// The item's size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A table that exists but is not laid out as riskd needs.
+    #[error("table {table:?} does not fit riskd: {}", .problems.join("; "))]
+    TableMisfit {
+        /// The table.
+        table: String,
+        /// Each thing wrong with it.
+        problems: Vec<String>,
+    },
     /// A dictionary over [`MAX_DICT_BYTES`] once serialized.
     #[error("dictionary for key {key:?} is {bytes} bytes serialized, over the {limit}-byte limit")]
     DictionaryTooLarge {
@@ -62,6 +98,34 @@ pub enum StateError {
         /// The limit.
         limit: usize,
     },
+}
+
+/// A request to a remote store that failed for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestFailure {
+    /// Which store.
+    pub store: &'static str,
+    /// The request: `BatchWriteItem`, `Scan`, …
+    pub operation: &'static str,
+    /// The table.
+    pub table: String,
+    /// The key at fault, where one is.
+    pub key: Option<String>,
+    /// The service's error code (`ValidationException`, …) or the kind of
+    /// failure (`Timeout`, `DispatchFailure`).
+    pub code: String,
+    /// The service's message.
+    pub message: String,
+}
+
+impl std::fmt::Display for RequestFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} store: {} on table {:?}", self.store, self.operation, self.table)?;
+        if let Some(key) = &self.key {
+            write!(f, " (key {key:?})")?;
+        }
+        write!(f, ": {}: {}", self.code, self.message)
+    }
 }
 
 /// Result of the state layer.
@@ -154,8 +218,61 @@ pub trait Store: Send {
 
 #[cfg(test)]
 pub(crate) mod store_tests {
-    //! Behaviour every [`Store`] must share; each implementation runs these.
+    //! Behaviour every [`Store`] must share: each implementation runs all of
+    //! these through [`shared_store_tests!`], with the same code.
     use super::*;
+
+    /// Expands to one `#[test]` per shared behaviour; `$make` returns a
+    /// fresh, empty store and whatever must live as long as it.
+    macro_rules! shared_store_tests {
+        ($make:expr) => {
+            #[test]
+            fn shared_round_trip() {
+                let (mut store, _keep) = $make;
+                $crate::state::store_tests::round_trip(&mut store);
+            }
+            #[test]
+            fn shared_expiry_is_kept_to_the_millisecond() {
+                let (mut store, _keep) = $make;
+                $crate::state::store_tests::expiry_is_kept_to_the_millisecond(&mut store);
+            }
+            #[test]
+            fn shared_checkpoints_per_source() {
+                let (mut store, _keep) = $make;
+                $crate::state::store_tests::checkpoints_per_source(&mut store);
+            }
+            #[test]
+            fn shared_scan_is_in_key_order_within_the_prefix() {
+                let (mut store, _keep) = $make;
+                $crate::state::store_tests::scan_is_in_key_order_within_the_prefix(&mut store);
+            }
+            #[test]
+            fn shared_many_keys_in_one_batch() {
+                let (mut store, _keep) = $make;
+                $crate::state::store_tests::many_keys_in_one_batch(&mut store);
+            }
+            #[test]
+            fn shared_put_replaces_the_whole_record() {
+                let (mut store, _keep) = $make;
+                $crate::state::store_tests::put_replaces_the_whole_record(&mut store);
+            }
+        };
+    }
+    pub(crate) use shared_store_tests;
+
+    fn put<'a>(key: &'a str, record: &'a Record) -> (&'a str, Mutation<'a>) {
+        (key, Mutation::Put(record))
+    }
+
+    fn apply(store: &mut dyn Store, mutations: Vec<(&str, Mutation<'_>)>) {
+        store.apply(WriteBatch { mutations, checkpoint: None }).unwrap();
+    }
+
+    fn keys(store: &dyn Store, prefix: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        store.scan(prefix, &mut |k, _| seen.push(k.to_string())).unwrap();
+        seen
+    }
 
     pub fn round_trip(store: &mut dyn Store) {
         let rec = Record {
@@ -173,13 +290,96 @@ pub(crate) mod store_tests {
             })
             .unwrap();
         assert_eq!(store.get_many(&["r/a", "zz"]).unwrap(), vec![Some(rec.clone()), None]);
+        assert_eq!(store.get_many(&["r/b"]).unwrap(), vec![Some(empty)], "an empty record is still a record");
         assert_eq!(store.checkpoint("in").unwrap(), Some(cp));
         assert_eq!(store.checkpoint("other").unwrap(), None);
-        let mut seen = Vec::new();
-        store.scan("r/", &mut |k, _| seen.push(k.to_string())).unwrap();
-        assert_eq!(seen, vec!["r/a", "r/b"]);
+        assert_eq!(keys(store, "r/"), vec!["r/a", "r/b"]);
+        assert_eq!(keys(store, ""), vec!["r/a", "r/b"], "checkpoints are not records");
         store.apply(WriteBatch { mutations: vec![("r/a", Mutation::Delete)], checkpoint: None }).unwrap();
         assert_eq!(store.get_many(&["r/a"]).unwrap(), vec![None]);
+        assert_eq!(keys(store, "r/"), vec!["r/b"]);
+    }
+
+    /// The store keeps expiry exactly and never decides liveness itself
+    /// (the cache does, on event time): expired records read back as stored.
+    pub fn expiry_is_kept_to_the_millisecond(store: &mut dyn Store) {
+        let at = |ms| Record { count: 1, expires_at_ms: Some(ms), ..Record::default() };
+        let records =
+            [at(999), at(1_000), at(1_001), at(-1_500), Record { expires_at_ms: Some(7), ..Record::default() }];
+        let names = ["e/999", "e/1000", "e/1001", "e/neg", "e/only-expiry"];
+        apply(store, names.iter().zip(&records).map(|(k, r)| put(k, r)).collect());
+        let got = store.get_many(&names).unwrap();
+        assert_eq!(got, records.iter().cloned().map(Some).collect::<Vec<_>>());
+        // Overwriting drops the old expiry with the old record.
+        let plain = Record { count: 2, ..Record::default() };
+        apply(store, vec![put("e/999", &plain)]);
+        assert_eq!(store.get_many(&["e/999"]).unwrap(), vec![Some(plain)]);
+    }
+
+    pub fn checkpoints_per_source(store: &mut dyn Store) {
+        let first =
+            Checkpoint { offset: 10, line: 1, watermark_ms: 1, outputs: BTreeMap::from([("alerts:x".into(), 7)]) };
+        let second = Checkpoint { offset: 20, line: 2, watermark_ms: 2, outputs: BTreeMap::new() };
+        let other = Checkpoint { offset: 5, ..Checkpoint::default() };
+        let rec = Record { count: 1, ..Record::default() };
+        store.apply(WriteBatch { mutations: vec![put("c/k", &rec)], checkpoint: Some(("file:/a", &first)) }).unwrap();
+        store.apply(WriteBatch { mutations: vec![], checkpoint: Some(("file:/b", &other)) }).unwrap();
+        assert_eq!(store.checkpoint("file:/a").unwrap(), Some(first));
+        store.apply(WriteBatch { mutations: vec![], checkpoint: Some(("file:/a", &second)) }).unwrap();
+        assert_eq!(store.checkpoint("file:/a").unwrap(), Some(second));
+        assert_eq!(store.checkpoint("file:/b").unwrap(), Some(other));
+        assert_eq!(keys(store, ""), vec!["c/k"]);
+    }
+
+    pub fn scan_is_in_key_order_within_the_prefix(store: &mut dyn Store) {
+        let rec = Record { count: 1, ..Record::default() };
+        let names = ["b/2", "a/1", "b/10", "b/1", "b", "c/1", "b/\u{e9}", "b/Z", "ba/1"];
+        apply(store, names.iter().map(|k| put(k, &rec)).collect());
+        assert_eq!(keys(store, "b/"), vec!["b/1", "b/10", "b/2", "b/Z", "b/\u{e9}"]);
+        assert_eq!(keys(store, "b"), vec!["b", "b/1", "b/10", "b/2", "b/Z", "b/\u{e9}", "ba/1"]);
+        assert_eq!(keys(store, "zz"), Vec::<String>::new());
+        let mut all = names.map(String::from).to_vec();
+        all.sort();
+        assert_eq!(keys(store, ""), all);
+        let mut visited = Vec::new();
+        store.scan("a/", &mut |k, r| visited.push((k.to_string(), r.clone()))).unwrap();
+        assert_eq!(visited, vec![("a/1".to_string(), rec)]);
+    }
+
+    /// More keys than one request of a remote store carries (DynamoDB: 25
+    /// writes, 100 reads), repeats in a read, and absent keys among them.
+    pub fn many_keys_in_one_batch(store: &mut dyn Store) {
+        let records: Vec<(String, Record)> = (0..260)
+            .map(|i| (format!("m/{i:03}"), Record { count: i + 1, set: [format!("v{i}")].into(), ..Record::default() }))
+            .collect();
+        apply(store, records.iter().map(|(k, r)| put(k, r)).collect());
+        let mut wanted: Vec<&str> = records.iter().map(|(k, _)| k.as_str()).collect();
+        wanted.push("m/absent");
+        wanted.push("m/007");
+        let got = store.get_many(&wanted).unwrap();
+        assert_eq!(got.len(), 262);
+        for (i, (_, r)) in records.iter().enumerate() {
+            assert_eq!(got[i].as_ref(), Some(r));
+        }
+        assert_eq!(got[260], None);
+        assert_eq!(got[261].as_ref(), Some(&records[7].1));
+        assert_eq!(keys(store, "m/").len(), 260);
+        apply(store, records.iter().take(100).map(|(k, _)| (k.as_str(), Mutation::Delete)).collect());
+        assert_eq!(keys(store, "m/").len(), 160);
+    }
+
+    pub fn put_replaces_the_whole_record(store: &mut dyn Store) {
+        let full = Record {
+            count: 4,
+            set: ["x".into(), "y".into()].into(),
+            dict: Some(serde_json::json!({"a": [1, {"b": null}], "c": "d"}).as_object().cloned().unwrap_or_default()),
+            expires_at_ms: Some(123_456),
+        };
+        apply(store, vec![put("p", &full)]);
+        assert_eq!(store.get_many(&["p"]).unwrap(), vec![Some(full)]);
+        let small = Record { set: ["z".into()].into(), ..Record::default() };
+        apply(store, vec![put("p", &small)]);
+        assert_eq!(store.get_many(&["p"]).unwrap(), vec![Some(small)]);
     }
 }
 

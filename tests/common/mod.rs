@@ -30,6 +30,13 @@ pub fn write_config_with_rules(
     source_extra: &str,
     store_extra: &str,
 ) -> PathBuf {
+    let store = format!("kind = \"embedded\"\npath = \"state/riskd.redb\"\n{store_extra}");
+    write_config_with_store(dir, input, rules, source_extra, &store)
+}
+
+/// Writes a `riskd.toml` into `dir` with the shipped rules and `store` as
+/// the whole `[store]` section.
+pub fn write_config_with_store(dir: &Path, input: &Path, rules: &Path, source_extra: &str, store: &str) -> PathBuf {
     let text = format!(
         r#"[source]
 path = {input:?}
@@ -40,9 +47,7 @@ dead_letter = "dead-letter.jsonl"
 path = "alerts.jsonl"
 
 [store]
-kind = "embedded"
-path = "state/riskd.redb"
-{store_extra}
+{store}
 
 [rules]
 paths = [{rules:?}]
@@ -56,6 +61,37 @@ listen = ""
     let path = dir.join("riskd.toml");
     std::fs::write(&path, text).expect("write config");
     path
+}
+
+/// DynamoDB Local's address, from `scripts/test.sh`; a test that needs it
+/// fails without it.
+pub fn dynamodb_endpoint() -> String {
+    std::env::var("RISKD_TEST_DYNAMODB_ENDPOINT").unwrap_or_else(|_| {
+        panic!(
+            "RISKD_TEST_DYNAMODB_ENDPOINT is not set: this test needs DynamoDB Local; \
+             run ./scripts/test.sh, which installs and starts it"
+        )
+    })
+}
+
+/// The `[store]` lines of a DynamoDB store on a table no other test uses
+/// (not created).
+pub fn dynamodb_store_section(store_extra: &str) -> String {
+    format!(
+        "kind = \"dynamodb\"\ntable = \"riskd-test-{}\"\nregion = \"us-east-1\"\nendpoint_url = {:?}\n{store_extra}",
+        uuid::Uuid::new_v4().simple(),
+        dynamodb_endpoint()
+    )
+}
+
+/// As [`write_config`], with a DynamoDB store on a fresh table that
+/// `riskd store init` creates.
+pub fn write_dynamodb_config(dir: &Path, input: &Path, source_extra: &str, store_extra: &str) -> PathBuf {
+    let store = dynamodb_store_section(store_extra);
+    let config = write_config_with_store(dir, input, &root().join("config/rules"), source_extra, &store);
+    let out = riskd(&["store", "init", "--config", &config.display().to_string()]);
+    assert!(out.status.success(), "riskd store init failed: {}", String::from_utf8_lossy(&out.stderr));
+    config
 }
 
 /// `riskd ARGS…`, waited for.
