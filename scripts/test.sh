@@ -84,6 +84,8 @@ start_ddb() {
             fi
             if ! port_free "$port"; then
                 export RISKD_TEST_DYNAMODB_ENDPOINT="http://127.0.0.1:$port"
+                # The outage test starts (and stops) a DynamoDB Local of its own.
+                export RISKD_TEST_DYNAMODB_JAR="$ddb_jar"
                 echo "== DynamoDB Local on $RISKD_TEST_DYNAMODB_ENDPOINT (pid $ddb_pid)"
                 return
             fi

@@ -239,7 +239,7 @@ impl Job<'_> {
                     }
                     return Ok(v);
                 }
-                Err(RunError::State(e @ StateError::Backend { .. })) => {
+                Err(RunError::State(e)) if e.is_transient() => {
                     tracing::warn!(what, error = %e, retry_in_ms = wait.as_millis() as u64, "store failed; retrying");
                     self.health.set_store(Some(e.to_string()));
                     failing = true;

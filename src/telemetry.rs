@@ -67,6 +67,18 @@ pub struct Metrics {
     pub flush_keys: Histogram,
     /// Duration of a flush, outputs sync included.
     pub flush_seconds: Histogram,
+    /// DynamoDB requests, by operation and outcome (`ok`, `throttled`, `error`).
+    pub dynamodb_requests: IntCounterVec,
+    /// DynamoDB request latency, by operation.
+    pub dynamodb_request_seconds: HistogramVec,
+    /// DynamoDB requests throttled, by operation.
+    pub dynamodb_throttles: IntCounterVec,
+    /// DynamoDB requests retried, by operation.
+    pub dynamodb_retries: IntCounterVec,
+    /// Requests that waited for the rate limiter, by kind (`read`, `write`).
+    pub rate_limiter_waits: IntCounterVec,
+    /// Time spent waiting for the rate limiter, by kind.
+    pub rate_limiter_wait_seconds: prometheus::CounterVec,
     /// Config reloads, by outcome (`ok`, `error`).
     pub config_reloads: IntCounterVec,
     /// 1 when riskd is ready (rules loaded, source open, store reachable).
@@ -223,6 +235,36 @@ impl Metrics {
                 buckets(1e-4, 3.0, 12),
             )
             .with_label_values::<&str>(&[]),
+            dynamodb_requests: counter(
+                &r,
+                "riskd_dynamodb_requests_total",
+                "DynamoDB requests, by operation and outcome.",
+                &["op", "outcome"],
+            ),
+            dynamodb_request_seconds: histogram(
+                &r,
+                "riskd_dynamodb_request_seconds",
+                "DynamoDB request latency.",
+                &["op"],
+                seconds.clone(),
+            ),
+            dynamodb_throttles: counter(&r, "riskd_dynamodb_throttles_total", "DynamoDB requests throttled.", &["op"]),
+            dynamodb_retries: counter(&r, "riskd_dynamodb_retries_total", "DynamoDB requests retried.", &["op"]),
+            rate_limiter_waits: counter(
+                &r,
+                "riskd_rate_limiter_waits_total",
+                "Requests that waited for the request budget, by kind.",
+                &["kind"],
+            ),
+            rate_limiter_wait_seconds: {
+                let c = prometheus::CounterVec::new(
+                    Opts::new("riskd_rate_limiter_wait_seconds_total", "Time spent waiting for the request budget."),
+                    &["kind"],
+                )
+                .unwrap_or_else(|e| panic!("metric riskd_rate_limiter_wait_seconds_total: {e}"));
+                r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric: {e}"));
+                c
+            },
             config_reloads: counter(&r, "riskd_config_reloads_total", "Config reloads, by outcome.", &["outcome"]),
             ready: gauge(&r, "riskd_ready", "1 when riskd is ready to score events.", &[])
                 .with_label_values::<&str>(&[]),

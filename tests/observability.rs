@@ -77,10 +77,20 @@ fn input_with_bad_lines(dir: &Path) -> PathBuf {
     path
 }
 
-/// Starts `riskd run` following `input`, serving telemetry on a free port.
-fn start_riskd(dir: &Path, input: &Path) -> (Guard, u16) {
+/// Starts `riskd run` following `input`, serving telemetry on a free port;
+/// on DynamoDB Local (with a request budget) or on the embedded store.
+fn start_riskd(dir: &Path, input: &Path, dynamodb: bool) -> (Guard, u16) {
     let port = free_port();
-    let config = write_config(dir, input, "follow = true", "flush_interval = \"200ms\"");
+    let config = if dynamodb {
+        write_dynamodb_config(
+            dir,
+            input,
+            "follow = true",
+            "ttl = false\nflush_interval = \"200ms\"\nwrite_requests_per_second = 20\nread_requests_per_second = 50",
+        )
+    } else {
+        write_config(dir, input, "follow = true", "flush_interval = \"200ms\"")
+    };
     let text =
         std::fs::read_to_string(&config).unwrap().replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
     std::fs::write(&config, text).unwrap();
@@ -125,7 +135,7 @@ fn stop_gracefully(mut guard: Guard) -> String {
 fn counters_move_as_they_should_and_promtool_accepts_the_exposition() {
     let dir = tempfile::tempdir().unwrap();
     let input = input_with_bad_lines(dir.path());
-    let (riskd, port) = start_riskd(dir.path(), &input);
+    let (riskd, port) = start_riskd(dir.path(), &input, false);
     let url = format!("http://127.0.0.1:{port}/metrics");
     let mut exposition = String::new();
     wait_for("all 213 lines counted", Duration::from_secs(30), || {
@@ -218,7 +228,8 @@ fn dashboard_queries() -> Vec<(String, String)> {
 fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let dir = tempfile::tempdir().unwrap();
     let input = input_with_bad_lines(dir.path());
-    let (riskd, riskd_port) = start_riskd(dir.path(), &input);
+    // On DynamoDB, so that the state-store dashboard's DynamoDB panels have data too.
+    let (riskd, riskd_port) = start_riskd(dir.path(), &input, true);
     let exposition = get(&format!("http://127.0.0.1:{riskd_port}/metrics")).unwrap().1;
 
     // Every metric a dashboard names is one riskd exports.

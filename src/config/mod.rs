@@ -241,6 +241,12 @@ pub struct StoreFile {
     /// for a table that replays events older than their state's lifetime.
     #[serde(default)]
     pub ttl: Option<bool>,
+    /// DynamoDB read requests (BatchGetItem, Scan, …) per second at most; no limit when absent.
+    #[serde(default)]
+    pub read_requests_per_second: Option<u32>,
+    /// DynamoDB write requests (BatchWriteItem, TransactWriteItems, …) per second at most; no limit when absent.
+    #[serde(default)]
+    pub write_requests_per_second: Option<u32>,
     /// State and checkpoint are flushed after this many events…
     #[serde(default = "hundred_thousand")]
     pub flush_every_events: u64,
@@ -261,6 +267,8 @@ impl Default for StoreFile {
             region: None,
             endpoint_url: None,
             ttl: None,
+            read_requests_per_second: None,
+            write_requests_per_second: None,
             flush_every_events: hundred_thousand(),
             flush_interval: two_seconds(),
             cache_max_entries: million(),
@@ -503,6 +511,8 @@ fn store_kind(file: &StoreFile, base: &Path, err: &mut impl FnMut(&str, String))
         ("region", file.region.is_some()),
         ("endpoint_url", file.endpoint_url.is_some()),
         ("ttl", file.ttl.is_some()),
+        ("read_requests_per_second", file.read_requests_per_second.is_some()),
+        ("write_requests_per_second", file.write_requests_per_second.is_some()),
     ];
     fn not_here(kind: &str, keys: &[(&str, bool)], err: &mut impl FnMut(&str, String)) {
         for (key, set) in keys {
@@ -544,12 +554,22 @@ fn store_kind(file: &StoreFile, base: &Path, err: &mut impl FnMut(&str, String))
                     err("endpoint_url", format!("store.endpoint_url {url:?} is not an http:// or https:// URL"));
                 }
             }
+            for (key, v) in [
+                ("read_requests_per_second", file.read_requests_per_second),
+                ("write_requests_per_second", file.write_requests_per_second),
+            ] {
+                if v == Some(0) {
+                    err(key, format!("store.{key} must be at least 1 (leave it out for no limit)"));
+                }
+            }
             StoreKind::DynamoDb(DynamoConfig {
                 table,
                 region: file.region.clone(),
                 endpoint_url: file.endpoint_url.clone(),
                 ttl: file.ttl.unwrap_or(true),
                 remember_versions: file.cache_max_entries,
+                read_requests_per_second: file.read_requests_per_second.filter(|v| *v > 0),
+                write_requests_per_second: file.write_requests_per_second.filter(|v| *v > 0),
             })
         }
         other => {

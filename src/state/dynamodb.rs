@@ -74,6 +74,7 @@
 //! task.
 
 use super::{Checkpoint, Mutation, Record, RequestFailure, Result, StateError, Store, WriteBatch};
+use crate::telemetry::metrics;
 use aws_config::BehaviorVersion;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::config::retry::RetryConfig;
@@ -91,6 +92,7 @@ use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The table name Panther uses, and riskd's default.
@@ -143,12 +145,24 @@ pub struct DynamoConfig {
     /// How many keys' last committed versions the store keeps in memory
     /// (for `riskdPrev`) before it forgets them all.
     pub remember_versions: usize,
+    /// Read requests per second at most (`governor`); no limit when `None`.
+    pub read_requests_per_second: Option<u32>,
+    /// Write requests per second at most; no limit when `None`.
+    pub write_requests_per_second: Option<u32>,
 }
 
 impl DynamoConfig {
     /// The defaults for `table`, with region and endpoint from the AWS chain.
     pub fn new(table: impl Into<String>) -> Self {
-        Self { table: table.into(), region: None, endpoint_url: None, ttl: true, remember_versions: 1_000_000 }
+        Self {
+            table: table.into(),
+            region: None,
+            endpoint_url: None,
+            ttl: true,
+            remember_versions: 1_000_000,
+            read_requests_per_second: None,
+            write_requests_per_second: None,
+        }
     }
 }
 
@@ -184,6 +198,7 @@ impl Failure {
             key: key.map(str::to_string),
             code: self.code,
             message,
+            transient: self.transient,
         }))
     }
 }
@@ -229,21 +244,77 @@ where
     Failure { code, message, transient }
 }
 
-/// The retry schedule: exponential from 25 ms, capped at 5 s a wait, with
-/// jitter, 10 retries (about 20 s in all) before giving up.
+/// The retry schedule: exponential from 25 ms, capped at 1 s a wait, with
+/// jitter, 6 retries (about 1.6 s in all) before giving up. Longer outages
+/// are the job's to ride out: it backs off further and reports not-ready.
 fn backoff() -> ExponentialBackoff {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(25))
-        .with_max_delay(Duration::from_secs(5))
+        .with_max_delay(Duration::from_secs(1))
         .with_factor(2.0)
-        .with_max_times(10)
+        .with_max_times(6)
         .with_jitter()
         .build()
 }
 
-/// Sends one request (built anew by `attempt` each time), retrying what is
-/// transient by [`transient`] or by `also`.
-async fn send<T, E, F, Fut>(operation: &'static str, mut attempt: F, also: impl Fn(&E) -> bool) -> Result<T, Failure>
+/// Request budgets (`governor`), per kind of request; none when unlimited.
+#[derive(Default)]
+pub struct Limits {
+    read: Option<governor::DefaultDirectRateLimiter>,
+    write: Option<governor::DefaultDirectRateLimiter>,
+}
+
+impl Limits {
+    fn new(cfg: &DynamoConfig) -> Self {
+        // Known series start at zero, so dashboards see them before the first throttle.
+        let m = metrics();
+        for op in ["BatchGetItem", "BatchWriteItem", "TransactWriteItems", "Scan"] {
+            for outcome in ["ok", "throttled", "error"] {
+                m.dynamodb_requests.with_label_values(&[op, outcome]);
+            }
+            m.dynamodb_throttles.with_label_values(&[op]);
+            m.dynamodb_retries.with_label_values(&[op]);
+        }
+        for kind in ["read", "write"] {
+            m.rate_limiter_waits.with_label_values(&[kind]);
+            m.rate_limiter_wait_seconds.with_label_values(&[kind]);
+        }
+        let limiter = |per_second: Option<u32>| {
+            per_second
+                .and_then(std::num::NonZeroU32::new)
+                .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)))
+        };
+        Self { read: limiter(cfg.read_requests_per_second), write: limiter(cfg.write_requests_per_second) }
+    }
+
+    /// Waits until the budget of `operation`'s kind allows one more request.
+    async fn acquire(&self, operation: &'static str) {
+        let write =
+            matches!(operation, "BatchWriteItem" | "TransactWriteItems" | "PutItem" | "DeleteItem" | "UpdateItem");
+        let (limiter, kind) = if write { (&self.write, "write") } else { (&self.read, "read") };
+        if let Some(l) = limiter {
+            if l.check().is_err() {
+                let start = std::time::Instant::now();
+                l.until_ready().await;
+                let m = metrics();
+                m.rate_limiter_waits.with_label_values(&[kind]).inc();
+                m.rate_limiter_wait_seconds.with_label_values(&[kind]).inc_by(start.elapsed().as_secs_f64());
+            }
+        }
+    }
+}
+
+const THROTTLE_CODES: [&str; 3] =
+    ["ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded"];
+
+/// Sends one request (built anew by `attempt` each time) within the request
+/// budget, retrying what is transient by [`transient`] or by `also`.
+async fn send<T, E, F, Fut>(
+    limits: &Limits,
+    operation: &'static str,
+    mut attempt: F,
+    also: impl Fn(&E) -> bool,
+) -> Result<T, Failure>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
@@ -251,12 +322,30 @@ where
 {
     let mut delays = backoff();
     let mut tries = 0u32;
+    let m = metrics();
     loop {
         tries += 1;
-        match attempt().await {
-            Ok(out) => return Ok(out),
+        limits.acquire(operation).await;
+        let start = std::time::Instant::now();
+        let result = attempt().await;
+        m.dynamodb_request_seconds.with_label_values(&[operation]).observe(start.elapsed().as_secs_f64());
+        match result {
+            Ok(out) => {
+                m.dynamodb_requests.with_label_values(&[operation, "ok"]).inc();
+                return Ok(out);
+            }
             Err(e) => {
+                let throttled = matches!(&e, SdkError::ServiceError(s) if s.err().code().is_some_and(|c| THROTTLE_CODES.contains(&c)));
+                m.dynamodb_requests
+                    .with_label_values(&[operation, if throttled { "throttled" } else { "error" }])
+                    .inc();
+                if throttled {
+                    m.dynamodb_throttles.with_label_values(&[operation]).inc();
+                }
                 let retry = transient(&e) || matches!(&e, SdkError::ServiceError(s) if also(s.err()));
+                if retry {
+                    m.dynamodb_retries.with_label_values(&[operation]).inc();
+                }
                 match delays.next() {
                     Some(delay) if retry => {
                         tracing::debug!(operation, tries, error = %DisplayErrorContext(&e), delay_ms = delay.as_millis() as u64, "retrying");
@@ -313,12 +402,12 @@ fn item_key(item: &Item) -> Option<&str> {
 
 /// Reads up to 100 keys; when that fails for good on something other than
 /// capacity, reads them one by one to name the key at fault.
-async fn get_chunk(client: Client, table: String, keys: Vec<String>) -> Result<Vec<Item>> {
-    match get_keys(&client, &table, &keys).await {
+async fn get_chunk(client: Client, limits: Arc<Limits>, table: String, keys: Vec<String>) -> Result<Vec<Item>> {
+    match get_keys(&client, &limits, &table, &keys).await {
         Ok(items) => Ok(items),
         Err(f) if !f.transient && keys.len() > 1 => {
             for key in &keys {
-                if let Err(f) = get_keys(&client, &table, std::slice::from_ref(key)).await {
+                if let Err(f) = get_keys(&client, &limits, &table, std::slice::from_ref(key)).await {
                     return Err(f.into_error("BatchGetItem", &table, Some(key)));
                 }
             }
@@ -331,7 +420,7 @@ async fn get_chunk(client: Client, table: String, keys: Vec<String>) -> Result<V
 }
 
 /// Reads up to 100 keys, retrying unprocessed ones.
-async fn get_keys(client: &Client, table: &str, keys: &[String]) -> Result<Vec<Item>, Failure> {
+async fn get_keys(client: &Client, limits: &Limits, table: &str, keys: &[String]) -> Result<Vec<Item>, Failure> {
     let mut pending: Vec<Item> = keys.iter().map(|k| key_item(k)).collect();
     let mut found = Vec::new();
     let mut delays = backoff();
@@ -341,9 +430,13 @@ async fn get_keys(client: &Client, table: &str, keys: &[String]) -> Result<Vec<I
             .consistent_read(true)
             .build()
             .map_err(|e| Failure { code: "BuildError".into(), message: e.to_string(), transient: false })?;
-        let mut out =
-            send("BatchGetItem", || client.batch_get_item().request_items(table, request.clone()).send(), never)
-                .await?;
+        let mut out = send(
+            limits,
+            "BatchGetItem",
+            || client.batch_get_item().request_items(table, request.clone()).send(),
+            never,
+        )
+        .await?;
         if let Some(items) = out.responses.as_mut().and_then(|r| r.remove(table)) {
             found.extend(items);
         }
@@ -369,12 +462,21 @@ async fn get_keys(client: &Client, table: &str, keys: &[String]) -> Result<Vec<I
 }
 
 /// Writes up to 25 requests, retrying unprocessed ones.
-async fn write_requests(client: &Client, table: &str, mut pending: Vec<WriteRequest>) -> Result<(), Failure> {
+async fn write_requests(
+    client: &Client,
+    limits: &Limits,
+    table: &str,
+    mut pending: Vec<WriteRequest>,
+) -> Result<(), Failure> {
     let mut delays = backoff();
     loop {
-        let mut out =
-            send("BatchWriteItem", || client.batch_write_item().request_items(table, pending.clone()).send(), never)
-                .await?;
+        let mut out = send(
+            limits,
+            "BatchWriteItem",
+            || client.batch_write_item().request_items(table, pending.clone()).send(),
+            never,
+        )
+        .await?;
         let left = out.unprocessed_items.take().and_then(|mut u| u.remove(table)).unwrap_or_default();
         if left.is_empty() {
             return Ok(());
@@ -399,13 +501,18 @@ async fn write_requests(client: &Client, table: &str, mut pending: Vec<WriteRequ
 /// Writes one chunk; when it fails for good on something other than
 /// capacity (a validation error, an item over 400 KB), writes its items
 /// one by one to name the key at fault.
-async fn write_chunk(client: Client, table: String, chunk: Vec<(String, WriteRequest)>) -> Result<()> {
+async fn write_chunk(
+    client: Client,
+    limits: Arc<Limits>,
+    table: String,
+    chunk: Vec<(String, WriteRequest)>,
+) -> Result<()> {
     let requests = chunk.iter().map(|(_, w)| w.clone()).collect();
-    match write_requests(&client, &table, requests).await {
+    match write_requests(&client, &limits, &table, requests).await {
         Ok(()) => Ok(()),
         Err(f) if !f.transient && chunk.len() > 1 => {
             for (key, request) in chunk {
-                if let Err(f) = write_requests(&client, &table, vec![request]).await {
+                if let Err(f) = write_requests(&client, &limits, &table, vec![request]).await {
                     return Err(f.into_error("BatchWriteItem", &table, Some(&key)));
                 }
             }
@@ -447,6 +554,8 @@ struct Remote {
     table: String,
     /// Where it talks to, for messages: region and endpoint.
     place: String,
+    /// Request budgets.
+    limits: Arc<Limits>,
 }
 
 impl Remote {
@@ -478,14 +587,17 @@ impl Remote {
             Some(url) => format!("{region} at {url}"),
             None => region,
         };
-        Ok(Self { rt, client: Client::new(&sdk), table: cfg.table.clone(), place })
+        Ok(Self { rt, client: Client::new(&sdk), table: cfg.table.clone(), place, limits: Arc::new(Limits::new(cfg)) })
     }
 
     /// The items stored under `keys` (each once), by key.
     fn fetch(&self, keys: &[&str]) -> Result<HashMap<String, Item>> {
         let chunks: Vec<_> = keys
             .chunks(GET_BATCH)
-            .map(|c| get_chunk(self.client.clone(), self.table.clone(), c.iter().map(|k| k.to_string()).collect()))
+            .map(|c| {
+                let keys = c.iter().map(|k| k.to_string()).collect();
+                get_chunk(self.client.clone(), Arc::clone(&self.limits), self.table.clone(), keys)
+            })
             .collect();
         let found = self.rt.block_on(in_flight(chunks))?;
         let mut by_key = HashMap::new();
@@ -502,7 +614,7 @@ impl Remote {
         let mut rest = requests.into_iter().peekable();
         while rest.peek().is_some() {
             let chunk: Vec<_> = rest.by_ref().take(WRITE_BATCH).collect();
-            chunks.push(write_chunk(self.client.clone(), self.table.clone(), chunk));
+            chunks.push(write_chunk(self.client.clone(), Arc::clone(&self.limits), self.table.clone(), chunk));
         }
         self.rt.block_on(in_flight(chunks)).map(|_| ())
     }
@@ -510,6 +622,7 @@ impl Remote {
     fn put(&self, key: &str, item: Item) -> Result<()> {
         self.rt
             .block_on(send(
+                &self.limits,
                 "PutItem",
                 || self.client.put_item().table_name(&self.table).set_item(Some(item.clone())).send(),
                 never,
@@ -530,6 +643,7 @@ impl Remote {
         }
         self.rt
             .block_on(send(
+                &self.limits,
                 "TransactWriteItems",
                 || self.client.transact_write_items().set_transact_items(Some(writes.clone())).send(),
                 transaction_transient,
@@ -550,6 +664,7 @@ impl Remote {
                     filter.push_str(" AND begins_with(#k, :p)");
                 }
                 let out = send(
+                    &self.limits,
                     "Scan",
                     || {
                         let mut req = self
@@ -1071,7 +1186,14 @@ impl Store for DynamoStore {
 // --- setting up and checking the table -------------------------------------
 
 async fn describe(remote: &Remote) -> Result<Option<TableDescription>> {
-    match send("DescribeTable", || remote.client.describe_table().table_name(&remote.table).send(), never).await {
+    match send(
+        &remote.limits,
+        "DescribeTable",
+        || remote.client.describe_table().table_name(&remote.table).send(),
+        never,
+    )
+    .await
+    {
         Ok(out) => Ok(out.table),
         Err(f) if f.code == "ResourceNotFoundException" => Ok(None),
         Err(f) => Err(f.into_error("DescribeTable", &remote.table, None)),
@@ -1107,10 +1229,14 @@ fn table_problems(table: &TableDescription) -> Vec<String> {
 
 /// The table's TTL: status and attribute.
 async fn ttl_state(remote: &Remote) -> Result<(Option<TimeToLiveStatus>, Option<String>)> {
-    let out =
-        send("DescribeTimeToLive", || remote.client.describe_time_to_live().table_name(&remote.table).send(), never)
-            .await
-            .map_err(|f| f.into_error("DescribeTimeToLive", &remote.table, None))?;
+    let out = send(
+        &remote.limits,
+        "DescribeTimeToLive",
+        || remote.client.describe_time_to_live().table_name(&remote.table).send(),
+        never,
+    )
+    .await
+    .map_err(|f| f.into_error("DescribeTimeToLive", &remote.table, None))?;
     let d = out.time_to_live_description;
     Ok((
         d.as_ref().and_then(|d| d.time_to_live_status().cloned()),
@@ -1181,6 +1307,7 @@ pub fn init_table(cfg: &DynamoConfig) -> Result<Vec<String>> {
                 .build()
                 .map_err(|e| backend(e.to_string()))?;
             let created = send(
+                &remote.limits,
                 "CreateTable",
                 || {
                     remote
@@ -1238,6 +1365,7 @@ pub fn init_table(cfg: &DynamoConfig) -> Result<Vec<String>> {
                 .build()
                 .map_err(|e| backend(e.to_string()))?;
             send(
+                &remote.limits,
                 "UpdateTimeToLive",
                 || {
                     remote
@@ -1293,6 +1421,8 @@ pub(crate) mod tests {
             endpoint_url: Some(endpoint()),
             ttl: true,
             remember_versions: 10_000,
+            read_requests_per_second: None,
+            write_requests_per_second: None,
         }
     }
 
@@ -1304,6 +1434,29 @@ pub(crate) mod tests {
     }
 
     shared_store_tests!(fresh());
+
+    #[test]
+    fn the_write_budget_holds() {
+        let mut cfg = test_config();
+        init_table(&cfg).unwrap();
+        cfg.write_requests_per_second = Some(5);
+        let mut store = DynamoStore::open(&cfg).unwrap();
+        let waits = || metrics().rate_limiter_waits.with_label_values(&["write"]).get();
+        let before = waits();
+        let start = std::time::Instant::now();
+        // Each flush sends two write requests (its items, then its commit):
+        // 20 requests at 5/s with a burst of 5 take at least 3 s.
+        for i in 0..10 {
+            let record = Record { count: i, ..Record::default() };
+            let key = format!("limit/{i}");
+            store
+                .apply(WriteBatch { mutations: vec![(key.as_str(), Mutation::Put(&record))], checkpoint: None })
+                .unwrap();
+        }
+        let elapsed = start.elapsed();
+        assert!(elapsed >= Duration::from_millis(2500), "20 write requests at 5/s took only {elapsed:?}");
+        assert!(waits() - before >= 10, "the limiter made requests wait");
+    }
 
     fn raw(store: &DynamoStore, key: &str) -> Option<Item> {
         store.remote.fetch(&[key]).unwrap().remove(key)
@@ -1330,7 +1483,8 @@ pub(crate) mod tests {
     fn panther_items_read_as_records_and_riskd_items_have_panther_layout() {
         let (mut store, _) = fresh();
         // As Panther's helpers leave them: increment_counter, add_to_string_set,
-        // put_dictionary and set_key_expiration on one key, and a bare counter.
+        // put_dictionary and set_key_expiration on one key, and a bare counter. The
+        // expiry is in the future: the table's TTL deletes items past it by the wall clock.
         raw_put(
             &store,
             HashMap::from([
@@ -1338,7 +1492,7 @@ pub(crate) mod tests {
                 ("intCount".into(), n("5")),
                 ("stringSet".into(), AttributeValue::Ss(vec!["a".into(), "b".into()])),
                 ("dictionary".into(), s(r#"{"ip": "1.2.3.4", "n": 2}"#)),
-                ("expiresAt".into(), n("1700000000")),
+                ("expiresAt".into(), n("4102444800")),
             ]),
         );
         raw_put(&store, HashMap::from([("key".into(), s("panther/counter")), ("intCount".into(), n("12"))]));
@@ -1346,7 +1500,7 @@ pub(crate) mod tests {
             count: 5,
             set: ["a".into(), "b".into()].into(),
             dict: dict(json!({"ip": "1.2.3.4", "n": 2})),
-            expires_at_ms: Some(1_700_000_000_000),
+            expires_at_ms: Some(4_102_444_800_000),
         };
         let counter = Record { count: 12, ..Record::default() };
         assert_eq!(
@@ -1359,7 +1513,7 @@ pub(crate) mod tests {
             count: 7,
             set: ["x".into()].into(),
             dict: dict(json!({"city": "Paris"})),
-            expires_at_ms: Some(1_700_000_000_500),
+            expires_at_ms: Some(4_102_444_800_500),
         };
         let no_set = Record { count: 1, ..Record::default() };
         store
@@ -1372,8 +1526,8 @@ pub(crate) mod tests {
         assert_eq!(item["intCount"], n("7"));
         assert_eq!(item["stringSet"], AttributeValue::Ss(vec!["x".into()]));
         assert_eq!(item["dictionary"], s(r#"{"city":"Paris"}"#));
-        assert_eq!(item["expiresAt"], n("1700000001"), "rounded up: never expires early");
-        assert_eq!(item["riskdExpiresAtMs"], n("1700000000500"));
+        assert_eq!(item["expiresAt"], n("4102444801"), "rounded up: never expires early");
+        assert_eq!(item["riskdExpiresAtMs"], n("4102444800500"));
         assert!(matches!(&item["riskdFlush"], AttributeValue::S(f) if f.ends_with(":1")));
         let prev: Record = serde_json::from_str(item["riskdPrev"].as_s().unwrap()).unwrap();
         assert_eq!(prev, full, "the previous committed version rides along");

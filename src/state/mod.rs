@@ -116,6 +116,9 @@ pub struct RequestFailure {
     pub code: String,
     /// The service's message.
     pub message: String,
+    /// Whether it failed on something a later try may mend (throttling, a
+    /// timeout, the service unreachable): the job backs off and retries.
+    pub transient: bool,
 }
 
 impl std::fmt::Display for RequestFailure {
@@ -125,6 +128,19 @@ impl std::fmt::Display for RequestFailure {
             write!(f, " (key {key:?})")?;
         }
         write!(f, ": {}: {}", self.code, self.message)
+    }
+}
+
+impl StateError {
+    /// Whether the failure may pass (the store unreachable, throttled, slow):
+    /// the job then backs off, reports not-ready and tries again, rather
+    /// than stopping. Corrupt data, bad keys and oversized values are not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StateError::Backend { .. } => true,
+            StateError::Request(r) => r.transient,
+            _ => false,
+        }
     }
 }
 
