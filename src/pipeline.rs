@@ -195,7 +195,6 @@ impl EventMetrics {
 
 /// One run of the main job: the engine, the outputs and the position.
 struct Job<'a> {
-    cfg: &'a JobSettings,
     engine: Engine,
     outputs: Outputs,
     source_name: String,
@@ -218,6 +217,9 @@ struct JobSettings {
     flush_interval: Duration,
     follow: bool,
 }
+
+/// Lines read ahead (and whose state is loaded in one batch) for a remote store.
+const READ_AHEAD: usize = 256;
 
 /// Waits between retries of a failing store: doubling from 100 ms to 10 s.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
@@ -304,10 +306,25 @@ impl Job<'_> {
         self.outputs.dead_letter(&letter)
     }
 
-    /// Decodes and applies one line; the position is advanced by the caller.
-    fn line(&mut self, info: &LineInfo, buf: &[u8]) -> Result<(), RunError> {
-        let ingest = now_ms();
-        let event = match decode(buf, info, self.cfg.max_line_bytes, &self.cfg.event_time, ingest) {
+    /// Loads the state the events need in one batch (remote stores).
+    fn prefetch(&mut self, lines: &[(LineInfo, std::ops::Range<usize>, Decoded, i64)]) -> Result<(), RunError> {
+        let events: Vec<&Event> = lines
+            .iter()
+            .filter_map(|(_, _, d, _)| match d {
+                Decoded::Event(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.retry("load state", |job| Ok(job.engine.prefetch(&events)?))
+    }
+
+    /// Applies one decoded line (`buf` is the line as read); the position
+    /// is advanced by the caller.
+    fn line(&mut self, info: &LineInfo, buf: &[u8], decoded: Decoded, ingest: i64) -> Result<(), RunError> {
+        let event = match decoded {
             Decoded::Blank => return Ok(()),
             Decoded::Rejected { reason, detail } => {
                 self.summary.read += 1;
@@ -473,7 +490,6 @@ pub fn run_with_store(
     };
     let progress = Progress::new(&input, cp.offset);
     let mut job = Job {
-        cfg: &settings,
         engine: Engine::new(Arc::new(cfg.rules), Arc::new(cfg.scoring), StateCache::new(store, cfg.cache_max_entries)),
         outputs: Outputs { alerts, alerts_key, dead },
         source_name,
@@ -491,14 +507,28 @@ pub fn run_with_store(
         // before the first commit must not leave its alerts in the file.
         job.flush()?;
     }
+    // A remote store reads the state of many lines at once: lines are read
+    // ahead, decoded, their keys loaded in one batch, then applied in order.
+    let ahead = if job.engine.cache().store().batched_reads() { READ_AHEAD } else { 1 };
     let mut buf = Vec::new();
+    let mut arena = Vec::new();
+    let mut lines: Vec<(LineInfo, std::ops::Range<usize>, Decoded, i64)> = Vec::with_capacity(ahead);
     let mut since_flush = 0u64;
     let mut last_flush = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        // A reloaded config is swapped in before the next line (a channel poll: cheap).
+        // A reloaded config is swapped in before the next lines (a channel poll: cheap).
         job.reload()?;
-        let next = if settings.follow { reader.next_complete_line(&mut buf) } else { reader.next_line(&mut buf) };
-        let Some(info) = next.map_err(io_err("input", &job.source_name))? else {
+        arena.clear();
+        while lines.len() < ahead {
+            let next = if settings.follow { reader.next_complete_line(&mut buf) } else { reader.next_line(&mut buf) };
+            let Some(info) = next.map_err(io_err("input", &job.source_name))? else { break };
+            let ingest = now_ms();
+            let decoded = decode(&buf, &info, settings.max_line_bytes, &settings.event_time, ingest);
+            let start = arena.len();
+            arena.extend_from_slice(&buf);
+            lines.push((info, start..arena.len(), decoded, ingest));
+        }
+        if lines.is_empty() {
             if !settings.follow {
                 break;
             }
@@ -512,23 +542,28 @@ pub fn run_with_store(
             progress.update(&job.summary, job.position.offset);
             sleep_unless_stopped(Duration::from_millis(200), stop);
             continue;
-        };
-        job.line(&info, &buf)?;
-        // Only now is the line applied: the checkpoint may move past it.
-        job.position.offset = info.end_offset;
-        job.position.line = info.line;
-        since_flush += 1;
-        // The clock is read every 1024 lines only: cheap, and often enough.
-        if since_flush % 1024 == 0 {
-            job.engine.publish_metrics();
-            progress.update(&job.summary, job.position.offset);
         }
-        if since_flush >= settings.flush_every_events
-            || (since_flush % 1024 == 0 && last_flush.elapsed() >= settings.flush_interval)
-        {
-            job.flush()?;
-            since_flush = 0;
-            last_flush = Instant::now();
+        if ahead > 1 {
+            job.prefetch(&lines)?;
+        }
+        for (info, range, decoded, ingest) in lines.drain(..) {
+            job.line(&info, &arena[range], decoded, ingest)?;
+            // Only now is the line applied: the checkpoint may move past it.
+            job.position.offset = info.end_offset;
+            job.position.line = info.line;
+            since_flush += 1;
+            // The clock is read every 1024 lines only: cheap, and often enough.
+            if since_flush % 1024 == 0 {
+                job.engine.publish_metrics();
+                progress.update(&job.summary, job.position.offset);
+            }
+            if since_flush >= settings.flush_every_events
+                || (since_flush % 1024 == 0 && last_flush.elapsed() >= settings.flush_interval)
+            {
+                job.flush()?;
+                since_flush = 0;
+                last_flush = Instant::now();
+            }
         }
     }
     job.flush()?;

@@ -237,26 +237,7 @@ impl Engine {
                 });
                 continue;
             };
-            // Only keys the cache lacks are collected (and allocated).
-            self.key.clear();
-            let _ = write!(self.key, "{}/{}/{}", rule.namespace, rule.entity_type, entity_id);
-            if !self.cache.is_cached(&self.key) {
-                self.keys.push(self.key.clone());
-            }
-            if let Some(dedup) = dedup_key(rule, &entity_id, &event.value) {
-                self.key.clear();
-                let _ = write!(self.key, "riskd/dedup/{}/{}", rule.id, dedup);
-                if !self.cache.is_cached(&self.key) {
-                    self.keys.push(self.key.clone());
-                }
-            }
-            if rule.risk > 0 {
-                self.key.clear();
-                let _ = write!(self.key, "riskd/risk/{}/{}", rule.entity_type, entity_id);
-                if !self.cache.is_cached(&self.key) {
-                    self.keys.push(self.key.clone());
-                }
-            }
+            needed_keys(&mut self.cache, &mut self.key, rule, &entity_id, &event.value, &mut self.keys);
             if let Some(stats) = self.stats.as_mut() {
                 stats[i].entities_matched.insert(entity_id.clone());
             }
@@ -287,6 +268,27 @@ impl Engine {
         self.matched = matched;
         self.observe(timer.is_some());
         Ok(out)
+    }
+
+    /// Loads, in one store read, every key that the rules matching these
+    /// events will need and the cache lacks: for a remote store, one batch
+    /// of requests for many events instead of one per event.
+    pub fn prefetch(&mut self, events: &[&Event]) -> Result<(), StateError> {
+        let mut keys = Vec::new();
+        for event in events {
+            for rule in self.rules.iter().filter(|r| r.enabled) {
+                if !rule.matcher.eval(&event.value, &[]) {
+                    continue;
+                }
+                if let Some(entity_id) = rule.entity_key.lookup(&event.value).and_then(scalar_string) {
+                    needed_keys(&mut self.cache, &mut self.key, rule, &entity_id, &event.value, &mut keys);
+                }
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        self.cache.prefetch(&keys)
     }
 
     fn observe(&mut self, sampled: bool) {
@@ -412,6 +414,37 @@ fn rule_metrics(rules: &[Rule]) -> Vec<RuleMetrics> {
             seconds: m.rule_seconds.with_label_values(&[r.id.as_str()]),
         })
         .collect()
+}
+
+/// Appends to `out` the keys a matching rule needs for this entity (its
+/// state, its dedup window, its entity's risk) that the cache lacks; `scratch`
+/// builds them, so only missing keys are allocated.
+fn needed_keys(
+    cache: &mut StateCache,
+    scratch: &mut String,
+    rule: &Rule,
+    entity_id: &str,
+    event: &Value,
+    out: &mut Vec<String>,
+) {
+    let mut need = |scratch: &mut String| {
+        if !cache.is_cached(scratch) {
+            out.push(scratch.clone());
+        }
+    };
+    scratch.clear();
+    let _ = write!(scratch, "{}/{}/{}", rule.namespace, rule.entity_type, entity_id);
+    need(scratch);
+    if let Some(dedup) = dedup_key(rule, entity_id, event) {
+        scratch.clear();
+        let _ = write!(scratch, "riskd/dedup/{}/{}", rule.id, dedup);
+        need(scratch);
+    }
+    if rule.risk > 0 {
+        scratch.clear();
+        let _ = write!(scratch, "riskd/risk/{}/{}", rule.entity_type, entity_id);
+        need(scratch);
+    }
 }
 
 /// The dedup key of a rule's alert on this event, if it can be read.

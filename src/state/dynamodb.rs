@@ -1165,6 +1165,10 @@ impl Store for DynamoStore {
         }
     }
 
+    fn batched_reads(&self) -> bool {
+        true
+    }
+
     fn scan(&self, prefix: &str, visit: &mut dyn FnMut(&str, &Record)) -> Result<()> {
         let items = self.remote.scan(prefix)?;
         let mut stored = Vec::with_capacity(items.len());

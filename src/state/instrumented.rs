@@ -55,4 +55,8 @@ impl Store for Instrumented {
     fn scan(&self, prefix: &str, visit: &mut dyn FnMut(&str, &Record)) -> Result<()> {
         self.measure("scan", |s| s.scan(prefix, visit))
     }
+
+    fn batched_reads(&self) -> bool {
+        self.inner.batched_reads()
+    }
 }

@@ -230,6 +230,11 @@ pub trait Store: Send {
     fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>>;
     /// Visits every stored key starting with `prefix`, in key order.
     fn scan(&self, prefix: &str, visit: &mut dyn FnMut(&str, &Record)) -> Result<()>;
+    /// Whether reads are worth gathering across many events (a remote store,
+    /// where a request costs a round trip); local stores read on demand.
+    fn batched_reads(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# riskd's benchmarks (figures in BENCHMARKS.md):
+#   scripts/bench.sh throughput   main job vs parse-only, embedded store (1 M events)
+#   scripts/bench.sh dynamodb     DynamoDB requests per 1,000 events and events/s, on DynamoDB Local
+#   scripts/bench.sh              both
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+what=${1:-all}
+
+if [ "$what" = throughput ] || [ "$what" = all ]; then
+  cargo bench --bench throughput
+fi
+if [ "$what" = dynamodb ] || [ "$what" = all ]; then
+  # shellcheck source=scripts/services.sh
+  . "$root/scripts/services.sh"
+  install_ddb
+  start_ddb
+  export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_REGION=us-east-1
+  cargo bench --bench dynamodb
+fi
