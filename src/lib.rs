@@ -5,6 +5,7 @@
 //! out as JSON lines.
 //!
 //! # Layout
+//! - [`api`]: the read-only HTTP API (`/v1/entities/…`, `/v1/state/…`).
 //! - [`config`]: `riskd.toml` and the rule files: parse, validate, compile,
 //!   every error with file, line and rule id.
 //! - [`event`]: an event, field paths, event time.
@@ -24,6 +25,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod config;
 pub mod event;
 pub mod generate;

@@ -102,6 +102,9 @@ pub enum RunError {
     /// The state store failed.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The config cannot run as it is.
+    #[error("{0}")]
+    Config(String),
     /// The processing thread panicked (a bug).
     #[error("processing task failed: {0}")]
     Task(String),
@@ -286,7 +289,7 @@ impl Job<'_> {
         let Some(rx) = self.reloads else { return Ok(()) };
         while let Ok(cfg) = rx.try_recv() {
             let n = cfg.rules.len();
-            let rules = Arc::new(cfg.rules);
+            let rules = cfg.rules;
             let scoring = Arc::new(cfg.scoring);
             let fresh =
                 self.retry("reload", |job| Ok(job.engine.set_rules(Arc::clone(&rules), Arc::clone(&scoring))?))?;
@@ -490,7 +493,7 @@ pub fn run_with_store(
     };
     let progress = Progress::new(&input, cp.offset);
     let mut job = Job {
-        engine: Engine::new(Arc::new(cfg.rules), Arc::new(cfg.scoring), StateCache::new(store, cfg.cache_max_entries)),
+        engine: Engine::new(cfg.rules, Arc::new(cfg.scoring), StateCache::new(store, cfg.cache_max_entries)),
         outputs: Outputs { alerts, alerts_key, dead },
         source_name,
         source_id,
@@ -631,13 +634,21 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<Summary, RunError> {
     let health = Health::new();
+    let token = std::env::var(crate::api::TOKEN_ENV).ok().filter(|t| !t.is_empty());
+    let api = crate::api::Api::new(token.clone());
     let server = match cfg.listen {
         Some(addr) => {
-            Some(crate::telemetry::serve(addr, Arc::clone(&health)).await.map_err(|source| RunError::Io {
-                what: "telemetry endpoint",
-                path: addr.to_string(),
-                source,
-            })?)
+            if !addr.ip().is_loopback() && token.is_none() {
+                return Err(RunError::Config(format!(
+                    "telemetry.listen {addr} is not a loopback address: set {} to a bearer token for the API",
+                    crate::api::TOKEN_ENV
+                )));
+            }
+            Some(
+                crate::telemetry::serve(addr, Arc::clone(&health), Arc::clone(&api))
+                    .await
+                    .map_err(|source| RunError::Io { what: "telemetry endpoint", path: addr.to_string(), source })?,
+            )
         }
         None => None,
     };
@@ -653,6 +664,9 @@ pub async fn run(
     let flag = Arc::clone(&stop);
     let mut task = tokio::task::spawn_blocking(move || {
         let store = open_store(&cfg.store)?;
+        if let Some(reader) = store.reader() {
+            api.ready(reader, Arc::clone(&cfg.rules), Arc::new(cfg.scoring.clone()));
+        }
         run_with_store(cfg, &opts, store, &flag, health)
     });
     let joined = tokio::select! {

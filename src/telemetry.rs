@@ -363,14 +363,19 @@ async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the
-/// returned task is aborted. Binding errors are returned at once.
-pub async fn serve(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<tokio::task::JoinHandle<()>> {
+/// Serves `/metrics`, `/healthz`, `/readyz` and the read-only API on
+/// `addr` until the returned task is aborted. Binding errors are returned at once.
+pub async fn serve(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    api: Arc<crate::api::Api>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let app = axum::Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(health);
+        .with_state(health)
+        .merge(crate::api::routes(api));
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
     Ok(tokio::spawn(async move {

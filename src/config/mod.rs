@@ -389,8 +389,9 @@ pub struct Config {
     pub cache_max_entries: usize,
     /// Event time.
     pub event_time: EventTime,
-    /// Compiled rules, in evaluation order (file name, then position in file).
-    pub rules: Vec<Rule>,
+    /// Compiled rules, in evaluation order (file name, then position in file);
+    /// shared by the engine and the HTTP API.
+    pub rules: std::sync::Arc<Vec<Rule>>,
     /// The rule files and folders (where `riskd test` looks for tests).
     pub rule_paths: Vec<PathBuf>,
     /// Entity risk scoring.
@@ -495,7 +496,7 @@ impl Config {
             flush_interval,
             cache_max_entries: file.store.cache_max_entries,
             event_time: EventTime::new(time_fields),
-            rules,
+            rules: std::sync::Arc::new(rules),
             rule_paths,
             scoring,
             listen,

@@ -884,6 +884,8 @@ fn check_key(key: &str) -> Result<()> {
 /// module documentation).
 pub struct DynamoStore {
     remote: Remote,
+    /// Its config, to open readers with.
+    cfg: DynamoConfig,
     /// This run's id and its last flush number.
     run: String,
     seq: u64,
@@ -911,6 +913,7 @@ impl DynamoStore {
         let run = new_run();
         Ok(Self {
             remote,
+            cfg: cfg.clone(),
             committed: RefCell::new(HashMap::from([(run.clone(), 0)])),
             run,
             seq: 0,
@@ -1167,6 +1170,11 @@ impl Store for DynamoStore {
 
     fn batched_reads(&self) -> bool {
         true
+    }
+
+    fn reader(&self) -> Option<Box<dyn Store>> {
+        // A store of its own (client, runtime): it reads committed versions only.
+        DynamoStore::open(&self.cfg).ok().map(|s| Box::new(s) as Box<dyn Store>)
     }
 
     fn scan(&self, prefix: &str, visit: &mut dyn FnMut(&str, &Record)) -> Result<()> {

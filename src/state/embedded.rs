@@ -18,7 +18,9 @@ const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoi
 
 /// A redb database holding records (JSON-encoded) and checkpoints.
 pub struct EmbeddedStore {
-    db: Database,
+    // Shared with readers (the HTTP API): redb lets them read while the job
+    // writes, each transaction seeing a consistent snapshot.
+    db: std::sync::Arc<Database>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StateError {
@@ -45,7 +47,7 @@ impl EmbeddedStore {
         txn.open_table(RECORDS).map_err(backend)?;
         txn.open_table(CHECKPOINTS).map_err(backend)?;
         txn.commit().map_err(backend)?;
-        Ok(Self { db })
+        Ok(Self { db: std::sync::Arc::new(db) })
     }
 }
 
@@ -98,6 +100,10 @@ impl Store for EmbeddedStore {
             Some(v) => decode(source, v.value()).map(Some),
             None => Ok(None),
         }
+    }
+
+    fn reader(&self) -> Option<Box<dyn Store>> {
+        Some(Box::new(EmbeddedStore { db: std::sync::Arc::clone(&self.db) }))
     }
 
     fn scan(&self, prefix: &str, visit: &mut dyn FnMut(&str, &Record)) -> Result<()> {

@@ -59,4 +59,8 @@ impl Store for Instrumented {
     fn batched_reads(&self) -> bool {
         self.inner.batched_reads()
     }
+
+    fn reader(&self) -> Option<Box<dyn Store>> {
+        self.inner.reader().map(|r| Box::new(Instrumented::new(r)) as Box<dyn Store>)
+    }
 }

@@ -235,6 +235,12 @@ pub trait Store: Send {
     fn batched_reads(&self) -> bool {
         false
     }
+    /// Another handle on the same data, for reading from another thread
+    /// while the job writes (the HTTP API); `None` where the data cannot be
+    /// shared (the memory store).
+    fn reader(&self) -> Option<Box<dyn Store>> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -98,7 +98,7 @@ fn values(rule: &Rule, peaks: impl Iterator<Item = i64>) -> Option<Values> {
 
 /// Runs the config's rules over `input` on an in-memory store.
 pub fn replay(cfg: Config, input: &Path) -> Result<Report, RunError> {
-    let rules = Arc::new(cfg.rules);
+    let rules = cfg.rules;
     let cache = StateCache::new(Box::new(MemoryStore::new()), usize::MAX);
     let mut engine = Engine::new(Arc::clone(&rules), Arc::new(cfg.scoring), cache);
     engine.enable_stats();

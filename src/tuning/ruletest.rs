@@ -150,7 +150,7 @@ pub fn discover(paths: &[PathBuf]) -> Vec<PathBuf> {
 
 /// Runs every case of every file.
 pub fn run(cfg: Config, files: &[PathBuf]) -> Vec<CaseResult> {
-    let rules = Arc::new(cfg.rules);
+    let rules = cfg.rules;
     let scoring = Arc::new(cfg.scoring);
     let mut results = Vec::new();
     for file in files {

@@ -1,0 +1,124 @@
+//! The read-only HTTP API, served beside `/metrics`:
+//! - `GET /v1/entities/{type}/{id}`: the entity's score, contributions,
+//!   armed state and every rule's state for it (as `riskd entity --json`);
+//! - `GET /v1/state/{key}`: one key's values, expiry and liveness.
+//!
+//! It reads the store through its own handle, so it shows state as of the
+//! last flush (at most `flush_interval` old). On loopback it is open; bound
+//! to any other address, riskd refuses to start unless a bearer token is set
+//! in the environment, and every `/v1` request must carry it.
+
+use crate::rules::{EntityRef, Rule};
+use crate::scoring::ScoringConfig;
+use crate::state::Store;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Environment variable holding the API's bearer token.
+pub const TOKEN_ENV: &str = "RISKD_API_TOKEN";
+
+/// What the API reads, set once the job has opened its store.
+pub struct Api {
+    token: Option<String>,
+    inner: OnceLock<Inner>,
+}
+
+struct Inner {
+    // std Mutex: held only inside spawn_blocking, never across an await.
+    store: Mutex<Box<dyn Store>>,
+    rules: Arc<Vec<Rule>>,
+    scoring: Arc<ScoringConfig>,
+}
+
+impl Api {
+    /// An API that answers 503 until [`Api::ready`]; `token` is required of
+    /// every request when set.
+    pub fn new(token: Option<String>) -> Arc<Self> {
+        Arc::new(Self { token, inner: OnceLock::new() })
+    }
+
+    /// Starts answering from `store` (a reader handle) with these rules.
+    pub fn ready(&self, store: Box<dyn Store>, rules: Arc<Vec<Rule>>, scoring: Arc<ScoringConfig>) {
+        let _ = self.inner.set(Inner { store: Mutex::new(store), rules, scoring });
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        match &self.token {
+            None => true,
+            Some(token) => headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|t| t.as_bytes() == token.as_bytes()),
+        }
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+async fn answer(
+    api: Arc<Api>,
+    headers: HeaderMap,
+    f: fn(&Inner, Vec<String>) -> Result<Value, Response>,
+    args: Vec<String>,
+) -> Response {
+    if !api.authorized(&headers) {
+        return error(StatusCode::UNAUTHORIZED, format!("a bearer token ({TOKEN_ENV}) is required"));
+    }
+    let result = tokio::task::spawn_blocking(move || match api.inner.get() {
+        None => {
+            Err(error(StatusCode::SERVICE_UNAVAILABLE, "the store is not open yet, or cannot be shared (memory store)"))
+        }
+        Some(inner) => f(inner, args),
+    })
+    .await;
+    match result {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
+        Ok(Err(r)) => r,
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn entity(inner: &Inner, args: Vec<String>) -> Result<Value, Response> {
+    let store = inner.store.lock().map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "store handle poisoned"))?;
+    let entity = EntityRef { type_: args[0].clone(), id: args[1].clone() };
+    crate::scoring::explain_entity(&inner.rules, &inner.scoring, store.as_ref(), &entity)
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
+}
+
+fn state(inner: &Inner, args: Vec<String>) -> Result<Value, Response> {
+    let store = inner.store.lock().map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "store handle poisoned"))?;
+    let key = &args[0];
+    let read = |e: crate::state::StateError| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    let record = store.get_many(&[key.as_str()]).map_err(read)?.pop().flatten();
+    if record.is_none() {
+        return Err(error(StatusCode::NOT_FOUND, format!("no key {key:?}")));
+    }
+    let now = crate::state::watermark(store.as_ref()).map_err(read)?;
+    Ok(crate::state::describe(key, record.as_ref(), now))
+}
+
+/// The `/v1` routes.
+pub fn routes(api: Arc<Api>) -> axum::Router {
+    axum::Router::new()
+        .route(
+            "/v1/entities/{entity_type}/{id}",
+            axum::routing::get(
+                |State(api): State<Arc<Api>>, Path((t, id)): Path<(String, String)>, headers: HeaderMap| {
+                    answer(api, headers, entity, vec![t, id])
+                },
+            ),
+        )
+        .route(
+            "/v1/state/{*key}",
+            axum::routing::get(|State(api): State<Arc<Api>>, Path(key): Path<String>, headers: HeaderMap| {
+                answer(api, headers, state, vec![key])
+            }),
+        )
+        .with_state(api)
+}

@@ -1,0 +1,107 @@
+//! The read-only HTTP API beside `/metrics`: entities and state keys, a
+//! bearer token when one is set, and a refusal to serve it beyond loopback
+//! without one.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+fn get(url: &str, token: Option<&str>) -> (u16, Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let mut req = agent.get(url);
+    if let Some(t) = token {
+        req = req.header("Authorization", &format!("Bearer {t}"));
+    }
+    match req.call() {
+        Ok(mut r) => {
+            let status = r.status().as_u16();
+            let body = r.body_mut().read_to_string().unwrap_or_default();
+            (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+        }
+        Err(_) => (0, Value::Null),
+    }
+}
+
+fn start(dir: &std::path::Path, listen: &str, token: Option<&str>) -> Child {
+    let config = write_config(dir, &samples(), "follow = true", "flush_interval = \"200ms\"");
+    let text = std::fs::read_to_string(&config).unwrap().replace("listen = \"\"", &format!("listen = \"{listen}\""));
+    std::fs::write(&config, text).unwrap();
+    let mut cmd = riskd_command(&["run", "--config", &config.display().to_string()]);
+    cmd.env_remove("RISKD_API_TOKEN").stdout(Stdio::null()).stderr(Stdio::piped());
+    if let Some(t) = token {
+        cmd.env("RISKD_API_TOKEN", t);
+    }
+    cmd.spawn().unwrap()
+}
+
+#[test]
+fn entities_and_state_keys_read_from_a_running_riskd() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _riskd = Guard(start(dir.path(), &format!("127.0.0.1:{port}"), None));
+    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    // State is read as of the last flush: wait until the whole sample is committed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let trudy = loop {
+        let (status, body) = get(&url("/v1/entities/user/trudy@example.com"), None);
+        if status == 200 && body["contributions"].as_array().is_some_and(|c| c.len() == 6) {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "trudy never showed 6 contributions: {status} {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(trudy["armed"], false);
+    assert_eq!(trudy["entity"]["id"], "trudy@example.com");
+    assert_eq!(trudy["rule_state"].as_array().map(Vec::len), Some(4));
+
+    let (status, grace) = get(&url("/v1/state/okta_ip_change/user/grace@example.com"), None);
+    assert_eq!(status, 200);
+    assert_eq!(grace["dict"]["ip"], "203.0.113.11");
+    assert_eq!(grace["expires_at"], "2024-03-08T14:00:00.000Z");
+    let (status, missing) = get(&url("/v1/state/no/such/key"), None);
+    assert_eq!(status, 404, "{missing}");
+}
+
+#[test]
+fn a_token_is_required_when_set_and_beyond_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _riskd = Guard(start(dir.path(), &format!("127.0.0.1:{port}"), Some("s3cret")));
+    let url = format!("http://127.0.0.1:{port}/v1/state/riskd/watermark");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(&url, Some("s3cret")).0 != 200 {
+        assert!(Instant::now() < deadline, "the API never answered with the token");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(get(&url, None).0, 401);
+    assert_eq!(get(&url, Some("wrong")).0, 401);
+
+    // Beyond loopback without a token: refused before anything is bound.
+    let other = tempfile::tempdir().unwrap();
+    let mut child = start(other.path(), "0.0.0.0:0", None);
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("is not a loopback address: set RISKD_API_TOKEN"), "{stderr}");
+}
