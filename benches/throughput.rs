@@ -96,7 +96,7 @@ fn main() {
         .map(|l| serde_json::from_str(l).expect("JSON"))
         .collect();
     println!("match conditions over {} events (ns per evaluation):", sample.len());
-    for rule in &cfg.rules {
+    for rule in cfg.rules.iter() {
         let program = compile_cel(rule.matcher.source()).expect("compiles");
         let t = Instant::now();
         let native = sample.iter().filter(|e| rule.matcher.eval(e, &[])).count();

@@ -57,18 +57,25 @@ impl Api {
     }
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, axum::Json(serde_json::json!({ "error": message.into() }))).into_response()
+/// A refusal: the status and what to say.
+type Refusal = (StatusCode, String);
+
+fn error(status: StatusCode, message: impl Into<String>) -> Refusal {
+    (status, message.into())
+}
+
+fn respond(refusal: Refusal) -> Response {
+    (refusal.0, axum::Json(serde_json::json!({ "error": refusal.1 }))).into_response()
 }
 
 async fn answer(
     api: Arc<Api>,
     headers: HeaderMap,
-    f: fn(&Inner, Vec<String>) -> Result<Value, Response>,
+    f: fn(&Inner, Vec<String>) -> Result<Value, Refusal>,
     args: Vec<String>,
 ) -> Response {
     if !api.authorized(&headers) {
-        return error(StatusCode::UNAUTHORIZED, format!("a bearer token ({TOKEN_ENV}) is required"));
+        return respond(error(StatusCode::UNAUTHORIZED, format!("a bearer token ({TOKEN_ENV}) is required")));
     }
     let result = tokio::task::spawn_blocking(move || match api.inner.get() {
         None => {
@@ -79,19 +86,19 @@ async fn answer(
     .await;
     match result {
         Ok(Ok(v)) => axum::Json(v).into_response(),
-        Ok(Err(r)) => r,
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Ok(Err(r)) => respond(r),
+        Err(e) => respond(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
 }
 
-fn entity(inner: &Inner, args: Vec<String>) -> Result<Value, Response> {
+fn entity(inner: &Inner, args: Vec<String>) -> Result<Value, Refusal> {
     let store = inner.store.lock().map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "store handle poisoned"))?;
     let entity = EntityRef { type_: args[0].clone(), id: args[1].clone() };
     crate::scoring::explain_entity(&inner.rules, &inner.scoring, store.as_ref(), &entity)
         .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
 }
 
-fn state(inner: &Inner, args: Vec<String>) -> Result<Value, Response> {
+fn state(inner: &Inner, args: Vec<String>) -> Result<Value, Refusal> {
     let store = inner.store.lock().map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "store handle poisoned"))?;
     let key = &args[0];
     let read = |e: crate::state::StateError| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
