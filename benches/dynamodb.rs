@@ -3,8 +3,10 @@
 //! `scripts/bench.sh dynamodb` starts DynamoDB Local and runs this: 200 k
 //! generated events (10 k users, attacks planted; `RISKD_BENCH_EVENTS`
 //! changes it) through the five shipped rules with the write-back cache
-//! (`cached` consistency), reporting events/s and DynamoDB requests per
-//! 1,000 events, counted by riskd's own request metric.
+//! (`cached` consistency), then the first 20 k of them
+//! (`RISKD_BENCH_DIRECT_EVENTS`) with every rule in `direct` consistency,
+//! reporting events/s and DynamoDB requests per 1,000 events for both,
+//! counted by riskd's own request metric.
 
 use riskd::config::Config;
 use riskd::pipeline::{run_blocking, RunOptions};
@@ -15,7 +17,7 @@ use std::time::Instant;
 
 fn requests() -> f64 {
     let m = riskd::telemetry::metrics();
-    ["BatchGetItem", "BatchWriteItem", "TransactWriteItems", "Scan", "PutItem"]
+    ["BatchGetItem", "BatchWriteItem", "TransactWriteItems", "Scan", "PutItem", "DeleteItem"]
         .iter()
         .flat_map(|op| ["ok", "throttled", "error"].map(|o| m.dynamodb_requests.with_label_values(&[op, o]).get()))
         .sum::<u64>() as f64
@@ -37,30 +39,57 @@ fn main() {
         let mut out = std::io::BufWriter::new(File::create(&input).expect("create input"));
         riskd::generate::write_stream(&spec, &mut out).expect("generate");
     }
-    let table = format!("riskd-bench-{}", uuid::Uuid::new_v4().simple());
-    let config = dir.path().join("riskd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[source]\npath = {:?}\n[sink]\npath = \"alerts.jsonl\"\n[store]\nkind = \"dynamodb\"\ntable = \"{table}\"\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\nttl = false\n[rules]\npaths = [{:?}]\n[telemetry]\nlisten = \"\"\n",
-            input.display().to_string(),
-            root.join("config/rules").display().to_string()
-        ),
-    )
-    .expect("write config");
-    let cfg = Config::load(&config).expect("valid config");
-    riskd::pipeline::init_store(&cfg.store).expect("create the table");
-    let before = requests();
-    let start = Instant::now();
-    let summary = run_blocking(cfg, &RunOptions::default(), &AtomicBool::new(false)).expect("run");
-    let secs = start.elapsed().as_secs_f64();
-    let sent = requests() - before;
-    println!(
-        "cached: {} events, {} alerts in {secs:.1} s = {:.0} events/s; {sent:.0} DynamoDB requests = {:.1} per 1,000 events",
-        summary.read,
-        summary.alerts,
-        summary.read as f64 / secs,
-        1000.0 * sent / summary.read as f64
-    );
-    println!("direct: not built yet (per-operation UpdateItem mode, see the DynamoDB issue)");
+    // The same rules in `consistency: direct`: every change an atomic read-modify-write.
+    let direct_rules = dir.path().join("direct-rules");
+    std::fs::create_dir_all(&direct_rules).expect("rules folder");
+    for name in ["aws_cloudtrail.yaml", "okta.yaml"] {
+        let text = std::fs::read_to_string(root.join("config/rules").join(name)).expect("shipped rules");
+        let direct: String = text
+            .lines()
+            .map(|l| if l.starts_with("id: ") { format!("{l}\nconsistency: direct\n") } else { format!("{l}\n") })
+            .collect();
+        std::fs::write(direct_rules.join(name), direct).expect("write rules");
+    }
+    // Direct mode is slow by design: it runs on the first events only (RISKD_BENCH_DIRECT_EVENTS).
+    let direct_events: usize =
+        std::env::var("RISKD_BENCH_DIRECT_EVENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(20_000);
+    let direct_input = dir.path().join("direct-events.jsonl");
+    let text = std::fs::read_to_string(&input).expect("read input");
+    let prefix: String = text.lines().take(direct_events).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&direct_input, prefix).expect("write input");
+
+    let mut rates = Vec::new();
+    for (mode, input, rules) in
+        [("cached", &input, root.join("config/rules")), ("direct", &direct_input, direct_rules.clone())]
+    {
+        let table = format!("riskd-bench-{}", uuid::Uuid::new_v4().simple());
+        let config = dir.path().join(format!("{mode}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[source]\npath = {:?}\n[sink]\npath = \"{mode}-alerts.jsonl\"\n[store]\nkind = \"dynamodb\"\ntable = \"{table}\"\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\nttl = false\n[rules]\npaths = [{:?}]\n[telemetry]\nlisten = \"\"\n",
+                input.display().to_string(),
+                rules.display().to_string()
+            ),
+        )
+        .expect("write config");
+        let cfg = Config::load(&config).expect("valid config");
+        riskd::pipeline::init_store(&cfg.store).expect("create the table");
+        let before = requests();
+        let flush_before = riskd::telemetry::metrics().flush_seconds.get_sample_sum();
+        let start = Instant::now();
+        let summary = run_blocking(cfg, &RunOptions::default(), &AtomicBool::new(false)).expect("run");
+        let secs = start.elapsed().as_secs_f64();
+        let sent = requests() - before;
+        let rate = summary.read as f64 / secs;
+        rates.push(rate);
+        let flushing = riskd::telemetry::metrics().flush_seconds.get_sample_sum() - flush_before;
+        println!(
+            "{mode}: {} events, {} alerts in {secs:.1} s ({flushing:.1} s flushing) = {rate:.0} events/s; {sent:.0} DynamoDB requests = {:.1} per 1,000 events",
+            summary.read,
+            summary.alerts,
+            1000.0 * sent / summary.read as f64
+        );
+    }
+    println!("cached is {:.0}x the events/s of direct", rates[0] / rates[1]);
 }

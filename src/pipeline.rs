@@ -222,7 +222,7 @@ struct JobSettings {
 }
 
 /// Lines read ahead (and whose state is loaded in one batch) for a remote store.
-const READ_AHEAD: usize = 256;
+const READ_AHEAD: usize = 1024;
 
 /// Waits between retries of a failing store: doubling from 100 ms to 10 s.
 const RETRY_FIRST: Duration = Duration::from_millis(100);

@@ -55,6 +55,7 @@ impl Override {
             "state",
             "fire",
             "shared_key",
+            "consistency",
             "dedup",
             "context",
         ];

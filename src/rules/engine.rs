@@ -4,7 +4,7 @@
 use super::{Form, OnFire, Rule, Severity};
 use crate::event::{format_time_ms, parse_time_ms, scalar_string, Event, FieldPath};
 use crate::scoring::{self, Scored, ScoringConfig};
-use crate::state::{check_dict_size, Expiry, StateCache, StateError};
+use crate::state::{check_dict_size, Expiry, Record, StateCache, StateError};
 use crate::telemetry::metrics;
 use hashbrown::HashMap;
 use prometheus::{Histogram, IntCounter};
@@ -325,7 +325,21 @@ impl Engine {
         let _ = write!(self.key, "{}/{}/{}", rule.namespace, rule.entity_type, entity_id);
         let key = self.key.as_str();
         let mut reached = None;
-        let result = apply_form(&mut self.cache, rule, key, event, &mut reached);
+        let result = if matches!(rule.form, Form::Stateless) {
+            apply_form(&mut Record::default(), rule, key, event, &mut reached)
+        } else if rule.direct {
+            let mut result = Ok(None);
+            let stored = self.cache.store_mut().update(key, event.time_ms, &mut |r| {
+                result = apply_form(r, rule, key, event, &mut reached);
+                result.is_ok()
+            });
+            stored.map_err(Skip::State).and(result)
+        } else {
+            match self.cache.write(key, event.time_ms) {
+                Ok(r) => apply_form(r, rule, key, event, &mut reached),
+                Err(e) => Err(Skip::State(e)),
+            }
+        };
         if let (Some(stats), Some(v)) = (self.stats.as_mut(), reached) {
             let peak = stats[rule_index].peaks.entry(key.to_string()).or_insert(0);
             *peak = (*peak).max(v);
@@ -355,7 +369,14 @@ impl Engine {
             };
         }
         if decision.reset {
-            self.cache.delete(key, event.time_ms)?;
+            if rule.direct {
+                self.cache.store_mut().update(key, event.time_ms, &mut |r| {
+                    *r = Record::default();
+                    true
+                })?;
+            } else {
+                self.cache.delete(key, event.time_ms)?;
+            }
         }
         let Some(dedup_key) = dedup_key(rule, entity_id, &event.value) else {
             let path = rule.dedup_key.as_ref().map(FieldPath::as_str).unwrap_or_default();
@@ -432,9 +453,12 @@ fn needed_keys(
             out.push(scratch.clone());
         }
     };
-    scratch.clear();
-    let _ = write!(scratch, "{}/{}/{}", rule.namespace, rule.entity_type, entity_id);
-    need(scratch);
+    // A direct rule's state is read by the store's own update, not the cache.
+    if !rule.direct && !matches!(rule.form, Form::Stateless) {
+        scratch.clear();
+        let _ = write!(scratch, "{}/{}/{}", rule.namespace, rule.entity_type, entity_id);
+        need(scratch);
+    }
     if let Some(dedup) = dedup_key(rule, entity_id, event) {
         scratch.clear();
         let _ = write!(scratch, "riskd/dedup/{}/{}", rule.id, dedup);
@@ -496,7 +520,7 @@ fn round1(x: f64) -> Value {
 /// Applies the rule's state form to the entity's record and decides whether
 /// it fires. Works on the record in place: one cache lookup per rule.
 fn apply_form(
-    cache: &mut StateCache,
+    r: &mut Record,
     rule: &Rule,
     key: &str,
     event: &Event,
@@ -506,7 +530,6 @@ fn apply_form(
     let decision = match &rule.form {
         Form::Stateless => Some(Decision { context: Map::new(), reset: false }),
         Form::Count { window_ms, threshold, on_fire } => {
-            let r = cache.write(key, now)?;
             // The window opens at the first counted event and is not moved by later ones.
             if r.count <= 0 {
                 r.count = 0;
@@ -526,7 +549,6 @@ fn apply_form(
         }
         Form::Distinct { field, window_ms, threshold, on_fire } => {
             let value = required_scalar(field, event)?;
-            let r = cache.write(key, now)?;
             if r.set.is_empty() {
                 r.expires_at_ms = Some(now.saturating_add(*window_ms));
             }
@@ -546,7 +568,6 @@ fn apply_form(
         }
         Form::FirstSeen { field, ttl_ms } => {
             let value = required_scalar(field, event)?;
-            let r = cache.write(key, now)?;
             let known = r.set.len();
             let fire = known > 0 && !r.set.contains(&value);
             let decision = fire.then(|| {
@@ -570,7 +591,6 @@ fn apply_form(
             let mut stored = current.clone();
             stored.insert("time".into(), json!(format_time_ms(now)));
             check_dict_size(key, &stored)?;
-            let r = cache.write(key, now)?;
             let previous = r.dict.replace(stored).filter(|d| !d.is_empty());
             r.expires_at_ms = Some(now.saturating_add(*ttl_ms));
             previous.and_then(|previous| {
@@ -600,7 +620,6 @@ fn apply_form(
             current.insert("lon".into(), json!(lon_v));
             current.insert("time".into(), json!(format_time_ms(now)));
             check_dict_size(key, &current)?;
-            let r = cache.write(key, now)?;
             let previous = r.dict.replace(current.clone()).unwrap_or_default();
             r.expires_at_ms = Some(now.saturating_add(*ttl_ms));
             // A previous value that is not a readable point (written by

@@ -140,6 +140,8 @@ pub struct Rule {
     pub fire: Option<Condition>,
     /// First part of its state keys: its id, or a shared key.
     pub namespace: String,
+    /// Its state is changed directly in the store (`consistency: direct`).
+    pub direct: bool,
     /// Dedup window, ms.
     pub dedup_window_ms: i64,
     /// Dedup key path; the entity id when `None`.
@@ -166,7 +168,8 @@ impl Rule {
                 format!("travel {lat} {lon} {}", city.as_ref().map(FieldPath::as_str).unwrap_or(""))
             }
         };
-        format!("{}|{}|{}|{}", self.namespace, self.entity_type, self.entity_key, form)
+        let consistency = if self.direct { "direct" } else { "cached" };
+        format!("{}|{}|{}|{}|{consistency}", self.namespace, self.entity_type, self.entity_key, form)
     }
 }
 
@@ -251,6 +254,17 @@ pub fn compile(spec: RuleSpec) -> Result<Rule, Vec<FieldError>> {
         None => Form::Stateless,
         Some(state) => compile_state(state, &mut errors),
     };
+    let direct = match spec.consistency.as_str() {
+        "cached" => false,
+        "direct" => true,
+        other => {
+            errors.push(FieldError {
+                field: "consistency",
+                message: format!("consistency {other:?} is not one of cached, direct"),
+            });
+            false
+        }
+    };
     if spec.risk_cap == Some(0) {
         errors.push(FieldError { field: "risk_cap", message: "risk_cap must be at least 1 (or absent)".into() });
     }
@@ -272,6 +286,7 @@ pub fn compile(spec: RuleSpec) -> Result<Rule, Vec<FieldError>> {
     match (matcher, errors.is_empty()) {
         (Ok(matcher), true) => Ok(Rule {
             namespace: spec.shared_key.unwrap_or_else(|| spec.id.clone()),
+            direct,
             id: spec.id,
             title: spec.title,
             description: spec.description,

@@ -49,6 +49,11 @@ pub struct RuleSpec {
     /// Repeats of an alert inside the window are suppressed.
     #[serde(default)]
     pub dedup: DedupSpec,
+    /// `cached` (default): state goes through the write-back cache, for keys
+    /// this process owns. `direct`: every change is an atomic
+    /// read-modify-write on the store, for keys written by several processes.
+    #[serde(default = "cached")]
+    pub consistency: String,
     /// Event fields copied into the alert's context, by name.
     #[serde(default)]
     pub context: BTreeMap<String, String>,
@@ -56,6 +61,10 @@ pub struct RuleSpec {
 
 fn yes() -> bool {
     true
+}
+
+fn cached() -> String {
+    "cached".into()
 }
 
 /// The entity a rule scores.

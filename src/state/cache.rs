@@ -55,6 +55,11 @@ impl StateCache {
         self.store.as_ref()
     }
 
+    /// The store behind the cache, for changes that bypass it (`direct` rules).
+    pub fn store_mut(&mut self) -> &mut dyn Store {
+        self.store.as_mut()
+    }
+
     /// Number of keys changed since the last flush.
     pub fn dirty_keys(&self) -> usize {
         self.entries.values().filter(|e| e.dirty).count()

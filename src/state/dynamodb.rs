@@ -114,6 +114,7 @@ mod attr {
     pub const META: &str = "riskdMeta";
     pub const CHECKPOINT: &str = "riskdCheckpoint";
     pub const COMMITTED_SEQ: &str = "riskdCommittedSeq";
+    pub const VERSION: &str = "riskdVersion";
 }
 
 const CHECKPOINT_PREFIX: &str = "riskd/checkpoint/";
@@ -629,6 +630,66 @@ impl Remote {
             ))
             .map(|_| ())
             .map_err(|f| f.into_error("PutItem", &self.table, Some(key)))
+    }
+
+    /// Puts `item` (or deletes the key, when `None`) only if the stored
+    /// item's version is still `version` (0: no item, or one without a
+    /// version, as Panther writes them). False when someone changed it first.
+    fn put_if_version(&self, key: &str, item: Option<Item>, version: Option<i64>) -> Result<bool> {
+        // `key` is a reserved word in expressions: named through `#k`.
+        let names = HashMap::from([("#k".to_string(), attr::KEY.to_string())]);
+        let (condition, values, names) = match version {
+            None => ("attribute_not_exists(#k)".to_string(), None, Some(names)),
+            Some(0) => (format!("attribute_not_exists({})", attr::VERSION), None, None),
+            Some(v) => (
+                format!("{} = :v", attr::VERSION),
+                Some(HashMap::from([(":v".to_string(), AttributeValue::N(v.to_string()))])),
+                None,
+            ),
+        };
+        let sent = match item {
+            Some(item) => self
+                .rt
+                .block_on(send(
+                    &self.limits,
+                    "PutItem",
+                    || {
+                        self.client
+                            .put_item()
+                            .table_name(&self.table)
+                            .set_item(Some(item.clone()))
+                            .condition_expression(&condition)
+                            .set_expression_attribute_names(names.clone())
+                            .set_expression_attribute_values(values.clone())
+                            .send()
+                    },
+                    never,
+                ))
+                .map(|_| ()),
+            None => self
+                .rt
+                .block_on(send(
+                    &self.limits,
+                    "DeleteItem",
+                    || {
+                        self.client
+                            .delete_item()
+                            .table_name(&self.table)
+                            .set_key(Some(key_item(key)))
+                            .condition_expression(&condition)
+                            .set_expression_attribute_names(names.clone())
+                            .set_expression_attribute_values(values.clone())
+                            .send()
+                    },
+                    never,
+                ))
+                .map(|_| ()),
+        };
+        match sent {
+            Ok(()) => Ok(true),
+            Err(f) if f.code == "ConditionalCheckFailedException" => Ok(false),
+            Err(f) => Err(f.into_error("PutItem", &self.table, Some(key))),
+        }
     }
 
     fn transact_put(&self, items: Vec<Item>) -> Result<()> {
@@ -1172,6 +1233,54 @@ impl Store for DynamoStore {
         true
     }
 
+    /// Optimistic concurrency: read the item (committed version) and its
+    /// `riskdVersion`, apply `f`, write it back only if the version did not
+    /// move meanwhile; otherwise read again and retry. Direct writes carry no
+    /// flush id: they are committed as soon as they are written.
+    fn update(&mut self, key: &str, now_ms: i64, f: &mut dyn FnMut(&mut Record) -> bool) -> Result<()> {
+        check_key(key)?;
+        for _ in 0..64 {
+            let item = self.remote.fetch(&[key])?.remove(key);
+            let version = match &item {
+                None => None,
+                Some(it) => Some(match it.get(attr::VERSION) {
+                    Some(v) => integer(key, attr::VERSION, v)?,
+                    None => 0,
+                }),
+            };
+            let stored = match &item {
+                None => None,
+                Some(it) => {
+                    let stored = decode(key, it)?;
+                    self.learn_commits(std::iter::once(&stored))?;
+                    self.resolve(stored)
+                }
+            };
+            let mut record = stored.filter(|r| r.is_live(now_ms)).unwrap_or_default();
+            if !f(&mut record) {
+                return Ok(());
+            }
+            let next = if record.is_empty() && record.expires_at_ms.is_none() {
+                None
+            } else {
+                let mut it = record_attributes(key, &record)?;
+                it.insert(attr::VERSION.into(), AttributeValue::N((version.unwrap_or(0) + 1).to_string()));
+                check_item_size(key, &it)?;
+                Some(it)
+            };
+            if next.is_none() && item.is_none() {
+                return Ok(());
+            }
+            if self.remote.put_if_version(key, next, version)? {
+                // Whatever the write-back side remembered of this key is stale now.
+                self.versions.borrow_mut().remove(key);
+                return Ok(());
+            }
+            metrics().dynamodb_retries.with_label_values(&["PutItem"]).inc();
+        }
+        Err(backend(format!("key {key:?}: still changed by others after 64 tries")))
+    }
+
     fn reader(&self) -> Option<Box<dyn Store>> {
         // A store of its own (client, runtime): it reads committed versions only.
         DynamoStore::open(&self.cfg).ok().map(|s| Box::new(s) as Box<dyn Store>)
@@ -1446,6 +1555,36 @@ pub(crate) mod tests {
     }
 
     shared_store_tests!(fresh());
+
+    #[test]
+    fn direct_updates_from_two_processes_lose_nothing() {
+        let (_, cfg) = fresh();
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let cfg = cfg.clone();
+                std::thread::spawn(move || {
+                    // Each thread is a riskd process of its own: its own store, client and runtime.
+                    let mut store = DynamoStore::open(&cfg).unwrap();
+                    for _ in 0..40 {
+                        store
+                            .update("shared/counter", 0, &mut |r| {
+                                r.count += 1;
+                                true
+                            })
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        let store = DynamoStore::open(&cfg).unwrap();
+        let got = store.get_many(&["shared/counter"]).unwrap().pop().flatten();
+        assert_eq!(got.map(|r| r.count), Some(80), "no increment lost to a concurrent one");
+        let raw = raw(&store, "shared/counter").unwrap();
+        assert_eq!(raw["intCount"], n("80"), "Panther's layout");
+    }
 
     #[test]
     fn the_write_budget_holds() {

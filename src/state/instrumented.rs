@@ -60,6 +60,17 @@ impl Store for Instrumented {
         self.inner.batched_reads()
     }
 
+    fn update(&mut self, key: &str, now_ms: i64, f: &mut dyn FnMut(&mut Record) -> bool) -> Result<()> {
+        let start = Instant::now();
+        let result = self.inner.update(key, now_ms, f);
+        let m = metrics();
+        let kind = self.inner.kind();
+        m.store_seconds.with_label_values(&[kind, "update"]).observe(start.elapsed().as_secs_f64());
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        m.store_operations.with_label_values(&[kind, "update", outcome]).inc();
+        result
+    }
+
     fn reader(&self) -> Option<Box<dyn Store>> {
         self.inner.reader().map(|r| Box::new(Instrumented::new(r)) as Box<dyn Store>)
     }

@@ -235,6 +235,21 @@ pub trait Store: Send {
     fn batched_reads(&self) -> bool {
         false
     }
+    /// Changes one key atomically, for keys written by several riskd
+    /// processes (`consistency: direct` rules): `f` gets the live record (the
+    /// default when absent or expired at `now_ms`) and says whether it
+    /// changed it; the change is written at once. A store shared between
+    /// processes retries `f` on a concurrent change, so `f` may run more than
+    /// once. Local stores have one writer: a read and a write suffice.
+    fn update(&mut self, key: &str, now_ms: i64, f: &mut dyn FnMut(&mut Record) -> bool) -> Result<()> {
+        let mut record = self.get_many(&[key])?.pop().flatten().filter(|r| r.is_live(now_ms)).unwrap_or_default();
+        if !f(&mut record) {
+            return Ok(());
+        }
+        let mutation =
+            if record.is_empty() && record.expires_at_ms.is_none() { Mutation::Delete } else { Mutation::Put(&record) };
+        self.apply(WriteBatch { mutations: vec![(key, mutation)], checkpoint: None })
+    }
     /// Another handle on the same data, for reading from another thread
     /// while the job writes (the HTTP API); `None` where the data cannot be
     /// shared (the memory store).
@@ -279,6 +294,11 @@ pub(crate) mod store_tests {
                 $crate::state::store_tests::many_keys_in_one_batch(&mut store);
             }
             #[test]
+            fn shared_update_is_read_modify_write_on_live_values() {
+                let (mut store, _keep) = $make;
+                $crate::state::store_tests::update_is_read_modify_write_on_live_values(&mut store);
+            }
+            #[test]
             fn shared_put_replaces_the_whole_record() {
                 let (mut store, _keep) = $make;
                 $crate::state::store_tests::put_replaces_the_whole_record(&mut store);
@@ -299,6 +319,37 @@ pub(crate) mod store_tests {
         let mut seen = Vec::new();
         store.scan(prefix, &mut |k, _| seen.push(k.to_string())).unwrap();
         seen
+    }
+
+    pub fn update_is_read_modify_write_on_live_values(store: &mut dyn Store) {
+        let bump = |store: &mut dyn Store, now| {
+            store
+                .update("u/k", now, &mut |r| {
+                    if r.count == 0 {
+                        r.expires_at_ms = Some(now + 1000);
+                    }
+                    r.count += 1;
+                    true
+                })
+                .unwrap()
+        };
+        bump(store, 0);
+        bump(store, 10);
+        let got = store.get_many(&["u/k"]).unwrap().pop().flatten();
+        assert_eq!(got.map(|r| (r.count, r.expires_at_ms)), Some((2, Some(1000))));
+        // Expired at 1000: the update starts from the default (no resurrection).
+        bump(store, 1000);
+        let got = store.get_many(&["u/k"]).unwrap().pop().flatten();
+        assert_eq!(got.map(|r| (r.count, r.expires_at_ms)), Some((1, Some(2000))));
+        // An update that changes nothing writes nothing; one that empties the key removes it.
+        store.update("u/k", 1500, &mut |_| false).unwrap();
+        store
+            .update("u/k", 1500, &mut |r| {
+                *r = Record::default();
+                true
+            })
+            .unwrap();
+        assert_eq!(store.get_many(&["u/k"]).unwrap(), vec![None]);
     }
 
     pub fn round_trip(store: &mut dyn Store) {
