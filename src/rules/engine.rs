@@ -10,7 +10,6 @@ use hashbrown::HashMap;
 use prometheus::{Histogram, IntCounter};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 /// Namespace of alert ids (UUID v5 over the alert's identity).
@@ -321,8 +320,7 @@ impl Engine {
         out: &mut Outcome,
     ) -> Result<(), StateError> {
         let problem = |message: String| Problem { rule_id: rule.id.clone(), message };
-        self.key.clear();
-        let _ = write!(self.key, "{}/{}/{}", rule.namespace, rule.entity_type, entity_id);
+        join_key(&mut self.key, [&rule.namespace, &rule.entity_type, entity_id]);
         let key = self.key.as_str();
         let mut reached = None;
         let result = if matches!(rule.form, Form::Stateless) {
@@ -437,6 +435,18 @@ fn rule_metrics(rules: &[Rule]) -> Vec<RuleMetrics> {
         .collect()
 }
 
+/// Writes `a/b/c` into `out` (with push_str: this runs for every matching
+/// rule, where `format!` costs more than the lookup it prepares).
+fn join_key(out: &mut String, parts: [&str; 3]) {
+    out.clear();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(part);
+    }
+}
+
 /// Appends to `out` the keys a matching rule needs for this entity (its
 /// state, its dedup window, its entity's risk) that the cache lacks; `scratch`
 /// builds them, so only missing keys are allocated.
@@ -455,18 +465,18 @@ fn needed_keys(
     };
     // A direct rule's state is read by the store's own update, not the cache.
     if !rule.direct && !matches!(rule.form, Form::Stateless) {
-        scratch.clear();
-        let _ = write!(scratch, "{}/{}/{}", rule.namespace, rule.entity_type, entity_id);
+        join_key(scratch, [&rule.namespace, &rule.entity_type, entity_id]);
         need(scratch);
     }
-    if let Some(dedup) = dedup_key(rule, entity_id, event) {
-        scratch.clear();
-        let _ = write!(scratch, "riskd/dedup/{}/{}", rule.id, dedup);
+    if rule.dedup_key.is_none() {
+        join_key(scratch, ["riskd/dedup", &rule.id, entity_id]);
+        need(scratch);
+    } else if let Some(dedup) = dedup_key(rule, entity_id, event) {
+        join_key(scratch, ["riskd/dedup", &rule.id, &dedup]);
         need(scratch);
     }
     if rule.risk > 0 {
-        scratch.clear();
-        let _ = write!(scratch, "riskd/risk/{}/{}", rule.entity_type, entity_id);
+        join_key(scratch, ["riskd/risk", &rule.entity_type, entity_id]);
         need(scratch);
     }
 }
