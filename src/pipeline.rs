@@ -493,7 +493,11 @@ pub fn run_with_store(
     };
     let progress = Progress::new(&input, cp.offset);
     let mut job = Job {
-        engine: Engine::new(cfg.rules, Arc::new(cfg.scoring), StateCache::new(store, cfg.cache_max_entries)),
+        engine: Engine::new(
+            cfg.rules,
+            Arc::new(cfg.scoring),
+            StateCache::with_bounds(store, cfg.cache_max_entries, cfg.cache_max_bytes),
+        ),
         outputs: Outputs { alerts, alerts_key, dead },
         source_name,
         source_id,
@@ -561,7 +565,8 @@ pub fn run_with_store(
                 progress.update(&job.summary, job.position.offset);
             }
             if since_flush >= settings.flush_every_events
-                || (since_flush % 1024 == 0 && last_flush.elapsed() >= settings.flush_interval)
+                || (since_flush % 1024 == 0
+                    && (last_flush.elapsed() >= settings.flush_interval || job.engine.cache().over_bounds()))
             {
                 job.flush()?;
                 since_flush = 0;

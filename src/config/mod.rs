@@ -253,9 +253,13 @@ pub struct StoreFile {
     /// …or this long after the last flush, whichever comes first (and at the end).
     #[serde(default = "two_seconds")]
     pub flush_interval: String,
-    /// Clean cache entries kept after a flush; beyond it the cache is emptied.
+    /// Entries the write-back cache may hold; past it (or `cache_max_bytes`)
+    /// the job flushes early and the cache drops its clean entries.
     #[serde(default = "million")]
     pub cache_max_entries: usize,
+    /// Approximate bytes the write-back cache may hold (default 1 GiB).
+    #[serde(default = "one_gib")]
+    pub cache_max_bytes: usize,
 }
 
 impl Default for StoreFile {
@@ -272,6 +276,7 @@ impl Default for StoreFile {
             flush_every_events: hundred_thousand(),
             flush_interval: two_seconds(),
             cache_max_entries: million(),
+            cache_max_bytes: one_gib(),
         }
     }
 }
@@ -322,6 +327,9 @@ fn hundred_thousand() -> u64 {
 }
 fn two_seconds() -> String {
     "2s".into()
+}
+fn one_gib() -> usize {
+    1 << 30
 }
 fn million() -> usize {
     1_000_000
@@ -387,6 +395,8 @@ pub struct Config {
     pub flush_interval: std::time::Duration,
     /// Cache bound.
     pub cache_max_entries: usize,
+    /// Cache bound, bytes.
+    pub cache_max_bytes: usize,
     /// Event time.
     pub event_time: EventTime,
     /// Compiled rules, in evaluation order (file name, then position in file);
@@ -495,6 +505,7 @@ impl Config {
             flush_every_events: file.store.flush_every_events,
             flush_interval,
             cache_max_entries: file.store.cache_max_entries,
+            cache_max_bytes: file.store.cache_max_bytes,
             event_time: EventTime::new(time_fields),
             rules: std::sync::Arc::new(rules),
             rule_paths,

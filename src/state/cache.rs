@@ -38,16 +38,32 @@ struct Entry {
 pub struct StateCache {
     store: Box<dyn Store>,
     entries: HashMap<String, Entry>,
-    max_clean_entries: usize,
+    max_entries: usize,
+    max_bytes: usize,
+    /// Approximate bytes held: exact after a flush, grown by loads since.
+    bytes: usize,
     /// Lookups (hits, misses) not yet published to the metrics.
     lookups: (u64, u64),
 }
 
 impl StateCache {
-    /// A cache over `store` that keeps at most `max_clean_entries` clean
-    /// entries after a flush (dirty ones are always kept until flushed).
-    pub fn new(store: Box<dyn Store>, max_clean_entries: usize) -> Self {
-        Self { store, entries: HashMap::new(), max_clean_entries, lookups: (0, 0) }
+    /// A cache over `store` bounded to `max_entries` entries; see
+    /// [`with_bounds`](Self::with_bounds).
+    pub fn new(store: Box<dyn Store>, max_entries: usize) -> Self {
+        Self::with_bounds(store, max_entries, usize::MAX)
+    }
+
+    /// A cache over `store` bounded to `max_entries` entries and about
+    /// `max_bytes` bytes. Dirty entries stay until flushed; the job flushes
+    /// early when [`over_bounds`](Self::over_bounds), and a flush that leaves
+    /// the cache over a bound evicts the clean entries.
+    pub fn with_bounds(store: Box<dyn Store>, max_entries: usize, max_bytes: usize) -> Self {
+        Self { store, entries: HashMap::new(), max_entries, max_bytes, bytes: 0, lookups: (0, 0) }
+    }
+
+    /// Whether the cache holds more than its bounds allow (flush, then it evicts).
+    pub fn over_bounds(&self) -> bool {
+        self.entries.len() > self.max_entries || self.bytes > self.max_bytes
     }
 
     /// The store behind the cache.
@@ -82,7 +98,9 @@ impl StateCache {
         self.lookups.1 += missing.len() as u64;
         let found = self.store.get_many(&missing)?;
         for (key, record) in missing.into_iter().zip(found) {
-            self.entries.insert(key.to_string(), Entry { record: record.unwrap_or_default(), dirty: false });
+            let record = record.unwrap_or_default();
+            self.bytes += key.len() + approx_bytes(&record);
+            self.entries.insert(key.to_string(), Entry { record, dirty: false });
         }
         Ok(())
     }
@@ -93,6 +111,7 @@ impl StateCache {
             hashbrown::hash_map::EntryRef::Vacant(e) => {
                 self.lookups.1 += 1;
                 let record = self.store.get_many(&[key])?.pop().flatten().unwrap_or_default();
+                self.bytes += key.len() + approx_bytes(&record);
                 Ok(e.insert(Entry { record, dirty: false }))
             }
         }
@@ -258,12 +277,16 @@ impl StateCache {
             entry.dirty = false;
         }
         let m = metrics();
-        if self.entries.len() > self.max_clean_entries {
+        self.bytes = self.entries.iter().map(|(k, e)| k.len() + approx_bytes(&e.record)).sum();
+        if self.over_bounds() {
+            // Every entry is clean now: drop them all (simple, and the bound
+            // holds); the next reads load what is still in use.
             m.cache_evictions.inc_by(self.entries.len() as u64);
             self.entries.clear();
+            self.bytes = 0;
         }
         m.cache_entries.set(self.entries.len() as i64);
-        m.cache_bytes.set(self.entries.iter().map(|(k, e)| k.len() + approx_bytes(&e.record)).sum::<usize>() as i64);
+        m.cache_bytes.set(self.bytes as i64);
         Ok(written)
     }
 
@@ -415,6 +438,28 @@ mod tests {
         assert_eq!(c.get_counter("k", 0).unwrap(), 2);
         assert_eq!(c.get_dictionary("k", 0).unwrap().len(), 1);
         assert_eq!(c.get_string_set("k", 0).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn bounds_trigger_and_a_flush_evicts_clean_entries() {
+        let mut c = StateCache::with_bounds(Box::new(MemoryStore::new()), 3, usize::MAX);
+        for k in ["a", "b", "c"] {
+            c.increment_counter(k, 1, 0).unwrap();
+        }
+        assert!(!c.over_bounds());
+        c.increment_counter("d", 1, 0).unwrap();
+        assert!(c.over_bounds(), "four entries, three allowed");
+        c.flush(None).unwrap();
+        assert!(!c.over_bounds());
+        assert_eq!(c.dirty_keys(), 0);
+        assert_eq!(c.get_counter("d", 0).unwrap(), 1, "evicted entries are read back from the store");
+
+        let mut c = StateCache::with_bounds(Box::new(MemoryStore::new()), usize::MAX, 1000);
+        let big = json!({"x": "y".repeat(2000)}).as_object().cloned().unwrap();
+        c.put_dictionary("big", big, 0).unwrap();
+        c.flush(None).unwrap();
+        assert!(!c.over_bounds(), "a flush over the byte bound evicts");
+        assert_eq!(c.get_dictionary("big", 0).unwrap()["x"].as_str().map(str::len), Some(2000));
     }
 
     #[test]
