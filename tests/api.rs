@@ -7,40 +7,14 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
-
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
 
 fn get(url: &str, token: Option<&str>) -> (u16, Value) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(5)))
-        .build()
-        .into();
-    let mut req = agent.get(url);
-    if let Some(t) = token {
-        req = req.header("Authorization", &format!("Bearer {t}"));
-    }
-    match req.call() {
-        Ok(mut r) => {
-            let status = r.status().as_u16();
-            let body = r.body_mut().read_to_string().unwrap_or_default();
-            (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-        }
-        Err(_) => (0, Value::Null),
+    match http_get(url, token) {
+        Some((status, body)) => (status, serde_json::from_str(&body).unwrap_or(Value::Null)),
+        None => (0, Value::Null),
     }
 }
+use std::time::{Duration, Instant};
 
 fn start(dir: &std::path::Path, listen: &str, token: Option<&str>) -> Child {
     let config = write_config(dir, &samples(), "follow = true", "flush_interval = \"200ms\"");

@@ -12,17 +12,11 @@ use common::*;
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Kills the child when dropped, so a failing test leaves no server behind.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn get(url: &str) -> Option<(u16, String)> {
+    http_get(url, None)
 }
 
 fn tool(var: &str, name: &str) -> PathBuf {
@@ -36,32 +30,6 @@ fn tool(var: &str, name: &str) -> PathBuf {
         }
     }
     panic!("{name} not found: run ./scripts/test.sh, which installs Debian's prometheus package (or set {var})");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(5)))
-        .build()
-        .into()
-}
-
-fn get(url: &str) -> Option<(u16, String)> {
-    let mut resp = agent().get(url).call().ok()?;
-    let status = resp.status().as_u16();
-    Some((status, resp.body_mut().read_to_string().ok()?))
-}
-
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// The sample stream plus two malformed lines and one event a rule cannot key.
@@ -230,7 +198,12 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let input = input_with_bad_lines(dir.path());
     // On DynamoDB, so that the state-store dashboard's DynamoDB panels have data too.
     let (riskd, riskd_port) = start_riskd(dir.path(), &input, true);
-    let exposition = get(&format!("http://127.0.0.1:{riskd_port}/metrics")).unwrap().1;
+    // Read the exposition once every line is scored, so that every series exists.
+    let mut exposition = String::new();
+    wait_for("all 213 lines scored", Duration::from_secs(60), || {
+        exposition = get(&format!("http://127.0.0.1:{riskd_port}/metrics")).map(|(_, b)| b).unwrap_or_default();
+        sample(&exposition, "riskd_events_total{outcome=\"ok\",source=\"file\"}") == Some(210.0)
+    });
 
     // Every metric a dashboard names is one riskd exports.
     let queries = dashboard_queries();
@@ -266,7 +239,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         get(&format!("{api}/-/ready")).is_some_and(|(s, _)| s == 200)
     });
     let query = |expr: &str| -> Value {
-        let mut resp = agent().get(format!("{api}/api/v1/query")).query("query", expr).call().unwrap();
+        let mut resp = ureq::get(format!("{api}/api/v1/query")).query("query", expr).call().unwrap();
         serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap()
     };
     // A few scrapes, so that rate() has two points in its window.

@@ -8,26 +8,13 @@ mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn jar() -> PathBuf {
     PathBuf::from(std::env::var("RISKD_TEST_DYNAMODB_JAR").unwrap_or_else(|_| {
         panic!("RISKD_TEST_DYNAMODB_JAR is not set: run ./scripts/test.sh, which installs DynamoDB Local")
     }))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 fn answers(port: u16) -> bool {
@@ -52,22 +39,8 @@ fn start_dynamodb(port: u16, data: &Path) -> Guard {
     Guard(child)
 }
 
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn get(url: &str) -> Option<(u16, String)> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(5)))
-        .build()
-        .into();
-    let mut resp = agent.get(url).call().ok()?;
-    Some((resp.status().as_u16(), resp.body_mut().read_to_string().ok()?))
+    http_get(url, None)
 }
 
 fn events_counted(port: u16) -> f64 {

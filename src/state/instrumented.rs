@@ -19,13 +19,16 @@ impl Instrumented {
     fn measure<T>(&self, op: &str, f: impl FnOnce(&dyn Store) -> Result<T>) -> Result<T> {
         let start = Instant::now();
         let result = f(self.inner.as_ref());
-        let m = metrics();
-        let kind = self.inner.kind();
-        m.store_seconds.with_label_values(&[kind, op]).observe(start.elapsed().as_secs_f64());
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        m.store_operations.with_label_values(&[kind, op, outcome]).inc();
+        record(self.inner.kind(), op, start, result.is_ok());
         result
     }
+}
+
+/// Counts and times one operation.
+fn record(kind: &str, op: &str, start: Instant, ok: bool) {
+    let m = metrics();
+    m.store_seconds.with_label_values(&[kind, op]).observe(start.elapsed().as_secs_f64());
+    m.store_operations.with_label_values(&[kind, op, if ok { "ok" } else { "error" }]).inc();
 }
 
 impl Store for Instrumented {
@@ -40,11 +43,7 @@ impl Store for Instrumented {
     fn apply(&mut self, batch: WriteBatch<'_>) -> Result<()> {
         let start = Instant::now();
         let result = self.inner.apply(batch);
-        let m = metrics();
-        let kind = self.inner.kind();
-        m.store_seconds.with_label_values(&[kind, "apply"]).observe(start.elapsed().as_secs_f64());
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        m.store_operations.with_label_values(&[kind, "apply", outcome]).inc();
+        record(self.inner.kind(), "apply", start, result.is_ok());
         result
     }
 
@@ -63,11 +62,7 @@ impl Store for Instrumented {
     fn update(&mut self, key: &str, now_ms: i64, f: &mut dyn FnMut(&mut Record) -> bool) -> Result<()> {
         let start = Instant::now();
         let result = self.inner.update(key, now_ms, f);
-        let m = metrics();
-        let kind = self.inner.kind();
-        m.store_seconds.with_label_values(&[kind, "update"]).observe(start.elapsed().as_secs_f64());
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        m.store_operations.with_label_values(&[kind, "update", outcome]).inc();
+        record(self.inner.kind(), "update", start, result.is_ok());
         result
     }
 
