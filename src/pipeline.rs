@@ -516,7 +516,10 @@ pub fn run_with_store(
     }
     // A remote store reads the state of many lines at once: lines are read
     // ahead, decoded, their keys loaded in one batch, then applied in order.
-    let ahead = if job.engine.cache().store().batched_reads() { READ_AHEAD } else { 1 };
+    // Only from a file, where reading ahead never waits on a writer (stdin
+    // would hold events back until a whole batch arrived).
+    let from_file = matches!(input, Stream::File(_));
+    let ahead = if from_file && job.engine.cache().store().batched_reads() { READ_AHEAD } else { 1 };
     let mut buf = Vec::new();
     let mut arena = Vec::new();
     let mut lines: Vec<(LineInfo, std::ops::Range<usize>, Decoded, i64)> = Vec::with_capacity(ahead);
