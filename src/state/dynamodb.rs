@@ -445,20 +445,33 @@ async fn get_keys(client: &Client, limits: &Limits, table: &str, keys: &[String]
         if left.is_empty() {
             return Ok(found);
         }
-        if left.len() < pending.len() {
-            delays = backoff(); // progress: start the schedule again
-        }
+        wait_for_leftovers(&mut delays, left.len(), pending.len(), "Keys").await?;
         pending = left;
-        match delays.next() {
-            Some(delay) => tokio::time::sleep(delay).await,
-            None => {
-                return Err(Failure {
-                    code: "UnprocessedKeys".into(),
-                    message: format!("{} keys still unprocessed after retries", pending.len()),
-                    transient: true,
-                })
-            }
+    }
+}
+
+/// After a batch request left `left` of its `sent` keys or items
+/// unprocessed: waits before the next try (the schedule starts again when
+/// the request made progress), or gives up when the schedule is spent.
+async fn wait_for_leftovers(
+    delays: &mut ExponentialBackoff,
+    left: usize,
+    sent: usize,
+    what: &str,
+) -> Result<(), Failure> {
+    if left < sent {
+        *delays = backoff();
+    }
+    match delays.next() {
+        Some(delay) => {
+            tokio::time::sleep(delay).await;
+            Ok(())
         }
+        None => Err(Failure {
+            code: format!("Unprocessed{what}"),
+            message: format!("{left} {} still unprocessed after retries", what.to_lowercase()),
+            transient: true,
+        }),
     }
 }
 
@@ -482,20 +495,8 @@ async fn write_requests(
         if left.is_empty() {
             return Ok(());
         }
-        if left.len() < pending.len() {
-            delays = backoff();
-        }
+        wait_for_leftovers(&mut delays, left.len(), pending.len(), "Items").await?;
         pending = left;
-        match delays.next() {
-            Some(delay) => tokio::time::sleep(delay).await,
-            None => {
-                return Err(Failure {
-                    code: "UnprocessedItems".into(),
-                    message: format!("{} items still unprocessed after retries", pending.len()),
-                    transient: true,
-                })
-            }
-        }
     }
 }
 
