@@ -79,13 +79,6 @@ impl FieldPath {
         (!v.is_null()).then_some(v)
     }
 
-    /// The path's first segment (the top-level field it starts from).
-    pub fn root(&self) -> &str {
-        match &self.segments[0] {
-            Segment::Key(k) | Segment::Index(_, k) => k,
-        }
-    }
-
     /// The path as written.
     pub fn as_str(&self) -> &str {
         &self.text

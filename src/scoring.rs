@@ -158,7 +158,7 @@ impl RiskState {
 
 /// The state key of an entity's risk.
 pub fn risk_key(entity: &EntityRef) -> String {
-    format!("riskd/risk/{}/{}", entity.type_, entity.id)
+    crate::state::key([crate::state::RISK_PREFIX, &entity.type_, &entity.id])
 }
 
 /// What a contribution did.
@@ -304,8 +304,8 @@ pub fn explain_entity(
     let risk = risk_key(entity);
     let mut keys: Vec<(String, String)> = vec![("(risk)".to_string(), risk.clone())];
     for rule in rules.iter().filter(|r| r.entity_type == entity.type_) {
-        keys.push((rule.id.clone(), format!("{}/{}/{}", rule.namespace, entity.type_, entity.id)));
-        keys.push((rule.id.clone(), format!("riskd/dedup/{}/{}", rule.id, entity.id)));
+        keys.push((rule.id.clone(), crate::state::key([&rule.namespace, &entity.type_, &entity.id])));
+        keys.push((rule.id.clone(), crate::state::key([crate::state::DEDUP_PREFIX, &rule.id, &entity.id])));
     }
     let mut lookup: Vec<&str> = keys.iter().map(|(_, k)| k.as_str()).collect();
     lookup.push(crate::state::WATERMARK_KEY);

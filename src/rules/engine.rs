@@ -4,7 +4,9 @@
 use super::{Form, OnFire, Rule, Severity};
 use crate::event::{format_time_ms, parse_time_ms, scalar_string, Event, FieldPath};
 use crate::scoring::{self, Scored, ScoringConfig};
-use crate::state::{check_dict_size, Expiry, Record, StateCache, StateError};
+use crate::state::{
+    self, check_dict_size, join_key, Expiry, Record, StateCache, StateError, DEDUP_PREFIX, RISK_PREFIX,
+};
 use crate::telemetry::metrics;
 use hashbrown::HashMap;
 use prometheus::{Histogram, IntCounter};
@@ -197,11 +199,6 @@ impl Engine {
         &mut self.cache
     }
 
-    /// The rules.
-    pub fn rules(&self) -> &[Rule] {
-        &self.rules
-    }
-
     /// Applies one event; alerts are appended to `alerts`. Only a failing
     /// store is an error, and then nothing of the event has been applied:
     /// every key it needs is loaded first, so the caller may retry it.
@@ -381,7 +378,7 @@ impl Engine {
             out.problems.push(problem(format!("dedup key field {path} is absent or not a scalar")));
             return Ok(());
         };
-        let dedup_state = format!("riskd/dedup/{}/{}", rule.id, dedup_key);
+        let dedup_state = state::key([DEDUP_PREFIX, &rule.id, &dedup_key]);
         if self.cache.read(&dedup_state, event.time_ms)?.is_some() {
             self.cache.increment_counter(&dedup_state, 1, event.time_ms)?;
             out.suppressed += 1;
@@ -435,18 +432,6 @@ fn rule_metrics(rules: &[Rule]) -> Vec<RuleMetrics> {
         .collect()
 }
 
-/// Writes `a/b/c` into `out` (with push_str: this runs for every matching
-/// rule, where `format!` costs more than the lookup it prepares).
-fn join_key(out: &mut String, parts: [&str; 3]) {
-    out.clear();
-    for (i, part) in parts.iter().enumerate() {
-        if i > 0 {
-            out.push('/');
-        }
-        out.push_str(part);
-    }
-}
-
 /// Appends to `out` the keys a matching rule needs for this entity (its
 /// state, its dedup window, its entity's risk) that the cache lacks; `scratch`
 /// builds them, so only missing keys are allocated.
@@ -469,14 +454,14 @@ fn needed_keys(
         need(scratch);
     }
     if rule.dedup_key.is_none() {
-        join_key(scratch, ["riskd/dedup", &rule.id, entity_id]);
+        join_key(scratch, [DEDUP_PREFIX, &rule.id, entity_id]);
         need(scratch);
     } else if let Some(dedup) = dedup_key(rule, entity_id, event) {
-        join_key(scratch, ["riskd/dedup", &rule.id, &dedup]);
+        join_key(scratch, [DEDUP_PREFIX, &rule.id, &dedup]);
         need(scratch);
     }
     if rule.risk > 0 {
-        join_key(scratch, ["riskd/risk", &rule.entity_type, entity_id]);
+        join_key(scratch, [RISK_PREFIX, &rule.entity_type, entity_id]);
         need(scratch);
     }
 }

@@ -6,15 +6,13 @@
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// A JSON-lines output: a file or standard output.
 pub struct JsonLinesSink {
-    path: Option<PathBuf>,
     out: BufWriter<Box<dyn Write + Send>>,
     file: Option<File>,
     len: u64,
-    written: u64,
 }
 
 impl JsonLinesSink {
@@ -32,28 +30,12 @@ impl JsonLinesSink {
         }
         file.seek(SeekFrom::End(0))?;
         let writer = file.try_clone()?;
-        Ok(Self {
-            path: Some(path.to_path_buf()),
-            out: BufWriter::with_capacity(64 * 1024, Box::new(writer)),
-            file: Some(file),
-            len,
-            written: 0,
-        })
+        Ok(Self { out: BufWriter::with_capacity(64 * 1024, Box::new(writer)), file: Some(file), len })
     }
 
     /// Writes to standard output.
     pub fn stdout() -> Self {
-        Self { path: None, out: BufWriter::new(Box::new(io::stdout())), file: None, len: 0, written: 0 }
-    }
-
-    /// The file path, if a file.
-    pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
-    }
-
-    /// Records written since opening.
-    pub fn written(&self) -> u64 {
-        self.written
+        Self { out: BufWriter::new(Box::new(io::stdout())), file: None, len: 0 }
     }
 
     /// Writes one record as a line.
@@ -62,7 +44,6 @@ impl JsonLinesSink {
         line.push(b'\n');
         self.out.write_all(&line)?;
         self.len += line.len() as u64;
-        self.written += 1;
         Ok(())
     }
 

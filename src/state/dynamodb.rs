@@ -648,6 +648,7 @@ impl Remote {
                 None,
             ),
         };
+        let operation = if item.is_some() { "PutItem" } else { "DeleteItem" };
         let sent = match item {
             Some(item) => self
                 .rt
@@ -689,7 +690,7 @@ impl Remote {
         match sent {
             Ok(()) => Ok(true),
             Err(f) if f.code == "ConditionalCheckFailedException" => Ok(false),
-            Err(f) => Err(f.into_error("PutItem", &self.table, Some(key))),
+            Err(f) => Err(f.into_error(operation, &self.table, Some(key))),
         }
     }
 

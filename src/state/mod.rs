@@ -26,6 +26,33 @@ pub use memory::MemoryStore;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// Where riskd keeps its own state. A rule's state is `<namespace>/<entity
+/// type>/<entity id>`; a dedup window `riskd/dedup/<rule id>/<dedup key>`;
+/// an entity's risk `riskd/risk/<entity type>/<entity id>`. Every such key
+/// is built by [`join_key`] / [`key`].
+pub const DEDUP_PREFIX: &str = "riskd/dedup";
+/// See [`DEDUP_PREFIX`].
+pub const RISK_PREFIX: &str = "riskd/risk";
+
+/// Writes `a/b/c` into `out`, reusing its allocation (with push_str: on the
+/// per-rule hot path `format!` costs more than the lookup it prepares).
+pub fn join_key(out: &mut String, parts: [&str; 3]) {
+    out.clear();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(part);
+    }
+}
+
+/// `a/b/c` as a new string.
+pub fn key(parts: [&str; 3]) -> String {
+    let mut out = String::new();
+    join_key(&mut out, parts);
+    out
+}
+
 /// Key whose counter holds the latest event time (ms) the state has seen.
 pub const WATERMARK_KEY: &str = "riskd/watermark";
 
