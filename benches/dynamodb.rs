@@ -78,7 +78,8 @@ fn main() {
         let before = requests();
         let flush_before = riskd::telemetry::metrics().flush_seconds.get_sample_sum();
         let start = Instant::now();
-        let summary = run_blocking(cfg, &RunOptions::default(), &AtomicBool::new(false)).expect("run");
+        let summary =
+            run_blocking(cfg, RunOptions::default(), std::sync::Arc::new(AtomicBool::new(false))).expect("run");
         let secs = start.elapsed().as_secs_f64();
         let sent = requests() - before;
         let rate = summary.read as f64 / secs;

@@ -46,7 +46,7 @@ fn riskd_run(root: &Path, input: &Path, work: &Path) -> u64 {
     );
     std::fs::write(&config, text).expect("write config");
     let cfg = Config::load(&config).expect("valid config");
-    let summary = run_blocking(cfg, &RunOptions::default(), &AtomicBool::new(false)).expect("run");
+    let summary = run_blocking(cfg, RunOptions::default(), std::sync::Arc::new(AtomicBool::new(false))).expect("run");
     summary.read
 }
 

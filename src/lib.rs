@@ -14,11 +14,14 @@
 //! - [`scoring`]: entity risk: decaying scores, risk alerts, explanations.
 //! - [`state`]: the state primitives, the write-back cache and the store
 //!   trait with its in-memory, embedded (redb) and DynamoDB implementations.
-//! - [`source`]: JSON-lines input with positions for checkpoints.
-//! - [`sink`]: JSON-lines outputs (alerts, dead letters).
-//! - [`pipeline`]: the main job tying them together, its checkpoints, and
+//! - [`source`]: JSON-lines input with positions for checkpoints; Kafka
+//!   client settings.
+//! - [`sink`]: JSON-lines outputs (alerts, dead letters); alerts to Kafka.
+//! - [`pipeline`]: the main job tying them together (from a file or from
+//!   Kafka), its checkpoints, and
 //!   opening, setting up and checking the configured store.
 //! - [`reload`]: live reload on SIGHUP and on rule file changes.
+//! - [`route`]: `riskd route`, re-keying raw Kafka events by entity.
 //! - [`generate`]: a synthetic CloudTrail/Okta stream for benchmarks and demos.
 //! - [`telemetry`]: every metric, health, the HTTP endpoint, logging.
 //! - [`tuning`]: rule tests, replays (backtests), check warnings.
@@ -31,6 +34,7 @@ pub mod event;
 pub mod generate;
 pub mod pipeline;
 pub mod reload;
+pub mod route;
 pub mod rules;
 pub mod scoring;
 pub mod sink;

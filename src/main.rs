@@ -31,6 +31,13 @@ enum Command {
         #[arg(long)]
         alerts: Option<String>,
     },
+    /// Re-key raw Kafka events by entity: consume `kafka.topics`, produce
+    /// each event to `<kafka.route_prefix><entity type>` keyed by entity id.
+    Route {
+        /// Service config.
+        #[arg(long, default_value = "config/riskd.toml")]
+        config: PathBuf,
+    },
     /// Validate the config and every rule file; list every error, then warnings.
     Check {
         /// Service config.
@@ -206,7 +213,7 @@ fn state_command(cfg: &Config, action: StateAction) -> anyhow::Result<()> {
             anyhow::ensure!(store.get_many(&[&key])?.pop().flatten().is_some(), "no key {key:?}");
             store.apply(riskd::state::WriteBatch {
                 mutations: vec![(key.as_str(), riskd::state::Mutation::Delete)],
-                checkpoint: None,
+                checkpoints: Vec::new(),
             })?;
             eprintln!("deleted {key}");
         }
@@ -245,7 +252,7 @@ async fn shutdown_signal() {
 }
 
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
-    if !matches!(cli.command, Command::Run { .. }) {
+    if !matches!(cli.command, Command::Run { .. } | Command::Route { .. }) {
         init_logging(cli.log_format, "warn");
     }
     match cli.command {
@@ -261,6 +268,12 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let summary = riskd::run(cfg, opts, shutdown_signal()).await?;
             eprintln!("{summary}");
         }
+        Command::Route { config } => {
+            let cfg = load(&config)?;
+            init_logging(cli.log_format, &cfg.log_level);
+            let summary = riskd::route::serve(cfg, shutdown_signal()).await?;
+            eprintln!("{summary}");
+        }
         Command::Check { config, sample } => {
             let cfg = load(&config)?;
             println!("{}: ok, {} rules", config.display(), cfg.rules.len());
@@ -272,7 +285,10 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                     .filter_map(|l| serde_json::from_str(l).ok())
                     .collect(),
             };
-            let warnings = riskd::tuning::check::warnings(&cfg.rules, &samples);
+            let mut warnings = riskd::tuning::check::warnings(&cfg.rules, &samples);
+            if let Some(k) = cfg.kafka.as_ref().filter(|_| cfg.from_kafka) {
+                warnings.extend(riskd::tuning::check::topic_key_warnings(k, &cfg.rules));
+            }
             if !warnings.is_empty() {
                 println!("warnings ({}):", warnings.len());
                 for w in warnings {

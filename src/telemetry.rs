@@ -81,6 +81,21 @@ pub struct Metrics {
     pub rate_limiter_wait_seconds: prometheus::CounterVec,
     /// Config reloads, by outcome (`ok`, `error`).
     pub config_reloads: IntCounterVec,
+    /// Kafka consumer lag per partition held (librdkafka statistics).
+    pub kafka_lag: IntGaugeVec,
+    /// Kafka messages skipped because their effects are already in the
+    /// store (redelivered after a crash or a rebalance), by topic.
+    pub kafka_skipped: IntCounterVec,
+    /// Offset commits to Kafka, by outcome.
+    pub kafka_commits: IntCounterVec,
+    /// Rebalances, by kind (`assign`, `revoke`).
+    pub kafka_rebalances: IntCounterVec,
+    /// Partitions this process holds.
+    pub kafka_partitions: IntGauge,
+    /// Messages produced (alerts, routed events), by topic kind and outcome.
+    pub kafka_produced: IntCounterVec,
+    /// Errors the Kafka client reported (broker down, authentication…), by code.
+    pub kafka_errors: IntCounterVec,
     /// 1 when riskd is ready (rules loaded, source open, store reachable).
     pub ready: IntGauge,
     /// Always 1, labelled with the version.
@@ -266,6 +281,44 @@ impl Metrics {
                 c
             },
             config_reloads: counter(&r, "riskd_config_reloads_total", "Config reloads, by outcome.", &["outcome"]),
+            kafka_lag: gauge(
+                &r,
+                "riskd_kafka_consumer_lag",
+                "Messages behind the end of each partition held (librdkafka statistics).",
+                &["topic", "partition"],
+            ),
+            kafka_skipped: counter(
+                &r,
+                "riskd_kafka_skipped_total",
+                "Messages skipped because their effects are already stored (redeliveries), by topic.",
+                &["topic"],
+            ),
+            kafka_commits: counter(
+                &r,
+                "riskd_kafka_commits_total",
+                "Offset commits to Kafka, by outcome.",
+                &["outcome"],
+            ),
+            kafka_rebalances: counter(
+                &r,
+                "riskd_kafka_rebalances_total",
+                "Consumer group rebalances, by kind.",
+                &["kind"],
+            ),
+            kafka_partitions: gauge(&r, "riskd_kafka_partitions", "Partitions this process holds.", &[])
+                .with_label_values::<&str>(&[]),
+            kafka_produced: counter(
+                &r,
+                "riskd_kafka_produced_total",
+                "Messages produced, by kind (alert, routed) and outcome (ok, error).",
+                &["kind", "outcome"],
+            ),
+            kafka_errors: counter(
+                &r,
+                "riskd_kafka_errors_total",
+                "Errors reported by the Kafka client, by code.",
+                &["code"],
+            ),
             ready: gauge(&r, "riskd_ready", "1 when riskd is ready to score events.", &[])
                 .with_label_values::<&str>(&[]),
             build_info: gauge(&r, "riskd_build_info", "Always 1, labelled with riskd's version.", &["version"]),
@@ -297,6 +350,7 @@ pub struct Health {
     // std Mutex: held for a string copy only, never across an await.
     source_problem: Mutex<Option<String>>,
     store_problem: Mutex<Option<String>>,
+    sink_problem: Mutex<Option<String>>,
 }
 
 impl Health {
@@ -329,13 +383,23 @@ impl Health {
         self.publish();
     }
 
+    /// The alerts topic takes alerts (`None`) or not, and why.
+    pub fn set_sink(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.sink_problem.lock() {
+            *p = problem;
+        }
+        self.publish();
+    }
+
     /// Whether ready, and the reasons it is not.
     pub fn readiness(&self) -> (bool, Vec<String>) {
         let mut reasons = Vec::new();
         if !self.rules_loaded.load(Ordering::Relaxed) {
             reasons.push("rules not loaded".to_string());
         }
-        for (what, m) in [("source", &self.source_problem), ("store", &self.store_problem)] {
+        for (what, m) in
+            [("source", &self.source_problem), ("store", &self.store_problem), ("alerts", &self.sink_problem)]
+        {
             if let Some(p) = m.lock().ok().and_then(|p| p.clone()) {
                 reasons.push(format!("{what}: {p}"));
             }

@@ -5,8 +5,10 @@
 //!
 //! Relative paths in `riskd.toml` are taken from the folder the file is in.
 
+mod kafka;
 mod rule_files;
 
+pub use kafka::{Consume, KafkaConfig, KafkaFile};
 pub use rule_files::Override;
 
 use crate::event::{EventTime, FieldPath};
@@ -83,6 +85,9 @@ pub struct ConfigFile {
     /// Metrics, health endpoints, logs.
     #[serde(default)]
     pub telemetry: TelemetryFile,
+    /// Kafka: the broker, the consumer group, topics.
+    #[serde(default)]
+    pub kafka: Option<KafkaFile>,
 }
 
 /// `[telemetry]`.
@@ -178,10 +183,13 @@ pub struct ModifierFile {
     pub multiply: f64,
 }
 
-/// `[source]`: a JSON-lines file or stdin.
+/// `[source]`: a JSON-lines file or stdin, or Kafka.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceFile {
+    /// `file` (a path, or `-` for stdin: the default) or `kafka` (see `[kafka]`).
+    #[serde(default = "file_kind")]
+    pub kind: String,
     /// JSON-lines file to read; `-` reads standard input.
     #[serde(default = "dash")]
     pub path: String,
@@ -198,23 +206,18 @@ pub struct SourceFile {
 
 impl Default for SourceFile {
     fn default() -> Self {
-        Self { path: dash(), max_line_bytes: one_mib(), dead_letter: None, follow: false }
+        Self { kind: file_kind(), path: dash(), max_line_bytes: one_mib(), dead_letter: None, follow: false }
     }
 }
 
 /// `[sink]`: where alerts are written as JSON lines.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkFile {
-    /// File to append alerts to; `-` writes standard output.
-    #[serde(default = "dash")]
-    pub path: String,
-}
-
-impl Default for SinkFile {
-    fn default() -> Self {
-        Self { path: dash() }
-    }
+    /// File to append alerts to; `-` writes standard output (the default,
+    /// unless alerts go to `kafka.alerts_topic`).
+    #[serde(default)]
+    pub path: Option<String>,
 }
 
 /// `[store]`.
@@ -313,6 +316,10 @@ impl Default for EventTimeFile {
     }
 }
 
+fn file_kind() -> String {
+    "file".into()
+}
+
 fn dash() -> String {
     "-".into()
 }
@@ -385,8 +392,12 @@ pub struct Config {
     pub dead_letter: Option<PathBuf>,
     /// Wait for more lines at the end of a file.
     pub follow: bool,
-    /// Alert output.
-    pub alerts: Stream,
+    /// Alert output; none when alerts only go to a Kafka topic.
+    pub alerts: Option<Stream>,
+    /// Kafka settings, when `[kafka]` is present.
+    pub kafka: Option<KafkaConfig>,
+    /// Events come from Kafka (`source.kind = "kafka"`), not `input`.
+    pub from_kafka: bool,
     /// State store.
     pub store: StoreKind,
     /// Events between flushes.
@@ -491,6 +502,37 @@ impl Config {
                 message: "no rules found under rules.paths".into(),
             });
         }
+        let mut types: Vec<&str> = rules.iter().map(|r| r.entity_type.as_str()).collect();
+        types.sort_unstable();
+        types.dedup();
+        let mut kafka_err = |key: &str, message: String| {
+            let line = text.lines().position(|l| l.trim_start().starts_with(key)).map(|i| i + 1);
+            errors.push(ConfigError { file: path.to_path_buf(), line, rule: None, message });
+        };
+        let kafka = file.kafka.as_ref().map(|k| kafka::build(k, &types, &mut kafka_err));
+        let from_kafka = match file.source.kind.as_str() {
+            "file" => false,
+            "kafka" => true,
+            other => {
+                kafka_err("kind", format!("source.kind {other:?} is not one of file, kafka"));
+                false
+            }
+        };
+        if from_kafka {
+            match &kafka {
+                None => kafka_err("kind", "source.kind = \"kafka\" needs a [kafka] section".into()),
+                Some(k) if k.consume == Consume::Raw && k.topics.is_empty() => {
+                    kafka_err("topics", "kafka.topics is empty: name the topics of raw events".into())
+                }
+                Some(_) => {}
+            }
+        }
+        let alerts_to_kafka = from_kafka && kafka.as_ref().is_some_and(|k| k.alerts_topic.is_some());
+        let alerts = match &file.sink.path {
+            Some(p) => Some(Stream::parse(p, &base)),
+            None if alerts_to_kafka => None,
+            None => Some(Stream::Std),
+        };
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -500,7 +542,9 @@ impl Config {
             max_line_bytes: file.source.max_line_bytes,
             dead_letter: file.source.dead_letter.map(|p| base.join(p)),
             follow: file.source.follow,
-            alerts: Stream::parse(&file.sink.path, &base),
+            alerts,
+            kafka,
+            from_kafka,
             store,
             flush_every_events: file.store.flush_every_events,
             flush_interval,

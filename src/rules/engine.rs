@@ -134,6 +134,24 @@ enum Skip {
     State(StateError),
 }
 
+/// Which rules apply to an event: all of them (`None`), or, for an event
+/// read from a topic `riskd route` wrote for one entity, only the rules of
+/// that entity's type, and only where the event's key for the rule is that
+/// entity (an event concerning a user and a role arrives once per entity).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scope<'a> {
+    /// Entity type of the routed topic.
+    pub entity_type: &'a str,
+    /// The message key: the entity's id.
+    pub entity_id: &'a str,
+}
+
+impl Scope<'_> {
+    fn admits_type(scope: Option<Scope<'_>>, rule: &Rule) -> bool {
+        scope.is_none_or(|s| s.entity_type == rule.entity_type)
+    }
+}
+
 impl From<StateError> for Skip {
     fn from(e: StateError) -> Self {
         Skip::State(e)
@@ -203,7 +221,12 @@ impl Engine {
     /// store is an error, and then nothing of the event has been applied:
     /// every key it needs is loaded first, so the caller may retry it.
     /// Problems with the event are in the outcome.
-    pub fn process(&mut self, event: &Event, alerts: &mut Vec<Alert>) -> Result<Outcome, StateError> {
+    pub fn process(
+        &mut self,
+        event: &Event,
+        scope: Option<Scope<'_>>,
+        alerts: &mut Vec<Alert>,
+    ) -> Result<Outcome, StateError> {
         let mut out = Outcome::default();
         self.events += 1;
         let sampled = self.events % 64 == 0;
@@ -211,7 +234,7 @@ impl Engine {
         // Phase 1: which rules match, for which entity; load their keys.
         self.matched.clear();
         self.keys.clear();
-        for (i, rule) in self.rules.iter().enumerate().filter(|(_, r)| r.enabled) {
+        for (i, rule) in self.rules.iter().enumerate().filter(|(_, r)| r.enabled && Scope::admits_type(scope, r)) {
             self.counts[i].0 += 1;
             let matched = rule.matcher.eval(&event.value, &[]);
             if let Some(t) = timer.as_mut() {
@@ -233,6 +256,9 @@ impl Engine {
                 });
                 continue;
             };
+            if scope.is_some_and(|s| s.entity_id != entity_id) {
+                continue;
+            }
             needed_keys(&mut self.cache, &mut self.key, rule, &entity_id, &event.value, &mut self.keys);
             if let Some(stats) = self.stats.as_mut() {
                 stats[i].entities_matched.insert(entity_id.clone());
@@ -269,14 +295,17 @@ impl Engine {
     /// Loads, in one store read, every key that the rules matching these
     /// events will need and the cache lacks: for a remote store, one batch
     /// of requests for many events instead of one per event.
-    pub fn prefetch(&mut self, events: &[&Event]) -> Result<(), StateError> {
+    pub fn prefetch(&mut self, events: &[(&Event, Option<Scope<'_>>)]) -> Result<(), StateError> {
         let mut keys = Vec::new();
-        for event in events {
-            for rule in self.rules.iter().filter(|r| r.enabled) {
+        for (event, scope) in events {
+            for rule in self.rules.iter().filter(|r| r.enabled && Scope::admits_type(*scope, r)) {
                 if !rule.matcher.eval(&event.value, &[]) {
                     continue;
                 }
                 if let Some(entity_id) = rule.entity_key.lookup(&event.value).and_then(scalar_string) {
+                    if scope.is_some_and(|s| s.entity_id != entity_id) {
+                        continue;
+                    }
                     needed_keys(&mut self.cache, &mut self.key, rule, &entity_id, &event.value, &mut keys);
                 }
             }
@@ -670,8 +699,8 @@ mod tests {
         let mut engine = Engine::new(rules(&v1), Arc::new(ScoringConfig::default()), cache);
         let event = Event { value: json!({"u": "x"}), time_ms: 0, time_from_event: true };
         let mut alerts = Vec::new();
-        engine.process(&event, &mut alerts).unwrap();
-        engine.process(&event, &mut alerts).unwrap();
+        engine.process(&event, None, &mut alerts).unwrap();
+        engine.process(&event, None, &mut alerts).unwrap();
         let fresh = engine.set_rules(rules(&v2), Arc::new(ScoringConfig::default())).unwrap();
         assert_eq!(fresh, ["reshaped"]);
         assert_eq!(engine.cache().get_counter("kept/user/x", 0).unwrap(), 2);

@@ -6,7 +6,7 @@ pub mod engine;
 pub mod spec;
 
 pub use condition::Condition;
-pub use engine::{Alert, Engine, EntityRef, Outcome, Problem, RuleStats};
+pub use engine::{Alert, Engine, EntityRef, Outcome, Problem, RuleStats, Scope};
 use spec::{ChangedSpec, CountSpec, DistinctSpec, FirstSeenSpec, TravelSpec};
 pub use spec::{OnFire, RuleSpec, StateSpec};
 

@@ -3,6 +3,10 @@
 //! much of it belongs to the events applied, and a restart can cut off what
 //! a crash left beyond that — no alert is written twice into a file.
 
+mod kafka;
+
+pub use kafka::{AlertProducer, KafkaProducer};
+
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};

@@ -1,6 +1,8 @@
-//! Event sources. This one reads JSON lines from a file or stdin, with line
+//! Event sources. [`JsonLines`] reads JSON lines from a file or stdin, with line
 //! numbers and byte offsets (the checkpoint position), and a bound on line
 //! length that holds even for a line with no end.
+
+pub mod kafka;
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};

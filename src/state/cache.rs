@@ -255,7 +255,7 @@ impl StateCache {
     /// Writes every dirty key, and `checkpoint` with them, as one batch;
     /// then trims clean entries down to the configured bound. Returns the
     /// number of keys written.
-    pub fn flush(&mut self, checkpoint: Option<(String, Checkpoint)>) -> Result<usize> {
+    pub fn flush(&mut self, checkpoints: &[(String, Checkpoint)]) -> Result<usize> {
         let mut mutations = Vec::new();
         for (key, entry) in self.entries.iter().filter(|(_, e)| e.dirty) {
             let mutation = if entry.record.is_empty() && entry.record.expires_at_ms.is_none() {
@@ -268,11 +268,11 @@ impl StateCache {
         // A stable order keeps batches reproducible (and B-tree inserts local).
         mutations.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let written = mutations.len();
-        if written == 0 && checkpoint.is_none() {
+        if written == 0 && checkpoints.is_empty() {
             return Ok(0);
         }
-        let checkpoint = checkpoint.as_ref().map(|(source, cp)| (source.as_str(), cp));
-        self.store.apply(WriteBatch { mutations, checkpoint })?;
+        let checkpoints = checkpoints.iter().map(|(source, cp)| (source.as_str(), cp)).collect();
+        self.store.apply(WriteBatch { mutations, checkpoints })?;
         for entry in self.entries.values_mut() {
             entry.dirty = false;
         }
@@ -288,6 +288,19 @@ impl StateCache {
         m.cache_entries.set(self.entries.len() as i64);
         m.cache_bytes.set(self.bytes as i64);
         Ok(written)
+    }
+
+    /// Drops every entry (all must be flushed): after giving up partitions,
+    /// their keys may change in another process, so nothing cached is to
+    /// be trusted. The store forgets what it remembers too.
+    pub fn forget(&mut self) {
+        debug_assert!(self.entries.values().all(|e| !e.dirty), "forget with unflushed changes");
+        metrics().cache_evictions.inc_by(self.entries.len() as u64);
+        self.entries.clear();
+        self.bytes = 0;
+        self.store.forget();
+        metrics().cache_entries.set(0);
+        metrics().cache_bytes.set(0);
     }
 
     /// Adds the lookups counted since the last call to the exported metrics.
@@ -449,7 +462,7 @@ mod tests {
         assert!(!c.over_bounds());
         c.increment_counter("d", 1, 0).unwrap();
         assert!(c.over_bounds(), "four entries, three allowed");
-        c.flush(None).unwrap();
+        c.flush(&[]).unwrap();
         assert!(!c.over_bounds());
         assert_eq!(c.dirty_keys(), 0);
         assert_eq!(c.get_counter("d", 0).unwrap(), 1, "evicted entries are read back from the store");
@@ -457,7 +470,7 @@ mod tests {
         let mut c = StateCache::with_bounds(Box::new(MemoryStore::new()), usize::MAX, 1000);
         let big = json!({"x": "y".repeat(2000)}).as_object().cloned().unwrap();
         c.put_dictionary("big", big, 0).unwrap();
-        c.flush(None).unwrap();
+        c.flush(&[]).unwrap();
         assert!(!c.over_bounds(), "a flush over the byte bound evicts");
         assert_eq!(c.get_dictionary("big", 0).unwrap()["x"].as_str().map(str::len), Some(2000));
     }
@@ -476,7 +489,7 @@ mod tests {
             c.delete("gone", 0).unwrap();
             assert_eq!(c.dirty_keys(), 3);
             let cp = Checkpoint { offset: 10, ..Checkpoint::default() };
-            assert_eq!(c.flush(Some(("f".into(), cp))).unwrap(), 3);
+            assert_eq!(c.flush(&[("f".into(), cp)]).unwrap(), 3);
             assert_eq!(c.dirty_keys(), 0);
         }
         let mut c = StateCache::new(Box::new(EmbeddedStore::open(&path).unwrap()), 0);

@@ -118,6 +118,9 @@ mod attr {
 }
 
 const CHECKPOINT_PREFIX: &str = "riskd/checkpoint/";
+
+/// Items in one TransactWriteItems.
+const MAX_TRANSACT_ITEMS: usize = 100;
 const MARKER_PREFIX: &str = "riskd/flush/";
 /// DynamoDB's limits: partition key bytes, item bytes, keys per
 /// BatchGetItem, requests per BatchWriteItem.
@@ -1141,24 +1144,45 @@ impl DynamoStore {
             item.insert(attr::COMMITTED_SEQ.into(), AttributeValue::N(seq.to_string()));
             item
         };
-        let checkpoint = match batch.checkpoint {
-            None => None,
-            Some((source, cp)) => {
-                let mut item = key_item(&checkpoint_key(source));
-                item.insert(attr::META.into(), AttributeValue::S("checkpoint".into()));
-                let text = serde_json::to_string(cp).map_err(|e| backend(format!("checkpoint of {source}: {e}")))?;
-                item.insert(attr::CHECKPOINT.into(), AttributeValue::S(text));
-                if wrote {
-                    item.insert(attr::FLUSH.into(), AttributeValue::S(flush.clone()));
-                }
-                Some((checkpoint_key(source), item))
+        let mut items = Vec::with_capacity(batch.checkpoints.len() + 1);
+        for (source, cp) in &batch.checkpoints {
+            let mut item = key_item(&checkpoint_key(source));
+            item.insert(attr::META.into(), AttributeValue::S("checkpoint".into()));
+            let text = serde_json::to_string(cp).map_err(|e| backend(format!("checkpoint of {source}: {e}")))?;
+            item.insert(attr::CHECKPOINT.into(), AttributeValue::S(text));
+            if wrote {
+                item.insert(attr::FLUSH.into(), AttributeValue::S(flush.clone()));
             }
-        };
-        match (wrote, checkpoint) {
-            (false, None) => {}
-            (false, Some((key, item))) => self.remote.put(&key, item)?,
-            (true, None) => self.remote.put(&marker_key(&self.run), marker())?,
-            (true, Some((_, item))) => self.remote.transact_put(vec![item, marker()])?,
+            items.push(item);
+        }
+        if wrote {
+            items.push(marker());
+        }
+        match items.len() {
+            0 => {}
+            1 => {
+                let item = items.pop().ok_or_else(|| backend("no item"))?;
+                let key = match item.get(attr::KEY) {
+                    Some(AttributeValue::S(k)) => k.clone(),
+                    _ => String::new(),
+                };
+                self.remote.put(&key, item)?
+            }
+            n if n <= MAX_TRANSACT_ITEMS => self.remote.transact_put(items)?,
+            n => {
+                return Err(StateError::Request(Box::new(RequestFailure {
+                    store: STORE,
+                    operation: "TransactWriteItems",
+                    table: self.remote.table.clone(),
+                    key: None,
+                    code: "TooManyCheckpoints".into(),
+                    message: format!(
+                        "one flush would commit {} input positions with its marker, over DynamoDB's {MAX_TRANSACT_ITEMS} items per transaction: run more instances, or fewer partitions per instance",
+                        n - usize::from(wrote)
+                    ),
+                    transient: false,
+                })))
+            }
         }
         if wrote {
             self.seq = seq;
@@ -1233,6 +1257,10 @@ impl Store for DynamoStore {
 
     fn batched_reads(&self) -> bool {
         true
+    }
+
+    fn forget(&mut self) {
+        self.versions.borrow_mut().clear();
     }
 
     /// Optimistic concurrency: read the item (committed version) and its
@@ -1603,7 +1631,7 @@ pub(crate) mod tests {
             let record = Record { count: i, ..Record::default() };
             let key = format!("limit/{i}");
             store
-                .apply(WriteBatch { mutations: vec![(key.as_str(), Mutation::Put(&record))], checkpoint: None })
+                .apply(WriteBatch { mutations: vec![(key.as_str(), Mutation::Put(&record))], checkpoints: Vec::new() })
                 .unwrap();
         }
         let elapsed = start.elapsed();
@@ -1672,7 +1700,7 @@ pub(crate) mod tests {
         store
             .apply(WriteBatch {
                 mutations: vec![("panther/full", Mutation::Put(&mine)), ("riskd/new", Mutation::Put(&no_set))],
-                checkpoint: None,
+                checkpoints: Vec::new(),
             })
             .unwrap();
         let item = raw(&store, "panther/full").unwrap();
@@ -1712,7 +1740,7 @@ pub(crate) mod tests {
         let cp = Checkpoint { offset: 9, ..Checkpoint::default() };
         let batch = || WriteBatch {
             mutations: vec![("a", Mutation::Put(&a)), ("b", Mutation::Put(&b)), ("gone", Mutation::Delete)],
-            checkpoint: Some(("src", &cp)),
+            checkpoints: vec![("src", &cp)],
         };
         store.get_many(&["a", "b", "gone"]).unwrap();
         store.apply(batch()).unwrap();
@@ -1738,7 +1766,7 @@ pub(crate) mod tests {
         store
             .apply(WriteBatch {
                 mutations: vec![("k/changed", Mutation::Put(&v1)), ("k/deleted", Mutation::Put(&v1))],
-                checkpoint: Some(("src", &cp1)),
+                checkpoints: vec![("src", &cp1)],
             })
             .unwrap();
         let flush2 = || WriteBatch {
@@ -1747,7 +1775,7 @@ pub(crate) mod tests {
                 ("k/deleted", Mutation::Delete),
                 ("k/created", Mutation::Put(&v2)),
             ],
-            checkpoint: Some(("src", &cp2)),
+            checkpoints: vec![("src", &cp2)],
         };
         // The items of flush 2 are written, then the process dies before the commit.
         store.crash_before_commit = true;
@@ -1766,7 +1794,7 @@ pub(crate) mod tests {
         // So does the crashed store itself: its failed flush can never commit.
         store.crash_before_commit = false;
         assert_eq!(store.get_many(&keys).unwrap(), vec![Some(v1.clone()), Some(v1.clone()), None]);
-        store.apply(WriteBatch { mutations: vec![("other", Mutation::Put(&v1))], checkpoint: None }).unwrap();
+        store.apply(WriteBatch { mutations: vec![("other", Mutation::Put(&v1))], checkpoints: Vec::new() }).unwrap();
         assert_eq!(restarted.get_many(&keys).unwrap(), vec![Some(v1.clone()), Some(v1.clone()), None]);
 
         // The replay applies flush 2 again, and it commits.
@@ -1783,7 +1811,10 @@ pub(crate) mod tests {
         let v2 = Record { count: 2, ..Record::default() };
         let keys = ["f/1", "f/2", "f/3"];
         store
-            .apply(WriteBatch { mutations: keys.iter().map(|k| (*k, Mutation::Put(&v1))).collect(), checkpoint: None })
+            .apply(WriteBatch {
+                mutations: keys.iter().map(|k| (*k, Mutation::Put(&v1))).collect(),
+                checkpoints: Vec::new(),
+            })
             .unwrap();
         // A store that remembers two versions reads three keys, one at a time
         // as the cache does: the first two are forgotten when the third comes.
@@ -1794,7 +1825,7 @@ pub(crate) mod tests {
         small.crash_before_commit = true;
         let batch = WriteBatch {
             mutations: vec![("f/1", Mutation::Put(&v2)), ("f/2", Mutation::Delete), ("f/3", Mutation::Put(&v2))],
-            checkpoint: None,
+            checkpoints: Vec::new(),
         };
         assert!(small.apply(batch).is_err());
         let restarted = DynamoStore::open(&cfg).unwrap();
@@ -1807,7 +1838,7 @@ pub(crate) mod tests {
         // flush by hand, as a crash between two chunks leaves them.
         let (mut store, cfg) = fresh();
         let v1 = Record { count: 1, ..Record::default() };
-        store.apply(WriteBatch { mutations: vec![("k", Mutation::Put(&v1))], checkpoint: None }).unwrap();
+        store.apply(WriteBatch { mutations: vec![("k", Mutation::Put(&v1))], checkpoints: Vec::new() }).unwrap();
         let mut half = record_attributes("k", &Record { count: 99, ..Record::default() }).unwrap();
         stamp(&mut half, "k", "deadrun:1", Some(&v1)).unwrap();
         raw_put(&store, half);
@@ -1824,9 +1855,11 @@ pub(crate) mod tests {
         // A dictionary near the 400 KB limit fits once, but not beside its previous version.
         let big = |c: &str| Record { dict: dict(json!({"x": c.repeat(300_000)})), ..Record::default() };
         let (first, second) = (big("a"), big("b"));
-        store.apply(WriteBatch { mutations: vec![("big/key", Mutation::Put(&first))], checkpoint: None }).unwrap();
+        store
+            .apply(WriteBatch { mutations: vec![("big/key", Mutation::Put(&first))], checkpoints: Vec::new() })
+            .unwrap();
         let err = store
-            .apply(WriteBatch { mutations: vec![("big/key", Mutation::Put(&second))], checkpoint: None })
+            .apply(WriteBatch { mutations: vec![("big/key", Mutation::Put(&second))], checkpoints: Vec::new() })
             .unwrap_err();
         assert!(matches!(&err, StateError::ItemTooLarge { key, .. } if key == "big/key"), "{err}");
         assert_eq!(store.get_many(&["big/key"]).unwrap(), vec![Some(first)]);
@@ -1848,7 +1881,7 @@ pub(crate) mod tests {
         let err = wrong
             .apply(WriteBatch {
                 mutations: vec![("w/1", Mutation::Put(&rec)), ("w/2", Mutation::Put(&rec))],
-                checkpoint: None,
+                checkpoints: Vec::new(),
             })
             .unwrap_err();
         assert!(

@@ -84,8 +84,8 @@ impl Store for EmbeddedStore {
                     }
                 }
             }
-            if let Some((source, cp)) = batch.checkpoint {
-                let mut cps = txn.open_table(CHECKPOINTS).map_err(backend)?;
+            let mut cps = txn.open_table(CHECKPOINTS).map_err(backend)?;
+            for (source, cp) in batch.checkpoints {
                 let bytes = serde_json::to_vec(cp).map_err(backend)?;
                 cps.insert(source, bytes.as_slice()).map_err(backend)?;
             }
@@ -140,7 +140,7 @@ mod tests {
             let mut store = EmbeddedStore::open(&path).unwrap();
             let record = Record { count: 7, ..Record::default() };
             let cp = Checkpoint { offset: 9, ..Checkpoint::default() };
-            let batch = WriteBatch { mutations: vec![("k", Mutation::Put(&record))], checkpoint: Some(("src", &cp)) };
+            let batch = WriteBatch { mutations: vec![("k", Mutation::Put(&record))], checkpoints: vec![("src", &cp)] };
             store.apply(batch).unwrap();
         }
         let store = EmbeddedStore::open(&path).unwrap();

@@ -66,6 +66,10 @@ impl Store for Instrumented {
         result
     }
 
+    fn forget(&mut self) {
+        self.inner.forget();
+    }
+
     fn reader(&self) -> Option<Box<dyn Store>> {
         self.inner.reader().map(|r| Box::new(Instrumented::new(r)) as Box<dyn Store>)
     }

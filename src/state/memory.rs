@@ -38,7 +38,7 @@ impl Store for MemoryStore {
                 }
             }
         }
-        if let Some((source, cp)) = batch.checkpoint {
+        for (source, cp) in batch.checkpoints {
             self.checkpoints.insert(source.to_string(), cp.clone());
         }
         Ok(())

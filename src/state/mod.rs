@@ -223,6 +223,11 @@ pub struct Checkpoint {
     /// the output of the events applied, keyed by the output's path.
     #[serde(default)]
     pub outputs: BTreeMap<String, u64>,
+    /// For a topic written by `riskd route`: per upstream partition
+    /// (`<topic>/<partition>`), the last upstream offset applied; a copy
+    /// the router produced again after a restart is skipped by it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub upstream: BTreeMap<String, i64>,
 }
 
 /// A change to one key. Borrowed from the cache: a flush copies nothing.
@@ -240,8 +245,9 @@ pub enum Mutation<'a> {
 pub struct WriteBatch<'a> {
     /// Changed keys, each once.
     pub mutations: Vec<(&'a str, Mutation<'a>)>,
-    /// The input position these changes bring the store to, by source id.
-    pub checkpoint: Option<(&'a str, &'a Checkpoint)>,
+    /// The input positions these changes bring the store to, by source id
+    /// (a file; a Kafka partition each).
+    pub checkpoints: Vec<(&'a str, &'a Checkpoint)>,
 }
 
 /// A place to keep records. Small and batch-shaped, so that a remote store
@@ -275,8 +281,12 @@ pub trait Store: Send {
         }
         let mutation =
             if record.is_empty() && record.expires_at_ms.is_none() { Mutation::Delete } else { Mutation::Put(&record) };
-        self.apply(WriteBatch { mutations: vec![(key, mutation)], checkpoint: None })
+        self.apply(WriteBatch { mutations: vec![(key, mutation)], checkpoints: Vec::new() })
     }
+    /// Forgets what the store remembers of keys' values between calls:
+    /// another process may change them from now on (this one gave up the
+    /// partitions they belong to).
+    fn forget(&mut self) {}
     /// Another handle on the same data, for reading from another thread
     /// while the job writes (the HTTP API); `None` where the data cannot be
     /// shared (the memory store).
@@ -339,7 +349,7 @@ pub(crate) mod store_tests {
     }
 
     fn apply(store: &mut dyn Store, mutations: Vec<(&str, Mutation<'_>)>) {
-        store.apply(WriteBatch { mutations, checkpoint: None }).unwrap();
+        store.apply(WriteBatch { mutations, checkpoints: Vec::new() }).unwrap();
     }
 
     fn keys(store: &dyn Store, prefix: &str) -> Vec<String> {
@@ -386,12 +396,12 @@ pub(crate) mod store_tests {
             dict: Some(serde_json::json!({"ip": "1.2.3.4"}).as_object().cloned().unwrap_or_default()),
             expires_at_ms: Some(1_000),
         };
-        let cp = Checkpoint { offset: 42, line: 2, watermark_ms: 5, outputs: BTreeMap::new() };
+        let cp = Checkpoint { offset: 42, line: 2, watermark_ms: 5, outputs: BTreeMap::new(), ..Default::default() };
         let empty = Record::default();
         store
             .apply(WriteBatch {
                 mutations: vec![("r/a", Mutation::Put(&rec)), ("r/b", Mutation::Put(&empty))],
-                checkpoint: Some(("in", &cp)),
+                checkpoints: vec![("in", &cp)],
             })
             .unwrap();
         assert_eq!(store.get_many(&["r/a", "zz"]).unwrap(), vec![Some(rec.clone()), None]);
@@ -400,7 +410,7 @@ pub(crate) mod store_tests {
         assert_eq!(store.checkpoint("other").unwrap(), None);
         assert_eq!(keys(store, "r/"), vec!["r/a", "r/b"]);
         assert_eq!(keys(store, ""), vec!["r/a", "r/b"], "checkpoints are not records");
-        store.apply(WriteBatch { mutations: vec![("r/a", Mutation::Delete)], checkpoint: None }).unwrap();
+        store.apply(WriteBatch { mutations: vec![("r/a", Mutation::Delete)], checkpoints: Vec::new() }).unwrap();
         assert_eq!(store.get_many(&["r/a"]).unwrap(), vec![None]);
         assert_eq!(keys(store, "r/"), vec!["r/b"]);
     }
@@ -422,15 +432,21 @@ pub(crate) mod store_tests {
     }
 
     pub fn checkpoints_per_source(store: &mut dyn Store) {
-        let first =
-            Checkpoint { offset: 10, line: 1, watermark_ms: 1, outputs: BTreeMap::from([("alerts:x".into(), 7)]) };
-        let second = Checkpoint { offset: 20, line: 2, watermark_ms: 2, outputs: BTreeMap::new() };
+        let first = Checkpoint {
+            offset: 10,
+            line: 1,
+            watermark_ms: 1,
+            outputs: BTreeMap::from([("alerts:x".into(), 7)]),
+            ..Default::default()
+        };
+        let second =
+            Checkpoint { offset: 20, line: 2, watermark_ms: 2, outputs: BTreeMap::new(), ..Default::default() };
         let other = Checkpoint { offset: 5, ..Checkpoint::default() };
         let rec = Record { count: 1, ..Record::default() };
-        store.apply(WriteBatch { mutations: vec![put("c/k", &rec)], checkpoint: Some(("file:/a", &first)) }).unwrap();
-        store.apply(WriteBatch { mutations: vec![], checkpoint: Some(("file:/b", &other)) }).unwrap();
+        store.apply(WriteBatch { mutations: vec![put("c/k", &rec)], checkpoints: vec![("file:/a", &first)] }).unwrap();
+        store.apply(WriteBatch { mutations: vec![], checkpoints: vec![("file:/b", &other)] }).unwrap();
         assert_eq!(store.checkpoint("file:/a").unwrap(), Some(first));
-        store.apply(WriteBatch { mutations: vec![], checkpoint: Some(("file:/a", &second)) }).unwrap();
+        store.apply(WriteBatch { mutations: vec![], checkpoints: vec![("file:/a", &second)] }).unwrap();
         assert_eq!(store.checkpoint("file:/a").unwrap(), Some(second));
         assert_eq!(store.checkpoint("file:/b").unwrap(), Some(other));
         assert_eq!(keys(store, ""), vec!["c/k"]);
@@ -592,7 +608,7 @@ pub fn import(store: &mut dyn Store, text: &str) -> std::result::Result<usize, I
     }
     for chunk in records.chunks(1000) {
         let mutations = chunk.iter().map(|r| (r.key.as_str(), Mutation::Put(&r.record))).collect();
-        store.apply(WriteBatch { mutations, checkpoint: None })?;
+        store.apply(WriteBatch { mutations, checkpoints: Vec::new() })?;
     }
     Ok(records.len())
 }

@@ -112,7 +112,7 @@ pub fn replay(cfg: Config, input: &Path) -> Result<Report, RunError> {
             Decoded::Blank => continue,
             Decoded::Rejected { .. } => report.invalid += 1,
             Decoded::Event(event) => {
-                engine.process(&event, &mut alerts)?;
+                engine.process(&event, None, &mut alerts)?;
                 report.risk_alerts +=
                     alerts.iter().filter(|a| a.rule_id == crate::scoring::RISK_RULE_ID).count() as u64;
                 alerts.clear();

@@ -201,7 +201,7 @@ fn run_case(
         case.state.iter().map(|(k, s)| record(s).map(|r| (k.clone(), r))).collect::<Result<_, _>>()?;
     let batch = WriteBatch {
         mutations: initial.iter().map(|(k, r)| (k.as_str(), Mutation::Put(r))).collect(),
-        checkpoint: None,
+        checkpoints: Vec::new(),
     };
     store.apply(batch).map_err(|e| e.to_string())?;
     let mut events = case.events.clone();
@@ -221,7 +221,7 @@ fn run_case(
         }
         let event = event_time.event(value, now_ms());
         now = now.max(event.time_ms);
-        engine.process(&event, &mut alerts).map_err(|e| e.to_string())?;
+        engine.process(&event, None, &mut alerts).map_err(|e| e.to_string())?;
     }
     Ok(check(&mut engine, scoring, &case.expect, &alerts, now))
 }

@@ -2,6 +2,8 @@
 //! configs written into a temporary folder.
 #![allow(dead_code)]
 
+pub mod kafka;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 

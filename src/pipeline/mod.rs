@@ -8,10 +8,17 @@
 //! from the checkpoint, and since evaluation is deterministic on event time
 //! it writes the same alerts again. So a run killed at any point and
 //! restarted ends with exactly the state and alerts of one uninterrupted run.
+//!
+//! Reading Kafka instead of a file is [`kafka`]: the same job, a position
+//! per partition.
+
+mod kafka;
 
 use crate::config::{Config, StoreKind, Stream};
 use crate::event::{now_ms, Event, EventTime};
+use crate::rules::Scope;
 use crate::rules::{Alert, Engine, Problem};
+use crate::sink::AlertProducer;
 use crate::sink::{DeadLetter, JsonLinesSink};
 use crate::source::{JsonLines, LineInfo};
 use crate::state::{
@@ -105,6 +112,9 @@ pub enum RunError {
     /// The config cannot run as it is.
     #[error("{0}")]
     Config(String),
+    /// A Kafka client failed for good.
+    #[error(transparent)]
+    Kafka(#[from] crate::source::kafka::KafkaFailure),
     /// The processing thread panicked (a bug).
     #[error("processing task failed: {0}")]
     Task(String),
@@ -152,8 +162,10 @@ fn absolute(p: &Path) -> PathBuf {
 }
 
 struct Outputs {
-    alerts: JsonLinesSink,
+    alerts: Option<JsonLinesSink>,
     alerts_key: Option<String>,
+    /// Alerts to a Kafka topic.
+    producer: Option<AlertProducer>,
     dead: Option<(JsonLinesSink, String)>,
 }
 
@@ -161,14 +173,26 @@ impl Outputs {
     /// Syncs every output; returns the lengths to record in the checkpoint.
     fn sync(&mut self) -> Result<BTreeMap<String, u64>, RunError> {
         let mut lens = BTreeMap::new();
-        let len = self.alerts.sync().map_err(io_err("alerts", "output"))?;
-        if let Some(k) = &self.alerts_key {
-            lens.insert(k.clone(), len);
+        if let Some(alerts) = &mut self.alerts {
+            let len = alerts.sync().map_err(io_err("alerts", "output"))?;
+            if let Some(k) = &self.alerts_key {
+                lens.insert(k.clone(), len);
+            }
         }
         if let Some((sink, key)) = &mut self.dead {
             lens.insert(key.clone(), sink.sync().map_err(io_err("dead-letter file", key))?);
         }
         Ok(lens)
+    }
+
+    fn alert(&mut self, alert: &Alert) -> Result<(), RunError> {
+        if let Some(sink) = &mut self.alerts {
+            sink.write(alert).map_err(io_err("alerts", "output"))?;
+        }
+        if let Some(producer) = &self.producer {
+            producer.send(alert)?;
+        }
+        Ok(())
     }
 
     fn dead_letter(&mut self, letter: &DeadLetter<'_>) -> Result<(), RunError> {
@@ -196,20 +220,31 @@ impl EventMetrics {
     }
 }
 
-/// One run of the main job: the engine, the outputs and the position.
-struct Job<'a> {
+/// One run of the main job: the engine, the outputs and the positions.
+struct Job {
     engine: Engine,
     outputs: Outputs,
     source_name: String,
     source_id: Option<String>,
-    /// Position after the last line fully applied.
+    /// Position after the last line fully applied (a file), or where the
+    /// outputs stand (Kafka).
     position: Checkpoint,
+    /// Kafka: the position of each partition held, by source id, and
+    /// which moved since the last flush.
+    partitions: BTreeMap<String, Checkpoint>,
+    moved: std::collections::BTreeSet<String>,
+    /// The watermark is written by several processes (a shared store and
+    /// Kafka): it is raised atomically rather than cached.
+    shared_watermark: bool,
     summary: Summary,
     alerts: Vec<Alert>,
     counters: EventMetrics,
     health: Arc<Health>,
-    stop: &'a AtomicBool,
-    reloads: Option<&'a std::sync::mpsc::Receiver<Config>>,
+    stop: Arc<AtomicBool>,
+    /// While set, store retries go on until then even once `stop` is set
+    /// (a drain), and give up after it even if not.
+    deadline: Option<Instant>,
+    reloads: Option<std::sync::mpsc::Receiver<Config>>,
 }
 
 /// The parts of the config the read loop needs after the rules moved into the engine.
@@ -228,7 +263,7 @@ const READ_AHEAD: usize = 1024;
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
-impl Job<'_> {
+impl Job {
     /// Runs `f` until it succeeds, backing off while the store fails (and
     /// reporting not-ready): events are never dropped. Gives up only on
     /// shutdown or on an error a retry cannot mend.
@@ -248,8 +283,16 @@ impl Job<'_> {
                     tracing::warn!(what, error = %e, retry_in_ms = wait.as_millis() as u64, "store failed; retrying");
                     self.health.set_store(Some(e.to_string()));
                     failing = true;
-                    if !sleep_unless_stopped(wait, self.stop) {
-                        return Err(RunError::State(e));
+                    match self.deadline {
+                        None if !sleep_unless_stopped(wait, &self.stop) => return Err(RunError::State(e)),
+                        None => {}
+                        Some(d) => {
+                            let left = d.saturating_duration_since(Instant::now());
+                            if left.is_zero() {
+                                return Err(RunError::State(e));
+                            }
+                            std::thread::sleep(wait.min(left));
+                        }
                     }
                     wait = (wait * 2).min(RETRY_MAX);
                 }
@@ -264,13 +307,36 @@ impl Job<'_> {
         self.engine.publish_metrics();
         let result = self.retry("flush", |job| {
             job.position.outputs = job.outputs.sync()?;
+            // Alerts on a topic are acknowledged before the state that
+            // produced them is committed (and offsets after that).
+            if let Some(producer) = &job.outputs.producer {
+                let health = &job.health;
+                producer.flush(&job.stop, &|problem| health.set_sink(problem))?;
+            }
             // The latest event time seen: "now" for `riskd entity` and state browsing.
             let wm = job.position.watermark_ms;
-            let clock = job.engine.cache().write(WATERMARK_KEY, wm)?;
-            clock.count = clock.count.max(wm);
-            let cp = job.source_id.as_ref().map(|id| (id.clone(), job.position.clone()));
-            Ok(job.engine.cache().flush(cp)?)
+            if job.shared_watermark {
+                job.engine.cache().store_mut().update(WATERMARK_KEY, wm, &mut |r| {
+                    let raise = r.count < wm;
+                    r.count = r.count.max(wm);
+                    raise
+                })?;
+            } else {
+                let clock = job.engine.cache().write(WATERMARK_KEY, wm)?;
+                clock.count = clock.count.max(wm);
+            }
+            let mut cps: Vec<(String, Checkpoint)> =
+                job.source_id.iter().map(|id| (id.clone(), job.position.clone())).collect();
+            for id in &job.moved {
+                if let Some(cp) = job.partitions.get(id) {
+                    cps.push((id.clone(), cp.clone()));
+                }
+            }
+            Ok(job.engine.cache().flush(&cps)?)
         });
+        if result.is_ok() {
+            self.moved.clear();
+        }
         let m = metrics();
         match &result {
             Ok(keys) => {
@@ -286,8 +352,7 @@ impl Job<'_> {
 
     /// Swaps in every reloaded config that has arrived.
     fn reload(&mut self) -> Result<(), RunError> {
-        let Some(rx) = self.reloads else { return Ok(()) };
-        while let Ok(cfg) = rx.try_recv() {
+        while let Some(cfg) = self.reloads.as_ref().and_then(|rx| rx.try_recv().ok()) {
             let n = cfg.rules.len();
             let rules = cfg.rules;
             let scoring = Arc::new(cfg.scoring);
@@ -298,10 +363,10 @@ impl Job<'_> {
         Ok(())
     }
 
-    fn set_aside(&mut self, line: u64, reason: &'static str, detail: String, raw: &[u8]) -> Result<(), RunError> {
+    fn set_aside(&mut self, at: &Origin<'_>, reason: &'static str, detail: String, raw: &[u8]) -> Result<(), RunError> {
         let letter = DeadLetter {
-            source: &self.source_name,
-            line,
+            source: at.source,
+            line: at.line,
             reason,
             detail,
             raw: String::from_utf8_lossy(raw).into_owned(),
@@ -310,11 +375,10 @@ impl Job<'_> {
     }
 
     /// Loads the state the events need in one batch (remote stores).
-    fn prefetch(&mut self, lines: &[(LineInfo, std::ops::Range<usize>, Decoded, i64)]) -> Result<(), RunError> {
-        let events: Vec<&Event> = lines
-            .iter()
-            .filter_map(|(_, _, d, _)| match d {
-                Decoded::Event(e) => Some(e),
+    fn prefetch<'e>(&mut self, events: impl Iterator<Item = (&'e Decoded, Option<Scope<'e>>)>) -> Result<(), RunError> {
+        let events: Vec<(&Event, Option<Scope<'_>>)> = events
+            .filter_map(|(d, scope)| match d {
+                Decoded::Event(e) => Some((e, scope)),
                 _ => None,
             })
             .collect();
@@ -324,9 +388,16 @@ impl Job<'_> {
         self.retry("load state", |job| Ok(job.engine.prefetch(&events)?))
     }
 
-    /// Applies one decoded line (`buf` is the line as read); the position
-    /// is advanced by the caller.
-    fn line(&mut self, info: &LineInfo, buf: &[u8], decoded: Decoded, ingest: i64) -> Result<(), RunError> {
+    /// Applies one decoded line (`buf` is the line as read) to the rules in
+    /// `scope`; the position is advanced by the caller.
+    fn line(
+        &mut self,
+        at: &Origin<'_>,
+        buf: &[u8],
+        decoded: Decoded,
+        ingest: i64,
+        scope: Option<Scope<'_>>,
+    ) -> Result<(), RunError> {
         let event = match decoded {
             Decoded::Blank => return Ok(()),
             Decoded::Rejected { reason, detail } => {
@@ -338,7 +409,7 @@ impl Job<'_> {
                     self.summary.invalid += 1;
                     self.counters.invalid.inc();
                 }
-                return self.set_aside(info.line, reason, detail, buf);
+                return self.set_aside(at, reason, detail, buf);
             }
             Decoded::Event(event) => event,
         };
@@ -353,7 +424,7 @@ impl Job<'_> {
         // The engine loads every key before changing anything, so a store
         // failure leaves the event unapplied and it can be retried whole.
         let mut alerts = std::mem::take(&mut self.alerts);
-        let outcome = self.retry("load state", |job| Ok(job.engine.process(&event, &mut alerts)?));
+        let outcome = self.retry("load state", |job| Ok(job.engine.process(&event, scope, &mut alerts)?));
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
@@ -365,7 +436,7 @@ impl Job<'_> {
         for alert in alerts.drain(..) {
             tracing::info!(rule = %alert.rule_id, entity_type = %alert.entity.type_, alert_id = %alert.alert_id, "alert");
             m.alerts.with_label_values(&[alert.rule_id.as_str(), alert.severity.as_str()]).inc();
-            self.outputs.alerts.write(&alert).map_err(io_err("alerts", "output"))?;
+            self.outputs.alert(&alert)?;
             self.summary.alerts += 1;
             self.summary.risk_alerts += u64::from(alert.rule_id == crate::scoring::RISK_RULE_ID);
         }
@@ -379,10 +450,17 @@ impl Job<'_> {
                 m.rule_skips.with_label_values(&[p.rule_id.as_str(), "missing_field"]).inc();
             }
             let detail = describe(&outcome.problems);
-            self.set_aside(info.line, "incomplete", detail, buf)?;
+            self.set_aside(at, "incomplete", detail, buf)?;
         }
         Ok(())
     }
+}
+
+/// Where a line came from, for dead letters: a file and line, or a Kafka
+/// partition and offset.
+struct Origin<'a> {
+    source: &'a str,
+    line: u64,
 }
 
 /// One input line, decoded.
@@ -428,41 +506,25 @@ fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) -> bool {
     !stop.load(Ordering::Relaxed)
 }
 
-/// Runs the main job to the end of the input (or, following a file, until
-/// `stop` is set), on the configured store.
-pub fn run_blocking(cfg: Config, opts: &RunOptions, stop: &AtomicBool) -> Result<Summary, RunError> {
+/// Runs the main job to the end of the input (or, following a file or
+/// reading Kafka, until `stop` is set), on the configured store.
+pub fn run_blocking(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<Summary, RunError> {
     let store = open_store(&cfg.store)?;
     run_with_store(cfg, opts, store, stop, Health::new())
 }
 
-/// Runs the main job on a given store (tests hand in stores that fail).
-pub fn run_with_store(
-    cfg: Config,
-    opts: &RunOptions,
-    store: Box<dyn Store>,
-    stop: &AtomicBool,
-    health: Arc<Health>,
-) -> Result<Summary, RunError> {
-    health.rules_loaded();
-    let input = opts.input.clone().unwrap_or(cfg.input.clone());
-    let alerts_to = opts.alerts.clone().unwrap_or(cfg.alerts.clone());
-    let (source_name, source_id, source_kind) = match &input {
-        Stream::File(p) => (p.display().to_string(), Some(format!("file:{}", absolute(p).display())), "file"),
-        Stream::Std => ("stdin".to_string(), None, "stdin"),
-    };
-    let found = match &source_id {
-        Some(id) => store.checkpoint(id)?,
-        None => None,
-    };
-    let first_run = found.is_none();
-    let cp = found.unwrap_or_default();
+/// Opens the file outputs at the lengths `cp` records (cutting back what a
+/// crash left after the last commit).
+fn open_outputs(cfg: &Config, opts: &RunOptions, cp: &Checkpoint) -> Result<Outputs, RunError> {
+    let alerts_to = opts.alerts.clone().or(cfg.alerts.clone());
     let (alerts, alerts_key) = match &alerts_to {
-        Stream::Std => (JsonLinesSink::stdout(), None),
-        Stream::File(p) => {
+        None => (None, None),
+        Some(Stream::Std) => (Some(JsonLinesSink::stdout()), None),
+        Some(Stream::File(p)) => {
             let key = format!("alerts:{}", absolute(p).display());
             let sink = JsonLinesSink::open_file(p, cp.outputs.get(&key).copied())
                 .map_err(io_err("alerts file", &p.display().to_string()))?;
-            (sink, Some(key))
+            (Some(sink), Some(key))
         }
     };
     let dead = match &cfg.dead_letter {
@@ -474,6 +536,78 @@ pub fn run_with_store(
             Some((sink, key))
         }
     };
+    Ok(Outputs { alerts, alerts_key, producer: None, dead })
+}
+
+/// What a job reads: for messages, metrics and its checkpoint.
+struct JobSource {
+    name: String,
+    /// Checkpoint name in the store; none for stdin.
+    id: Option<String>,
+    /// Metric label: `file`, `stdin`, `kafka`.
+    kind: &'static str,
+    /// Where it starts.
+    position: Checkpoint,
+}
+
+impl Job {
+    fn new(
+        cfg: Config,
+        opts: RunOptions,
+        store: Box<dyn Store>,
+        outputs: Outputs,
+        source: JobSource,
+        (stop, health): (Arc<AtomicBool>, Arc<Health>),
+    ) -> Self {
+        let JobSource { name: source_name, id: source_id, kind: source_kind, position: cp } = source;
+        Job {
+            engine: Engine::new(
+                cfg.rules,
+                Arc::new(cfg.scoring),
+                StateCache::with_bounds(store, cfg.cache_max_entries, cfg.cache_max_bytes),
+            ),
+            outputs,
+            source_name,
+            source_id,
+            summary: Summary { resumed_after_line: cp.line, ..Summary::default() },
+            position: cp,
+            partitions: BTreeMap::new(),
+            moved: Default::default(),
+            shared_watermark: false,
+            alerts: Vec::new(),
+            counters: EventMetrics::new(source_kind),
+            health,
+            stop,
+            deadline: None,
+            reloads: opts.reloads,
+        }
+    }
+}
+
+/// Runs the main job on a given store (tests hand in stores that fail).
+pub fn run_with_store(
+    cfg: Config,
+    opts: RunOptions,
+    store: Box<dyn Store>,
+    stop: Arc<AtomicBool>,
+    health: Arc<Health>,
+) -> Result<Summary, RunError> {
+    health.rules_loaded();
+    if cfg.from_kafka && opts.input.is_none() {
+        return kafka::run(cfg, opts, store, stop, health);
+    }
+    let input = opts.input.clone().unwrap_or(cfg.input.clone());
+    let (source_name, source_id, source_kind) = match &input {
+        Stream::File(p) => (p.display().to_string(), Some(format!("file:{}", absolute(p).display())), "file"),
+        Stream::Std => ("stdin".to_string(), None, "stdin"),
+    };
+    let found = match &source_id {
+        Some(id) => store.checkpoint(id)?,
+        None => None,
+    };
+    let first_run = found.is_none();
+    let cp = found.unwrap_or_default();
+    let outputs = open_outputs(&cfg, &opts, &cp)?;
     let mut reader = match &input {
         Stream::File(p) => {
             JsonLines::open_file(p, cp.offset, cp.line, cfg.max_line_bytes).map_err(io_err("input", &source_name))?
@@ -486,29 +620,14 @@ pub fn run_with_store(
     }
     let settings = JobSettings {
         max_line_bytes: cfg.max_line_bytes,
-        event_time: cfg.event_time,
+        event_time: cfg.event_time.clone(),
         flush_every_events: cfg.flush_every_events,
         flush_interval: cfg.flush_interval,
         follow: cfg.follow && matches!(input, Stream::File(_)),
     };
     let progress = Progress::new(&input, cp.offset);
-    let mut job = Job {
-        engine: Engine::new(
-            cfg.rules,
-            Arc::new(cfg.scoring),
-            StateCache::with_bounds(store, cfg.cache_max_entries, cfg.cache_max_bytes),
-        ),
-        outputs: Outputs { alerts, alerts_key, dead },
-        source_name,
-        source_id,
-        summary: Summary { resumed_after_line: cp.line, ..Summary::default() },
-        position: cp,
-        alerts: Vec::new(),
-        counters: EventMetrics::new(source_kind),
-        health,
-        stop,
-        reloads: opts.reloads.as_ref(),
-    };
+    let source = JobSource { name: source_name, id: source_id, kind: source_kind, position: cp };
+    let mut job = Job::new(cfg, opts, store, outputs, source, (Arc::clone(&stop), health));
     if first_run && job.source_id.is_some() {
         // Record where the outputs start before the first event: a crash
         // before the first commit must not leave its alerts in the file.
@@ -550,14 +669,15 @@ pub fn run_with_store(
                 last_flush = Instant::now();
             }
             progress.update(&job.summary, job.position.offset);
-            sleep_unless_stopped(Duration::from_millis(200), stop);
+            sleep_unless_stopped(Duration::from_millis(200), &stop);
             continue;
         }
         if ahead > 1 {
-            job.prefetch(&lines)?;
+            job.prefetch(lines.iter().map(|(_, _, d, _)| (d, None)))?;
         }
+        let name = job.source_name.clone();
         for (info, range, decoded, ingest) in lines.drain(..) {
-            job.line(&info, &arena[range], decoded, ingest)?;
+            job.line(&Origin { source: &name, line: info.line }, &arena[range], decoded, ingest, None)?;
             // Only now is the line applied: the checkpoint may move past it.
             job.position.offset = info.end_offset;
             job.position.line = info.line;
@@ -675,7 +795,7 @@ pub async fn run(
         if let Some(reader) = store.reader() {
             api.ready(reader, Arc::clone(&cfg.rules), Arc::new(cfg.scoring.clone()));
         }
-        run_with_store(cfg, &opts, store, &flag, health)
+        run_with_store(cfg, opts, store, flag, health)
     });
     let joined = tokio::select! {
         r = &mut task => r,
@@ -757,7 +877,7 @@ mod tests {
         let reference = work.path().join("reference");
         std::fs::create_dir(&reference).unwrap();
         let summary =
-            run_blocking(config(&reference, &input), &RunOptions::default(), &AtomicBool::new(false)).unwrap();
+            run_blocking(config(&reference, &input), RunOptions::default(), Arc::new(AtomicBool::new(false))).unwrap();
         assert!(summary.alerts > 50, "{summary}");
         let expected = outcome(&reference);
         // 3000 lines, a commit every 97: crash at several of them, the last included.
@@ -768,11 +888,16 @@ mod tests {
                 inner: EmbeddedStore::open(&dir.join("s.redb")).unwrap(),
                 applies_left: Arc::new(AtomicUsize::new(crash_at)),
             };
-            let stop = AtomicBool::new(false);
-            let crashed =
-                run_with_store(config(&dir, &input), &RunOptions::default(), Box::new(store), &stop, Health::new());
+            let stop = Arc::new(AtomicBool::new(false));
+            let crashed = run_with_store(
+                config(&dir, &input),
+                RunOptions::default(),
+                Box::new(store),
+                Arc::clone(&stop),
+                Health::new(),
+            );
             assert!(crashed.is_err(), "crash at commit {crash_at} did not happen");
-            let resumed = run_blocking(config(&dir, &input), &RunOptions::default(), &stop).unwrap();
+            let resumed = run_blocking(config(&dir, &input), RunOptions::default(), Arc::clone(&stop)).unwrap();
             // Commit 0 records where the outputs start; then one every 97 lines.
             assert_eq!(
                 resumed.resumed_after_line,

@@ -1,0 +1,467 @@
+//! The main job reading Kafka: one consumer in the group, the partitions
+//! it holds applied in offset order, a checkpoint per partition.
+//!
+//! - **Offsets after effects.** Each partition's position (the next offset
+//!   to apply) is a checkpoint in the store, `kafka:<topic>:<partition>`,
+//!   committed in the same batch as the state it covers. Offsets are
+//!   committed to Kafka only after that, so Kafka's committed offset never
+//!   runs ahead of the state. A message below the stored position is a
+//!   redelivery and is skipped: effects are applied once.
+//! - **Rebalance.** On revoke the job flushes (alerts acknowledged, state
+//!   and positions committed), commits offsets, forgets every cached value
+//!   and only then lets the partitions go, within `kafka.drain_timeout`;
+//!   past it, it stops without committing. On assign it loads each
+//!   partition's checkpoint and starts the partition there.
+//! - **One instance per local store.** The embedded store is one process's:
+//!   a member that is given only part of the partitions stops scoring and
+//!   says so (a newcomer exits; an instance that held them all pauses,
+//!   not ready, until it holds them all again).
+//! - **Routed topics** (`consume = "routed"`): on `<prefix><type>` only the
+//!   rules of entity type `type` apply, for the entity the message is keyed
+//!   by; the router's header names the upstream offset, and a copy the
+//!   router produced twice (after a restart of its own) is skipped.
+//!
+//! The rebalance callback runs inside `poll`, on the job's thread; the job
+//! sits behind a mutex that the poll loop never holds while polling.
+
+use super::{decode, open_outputs, Decoded, Job, JobSource, Origin, RunError, RunOptions, Summary, READ_AHEAD};
+use crate::config::{Config, Consume, KafkaConfig};
+use crate::event::now_ms;
+use crate::rules::Scope;
+use crate::sink::AlertProducer;
+use crate::source::kafka::{
+    consumer_config, ensure_topics, log, partition_id, record_error, record_stats, KafkaFailure, UPSTREAM_HEADER,
+};
+use crate::source::LineInfo;
+use crate::state::{Checkpoint, Store};
+use crate::telemetry::{metrics, Health};
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// The job and what the rebalance callback needs beside it.
+struct KafkaJob {
+    job: Job,
+    kafka: KafkaConfig,
+    /// The topics subscribed to.
+    topics: Vec<String>,
+    /// The store is this process's alone (embedded, memory).
+    local_store: bool,
+    /// This process has held every partition at some point.
+    had_all: bool,
+    /// Why events are not being applied (a local store given part of the partitions).
+    paused: Option<String>,
+    /// A failure met in the rebalance callback: the job stops with it.
+    failure: Option<RunError>,
+    settings: Settings,
+    since_flush: u64,
+    last_flush: Instant,
+}
+
+struct Settings {
+    max_line_bytes: usize,
+    event_time: crate::event::EventTime,
+    flush_every_events: u64,
+    flush_interval: Duration,
+}
+
+/// The consumer's context: rebalances, statistics, errors.
+struct Ctx {
+    shared: Arc<Mutex<KafkaJob>>,
+    health: Arc<Health>,
+    brokers_down: AtomicBool,
+}
+
+fn lock(m: &Mutex<KafkaJob>) -> MutexGuard<'_, KafkaJob> {
+    // A panic while holding it is a bug that ends the job anyway.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl ClientContext for Ctx {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log(level, fac, message);
+    }
+    fn stats(&self, stats: Statistics) {
+        record_stats(&stats);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        if record_error(&error, reason) {
+            self.brokers_down.store(true, Ordering::Relaxed);
+            self.health.set_source(Some(format!("kafka brokers unreachable: {reason}")));
+        }
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let mut kj = lock(&self.shared);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                metrics().kafka_rebalances.with_label_values(&["assign"]).inc();
+                kj.assign(consumer, tpl, &self.health);
+                if let Err(e) = consumer.assign(tpl) {
+                    kj.fail(KafkaFailure::new("taking the assigned partitions", e).into());
+                }
+            }
+            other => {
+                metrics().kafka_rebalances.with_label_values(&["revoke"]).inc();
+                if other != RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
+                    tracing::error!(error = ?other, "rebalance failed; giving the partitions up");
+                }
+                kj.revoke(consumer);
+                if let Err(e) = consumer.unassign() {
+                    tracing::warn!(error = %e, "unassign failed");
+                }
+            }
+        }
+    }
+}
+
+impl KafkaJob {
+    fn fail(&mut self, e: RunError) {
+        tracing::error!(error = %e, "kafka job failed; stopping without committing");
+        if self.failure.is_none() {
+            self.failure = Some(e);
+        }
+        self.job.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Flushes (alerts, state and positions), then commits the offsets.
+    fn flush_and_commit(&mut self, consumer: &BaseConsumer<Ctx>, mode: CommitMode) -> Result<(), RunError> {
+        self.job.flush()?;
+        self.since_flush = 0;
+        self.last_flush = Instant::now();
+        let mut tpl = TopicPartitionList::new();
+        for (id, cp) in &self.job.partitions {
+            if cp.offset == 0 {
+                continue;
+            }
+            if let Some((topic, partition)) = split_id(id) {
+                tpl.add_partition_offset(topic, partition, Offset::Offset(cp.offset as i64))
+                    .map_err(|e| KafkaFailure::new("listing offsets", e))?;
+            }
+        }
+        if tpl.count() > 0 {
+            // The store is the record of what is applied; a failed commit
+            // only means more redeliveries to skip after a restart.
+            let outcome = match consumer.commit(&tpl, mode) {
+                Ok(()) => "ok",
+                Err(e) => {
+                    tracing::warn!(error = %e, "offset commit failed (the store's positions still hold)");
+                    "error"
+                }
+            };
+            metrics().kafka_commits.with_label_values(&[outcome]).inc();
+        }
+        Ok(())
+    }
+
+    fn revoke(&mut self, consumer: &BaseConsumer<Ctx>) {
+        if self.failure.is_none() && !self.job.partitions.is_empty() {
+            self.job.deadline = Some(Instant::now() + self.kafka.drain_timeout);
+            let flushed = self.flush_and_commit(consumer, CommitMode::Sync);
+            self.job.deadline = None;
+            if let Err(e) = flushed {
+                // Unflushed effects of partitions another member is about
+                // to replay: this process must never commit them.
+                self.fail(e);
+                return;
+            }
+        }
+        let n = self.job.partitions.len();
+        self.job.partitions.clear();
+        self.job.moved.clear();
+        self.job.engine.cache().forget();
+        metrics().kafka_partitions.set(0);
+        tracing::info!(partitions = n, "partitions revoked: state flushed, offsets committed, cache dropped");
+    }
+
+    fn assign(&mut self, consumer: &BaseConsumer<Ctx>, tpl: &mut TopicPartitionList, health: &Health) {
+        if self.failure.is_some() {
+            return;
+        }
+        let held: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+        self.job.deadline = Some(Instant::now() + self.kafka.drain_timeout);
+        for (topic, partition) in &held {
+            let id = partition_id(topic, *partition);
+            let found = self.job.retry("load checkpoint", |job| Ok(job.engine.cache().store().checkpoint(&id)?));
+            match found {
+                Ok(Some(cp)) => {
+                    if let Err(e) = tpl.set_partition_offset(topic, *partition, Offset::Offset(cp.offset as i64)) {
+                        self.fail(KafkaFailure::new(format!("starting {id} at its checkpoint"), e).into());
+                    }
+                    self.job.partitions.insert(id, cp);
+                }
+                Ok(None) => {
+                    self.job.partitions.insert(id, Checkpoint::default());
+                }
+                Err(e) => self.fail(e),
+            }
+        }
+        self.job.deadline = None;
+        metrics().kafka_partitions.set(held.len() as i64);
+        tracing::info!(partitions = ?held, "partitions assigned");
+        if self.local_store {
+            let total = total_partitions(consumer, &self.topics);
+            if held.len() < total {
+                let why = format!(
+                    "consumer group {:?} gave this process {} of {total} partitions: another member has joined, \
+                     but the {} store is local to one process (run one instance, or use the DynamoDB store)",
+                    self.kafka.group_id,
+                    held.len(),
+                    self.job.engine.cache().store().kind()
+                );
+                if self.had_all {
+                    tracing::error!("{why}; not scoring until this process holds every partition again");
+                    health.set_source(Some(why.clone()));
+                    self.paused = Some(why);
+                } else {
+                    self.fail(RunError::Config(why));
+                }
+                return;
+            }
+            self.had_all = true;
+        }
+        if self.paused.take().is_some() {
+            tracing::info!("this process holds every partition again: scoring resumes");
+        }
+        health.set_source(None);
+    }
+
+    /// Applies a batch of messages in order: those of partitions held, at
+    /// or past their positions.
+    fn apply(&mut self, batch: &[BorrowedMessage<'_>]) -> Result<(), RunError> {
+        if self.paused.is_some() {
+            return Ok(());
+        }
+        let routed = self.kafka.consume == Consume::Routed;
+        let mut items = Vec::with_capacity(batch.len());
+        for m in batch {
+            let id = partition_id(m.topic(), m.partition());
+            let Some(pos) = self.job.partitions.get(&id) else { continue };
+            let offset = m.offset();
+            if offset < 0 || (offset as u64) < pos.offset {
+                metrics().kafka_skipped.with_label_values(&[m.topic()]).inc();
+                continue;
+            }
+            let upstream = if routed { upstream_of(m) } else { None };
+            let duplicate = upstream.as_ref().is_some_and(|(k, o)| pos.upstream.get(k).is_some_and(|seen| seen >= o));
+            let scope = match routed {
+                false => None,
+                true => {
+                    let entity_type = m.topic().strip_prefix(self.kafka.route_prefix.as_str()).unwrap_or(m.topic());
+                    let entity_id = m.key().and_then(|k| std::str::from_utf8(k).ok()).unwrap_or("");
+                    Some(Scope { entity_type, entity_id })
+                }
+            };
+            let payload = m.payload().unwrap_or(&[]);
+            let ingest = now_ms();
+            let decoded = if duplicate {
+                metrics().kafka_skipped.with_label_values(&[m.topic()]).inc();
+                Decoded::Blank
+            } else {
+                let max = self.settings.max_line_bytes;
+                let info = LineInfo {
+                    line: offset as u64,
+                    end_offset: offset as u64 + 1,
+                    len: payload.len(),
+                    too_large: payload.len() > max,
+                };
+                decode(&payload[..payload.len().min(max)], &info, max, &self.settings.event_time, ingest)
+            };
+            items.push((id, offset as u64, payload, decoded, ingest, scope, upstream));
+        }
+        if self.job.engine.cache().store().batched_reads() && items.len() > 1 {
+            self.job.prefetch(items.iter().map(|(_, _, _, d, _, s, _)| (d, *s)))?;
+        }
+        for (id, offset, payload, decoded, ingest, scope, upstream) in items {
+            let at = Origin { source: &id, line: offset };
+            self.job.line(&at, payload, decoded, ingest, scope)?;
+            // Applied: the partition's position moves past it.
+            let watermark = self.job.position.watermark_ms;
+            if let Some(pos) = self.job.partitions.get_mut(&id) {
+                pos.offset = offset + 1;
+                pos.watermark_ms = pos.watermark_ms.max(watermark);
+                if let Some((k, o)) = upstream {
+                    pos.upstream.insert(k, o);
+                }
+            }
+            self.job.moved.insert(id);
+            self.since_flush += 1;
+        }
+        Ok(())
+    }
+
+    fn flush_due(&mut self) -> bool {
+        self.since_flush > 0
+            && (self.since_flush >= self.settings.flush_every_events
+                || self.last_flush.elapsed() >= self.settings.flush_interval
+                || self.job.engine.cache().over_bounds())
+    }
+}
+
+/// `kafka:<topic>:<partition>` back into its parts.
+fn split_id(id: &str) -> Option<(&str, i32)> {
+    let rest = id.strip_prefix("kafka:")?;
+    let (topic, partition) = rest.rsplit_once(':')?;
+    Some((topic, partition.parse().ok()?))
+}
+
+/// The routed message's upstream partition and offset (its header).
+fn upstream_of(m: &BorrowedMessage<'_>) -> Option<(String, i64)> {
+    let headers = m.headers()?;
+    let value = headers.iter().find(|h| h.key == UPSTREAM_HEADER)?.value?;
+    let text = std::str::from_utf8(value).ok()?;
+    let (partition, offset) = text.rsplit_once('/')?;
+    Some((partition.to_string(), offset.parse().ok()?))
+}
+
+/// Partitions of the subscribed topics, as the brokers' metadata says.
+fn total_partitions(consumer: &BaseConsumer<Ctx>, topics: &[String]) -> usize {
+    match consumer.fetch_metadata(None, Duration::from_secs(10)) {
+        Ok(md) => {
+            md.topics().iter().filter(|t| topics.iter().any(|s| s == t.name())).map(|t| t.partitions().len()).sum()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read topic metadata to check the assignment");
+            0
+        }
+    }
+}
+
+/// The topics `riskd run` subscribes to.
+pub fn subscribed_topics(cfg: &Config, k: &KafkaConfig) -> Vec<String> {
+    match k.consume {
+        Consume::Raw => k.topics.clone(),
+        Consume::Routed => {
+            let mut types: Vec<&str> = cfg.rules.iter().filter(|r| r.enabled).map(|r| r.entity_type.as_str()).collect();
+            types.sort_unstable();
+            types.dedup();
+            types.into_iter().map(|t| k.routed_topic(t)).collect()
+        }
+    }
+}
+
+/// Runs the main job from Kafka until `stop` is set.
+pub fn run(
+    cfg: Config,
+    opts: RunOptions,
+    store: Box<dyn Store>,
+    stop: Arc<AtomicBool>,
+    health: Arc<Health>,
+) -> Result<Summary, RunError> {
+    let k = cfg.kafka.clone().ok_or_else(|| RunError::Config("source.kind = \"kafka\" needs [kafka]".into()))?;
+    for w in crate::tuning::check::topic_key_warnings(&k, &cfg.rules) {
+        tracing::warn!("{w}");
+    }
+    let local_store = !store.batched_reads();
+    // File outputs are cut back to what the state covers only where one
+    // process owns both: a local store. With a shared store each process
+    // appends (a replay may repeat alerts: the alert id tells them apart).
+    let source_id = local_store.then(|| format!("kafka:{}:outputs", k.group_id));
+    let cp = match &source_id {
+        Some(id) => store.checkpoint(id)?.unwrap_or_default(),
+        None => Checkpoint::default(),
+    };
+    let mut outputs = open_outputs(&cfg, &opts, &cp)?;
+    if let Some(topic) = &k.alerts_topic {
+        ensure_topics(&k, std::slice::from_ref(topic), k.route_partitions)?;
+        outputs.producer = Some(AlertProducer::new(&k, topic)?);
+    }
+    let topics = subscribed_topics(&cfg, &k);
+    let settings = Settings {
+        max_line_bytes: cfg.max_line_bytes,
+        event_time: cfg.event_time.clone(),
+        flush_every_events: cfg.flush_every_events,
+        flush_interval: cfg.flush_interval,
+    };
+    let source = JobSource { name: format!("kafka {}", topics.join(",")), id: source_id, kind: "kafka", position: cp };
+    let mut job = Job::new(cfg, opts, store, outputs, source, (Arc::clone(&stop), Arc::clone(&health)));
+    job.shared_watermark = !local_store;
+    let shared = Arc::new(Mutex::new(KafkaJob {
+        job,
+        kafka: k.clone(),
+        topics: topics.clone(),
+        local_store,
+        had_all: false,
+        paused: None,
+        failure: None,
+        settings,
+        since_flush: 0,
+        last_flush: Instant::now(),
+    }));
+    let ctx = Ctx { shared: Arc::clone(&shared), health: Arc::clone(&health), brokers_down: AtomicBool::new(false) };
+    let consumer: BaseConsumer<Ctx> = consumer_config(&k, &k.group_id)
+        .create_with_context(ctx)
+        .map_err(|e| KafkaFailure::new("creating the consumer", e))?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names).map_err(|e| KafkaFailure::new(format!("subscribing to {names:?}"), e))?;
+    health.set_source(Some(format!("waiting for partitions of {names:?} from group {:?}", k.group_id)));
+    tracing::info!(topics = ?names, group = %k.group_id, "consuming");
+    let ahead = if local_store { 256 } else { READ_AHEAD };
+    let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(ahead);
+    let result = loop {
+        if stop.load(Ordering::Relaxed) {
+            break Ok(());
+        }
+        batch.clear();
+        let mut wait = Duration::from_millis(200);
+        while batch.len() < ahead {
+            match consumer.poll(wait) {
+                None => break,
+                Some(Ok(m)) => batch.push(m),
+                Some(Err(e)) => {
+                    record_error(&e, "poll");
+                    break;
+                }
+            }
+            wait = Duration::ZERO;
+        }
+        if !batch.is_empty() && consumer.context().brokers_down.swap(false, Ordering::Relaxed) {
+            health.set_source(None);
+        }
+        let mut kj = lock(&shared);
+        if let Some(e) = kj.failure.take() {
+            break Err(e);
+        }
+        let step = kj.job.reload().and_then(|()| kj.apply(&batch));
+        if let Err(e) = step {
+            break Err(e);
+        }
+        if kj.flush_due() {
+            if let Err(e) = kj.flush_and_commit(&consumer, CommitMode::Async) {
+                break Err(e);
+            }
+        }
+        if kj.since_flush % 1024 == 0 {
+            kj.job.engine.publish_metrics();
+        }
+    };
+    drop(batch);
+    let summary = {
+        let mut kj = lock(&shared);
+        if let Err(e) = result {
+            kj.failure.get_or_insert(e);
+        }
+        if let Some(e) = kj.failure.take() {
+            return Err(e);
+        }
+        // Draining: commit what is applied, within the drain timeout.
+        kj.job.deadline = Some(Instant::now() + k.drain_timeout);
+        kj.flush_and_commit(&consumer, CommitMode::Sync)?;
+        kj.job.partitions.clear();
+        kj.job.summary.clone()
+    };
+    // Leaving the group: the revoke callback finds nothing left to flush.
+    drop(consumer);
+    tracing::info!("left the consumer group");
+    Ok(summary)
+}

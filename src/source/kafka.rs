@@ -1,0 +1,152 @@
+//! Kafka plumbing shared by the consumer of `riskd run`, the router and
+//! the alerts producer: client settings, librdkafka statistics and errors
+//! into metrics and logs, topic creation, and a message's place.
+
+use crate::config::KafkaConfig;
+use crate::telemetry::metrics;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::KafkaError;
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
+
+/// A Kafka client failed in a way riskd cannot ride out (bad settings,
+/// authentication, a topic it may not create).
+#[derive(Debug, thiserror::Error)]
+#[error("kafka: {what}: {message}")]
+pub struct KafkaFailure {
+    /// What riskd was doing.
+    pub what: String,
+    /// librdkafka's message.
+    pub message: String,
+}
+
+impl KafkaFailure {
+    /// Wraps a client error.
+    pub fn new(what: impl Into<String>, e: impl std::fmt::Display) -> Self {
+        Self { what: what.into(), message: e.to_string() }
+    }
+}
+
+/// Settings common to every client: the brokers, then the configured
+/// properties (TLS, SASL, …) as they are.
+pub fn client_config(k: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.bootstrap_servers);
+    c.set_log_level(RDKafkaLogLevel::Warning);
+    for (key, value) in &k.properties {
+        c.set(key, value);
+    }
+    if c.get("statistics.interval.ms").is_none() {
+        c.set("statistics.interval.ms", "5000");
+    }
+    c
+}
+
+/// A consumer in `group`: offsets are committed by riskd after the state
+/// they cover is durable, never automatically.
+pub fn consumer_config(k: &KafkaConfig, group: &str) -> ClientConfig {
+    let mut c = client_config(k);
+    c.set("group.id", group).set("enable.auto.commit", "false").set("enable.auto.offset.store", "false");
+    if c.get("auto.offset.reset").is_none() {
+        // A new group reads a topic from its start: nothing is skipped.
+        c.set("auto.offset.reset", "earliest");
+    }
+    // The consumer and producer share properties; keep librdkafka from
+    // warning about the other side's.
+    c.remove("message.timeout.ms");
+    c.remove("linger.ms");
+    c
+}
+
+/// An idempotent producer (no duplicates or reordering from its own
+/// retries) that never gives up on a message on its own: while the broker
+/// is away, riskd slows down rather than losing an alert.
+pub fn producer_config(k: &KafkaConfig) -> ClientConfig {
+    let mut c = client_config(k);
+    c.set("enable.idempotence", "true");
+    for consumer_only in ["auto.offset.reset", "session.timeout.ms", "heartbeat.interval.ms", "max.poll.interval.ms"] {
+        c.remove(consumer_only);
+    }
+    if c.get("message.timeout.ms").is_none() {
+        c.set("message.timeout.ms", "0");
+    }
+    if c.get("linger.ms").is_none() {
+        c.set("linger.ms", "20");
+    }
+    c
+}
+
+/// Publishes librdkafka statistics: consumer lag per partition.
+pub fn record_stats(stats: &Statistics) {
+    let lag = &metrics().kafka_lag;
+    for (topic, t) in &stats.topics {
+        for (id, p) in &t.partitions {
+            // -1 is librdkafka's internal "unassigned" partition; lag -1 means unknown.
+            if *id < 0 || p.consumer_lag < 0 {
+                continue;
+            }
+            lag.with_label_values(&[topic.as_str(), &id.to_string()]).set(p.consumer_lag);
+        }
+    }
+}
+
+/// Counts and logs an error the client reports; returns whether it means
+/// the brokers are out of reach (the source is then not ready).
+pub fn record_error(error: &KafkaError, reason: &str) -> bool {
+    let code = error.rdkafka_error_code();
+    let label = code.map(|c| format!("{c:?}")).unwrap_or_else(|| "other".into());
+    metrics().kafka_errors.with_label_values(&[label.as_str()]).inc();
+    tracing::warn!(error = %error, reason, "kafka client error");
+    matches!(code, Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure))
+}
+
+/// Forwards librdkafka's own log lines to riskd's log.
+pub fn log(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+            tracing::error!(facility = fac, "librdkafka: {message}")
+        }
+        RDKafkaLogLevel::Warning => tracing::warn!(facility = fac, "librdkafka: {message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => tracing::info!(facility = fac, "librdkafka: {message}"),
+        RDKafkaLogLevel::Debug => tracing::debug!(facility = fac, "librdkafka: {message}"),
+    }
+}
+
+/// Creates the topics that do not exist yet (`partitions` each); an
+/// existing topic is left as it is. Blocks.
+pub fn ensure_topics(k: &KafkaConfig, topics: &[String], partitions: i32) -> Result<(), KafkaFailure> {
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(k).create().map_err(|e| KafkaFailure::new("creating an admin client", e))?;
+    let new: Vec<NewTopic<'_>> =
+        topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1))).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(30)));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| KafkaFailure::new("starting a runtime for the admin client", e))?;
+    let results = rt.block_on(admin.create_topics(&new, &opts)).map_err(|e| KafkaFailure::new("creating topics", e))?;
+    for r in results {
+        match r {
+            Ok(t) => tracing::info!(topic = %t, partitions, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => return Err(KafkaFailure::new(format!("creating topic {t}"), code)),
+        }
+    }
+    Ok(())
+}
+
+/// The source id of a partition: its checkpoint's name in the store.
+pub fn partition_id(topic: &str, partition: i32) -> String {
+    format!("kafka:{topic}:{partition}")
+}
+
+/// Header carrying an alert's id on the alerts topic.
+pub const ALERT_ID_HEADER: &str = "alert_id";
+/// Header of a routed message: where the router read it,
+/// `<topic>/<partition>/<offset>`.
+pub const UPSTREAM_HEADER: &str = "riskd-upstream";

@@ -1,0 +1,385 @@
+//! Continuous scoring from Kafka, against the broker `scripts/test.sh`
+//! starts (Tansu): alerts equal a file run's, offsets follow effects,
+//! instances share partitions on DynamoDB, shutdown drains, the router
+//! re-keys, and a broker that is not there yet is waited for.
+
+mod common;
+
+use common::kafka::*;
+use common::*;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+const SCORING: &str = "[scoring.defaults]\nthreshold = 45\n";
+
+/// A folder with the Okta rules only: every rule keyed by the user, the key
+/// of the keyed topics below.
+fn okta_rules(dir: &Path) -> PathBuf {
+    let rules = dir.join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::copy(root().join("config/rules/okta.yaml"), rules.join("okta.yaml")).unwrap();
+    rules
+}
+
+/// A generated stream (CloudTrail and Okta, attacks planted), as lines.
+fn generated(events: u64) -> Vec<String> {
+    let out = riskd(&["generate", "--events", &events.to_string(), "--users", "200", "--attack-every", "300"]);
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect()
+}
+
+/// Each line keyed by its user (Okta's actor, CloudTrail's user name).
+fn keyed_by_user(lines: &[String]) -> Vec<(Option<String>, String)> {
+    lines
+        .iter()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let key = v["actor"]["alternateId"].as_str().or(v["userIdentity"]["userName"].as_str()).map(String::from);
+            (key, l.clone())
+        })
+        .collect()
+}
+
+/// The alerts of a file run over `lines` with `rules` (memory store).
+fn file_run(dir: &Path, rules: &Path, lines: &[String]) -> Vec<Value> {
+    let ref_dir = dir.join("reference");
+    std::fs::create_dir_all(&ref_dir).unwrap();
+    let input = ref_dir.join("events.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let config = write_config_with_store(&ref_dir, &input, rules, "", "kind = \"memory\"");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(SCORING);
+    std::fs::write(&config, text).unwrap();
+    run_ok(&config);
+    alerts(&ref_dir)
+}
+
+fn by_id(alerts: impl IntoIterator<Item = Value>) -> BTreeMap<String, Value> {
+    alerts.into_iter().map(|a| (a["alert_id"].as_str().unwrap().to_string(), a)).collect()
+}
+
+fn spawn_run(config: &Path, log: &Path) -> Guard {
+    let child = riskd_command(&["run", "--config", &config.display().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .env("RUST_LOG", "info")
+        .spawn()
+        .unwrap();
+    Guard(child)
+}
+
+fn sigterm(child: &std::process::Child) {
+    let out = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).output().unwrap();
+    assert!(out.status.success());
+}
+
+/// Waits for the process to exit; its status.
+fn wait_exit(g: &mut Guard, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = g.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "riskd did not exit within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn log_of(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The alerts topic, read back: every alert keyed by its entity with its
+/// id in a header; returns them by id (repeats allowed, as Kafka may
+/// deliver twice) and how many messages there were.
+fn alerts_on_topic(topic: &str, min: usize) -> (BTreeMap<String, Value>, usize) {
+    let read = read_topic(&brokers(), topic, min, Duration::from_secs(3), Duration::from_secs(120));
+    for m in &read {
+        assert_eq!(m.key.as_deref(), m.value["entity"]["id"].as_str(), "keyed by entity");
+        assert_eq!(m.alert_id.as_deref(), m.value["alert_id"].as_str(), "alert id header");
+    }
+    let n = read.len();
+    (by_id(read.into_iter().map(|m| m.value)), n)
+}
+
+#[test]
+fn one_instance_on_a_keyed_four_partition_topic_alerts_as_a_file_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = okta_rules(dir.path());
+    let lines = generated(20_000);
+    let expected = file_run(dir.path(), &rules, &lines);
+    assert!(expected.len() > 50 && expected.iter().any(|a| a["rule_id"] == "entity_risk"), "attacks planted");
+
+    let (topic, alerts_topic, group) = (unique("events"), unique("alerts"), unique("riskd"));
+    create_topic(&brokers(), &topic, 4);
+    let ends = produce(&brokers(), &topic, &keyed_by_user(&lines));
+    assert_eq!(ends.len(), 4, "the stream spans the four partitions");
+    let kafka =
+        format!("group_id = {group:?}\ntopics = [{topic:?}]\nkeyed_by = \"user\"\nalerts_topic = {alerts_topic:?}");
+    let config =
+        write_kafka_config(dir.path(), &rules, &kafka, "kind = \"embedded\"\npath = \"state/riskd.redb\"", SCORING);
+    let log = dir.path().join("riskd.log");
+    let mut riskd = spawn_run(&config, &log);
+    wait_committed(&brokers(), &group, &topic, &ends, Duration::from_secs(180));
+    sigterm(&riskd.0);
+    assert!(wait_exit(&mut riskd, Duration::from_secs(30)).success(), "{}", log_of(&log));
+
+    let (got, messages) = alerts_on_topic(&alerts_topic, expected.len());
+    assert_eq!(messages, expected.len(), "each alert produced once");
+    assert!(got == by_id(expected), "the alerts topic holds exactly the file run's alerts");
+}
+
+#[test]
+fn sigterm_mid_stream_then_restart_resumes_without_loss_or_double_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = okta_rules(dir.path());
+    let lines = generated(20_000);
+    let expected = file_run(dir.path(), &rules, &lines);
+
+    let (topic, alerts_topic, group) = (unique("events"), unique("alerts"), unique("riskd"));
+    create_topic(&brokers(), &topic, 4);
+    let keyed = keyed_by_user(&lines);
+    let half = keyed.len() / 2;
+    let first = produce(&brokers(), &topic, &keyed[..half]);
+    let kafka =
+        format!("group_id = {group:?}\ntopics = [{topic:?}]\nkeyed_by = \"user\"\nalerts_topic = {alerts_topic:?}");
+    let config =
+        write_kafka_config(dir.path(), &rules, &kafka, "kind = \"embedded\"\npath = \"state/riskd.redb\"", SCORING);
+    let log = dir.path().join("riskd-1.log");
+    let mut riskd = spawn_run(&config, &log);
+    // Mid-stream: some offsets committed, the second half not produced yet.
+    wait_for("a first commit", Duration::from_secs(120), || !committed(&brokers(), &group, &topic).is_empty());
+    sigterm(&riskd.0);
+    let status = wait_exit(&mut riskd, Duration::from_secs(30));
+    assert!(status.success(), "SIGTERM drains and exits 0: {}", log_of(&log));
+    assert!(log_of(&log).contains("left the consumer group"), "{}", log_of(&log));
+
+    let second = produce(&brokers(), &topic, &keyed[half..]);
+    let ends: BTreeMap<i32, i64> = first
+        .keys()
+        .chain(second.keys())
+        .map(|p| (*p, first.get(p).unwrap_or(&0) + second.get(p).unwrap_or(&0)))
+        .collect();
+    let log = dir.path().join("riskd-2.log");
+    let mut riskd = spawn_run(&config, &log);
+    wait_committed(&brokers(), &group, &topic, &ends, Duration::from_secs(180));
+    sigterm(&riskd.0);
+    assert!(wait_exit(&mut riskd, Duration::from_secs(30)).success(), "{}", log_of(&log));
+
+    let (got, messages) = alerts_on_topic(&alerts_topic, expected.len());
+    assert_eq!(messages, expected.len(), "no alert lost or repeated across the restart");
+    assert!(got == by_id(expected), "same alerts as one uninterrupted file run");
+}
+
+#[test]
+fn a_second_instance_on_an_embedded_store_is_refused_loudly() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = okta_rules(dir.path());
+    let (topic, group) = (unique("events"), unique("riskd"));
+    create_topic(&brokers(), &topic, 4);
+    produce(&brokers(), &topic, &keyed_by_user(&generated(2_000)));
+    let mk = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let kafka = format!("group_id = {group:?}\ntopics = [{topic:?}]\nkeyed_by = \"user\"");
+        write_kafka_config(
+            &d,
+            &rules,
+            &kafka,
+            "kind = \"embedded\"\npath = \"riskd.redb\"",
+            "[sink]\npath = \"alerts.jsonl\"",
+        )
+    };
+    let (first_cfg, second_cfg) = (mk("first"), mk("second"));
+    let first_log = dir.path().join("first.log");
+    let mut first = spawn_run(&first_cfg, &first_log);
+    wait_for("the first instance to take the partitions", Duration::from_secs(60), || {
+        log_of(&first_log).contains("partitions assigned")
+    });
+    let second_log = dir.path().join("second.log");
+    let mut second = spawn_run(&second_cfg, &second_log);
+    let status = wait_exit(&mut second, Duration::from_secs(60));
+    assert!(!status.success(), "the second member exits with an error");
+    assert!(log_of(&second_log).contains("is local to one process"), "{}", log_of(&second_log));
+    // The first keeps its partitions once the intruder is gone.
+    wait_for("the first instance to hold every partition again", Duration::from_secs(60), || {
+        log_of(&first_log).matches("partitions assigned").count() >= 2
+    });
+    assert!(first.0.try_wait().unwrap().is_none(), "the first instance keeps running");
+    sigterm(&first.0);
+    assert!(wait_exit(&mut first, Duration::from_secs(30)).success(), "{}", log_of(&first_log));
+}
+
+#[test]
+fn two_instances_on_dynamodb_split_partitions_and_survive_a_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = okta_rules(dir.path());
+    let lines = generated(20_000);
+    let expected = file_run(dir.path(), &rules, &lines);
+
+    // The state of one uninterrupted run, on a DynamoDB table of its own.
+    let reference_dir = dir.path().join("reference-ddb");
+    std::fs::create_dir_all(&reference_dir).unwrap();
+    let input = reference_dir.join("events.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let ref_config =
+        write_config_with_store(&reference_dir, &input, &rules, "", &dynamodb_store_section("ttl = false"));
+    let mut text = std::fs::read_to_string(&ref_config).unwrap();
+    text.push_str(SCORING);
+    std::fs::write(&ref_config, text).unwrap();
+    assert!(riskd(&["store", "init", "--config", &ref_config.display().to_string()]).status.success());
+    run_ok(&ref_config);
+    let expected_state = export_state(&ref_config);
+
+    let (topic, alerts_topic, group) = (unique("events"), unique("alerts"), unique("riskd"));
+    create_topic(&brokers(), &topic, 4);
+    let keyed = keyed_by_user(&lines);
+    let half = keyed.len() / 2;
+    let first = produce(&brokers(), &topic, &keyed[..half]);
+    let store = dynamodb_store_section("ttl = false");
+    let kafka =
+        format!("group_id = {group:?}\ntopics = [{topic:?}]\nkeyed_by = \"user\"\nalerts_topic = {alerts_topic:?}");
+    let mk = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        write_kafka_config(&d, &rules, &kafka, &store, SCORING)
+    };
+    let (a_cfg, b_cfg) = (mk("a"), mk("b"));
+    assert!(riskd(&["store", "init", "--config", &a_cfg.display().to_string()]).status.success());
+    let (a_log, b_log) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let mut a = spawn_run(&a_cfg, &a_log);
+    let mut b = spawn_run(&b_cfg, &b_log);
+    // Both hold partitions, and work has been committed.
+    wait_for("the two instances to split the partitions", Duration::from_secs(60), || {
+        let held = |log: &str| {
+            log.lines().rev().find(|l| l.contains("partitions assigned")).is_some_and(|l| l.contains("events-"))
+        };
+        held(&log_of(&a_log)) && held(&log_of(&b_log))
+    });
+    wait_for("a first commit", Duration::from_secs(120), || !committed(&brokers(), &group, &topic).is_empty());
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    let second = produce(&brokers(), &topic, &keyed[half..]);
+    let ends: BTreeMap<i32, i64> = first
+        .keys()
+        .chain(second.keys())
+        .map(|p| (*p, first.get(p).unwrap_or(&0) + second.get(p).unwrap_or(&0)))
+        .collect();
+    wait_committed(&brokers(), &group, &topic, &ends, Duration::from_secs(240));
+    sigterm(&b.0);
+    assert!(wait_exit(&mut b, Duration::from_secs(30)).success(), "{}", log_of(&b_log));
+    let b_log = log_of(&b_log);
+    let takeover = b_log.lines().filter(|l| l.contains("partitions assigned")).last().unwrap_or_default();
+    assert_eq!(takeover.matches(&topic).count(), 4, "the survivor took every partition: {takeover}");
+
+    let (got, _) = alerts_on_topic(&alerts_topic, expected.len());
+    let got_ids: BTreeSet<&String> = got.keys().collect();
+    let expected = by_id(expected);
+    let expected_ids: BTreeSet<&String> = expected.keys().collect();
+    assert_eq!(got_ids, expected_ids, "the set of alert ids of one uninterrupted run");
+    assert!(export_state(&b_cfg) == expected_state, "the final state of one uninterrupted run: nothing counted twice");
+}
+
+#[test]
+fn unkeyed_input_through_the_router_gives_the_same_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = root().join("config/rules");
+    let mut lines: Vec<String> = std::fs::read_to_string(samples()).unwrap().lines().map(String::from).collect();
+    lines.extend(generated(5_000));
+    let expected = file_run(dir.path(), &rules, &lines);
+    assert!(expected.iter().any(|a| a["rule_id"] == "aws_console_login_spray"), "every entity type alerts");
+
+    let (raw, alerts_topic, group, prefix) =
+        (unique("raw"), unique("alerts"), unique("riskd"), format!("{}.", unique("by")));
+    // Un-keyed: one partition keeps the order the file has.
+    create_topic(&brokers(), &raw, 1);
+    let unkeyed: Vec<(Option<String>, String)> = lines.iter().map(|l| (None, l.clone())).collect();
+    let ends = produce(&brokers(), &raw, &unkeyed);
+    let kafka = format!(
+        "group_id = {group:?}\ntopics = [{raw:?}]\nconsume = \"routed\"\nroute_prefix = {prefix:?}\nroute_partitions = 4\nalerts_topic = {alerts_topic:?}"
+    );
+    let config =
+        write_kafka_config(dir.path(), &rules, &kafka, "kind = \"embedded\"\npath = \"state/riskd.redb\"", SCORING);
+    let check = riskd(&["check", "--config", &config.display().to_string()]);
+    assert!(check.status.success());
+    let route_log = dir.path().join("route.log");
+    let mut router = Guard(
+        riskd_command(&["route", "--config", &config.display().to_string()])
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&route_log).unwrap())
+            .env("RUST_LOG", "info")
+            .spawn()
+            .unwrap(),
+    );
+    let log = dir.path().join("riskd.log");
+    let mut scorer = spawn_run(&config, &log);
+    wait_committed(&brokers(), &format!("{group}.route"), &raw, &ends, Duration::from_secs(120));
+    let (got, _) = alerts_on_topic(&alerts_topic, expected.len());
+    sigterm(&router.0);
+    assert!(wait_exit(&mut router, Duration::from_secs(30)).success(), "{}", log_of(&route_log));
+    sigterm(&scorer.0);
+    assert!(wait_exit(&mut scorer, Duration::from_secs(30)).success(), "{}", log_of(&log));
+    let expected = by_id(expected);
+    assert_eq!(got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "same alert ids");
+    assert!(got == expected, "same alerts");
+}
+
+#[test]
+fn a_broker_down_at_start_is_waited_for_then_scored() {
+    let tansu = std::env::var("RISKD_TEST_TANSU").expect("RISKD_TEST_TANSU: run ./scripts/test.sh");
+    let dir = tempfile::tempdir().unwrap();
+    let rules = okta_rules(dir.path());
+    let port = free_port();
+    let broker = format!("127.0.0.1:{port}");
+    let (topic, group, listen) = (unique("events"), unique("riskd"), free_port());
+    let kafka = format!("group_id = {group:?}\ntopics = [{topic:?}]\nkeyed_by = \"user\"");
+    let sink = format!("[sink]\npath = \"alerts.jsonl\"\n{SCORING}");
+    let config = write_kafka_config(dir.path(), &rules, &kafka, "kind = \"embedded\"\npath = \"riskd.redb\"", &sink);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&format!("bootstrap_servers = {:?}", brokers()), &format!("bootstrap_servers = {broker:?}"))
+        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{listen}\""));
+    std::fs::write(&config, text).unwrap();
+    let log = dir.path().join("riskd.log");
+    let mut riskd = spawn_run(&config, &log);
+    let readyz = format!("http://127.0.0.1:{listen}/readyz");
+    wait_for("the endpoint", Duration::from_secs(30), || http_get(&readyz, None).is_some());
+    std::thread::sleep(Duration::from_secs(3));
+    let (status, body) = http_get(&readyz, None).unwrap();
+    assert_eq!(status, 503, "not ready without a broker: {body}");
+    assert!(riskd.0.try_wait().unwrap().is_none(), "riskd keeps retrying: {}", log_of(&log));
+
+    let broker_proc = Guard(
+        std::process::Command::new(&tansu)
+            .args([
+                "broker",
+                "--listener-url",
+                &format!("tcp://{broker}"),
+                "--advertised-listener-url",
+                &format!("tcp://{broker}"),
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the broker", Duration::from_secs(30), || std::net::TcpStream::connect(&broker).is_ok());
+    // A topic created once the broker is up: the consumer picks it up.
+    create_topic(&broker, &topic, 2);
+    let lines = generated(2_000);
+    let keyed = keyed_by_user(&lines);
+    let producer_counts = produce(&broker, &topic, &keyed);
+    wait_committed(&broker, &group, &topic, &producer_counts, Duration::from_secs(120));
+    let (status, body) = http_get(&readyz, None).unwrap();
+    assert_eq!(status, 200, "ready once the broker answers: {body}");
+    sigterm(&riskd.0);
+    assert!(wait_exit(&mut riskd, Duration::from_secs(30)).success(), "{}", log_of(&log));
+    let expected = file_run(dir.path(), &rules, &lines);
+    assert_eq!(by_id(alerts(dir.path())), by_id(expected), "scored once the broker appeared");
+    drop(broker_proc);
+}
