@@ -273,7 +273,7 @@ fn two_instances_on_dynamodb_split_partitions_and_survive_a_sigkill() {
     sigterm(&b.0);
     assert!(wait_exit(&mut b, Duration::from_secs(30)).success(), "{}", log_of(&b_log));
     let b_log = log_of(&b_log);
-    let takeover = b_log.lines().filter(|l| l.contains("partitions assigned")).last().unwrap_or_default();
+    let takeover = b_log.lines().rev().find(|l| l.contains("partitions assigned")).unwrap_or_default();
     assert_eq!(takeover.matches(&topic).count(), 4, "the survivor took every partition: {takeover}");
 
     let (got, _) = alerts_on_topic(&alerts_topic, expected.len());
