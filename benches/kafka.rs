@@ -5,14 +5,18 @@
 //! changes it) produced to a 4-partition topic keyed by user, then in the
 //! same run:
 //! - a bare consume of the topic (an rdkafka consumer that only counts);
+//! - a consume that parses each message as JSON (what any consumer of
+//!   JSON events pays before a rule runs);
 //! - riskd's main job on it: the five shipped rules, the embedded store,
-//!   alerts produced to an alerts topic, offsets committed after flushes.
+//!   alerts produced to an alerts topic, offsets committed after flushes;
+//!   with one lane, then with a lane per CPU.
 //!
 //! Both rates are counted from the first message to the last (riskd's from
 //! its own event counter), so the group join is left out of both.
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use riskd::config::Config;
@@ -86,43 +90,96 @@ fn main() {
     drop(consumer);
     println!("bare consume: {bare:.0} events/s");
 
-    // riskd: five rules, embedded store, alerts to a topic.
-    let config = dir.path().join("riskd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[source]\nkind = \"kafka\"\n[store]\nkind = \"embedded\"\npath = \"riskd.redb\"\n[rules]\npaths = [{:?}]\n[telemetry]\nlisten = \"\"\n[kafka]\nbootstrap_servers = {brokers:?}\ngroup_id = \"bench-riskd-{run_id}\"\ntopics = [{topic:?}]\nkeyed_by = \"user\"\nalerts_topic = {alerts:?}\n[kafka.properties]\n\"session.timeout.ms\" = \"3000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
-            root.join("config/rules").display().to_string()
-        ),
-    )
-    .expect("write config");
-    let cfg = Config::load(&config).expect("valid config");
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    let job = std::thread::spawn(move || run_blocking(cfg, RunOptions::default(), flag));
-    let counter = riskd::telemetry::metrics().events.with_label_values(&["kafka", "ok"]);
-    let (mut t0, mut n0) = (None, 0);
-    while counter.get() < events {
-        let seen = counter.get();
-        if t0.is_none() && seen > 0 {
-            t0 = Some(Instant::now());
-            n0 = seen;
+    // Consume and parse: what any JSON consumer pays before a rule runs.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", format!("bench-parse-{run_id}"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.assign(&tpl).expect("assign");
+    let (mut n, mut first) = (0u64, None);
+    while n < events {
+        if let Some(m) = consumer.poll(Duration::from_secs(10)) {
+            let m = m.expect("message");
+            first.get_or_insert_with(Instant::now);
+            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or(b"{}")).expect("JSON");
+            std::hint::black_box(v);
+            n += 1;
         }
-        assert!(!job.is_finished(), "the job ended early");
-        std::thread::sleep(Duration::from_millis(5));
     }
-    let secs = t0.map_or(1e-9, |t| t.elapsed().as_secs_f64());
-    let scored = (events - n0) as f64 / secs;
-    let drain = Instant::now();
-    stop.store(true, Ordering::Relaxed);
-    let summary = job.join().expect("job thread").expect("run");
-    println!(
-        "riskd: {} events, {} alerts (to {alerts}): {scored:.0} events/s; drained in {:.2} s",
-        summary.read,
-        summary.alerts,
-        drain.elapsed().as_secs_f64()
-    );
-    println!("riskd runs at {:.0}% of a bare consume", 100.0 * scored / bare);
+    let parse = (n - 1) as f64 / first.map_or(1e-9, |t| t.elapsed().as_secs_f64());
+    drop(consumer);
+    println!("consume + JSON parse: {parse:.0} events/s");
+
+    // riskd: five rules, embedded store, alerts to a topic; one lane, then one per CPU.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut lane_counts = vec![1];
+    if cpus > 1 {
+        lane_counts.push(cpus);
+    }
+    for lanes in lane_counts {
+        let run = Run { brokers: &brokers, topic: &topic, alerts: &alerts, run_id: &run_id, dir: dir.path(), root };
+        let scored = run.riskd(lanes, events);
+        println!(
+            "riskd, {lanes} lane(s): {scored:.0} events/s = {:.0}% of a bare consume, {:.0}% of consume + parse",
+            100.0 * scored / bare,
+            100.0 * scored / parse
+        );
+    }
+}
+
+/// Where a riskd run reads and writes.
+struct Run<'a> {
+    brokers: &'a str,
+    topic: &'a str,
+    alerts: &'a str,
+    run_id: &'a str,
+    dir: &'a std::path::Path,
+    root: &'a std::path::Path,
+}
+
+impl Run<'_> {
+    /// Runs riskd on the topic until it has applied `events`; its events/s.
+    fn riskd(&self, lanes: usize, events: u64) -> f64 {
+        let Run { brokers, topic, alerts, run_id, dir, root } = self;
+        let config = dir.join(format!("riskd-{lanes}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[source]\nkind = \"kafka\"\n[store]\nkind = \"embedded\"\npath = \"riskd-{lanes}.redb\"\n[rules]\npaths = [{:?}]\n[telemetry]\nlisten = \"\"\n[kafka]\nbootstrap_servers = {brokers:?}\ngroup_id = \"bench-riskd-{lanes}-{run_id}\"\ntopics = [{topic:?}]\nkeyed_by = \"user\"\nalerts_topic = {alerts:?}\nlanes = {lanes}\n[kafka.properties]\n\"session.timeout.ms\" = \"3000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
+                root.join("config/rules").display().to_string()
+            ),
+        )
+        .expect("write config");
+        let cfg = Config::load(&config).expect("valid config");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let counter = riskd::telemetry::metrics().events.with_label_values(&["kafka", "ok"]);
+        let base = counter.get();
+        let job = std::thread::spawn(move || run_blocking(cfg, RunOptions::default(), flag));
+        let (mut t0, mut n0) = (None, 0);
+        while counter.get() - base < events {
+            let seen = counter.get() - base;
+            if t0.is_none() && seen > 0 {
+                t0 = Some(Instant::now());
+                n0 = seen;
+            }
+            assert!(!job.is_finished(), "the job ended early");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let secs = t0.map_or(1e-9, |t| t.elapsed().as_secs_f64());
+        let drain = Instant::now();
+        stop.store(true, Ordering::Relaxed);
+        let summary = job.join().expect("job thread").expect("run");
+        println!(
+            "riskd, {lanes} lane(s): {} events, {} alerts produced; drained in {:.2} s",
+            summary.read,
+            summary.alerts,
+            drain.elapsed().as_secs_f64()
+        );
+        (events - n0) as f64 / secs
+    }
 }
 
 fn kafka_config(brokers: &str) -> riskd::config::KafkaConfig {
@@ -136,6 +193,7 @@ fn kafka_config(brokers: &str) -> riskd::config::KafkaConfig {
         route_partitions: PARTITIONS,
         alerts_topic: None,
         drain_timeout: Duration::from_secs(30),
+        lanes: 1,
         properties: Default::default(),
     }
 }

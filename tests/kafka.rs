@@ -118,8 +118,10 @@ fn one_instance_on_a_keyed_four_partition_topic_alerts_as_a_file_run() {
     create_topic(&brokers(), &topic, 4);
     let ends = produce(&brokers(), &topic, &keyed_by_user(&lines));
     assert_eq!(ends.len(), 4, "the stream spans the four partitions");
-    let kafka =
-        format!("group_id = {group:?}\ntopics = [{topic:?}]\nkeyed_by = \"user\"\nalerts_topic = {alerts_topic:?}");
+    // Three lanes, whatever the machine: entities applied in parallel.
+    let kafka = format!(
+        "group_id = {group:?}\ntopics = [{topic:?}]\nkeyed_by = \"user\"\nalerts_topic = {alerts_topic:?}\nlanes = 3"
+    );
     let config =
         write_kafka_config(dir.path(), &rules, &kafka, "kind = \"embedded\"\npath = \"state/riskd.redb\"", SCORING);
     let log = dir.path().join("riskd.log");
@@ -131,6 +133,7 @@ fn one_instance_on_a_keyed_four_partition_topic_alerts_as_a_file_run() {
     let (got, messages) = alerts_on_topic(&alerts_topic, expected.len());
     assert_eq!(messages, expected.len(), "each alert produced once");
     assert!(got == by_id(expected), "the alerts topic holds exactly the file run's alerts");
+    assert!(log_of(&log).contains("lanes=3"), "{}", log_of(&log));
 }
 
 #[test]
@@ -241,8 +244,9 @@ fn two_instances_on_dynamodb_split_partitions_and_survive_a_sigkill() {
     let half = keyed.len() / 2;
     let first = produce(&brokers(), &topic, &keyed[..half]);
     let store = dynamodb_store_section("ttl = false");
-    let kafka =
-        format!("group_id = {group:?}\ntopics = [{topic:?}]\nkeyed_by = \"user\"\nalerts_topic = {alerts_topic:?}");
+    let kafka = format!(
+        "group_id = {group:?}\ntopics = [{topic:?}]\nkeyed_by = \"user\"\nalerts_topic = {alerts_topic:?}\nlanes = 2"
+    );
     let mk = |name: &str| {
         let d = dir.path().join(name);
         std::fs::create_dir_all(&d).unwrap();

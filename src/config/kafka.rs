@@ -40,6 +40,10 @@ pub struct KafkaFile {
     /// Longest wait to flush and commit on a rebalance or at shutdown.
     #[serde(default = "default_drain")]
     pub drain_timeout: String,
+    /// Lanes applying events in parallel, entities spread over them by
+    /// hash (default: the number of CPUs).
+    #[serde(default)]
+    pub lanes: Option<usize>,
     /// librdkafka properties (`security.protocol`, `sasl.mechanism`,
     /// `ssl.ca.location`, …), for the consumer and the producer alike.
     #[serde(default)]
@@ -93,6 +97,8 @@ pub struct KafkaConfig {
     pub alerts_topic: Option<String>,
     /// Drain timeout.
     pub drain_timeout: Duration,
+    /// Parallel lanes in one process.
+    pub lanes: usize,
     /// librdkafka properties, environment references resolved. Values may
     /// be secrets: never log them.
     pub properties: BTreeMap<String, String>,
@@ -147,6 +153,18 @@ pub fn build(file: &KafkaFile, entity_types: &[&str], err: &mut impl FnMut(&str,
             Duration::from_secs(30)
         }
     };
+    if file.lanes == Some(0) {
+        err("lanes", "kafka.lanes must be at least 1".into());
+    }
+    let lanes = file.lanes.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    if let Some(ms) = file.properties.get("max.poll.interval.ms").and_then(|v| v.parse::<u64>().ok()) {
+        if Duration::from_millis(ms) <= drain_timeout {
+            err(
+                "drain_timeout",
+                format!("kafka.drain_timeout must be below max.poll.interval.ms ({ms} ms): a revoke must finish before the group moves on"),
+            );
+        }
+    }
     let mut properties = BTreeMap::new();
     for (k, v) in &file.properties {
         if RESERVED.contains(&k.as_str()) {
@@ -170,6 +188,7 @@ pub fn build(file: &KafkaFile, entity_types: &[&str], err: &mut impl FnMut(&str,
         route_partitions: file.route_partitions,
         alerts_topic: file.alerts_topic.clone(),
         drain_timeout,
+        lanes,
         properties,
     }
 }

@@ -24,16 +24,19 @@
 //! The rebalance callback runs inside `poll`, on the job's thread; the job
 //! sits behind a mutex that the poll loop never holds while polling.
 
-use super::{decode, open_outputs, Decoded, Job, JobSource, Origin, RunError, RunOptions, Summary, READ_AHEAD};
+use super::{
+    decode, open_outputs, Decoded, Job, JobSource, Origin, RetryPolicy, RunError, RunOptions, Summary, READ_AHEAD,
+};
 use crate::config::{Config, Consume, KafkaConfig};
 use crate::event::now_ms;
-use crate::rules::Scope;
+use crate::event::Event;
+use crate::rules::{Alert, Engine, Outcome, Scope};
 use crate::sink::AlertProducer;
 use crate::source::kafka::{
     consumer_config, ensure_topics, log, partition_id, record_error, record_stats, KafkaFailure, UPSTREAM_HEADER,
 };
 use crate::source::LineInfo;
-use crate::state::{Checkpoint, Store};
+use crate::state::{Checkpoint, SharedStore, StateCache, Store};
 use crate::telemetry::{metrics, Health};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -180,6 +183,9 @@ impl KafkaJob {
         self.job.partitions.clear();
         self.job.moved.clear();
         self.job.engine.cache().forget();
+        for lane in &mut self.job.lanes {
+            lane.cache().forget();
+        }
         metrics().kafka_partitions.set(0);
         tracing::info!(partitions = n, "partitions revoked: state flushed, offsets committed, cache dropped");
     }
@@ -236,8 +242,10 @@ impl KafkaJob {
         health.set_source(None);
     }
 
-    /// Applies a batch of messages in order: those of partitions held, at
-    /// or past their positions.
+    /// Applies a batch of messages: those of partitions held, at or past
+    /// their positions. Payloads are decoded in parallel; then each lane
+    /// applies, in message order, the events of its entities; then, in
+    /// message order again, alerts are written and positions move.
     fn apply(&mut self, batch: &[BorrowedMessage<'_>]) -> Result<(), RunError> {
         if self.paused.is_some() {
             return Ok(());
@@ -253,48 +261,75 @@ impl KafkaJob {
                 continue;
             }
             let upstream = if routed { upstream_of(m) } else { None };
-            let duplicate = upstream.as_ref().is_some_and(|(k, o)| pos.upstream.get(k).is_some_and(|seen| seen >= o));
-            let scope = match routed {
-                false => None,
-                true => {
-                    let entity_type = m.topic().strip_prefix(self.kafka.route_prefix.as_str()).unwrap_or(m.topic());
-                    let entity_id = m.key().and_then(|k| std::str::from_utf8(k).ok()).unwrap_or("");
-                    Some(Scope { entity_type, entity_id })
-                }
-            };
-            let payload = m.payload().unwrap_or(&[]);
-            let ingest = now_ms();
-            let decoded = if duplicate {
+            let repeat = upstream.as_ref().is_some_and(|(k, o)| pos.upstream.get(k).is_some_and(|seen| seen >= o));
+            if repeat {
                 metrics().kafka_skipped.with_label_values(&[m.topic()]).inc();
-                Decoded::Blank
-            } else {
-                let max = self.settings.max_line_bytes;
-                let info = LineInfo {
-                    line: offset as u64,
-                    end_offset: offset as u64 + 1,
-                    len: payload.len(),
-                    too_large: payload.len() > max,
-                };
-                decode(&payload[..payload.len().min(max)], &info, max, &self.settings.event_time, ingest)
+            }
+            let entity = routed.then(|| {
+                let entity_type = m.topic().strip_prefix(self.kafka.route_prefix.as_str()).unwrap_or(m.topic());
+                let entity_id = m.key().and_then(|k| std::str::from_utf8(k).ok()).unwrap_or("");
+                (entity_type, entity_id)
+            });
+            items.push(Item {
+                id,
+                offset: offset as u64,
+                payload: m.payload().unwrap_or(&[]),
+                entity,
+                upstream,
+                repeat,
+            });
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
+        let ingest = now_ms();
+        let lanes = self.job.lanes.len().max(1);
+        let decoded = parallel_map(&items, lanes, |it| {
+            if it.repeat {
+                return Decoded::Blank;
+            }
+            let max = self.settings.max_line_bytes;
+            let info = LineInfo {
+                line: it.offset,
+                end_offset: it.offset + 1,
+                len: it.payload.len(),
+                too_large: it.payload.len() > max,
             };
-            items.push((id, offset as u64, payload, decoded, ingest, scope, upstream));
+            decode(&it.payload[..it.payload.len().min(max)], &info, max, &self.settings.event_time, ingest)
+        });
+        let mut events = Vec::with_capacity(items.len());
+        for (it, d) in items.iter().zip(decoded) {
+            events.push(self.job.admit(&Origin { source: &it.id, line: it.offset }, it.payload, d, ingest)?);
         }
-        if self.job.engine.cache().store().batched_reads() && items.len() > 1 {
-            self.job.prefetch(items.iter().map(|(_, _, _, d, _, s, _)| (d, *s)))?;
+        let policy = self.job.retry_policy();
+        let engines = match self.job.lanes.as_mut_slice() {
+            [] => std::slice::from_mut(&mut self.job.engine),
+            lanes => lanes,
+        };
+        let per_lane = evaluate(engines, &items, &events, &policy)?;
+        let mut outcomes: Vec<(Outcome, Vec<Alert>)> = items.iter().map(|_| Default::default()).collect();
+        for (i, outcome, alerts) in per_lane.into_iter().flatten() {
+            let (o, a) = &mut outcomes[i];
+            o.matched += outcome.matched;
+            o.suppressed += outcome.suppressed;
+            o.capped += outcome.capped;
+            o.problems.extend(outcome.problems);
+            a.extend(alerts);
         }
-        for (id, offset, payload, decoded, ingest, scope, upstream) in items {
-            let at = Origin { source: &id, line: offset };
-            self.job.line(&at, payload, decoded, ingest, scope)?;
+        for ((it, event), (outcome, mut alerts)) in items.into_iter().zip(&events).zip(outcomes) {
+            if event.is_some() {
+                self.job.emit(&Origin { source: &it.id, line: it.offset }, it.payload, outcome, &mut alerts)?;
+            }
             // Applied: the partition's position moves past it.
             let watermark = self.job.position.watermark_ms;
-            if let Some(pos) = self.job.partitions.get_mut(&id) {
-                pos.offset = offset + 1;
+            if let Some(pos) = self.job.partitions.get_mut(&it.id) {
+                pos.offset = it.offset + 1;
                 pos.watermark_ms = pos.watermark_ms.max(watermark);
-                if let Some((k, o)) = upstream {
+                if let Some((k, o)) = it.upstream {
                     pos.upstream.insert(k, o);
                 }
             }
-            self.job.moved.insert(id);
+            self.job.moved.insert(it.id);
             self.since_flush += 1;
         }
         Ok(())
@@ -304,8 +339,85 @@ impl KafkaJob {
         self.since_flush > 0
             && (self.since_flush >= self.settings.flush_every_events
                 || self.last_flush.elapsed() >= self.settings.flush_interval
-                || self.job.engine.cache().over_bounds())
+                || self.job.engine.cache().over_bounds()
+                || self.job.lanes.iter_mut().any(|l| l.cache().over_bounds()))
     }
+}
+
+/// A message to apply.
+struct Item<'m> {
+    /// Its partition's source id.
+    id: String,
+    offset: u64,
+    payload: &'m [u8],
+    /// Routed: the entity it is for.
+    entity: Option<(&'m str, &'m str)>,
+    /// Routed: its upstream partition and offset.
+    upstream: Option<(String, i64)>,
+    /// Routed: a copy of a message already applied.
+    repeat: bool,
+}
+
+/// What a lane did with one message (by index): the events it applied
+/// that matched a rule.
+type LaneResults = Vec<(usize, Outcome, Vec<Alert>)>;
+
+/// Each engine (lane) applies, in order, the events of its own entities.
+/// Several lanes run on threads of their own; a store failure is retried
+/// in the lane (events of a lane are never skipped or applied twice).
+fn evaluate(
+    engines: &mut [Engine],
+    items: &[Item<'_>],
+    events: &[Option<Event>],
+    policy: &RetryPolicy,
+) -> Result<Vec<LaneResults>, RunError> {
+    let lanes = engines.len();
+    let run_lane = |lane: usize, engine: &mut Engine| -> Result<LaneResults, RunError> {
+        let scope = |i: usize| {
+            let s = Scope { entity: items[i].entity, lane: (lanes > 1).then_some((lane, lanes)) };
+            (s != Scope::default()).then_some(s)
+        };
+        if engine.cache().store().batched_reads() {
+            let wanted: Vec<(&Event, Option<Scope<'_>>)> =
+                events.iter().enumerate().filter_map(|(i, e)| e.as_ref().map(|e| (e, scope(i)))).collect();
+            policy.run("load state", || Ok(engine.prefetch(&wanted)?))?;
+        }
+        let mut out = Vec::new();
+        for (i, event) in events.iter().enumerate() {
+            let Some(event) = event else { continue };
+            let mut alerts = Vec::new();
+            let outcome = policy.run("load state", || {
+                alerts.clear();
+                Ok(engine.process(event, scope(i), &mut alerts)?)
+            })?;
+            if outcome.matched > 0 || !outcome.problems.is_empty() || !alerts.is_empty() {
+                out.push((i, outcome, alerts));
+            }
+        }
+        Ok(out)
+    };
+    if lanes == 1 {
+        return Ok(vec![run_lane(0, &mut engines[0])?]);
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> =
+            engines.iter_mut().enumerate().map(|(lane, e)| s.spawn(move || run_lane(lane, e))).collect();
+        handles.into_iter().map(|h| h.join().map_err(|_| RunError::Task("a lane panicked".into()))?).collect()
+    })
+}
+
+/// `f` over `items`, split over `threads` threads, results in order.
+fn parallel_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    if threads <= 1 || items.len() < 64 {
+        return items.iter().map(&f).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> =
+            items.chunks(chunk).map(|c| s.spawn(move || c.iter().map(f).collect::<Vec<R>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    })
 }
 
 /// `kafka:<topic>:<partition>` back into its parts.
@@ -384,7 +496,33 @@ pub fn run(
         flush_interval: cfg.flush_interval,
     };
     let source = JobSource { name: format!("kafka {}", topics.join(",")), id: source_id, kind: "kafka", position: cp };
+    // Lanes: entities spread by hash over engines applying in parallel, all
+    // over one store. A rule with its own dedup key may share that key
+    // between entities of different lanes: then one lane.
+    let lanes = if cfg.rules.iter().any(|r| r.enabled && r.dedup_key.is_some()) {
+        tracing::info!("a rule has its own dedup key: one lane");
+        1
+    } else {
+        k.lanes
+    };
+    let (store, shared): (Box<dyn Store>, _) = if lanes > 1 {
+        let shared = SharedStore::new(store);
+        (Box::new(shared.clone()), Some(shared))
+    } else {
+        (store, None)
+    };
+    let (rules, scoring) = (Arc::clone(&cfg.rules), Arc::new(cfg.scoring.clone()));
+    let (max_entries, max_bytes) = (cfg.cache_max_entries, cfg.cache_max_bytes);
     let mut job = Job::new(cfg, opts, store, outputs, source, (Arc::clone(&stop), Arc::clone(&health)));
+    if let Some(shared) = &shared {
+        job.lanes = (0..lanes)
+            .map(|_| {
+                let cache = StateCache::with_bounds(Box::new(shared.clone()), max_entries / lanes, max_bytes / lanes);
+                Engine::new(Arc::clone(&rules), Arc::clone(&scoring), cache)
+            })
+            .collect();
+    }
+    tracing::info!(lanes, "lanes");
     job.shared_watermark = !local_store;
     let shared = Arc::new(Mutex::new(KafkaJob {
         job,

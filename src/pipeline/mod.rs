@@ -17,7 +17,7 @@ mod kafka;
 use crate::config::{Config, StoreKind, Stream};
 use crate::event::{now_ms, Event, EventTime};
 use crate::rules::Scope;
-use crate::rules::{Alert, Engine, Problem};
+use crate::rules::{Alert, Engine, Outcome, Problem};
 use crate::sink::AlertProducer;
 use crate::sink::{DeadLetter, JsonLinesSink};
 use crate::source::{JsonLines, LineInfo};
@@ -223,6 +223,10 @@ impl EventMetrics {
 /// One run of the main job: the engine, the outputs and the positions.
 struct Job {
     engine: Engine,
+    /// Kafka with several lanes: an engine per lane, each caching the keys
+    /// of its own entities; `engine` then only flushes (their changes are
+    /// moved into its cache first).
+    lanes: Vec<Engine>,
     outputs: Outputs,
     source_name: String,
     source_id: Option<String>,
@@ -268,43 +272,22 @@ impl Job {
     /// reporting not-ready): events are never dropped. Gives up only on
     /// shutdown or on an error a retry cannot mend.
     fn retry<T>(&mut self, what: &str, mut f: impl FnMut(&mut Self) -> Result<T, RunError>) -> Result<T, RunError> {
-        let mut wait = RETRY_FIRST;
-        let mut failing = false;
-        loop {
-            match f(self) {
-                Ok(v) => {
-                    if failing {
-                        tracing::info!(what, "store reachable again");
-                        self.health.set_store(None);
-                    }
-                    return Ok(v);
-                }
-                Err(RunError::State(e)) if e.is_transient() => {
-                    tracing::warn!(what, error = %e, retry_in_ms = wait.as_millis() as u64, "store failed; retrying");
-                    self.health.set_store(Some(e.to_string()));
-                    failing = true;
-                    match self.deadline {
-                        None if !sleep_unless_stopped(wait, &self.stop) => return Err(RunError::State(e)),
-                        None => {}
-                        Some(d) => {
-                            let left = d.saturating_duration_since(Instant::now());
-                            if left.is_zero() {
-                                return Err(RunError::State(e));
-                            }
-                            std::thread::sleep(wait.min(left));
-                        }
-                    }
-                    wait = (wait * 2).min(RETRY_MAX);
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let policy = self.retry_policy();
+        policy.run(what, || f(self))
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy { stop: Arc::clone(&self.stop), deadline: self.deadline, health: Arc::clone(&self.health) }
     }
 
     /// Makes the outputs durable, then commits state and checkpoint together.
     fn flush(&mut self) -> Result<(), RunError> {
         let start = Instant::now();
         self.engine.publish_metrics();
+        for lane in &mut self.lanes {
+            lane.publish_metrics();
+            self.engine.cache().absorb(lane.cache());
+        }
         let result = self.retry("flush", |job| {
             job.position.outputs = job.outputs.sync()?;
             // Alerts on a topic are acknowledged before the state that
@@ -336,6 +319,13 @@ impl Job {
         });
         if result.is_ok() {
             self.moved.clear();
+            if !self.lanes.is_empty() {
+                // The lanes hold the live copies.
+                self.engine.cache().drop_clean();
+                for lane in &mut self.lanes {
+                    lane.cache().trim();
+                }
+            }
         }
         let m = metrics();
         match &result {
@@ -358,6 +348,9 @@ impl Job {
             let scoring = Arc::new(cfg.scoring);
             let fresh =
                 self.retry("reload", |job| Ok(job.engine.set_rules(Arc::clone(&rules), Arc::clone(&scoring))?))?;
+            for i in 0..self.lanes.len() {
+                self.retry("reload", |job| Ok(job.lanes[i].set_rules(Arc::clone(&rules), Arc::clone(&scoring))?))?;
+            }
             tracing::info!(rules = n, fresh = ?fresh, "config reloaded");
         }
         Ok(())
@@ -398,8 +391,25 @@ impl Job {
         ingest: i64,
         scope: Option<Scope<'_>>,
     ) -> Result<(), RunError> {
+        let Some(event) = self.admit(at, buf, decoded, ingest)? else { return Ok(()) };
+        // The engine loads every key before changing anything, so a store
+        // failure leaves the event unapplied and it can be retried whole.
+        let mut alerts = std::mem::take(&mut self.alerts);
+        let outcome = self.retry("load state", |job| Ok(job.engine.process(&event, scope, &mut alerts)?));
+        let result = match outcome {
+            Ok(o) => self.emit(at, buf, o, &mut alerts),
+            Err(e) => Err(e),
+        };
+        alerts.clear();
+        self.alerts = alerts;
+        result
+    }
+
+    /// Counts a decoded line and sets aside one that is not an event; the
+    /// event, if it is one.
+    fn admit(&mut self, at: &Origin<'_>, buf: &[u8], decoded: Decoded, ingest: i64) -> Result<Option<Event>, RunError> {
         let event = match decoded {
-            Decoded::Blank => return Ok(()),
+            Decoded::Blank => return Ok(None),
             Decoded::Rejected { reason, detail } => {
                 self.summary.read += 1;
                 if reason == "too_large" {
@@ -409,29 +419,25 @@ impl Job {
                     self.summary.invalid += 1;
                     self.counters.invalid.inc();
                 }
-                return self.set_aside(at, reason, detail, buf);
+                self.set_aside(at, reason, detail, buf)?;
+                return Ok(None);
             }
             Decoded::Event(event) => event,
         };
         self.summary.read += 1;
-        let m = metrics();
         if event.time_from_event {
             self.position.watermark_ms = self.position.watermark_ms.max(event.time_ms);
-            m.event_lag.observe((ingest - event.time_ms) as f64 / 1000.0);
+            metrics().event_lag.observe((ingest - event.time_ms) as f64 / 1000.0);
         } else {
-            m.event_time_missing.inc();
+            metrics().event_time_missing.inc();
         }
-        // The engine loads every key before changing anything, so a store
-        // failure leaves the event unapplied and it can be retried whole.
-        let mut alerts = std::mem::take(&mut self.alerts);
-        let outcome = self.retry("load state", |job| Ok(job.engine.process(&event, scope, &mut alerts)?));
-        let outcome = match outcome {
-            Ok(o) => o,
-            Err(e) => {
-                self.alerts = alerts;
-                return Err(e);
-            }
-        };
+        Ok(Some(event))
+    }
+
+    /// Writes an applied event's alerts, counts it, and sets it aside as
+    /// incomplete when a rule had to skip it.
+    fn emit(&mut self, at: &Origin<'_>, buf: &[u8], outcome: Outcome, alerts: &mut Vec<Alert>) -> Result<(), RunError> {
+        let m = metrics();
         self.summary.suppressed += u64::from(outcome.suppressed);
         for alert in alerts.drain(..) {
             tracing::info!(rule = %alert.rule_id, entity_type = %alert.entity.type_, alert_id = %alert.alert_id, "alert");
@@ -440,7 +446,6 @@ impl Job {
             self.summary.alerts += 1;
             self.summary.risk_alerts += u64::from(alert.rule_id == crate::scoring::RISK_RULE_ID);
         }
-        self.alerts = alerts;
         if outcome.problems.is_empty() {
             self.counters.ok.inc();
         } else {
@@ -453,6 +458,53 @@ impl Job {
             self.set_aside(at, "incomplete", detail, buf)?;
         }
         Ok(())
+    }
+}
+
+/// How store failures are retried: with backoff, reporting not-ready,
+/// until `stop` (or, when set, until the deadline).
+#[derive(Clone)]
+struct RetryPolicy {
+    stop: Arc<AtomicBool>,
+    /// While set, retries go on until then even once `stop` is set (a
+    /// drain), and give up after it even if not.
+    deadline: Option<Instant>,
+    health: Arc<Health>,
+}
+
+impl RetryPolicy {
+    fn run<T>(&self, what: &str, mut f: impl FnMut() -> Result<T, RunError>) -> Result<T, RunError> {
+        let mut wait = RETRY_FIRST;
+        let mut failing = false;
+        loop {
+            match f() {
+                Ok(v) => {
+                    if failing {
+                        tracing::info!(what, "store reachable again");
+                        self.health.set_store(None);
+                    }
+                    return Ok(v);
+                }
+                Err(RunError::State(e)) if e.is_transient() => {
+                    tracing::warn!(what, error = %e, retry_in_ms = wait.as_millis() as u64, "store failed; retrying");
+                    self.health.set_store(Some(e.to_string()));
+                    failing = true;
+                    match self.deadline {
+                        None if !sleep_unless_stopped(wait, &self.stop) => return Err(RunError::State(e)),
+                        None => {}
+                        Some(d) => {
+                            let left = d.saturating_duration_since(Instant::now());
+                            if left.is_zero() {
+                                return Err(RunError::State(e));
+                            }
+                            std::thread::sleep(wait.min(left));
+                        }
+                    }
+                    wait = (wait * 2).min(RETRY_MAX);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
@@ -566,6 +618,7 @@ impl Job {
                 Arc::new(cfg.scoring),
                 StateCache::with_bounds(store, cfg.cache_max_entries, cfg.cache_max_bytes),
             ),
+            lanes: Vec::new(),
             outputs,
             source_name,
             source_id,

@@ -134,21 +134,47 @@ enum Skip {
     State(StateError),
 }
 
-/// Which rules apply to an event: all of them (`None`), or, for an event
-/// read from a topic `riskd route` wrote for one entity, only the rules of
-/// that entity's type, and only where the event's key for the rule is that
-/// entity (an event concerning a user and a role arrives once per entity).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which rules apply to an event, for whom. `None` is every rule for
+/// every entity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Scope<'a> {
-    /// Entity type of the routed topic.
-    pub entity_type: &'a str,
-    /// The message key: the entity's id.
-    pub entity_id: &'a str,
+    /// `(entity type, entity id)`: for an event read from a topic `riskd
+    /// route` wrote for one entity, only the rules of that type, and only
+    /// where the event's key for the rule is that entity (an event
+    /// concerning a user and a role arrives once per entity).
+    pub entity: Option<(&'a str, &'a str)>,
+    /// `(lane, lanes)`: only the entities that [`lane_of`] puts in this
+    /// lane (a rule whose entity field is absent belongs to lane 0, which
+    /// reports it).
+    pub lane: Option<(usize, usize)>,
+}
+
+/// The lane of an entity among `lanes`: a stable hash of its type and id,
+/// so one entity's events are always applied by the same lane, in order.
+pub fn lane_of(entity_type: &str, entity_id: &str, lanes: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (entity_type, entity_id).hash(&mut h);
+    (h.finish() % lanes.max(1) as u64) as usize
 }
 
 impl Scope<'_> {
     fn admits_type(scope: Option<Scope<'_>>, rule: &Rule) -> bool {
-        scope.is_none_or(|s| s.entity_type == rule.entity_type)
+        scope.and_then(|s| s.entity).is_none_or(|(t, _)| t == rule.entity_type)
+    }
+
+    fn admits_entity(scope: Option<Scope<'_>>, rule: &Rule, entity_id: Option<&str>) -> bool {
+        let Some(s) = scope else { return true };
+        if let (Some((_, id)), Some(e)) = (s.entity, entity_id) {
+            if id != e {
+                return false;
+            }
+        }
+        match (s.lane, entity_id) {
+            (None, _) => true,
+            (Some((lane, _)), None) => lane == 0,
+            (Some((lane, n)), Some(e)) => lane_of(&rule.entity_type, e, n) == lane,
+        }
     }
 }
 
@@ -234,7 +260,16 @@ impl Engine {
         // Phase 1: which rules match, for which entity; load their keys.
         self.matched.clear();
         self.keys.clear();
+        let by_lane = scope.is_some_and(|s| s.lane.is_some());
         for (i, rule) in self.rules.iter().enumerate().filter(|(_, r)| r.enabled && Scope::admits_type(scope, r)) {
+            // With lanes, another lane's entities are skipped before any
+            // condition is evaluated.
+            let known = by_lane.then(|| rule.entity_key.lookup(&event.value).and_then(scalar_string));
+            if let Some(id) = &known {
+                if !Scope::admits_entity(scope, rule, id.as_deref()) {
+                    continue;
+                }
+            }
             self.counts[i].0 += 1;
             let matched = rule.matcher.eval(&event.value, &[]);
             if let Some(t) = timer.as_mut() {
@@ -249,14 +284,18 @@ impl Engine {
             if let Some(stats) = self.stats.as_mut() {
                 stats[i].matches += 1;
             }
-            let Some(entity_id) = rule.entity_key.lookup(&event.value).and_then(scalar_string) else {
+            let id = match known {
+                Some(id) => id,
+                None => rule.entity_key.lookup(&event.value).and_then(scalar_string),
+            };
+            let Some(entity_id) = id else {
                 out.problems.push(Problem {
                     rule_id: rule.id.clone(),
                     message: format!("entity key field {} is absent or not a scalar", rule.entity_key),
                 });
                 continue;
             };
-            if scope.is_some_and(|s| s.entity_id != entity_id) {
+            if !Scope::admits_entity(scope, rule, Some(&entity_id)) {
                 continue;
             }
             needed_keys(&mut self.cache, &mut self.key, rule, &entity_id, &event.value, &mut self.keys);
@@ -299,13 +338,11 @@ impl Engine {
         let mut keys = Vec::new();
         for (event, scope) in events {
             for rule in self.rules.iter().filter(|r| r.enabled && Scope::admits_type(*scope, r)) {
-                if !rule.matcher.eval(&event.value, &[]) {
+                let Some(entity_id) = rule.entity_key.lookup(&event.value).and_then(scalar_string) else { continue };
+                if !Scope::admits_entity(*scope, rule, Some(&entity_id)) {
                     continue;
                 }
-                if let Some(entity_id) = rule.entity_key.lookup(&event.value).and_then(scalar_string) {
-                    if scope.is_some_and(|s| s.entity_id != entity_id) {
-                        continue;
-                    }
+                if rule.matcher.eval(&event.value, &[]) {
                     needed_keys(&mut self.cache, &mut self.key, rule, &entity_id, &event.value, &mut keys);
                 }
             }
@@ -705,6 +742,57 @@ mod tests {
         assert_eq!(fresh, ["reshaped"]);
         assert_eq!(engine.cache().get_counter("kept/user/x", 0).unwrap(), 2);
         assert_eq!(engine.cache().read("reshaped/user/x", 0).unwrap(), None);
+    }
+
+    #[test]
+    fn lanes_split_the_entities_and_together_do_what_one_engine_does() {
+        let base =
+            "title: t\nseverity: LOW\nmatch: 'true'\nstate: {count: {window: 1h, threshold: 3, on_fire: reset}}\n";
+        let yaml = format!(
+            "id: by_user\nentity: {{type: user, key: u}}\n{base}---\nid: by_ip\nentity: {{type: ip, key: ip}}\n{base}"
+        );
+        let events: Vec<Event> = (0..200)
+            .map(|i| Event {
+                value: if i % 17 == 0 {
+                    json!({"ip": "10.0.0.1"})
+                } else {
+                    json!({"u": format!("u{}", i % 7), "ip": format!("10.0.0.{}", i % 3)})
+                },
+                time_ms: i * 60_000,
+                time_from_event: true,
+            })
+            .collect();
+        let engine = || {
+            let cache = StateCache::new(Box::new(crate::state::MemoryStore::new()), 1000);
+            Engine::new(rules(&yaml), Arc::new(ScoringConfig::default()), cache)
+        };
+        let (mut one, mut alerts_one, mut problems_one) = (engine(), Vec::new(), 0);
+        for e in &events {
+            problems_one += one.process(e, None, &mut alerts_one).unwrap().problems.len();
+        }
+        let lanes = 3;
+        let (mut alerts_lanes, mut problems_lanes) = (Vec::new(), 0);
+        for lane in 0..lanes {
+            let mut engine = engine();
+            let scope = Some(Scope { entity: None, lane: Some((lane, lanes)) });
+            let mut mine = Vec::new();
+            for e in &events {
+                problems_lanes += engine.process(e, scope, &mut mine).unwrap().problems.len();
+            }
+            assert!(
+                mine.iter().all(|a: &Alert| lane_of(&a.entity.type_, &a.entity.id, lanes) == lane),
+                "a lane only alerts on its own entities"
+            );
+            alerts_lanes.extend(mine);
+        }
+        let ids = |alerts: &[Alert]| {
+            let mut ids: Vec<String> = alerts.iter().map(|a| a.alert_id.clone()).collect();
+            ids.sort();
+            ids
+        };
+        assert!(alerts_one.len() > 20);
+        assert_eq!(ids(&alerts_lanes), ids(&alerts_one));
+        assert_eq!(problems_lanes, problems_one, "an event lacking the entity field is reported once, by lane 0");
     }
 
     #[test]

@@ -290,6 +290,33 @@ impl StateCache {
         Ok(written)
     }
 
+    /// Moves the changes of `lane` (another cache over the same store, whose
+    /// keys this one does not change) into this cache, to be flushed with
+    /// its own; `lane` keeps them as clean copies.
+    pub fn absorb(&mut self, lane: &mut StateCache) {
+        for (key, entry) in lane.entries.iter_mut().filter(|(_, e)| e.dirty) {
+            entry.dirty = false;
+            self.bytes += key.len() + approx_bytes(&entry.record);
+            self.entries.insert(key.clone(), Entry { record: entry.record.clone(), dirty: true });
+        }
+    }
+
+    /// Drops the clean entries when over a bound (after a flush).
+    pub fn trim(&mut self) {
+        if self.over_bounds() {
+            let before = self.entries.len();
+            self.entries.retain(|_, e| e.dirty);
+            self.bytes = self.entries.iter().map(|(k, e)| k.len() + approx_bytes(&e.record)).sum();
+            metrics().cache_evictions.inc_by((before - self.entries.len()) as u64);
+        }
+    }
+
+    /// Drops every clean entry (a cache whose keys live in lane caches).
+    pub fn drop_clean(&mut self) {
+        self.entries.retain(|_, e| e.dirty);
+        self.bytes = self.entries.iter().map(|(k, e)| k.len() + approx_bytes(&e.record)).sum();
+    }
+
     /// Drops every entry (all must be flushed): after giving up partitions,
     /// their keys may change in another process, so nothing cached is to
     /// be trusted. The store forgets what it remembers too.

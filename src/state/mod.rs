@@ -16,12 +16,14 @@ pub mod dynamodb;
 mod embedded;
 mod instrumented;
 mod memory;
+mod shared;
 
 pub use cache::{check_dict_size, Expiry, StateCache};
 pub use dynamodb::{DynamoConfig, DynamoStore};
 pub use embedded::EmbeddedStore;
 pub use instrumented::Instrumented;
 pub use memory::MemoryStore;
+pub use shared::SharedStore;
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
