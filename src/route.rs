@@ -78,6 +78,7 @@ pub fn run(cfg: &Config, stop: &AtomicBool, health: &Arc<Health>) -> Result<Rout
     let routed: Vec<String> = types.iter().map(|t| k.routed_topic(t)).collect();
     ensure_topics(k, &routed, k.route_partitions)?;
     let producer = KafkaProducer::new(k, "routed")?;
+    crate::source::kafka::register_series(&k.topics, Some("routed"));
     let group = format!("{}.route", k.group_id);
     let consumer: BaseConsumer =
         consumer_config(k, &group).create().map_err(|e| KafkaFailure::new("creating the router's consumer", e))?;

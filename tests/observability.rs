@@ -156,9 +156,10 @@ fn counters_move_as_they_should_and_promtool_accepts_the_exposition() {
     assert!(stderr.contains("riskd: events read 213,"), "{stderr}");
 }
 
-/// Every PromQL expression in `dashboards/*.json`, with Grafana's variables
-/// replaced as Grafana would.
-fn dashboard_queries() -> Vec<(String, String)> {
+/// Every PromQL expression in `dashboards/*.json` (the Kafka dashboard's
+/// when `kafka`, the others' otherwise), with Grafana's variables replaced
+/// as Grafana would.
+fn dashboard_queries(kafka: bool) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let dir = root().join("dashboards");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -167,7 +168,8 @@ fn dashboard_queries() -> Vec<(String, String)> {
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
     files.sort();
-    assert!(files.len() >= 2, "expected the overview and state-store dashboards in {}", dir.display());
+    assert!(files.len() >= 3, "expected the overview, state-store and Kafka dashboards in {}", dir.display());
+    files.retain(|f| f.to_string_lossy().contains("kafka") == kafka);
     for file in files {
         let d: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
         assert!(
@@ -205,9 +207,15 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         sample(&exposition, "riskd_events_total{outcome=\"ok\",source=\"file\"}") == Some(210.0)
     });
 
+    assert_dashboards_have_data(dir.path(), riskd_port, &exposition, &dashboard_queries(false));
+    stop_gracefully(riskd);
+}
+
+/// Every query names metrics riskd exports, and returns data from a real
+/// Prometheus server scraping riskd on `riskd_port`.
+fn assert_dashboards_have_data(dir: &Path, riskd_port: u16, exposition: &str, queries: &[(String, String)]) {
     // Every metric a dashboard names is one riskd exports.
-    let queries = dashboard_queries();
-    for (panel, expr) in &queries {
+    for (panel, expr) in queries {
         for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
             if word.starts_with("riskd_") {
                 let base = ["_bucket", "_count", "_sum"].iter().fold(word, |w, s| w.strip_suffix(s).unwrap_or(w));
@@ -217,7 +225,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     }
 
     let prom_port = free_port();
-    let config = dir.path().join("prometheus.yml");
+    let config = dir.join("prometheus.yml");
     std::fs::write(
         &config,
         format!(
@@ -227,7 +235,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     .unwrap();
     let prometheus = Command::new(tool("RISKD_TEST_PROMETHEUS", "prometheus"))
         .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
         .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -250,7 +258,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
             .is_some_and(|n| n >= 4.0)
     });
     let mut failures = Vec::new();
-    for (panel, expr) in &queries {
+    for (panel, expr) in queries {
         let r = query(expr);
         if r["status"] != "success" {
             failures.push(format!("{panel}: {expr}: {}", r["error"]));
@@ -259,5 +267,47 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         }
     }
     assert!(failures.is_empty(), "dashboard queries failed:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn every_kafka_dashboard_query_returns_data_from_a_real_prometheus() {
+    use common::kafka::*;
+    let dir = tempfile::tempdir().unwrap();
+    let lines: Vec<(Option<String>, String)> = std::fs::read_to_string(input_with_bad_lines(dir.path()))
+        .unwrap()
+        .lines()
+        .map(|l| (None, l.to_string()))
+        .collect();
+    let (topic, alerts_topic, group) = (unique("events"), unique("alerts"), unique("riskd"));
+    create_topic(&brokers(), &topic, 2);
+    produce(&brokers(), &topic, &lines);
+    let port = free_port();
+    let kafka = format!("group_id = {group:?}\ntopics = [{topic:?}]\nalerts_topic = {alerts_topic:?}");
+    let config = write_kafka_config(
+        dir.path(),
+        &root().join("config/rules"),
+        &kafka,
+        "kind = \"embedded\"\npath = \"riskd.redb\"",
+        "",
+    );
+    let text =
+        std::fs::read_to_string(&config).unwrap().replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    std::fs::write(&config, text).unwrap();
+    let riskd = Guard(
+        riskd_command(&["run", "--config", &config.display().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Every message applied, and librdkafka's statistics (every 5 s) in.
+    let mut exposition = String::new();
+    wait_for("all lines scored and the lag reported", Duration::from_secs(90), || {
+        exposition = get(&format!("http://127.0.0.1:{port}/metrics")).map(|(_, b)| b).unwrap_or_default();
+        sample(&exposition, "riskd_events_total{outcome=\"ok\",source=\"kafka\"}") == Some(210.0)
+            && exposition.contains("riskd_kafka_consumer_lag{")
+    });
+    assert_eq!(sample(&exposition, "riskd_kafka_partitions"), Some(2.0));
+    assert_dashboards_have_data(dir.path(), port, &exposition, &dashboard_queries(true));
     stop_gracefully(riskd);
 }

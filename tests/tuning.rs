@@ -147,3 +147,58 @@ fn state_get_list_delete_export_import() {
     assert!(out.status.success(), "{}", text(&out).1);
     assert_eq!(export_state(&other_config), after);
 }
+
+#[test]
+fn check_warns_about_rules_keyed_by_another_entity_than_the_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    for f in ["aws_cloudtrail.yaml", "okta.yaml"] {
+        std::fs::copy(root().join("config/rules").join(f), rules.join(f)).unwrap();
+    }
+    // One rule made direct: it may be keyed by anything.
+    let cloudtrail = std::fs::read_to_string(rules.join("aws_cloudtrail.yaml"))
+        .unwrap()
+        .replace("id: aws_console_login_spray\n", "id: aws_console_login_spray\nconsistency: direct\n");
+    std::fs::write(rules.join("aws_cloudtrail.yaml"), cloudtrail).unwrap();
+    let config = dir.path().join("riskd.toml");
+    let kafka = |extra: &str| {
+        format!(
+            "[source]\nkind = \"kafka\"\n[rules]\npaths = [\"rules\"]\n[kafka]\nbootstrap_servers = \"127.0.0.1:9092\"\ntopics = [\"cloudtrail\"]\n{extra}"
+        )
+    };
+    std::fs::write(&config, kafka("keyed_by = \"user\"\n")).unwrap();
+    let out = riskd(&["check", "--config", &config.display().to_string()]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "warnings are not errors: {stdout}{stderr}");
+    for (rule, warned) in [
+        ("aws_access_denied_burst", true),
+        ("aws_assume_role_new_source_ip", true),
+        ("aws_console_login_spray", false),
+        ("okta_ip_change", false),
+        ("okta_impossible_travel", false),
+    ] {
+        let line = format!("rule {rule}: its entity");
+        assert_eq!(stdout.contains(&line), warned, "{rule}: {stdout}");
+    }
+    assert!(stdout.contains("is not what topics cloudtrail are keyed by (entity type user)"), "{stdout}");
+    // Routed topics are keyed by every rule's entity: nothing to warn about.
+    std::fs::write(&config, kafka("consume = \"routed\"\n")).unwrap();
+    let (stdout, _) = text(&riskd(&["check", "--config", &config.display().to_string()]));
+    assert!(!stdout.contains("its entity"), "{stdout}");
+    // A secret named in the properties must be set; a bad key is listed with the others.
+    std::fs::write(
+        &config,
+        kafka(
+            "keyed_by = \"team\"\nlanes = 0\n[kafka.properties]\n\"sasl.password\" = \"${RISKD_TEST_UNSET_SECRET}\"\n",
+        ),
+    )
+    .unwrap();
+    let out = riskd(&["check", "--config", &config.display().to_string()]);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success());
+    for e in ["kafka.keyed_by \"team\"", "kafka.lanes must be at least 1", "RISKD_TEST_UNSET_SECRET, which is not set"]
+    {
+        assert!(stderr.contains(e) || stdout.contains(e), "{e}: {stdout}{stderr}");
+    }
+}

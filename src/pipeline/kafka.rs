@@ -489,6 +489,7 @@ pub fn run(
         outputs.producer = Some(AlertProducer::new(&k, topic)?);
     }
     let topics = subscribed_topics(&cfg, &k);
+    crate::source::kafka::register_series(&topics, k.alerts_topic.as_ref().map(|_| "alert"));
     let settings = Settings {
         max_line_bytes: cfg.max_line_bytes,
         event_time: cfg.event_time.clone(),

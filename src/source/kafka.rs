@@ -83,12 +83,35 @@ pub fn record_stats(stats: &Statistics) {
     let lag = &metrics().kafka_lag;
     for (topic, t) in &stats.topics {
         for (id, p) in &t.partitions {
-            // -1 is librdkafka's internal "unassigned" partition; lag -1 means unknown.
-            if *id < 0 || p.consumer_lag < 0 {
+            // -1 is librdkafka's internal "unassigned" partition; lag -1
+            // means unknown. A lag below that comes from a broker whose end
+            // offset trails the committed one: nothing is behind.
+            if *id < 0 || p.consumer_lag == -1 {
                 continue;
             }
-            lag.with_label_values(&[topic.as_str(), &id.to_string()]).set(p.consumer_lag);
+            lag.with_label_values(&[topic.as_str(), &id.to_string()]).set(p.consumer_lag.max(0));
         }
+    }
+}
+
+/// Creates the Kafka series a dashboard plots, at zero, so that they exist
+/// before the first event of each kind (a rebalance, an error, a skip).
+pub fn register_series(topics: &[String], producing: Option<&str>) {
+    let m = metrics();
+    for outcome in ["ok", "error"] {
+        m.kafka_commits.with_label_values(&[outcome]);
+        if let Some(kind) = producing {
+            m.kafka_produced.with_label_values(&[kind, outcome]);
+        }
+    }
+    for kind in ["assign", "revoke"] {
+        m.kafka_rebalances.with_label_values(&[kind]);
+    }
+    for code in [RDKafkaErrorCode::AllBrokersDown, RDKafkaErrorCode::BrokerTransportFailure] {
+        m.kafka_errors.with_label_values(&[format!("{code:?}").as_str()]);
+    }
+    for t in topics {
+        m.kafka_skipped.with_label_values(&[t.as_str()]);
     }
 }
 
