@@ -29,8 +29,8 @@ pub struct Api {
 struct Inner {
     // std Mutex: held only inside spawn_blocking, never across an await.
     store: Mutex<Box<dyn Store>>,
-    rules: Arc<Vec<Rule>>,
-    scoring: Arc<ScoringConfig>,
+    /// The rules and scoring in force: replaced on a reload.
+    rules: Mutex<(Arc<Vec<Rule>>, Arc<ScoringConfig>)>,
 }
 
 impl Api {
@@ -42,7 +42,16 @@ impl Api {
 
     /// Starts answering from `store` (a reader handle) with these rules.
     pub fn ready(&self, store: Box<dyn Store>, rules: Arc<Vec<Rule>>, scoring: Arc<ScoringConfig>) {
-        let _ = self.inner.set(Inner { store: Mutex::new(store), rules, scoring });
+        let _ = self.inner.set(Inner { store: Mutex::new(store), rules: Mutex::new((rules, scoring)) });
+    }
+
+    /// Explains entities with reloaded rules from now on.
+    pub fn set_rules(&self, rules: Arc<Vec<Rule>>, scoring: Arc<ScoringConfig>) {
+        if let Some(inner) = self.inner.get() {
+            if let Ok(mut r) = inner.rules.lock() {
+                *r = (rules, scoring);
+            }
+        }
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {
@@ -94,7 +103,9 @@ async fn answer(
 fn entity(inner: &Inner, args: Vec<String>) -> Result<Value, Refusal> {
     let store = inner.store.lock().map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "store handle poisoned"))?;
     let entity = EntityRef { type_: args[0].clone(), id: args[1].clone() };
-    crate::scoring::explain_entity(&inner.rules, &inner.scoring, store.as_ref(), &entity)
+    let (rules, scoring) =
+        inner.rules.lock().map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "rules poisoned"))?.clone();
+    crate::scoring::explain_entity(&rules, &scoring, store.as_ref(), &entity)
         .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
 }
 

@@ -72,6 +72,20 @@ fn valid_changes_swap_in_invalid_ones_are_rejected_and_no_event_is_lost() {
     wait_metric(port, events, 6.0);
     wait_metric(port, "riskd_alerts_total{rule=\"aws_access_denied_burst\",severity=\"MEDIUM\"}", 1.0);
 
+    // The read-only API explains entities with the reloaded scoring too.
+    let entity = format!("http://127.0.0.1:{port}/v1/entities/principal/a");
+    let threshold = || serde_json::from_str::<serde_json::Value>(&get(&entity)).ok().map(|v| v["threshold"].clone());
+    assert_eq!(threshold(), Some(serde_json::json!(100.0)));
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[scoring.defaults]\nthreshold = 77\n");
+    std::fs::write(&config, text).unwrap();
+    wait_metric(port, "riskd_config_reloads_total{outcome=\"ok\"}", 2.0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while threshold() != Some(serde_json::json!(77.0)) {
+        assert!(Instant::now() < deadline, "the API still explains with the old scoring: {:?}", threshold());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // An invalid change is rejected whole; SIGHUP reloads too.
     std::fs::write(&rule_file, original.replace("threshold: 10", "threshold: ten")).unwrap();
     wait_metric(port, "riskd_config_reloads_total{outcome=\"error\"}", 1.0);

@@ -81,6 +81,8 @@ struct Ctx {
     shared: Arc<Mutex<KafkaJob>>,
     health: Arc<Health>,
     brokers_down: AtomicBool,
+    /// Partitions are held and being scored (readiness, once brokers answer again).
+    scoring: AtomicBool,
 }
 
 fn lock(m: &Mutex<KafkaJob>) -> MutexGuard<'_, KafkaJob> {
@@ -94,6 +96,13 @@ impl ClientContext for Ctx {
     }
     fn stats(&self, stats: Statistics) {
         record_stats(&stats);
+        // Brokers answer again: ready, unless something else holds it back.
+        if self.brokers_down.load(Ordering::Relaxed) && stats.brokers.values().any(|b| b.state == "UP") {
+            self.brokers_down.store(false, Ordering::Relaxed);
+            if self.scoring.load(Ordering::Relaxed) {
+                self.health.set_source(None);
+            }
+        }
     }
     fn error(&self, error: KafkaError, reason: &str) {
         if record_error(&error, reason) {
@@ -113,6 +122,7 @@ impl ConsumerContext for Ctx {
                 if let Err(e) = consumer.assign(tpl) {
                     kj.fail(KafkaFailure::new("taking the assigned partitions", e).into());
                 }
+                self.scoring.store(kj.failure.is_none() && kj.paused.is_none(), Ordering::Relaxed);
             }
             other => {
                 metrics().kafka_rebalances.with_label_values(&["revoke"]).inc();
@@ -120,6 +130,7 @@ impl ConsumerContext for Ctx {
                     tracing::error!(error = ?other, "rebalance failed; giving the partitions up");
                 }
                 kj.revoke(consumer);
+                self.scoring.store(false, Ordering::Relaxed);
                 if let Err(e) = consumer.unassign() {
                     tracing::warn!(error = %e, "unassign failed");
                 }
@@ -537,7 +548,12 @@ pub fn run(
         since_flush: 0,
         last_flush: Instant::now(),
     }));
-    let ctx = Ctx { shared: Arc::clone(&shared), health: Arc::clone(&health), brokers_down: AtomicBool::new(false) };
+    let ctx = Ctx {
+        shared: Arc::clone(&shared),
+        health: Arc::clone(&health),
+        brokers_down: AtomicBool::new(false),
+        scoring: AtomicBool::new(false),
+    };
     let consumer: BaseConsumer<Ctx> = consumer_config(&k, &k.group_id)
         .create_with_context(ctx)
         .map_err(|e| KafkaFailure::new("creating the consumer", e))?;

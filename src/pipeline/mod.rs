@@ -835,8 +835,19 @@ pub async fn run(
     };
     let mut opts = opts;
     let _reloader = if opts.watch {
-        let (tx, rx) = std::sync::mpsc::channel();
-        opts.reloads = Some(rx);
+        let (tx, rx) = std::sync::mpsc::channel::<Config>();
+        let (to_job, for_job) = std::sync::mpsc::channel();
+        opts.reloads = Some(for_job);
+        // The API explains entities with the reloaded rules too.
+        let api = Arc::clone(&api);
+        std::thread::spawn(move || {
+            for cfg in rx {
+                api.set_rules(Arc::clone(&cfg.rules), Arc::new(cfg.scoring.clone()));
+                if to_job.send(cfg).is_err() {
+                    break;
+                }
+            }
+        });
         Some(crate::reload::spawn(cfg.path.clone(), cfg.rule_paths.clone(), tx))
     } else {
         None
