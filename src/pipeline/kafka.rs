@@ -64,6 +64,9 @@ struct KafkaJob {
     paused: Option<String>,
     /// A failure met in the rebalance callback: the job stops with it.
     failure: Option<RunError>,
+    /// The job failed: what it applied and did not commit is given up; no
+    /// flush may happen any more (a revoke only lets the partitions go).
+    abandoned: bool,
     settings: Settings,
     since_flush: u64,
     last_flush: Instant,
@@ -145,6 +148,7 @@ impl KafkaJob {
         if self.failure.is_none() {
             self.failure = Some(e);
         }
+        self.abandoned = true;
         self.job.stop.store(true, Ordering::Relaxed);
     }
 
@@ -179,7 +183,11 @@ impl KafkaJob {
     }
 
     fn revoke(&mut self, consumer: &BaseConsumer<Ctx>) {
-        if self.failure.is_none() && !self.job.partitions.is_empty() {
+        if self.abandoned {
+            self.job.partitions.clear();
+            return;
+        }
+        if !self.job.partitions.is_empty() {
             self.job.deadline = Some(Instant::now() + self.kafka.drain_timeout);
             let flushed = self.flush_and_commit(consumer, CommitMode::Sync);
             self.job.deadline = None;
@@ -202,7 +210,7 @@ impl KafkaJob {
     }
 
     fn assign(&mut self, consumer: &BaseConsumer<Ctx>, tpl: &mut TopicPartitionList, health: &Health) {
-        if self.failure.is_some() {
+        if self.abandoned {
             return;
         }
         let held: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
@@ -544,6 +552,7 @@ pub fn run(
         had_all: false,
         paused: None,
         failure: None,
+        abandoned: false,
         settings,
         since_flush: 0,
         last_flush: Instant::now(),
@@ -587,6 +596,9 @@ pub fn run(
         if let Some(e) = kj.failure.take() {
             break Err(e);
         }
+        if kj.abandoned {
+            break Err(RunError::Task("the job was abandoned".into()));
+        }
         let step = kj.job.reload().and_then(|()| kj.apply(&batch));
         if let Err(e) = step {
             break Err(e);
@@ -601,22 +613,37 @@ pub fn run(
         }
     };
     drop(batch);
-    let summary = {
+    let outcome = {
         let mut kj = lock(&shared);
-        if let Err(e) = result {
-            kj.failure.get_or_insert(e);
+        let failed = match result {
+            Err(e) => Some(e),
+            Ok(()) => kj.failure.take(),
+        };
+        let drained = match failed {
+            Some(e) => Err(e),
+            None => {
+                // Draining: commit what is applied, within the drain timeout.
+                kj.job.deadline = Some(Instant::now() + k.drain_timeout);
+                kj.flush_and_commit(&consumer, CommitMode::Sync)
+            }
+        };
+        match drained {
+            Ok(()) => {
+                kj.job.partitions.clear();
+                Ok(kj.job.summary.clone())
+            }
+            Err(e) => {
+                // What is not committed must never be: not even by the
+                // revoke that leaving the group runs below.
+                kj.abandoned = true;
+                Err(e)
+            }
         }
-        if let Some(e) = kj.failure.take() {
-            return Err(e);
-        }
-        // Draining: commit what is applied, within the drain timeout.
-        kj.job.deadline = Some(Instant::now() + k.drain_timeout);
-        kj.flush_and_commit(&consumer, CommitMode::Sync)?;
-        kj.job.partitions.clear();
-        kj.job.summary.clone()
     };
     // Leaving the group: the revoke callback finds nothing left to flush.
     drop(consumer);
-    tracing::info!("left the consumer group");
-    Ok(summary)
+    if outcome.is_ok() {
+        tracing::info!("left the consumer group");
+    }
+    outcome
 }
