@@ -570,7 +570,8 @@ pub fn run(
     consumer.subscribe(&names).map_err(|e| KafkaFailure::new(format!("subscribing to {names:?}"), e))?;
     health.set_source(Some(format!("waiting for partitions of {names:?} from group {:?}", k.group_id)));
     tracing::info!(topics = ?names, group = %k.group_id, "consuming");
-    let ahead = if local_store { 256 } else { READ_AHEAD };
+    // Lanes meet at the end of each batch: larger batches, fewer meetings.
+    let ahead = if local_store && lanes == 1 { 256 } else { READ_AHEAD };
     let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(ahead);
     let result = loop {
         if stop.load(Ordering::Relaxed) {
