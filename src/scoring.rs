@@ -173,7 +173,9 @@ pub enum Scored {
 }
 
 /// Adds `alert`'s risk to its entity; returns what happened, and a risk
-/// alert when the score crosses the threshold while armed.
+/// alert when the score crosses the threshold while armed. With `direct`,
+/// the entity's risk is changed in one atomic store update (its type has a
+/// rule whose keys are written from many places) instead of in the cache.
 pub fn contribute(
     cfg: &ScoringConfig,
     cache: &mut StateCache,
@@ -181,15 +183,81 @@ pub fn contribute(
     alert: &Alert,
     event: &Value,
     now: i64,
+    direct: bool,
 ) -> Result<(Scored, Option<Alert>), StateError> {
     let points = f64::from(rule.risk) * cfg.multiplier(&alert.entity);
     if points <= 0.0 {
         return Ok((Scored::Nothing, None));
     }
-    let policy = cfg.policy(&alert.entity.type_);
     let key = risk_key(&alert.entity);
-    let mut state = RiskState::from_dict(cache.read(&key, now)?.and_then(|r| r.dict.as_ref()));
+    let change = if direct {
+        let mut change = Err(StateError::Backend { store: "scoring", message: "risk update did not run".into() });
+        cache.store_mut().update(&key, now, &mut |r| {
+            change = add(cfg, rule, alert, event, now, points, &key, r.dict.as_ref());
+            match &change {
+                Ok(c) => match &c.dict {
+                    Some(d) => {
+                        r.dict = Some(d.clone());
+                        true
+                    }
+                    None => false,
+                },
+                Err(_) => false,
+            }
+        })?;
+        change?
+    } else {
+        let current = cache.read(&key, now)?.and_then(|r| r.dict.as_ref());
+        let change = add(cfg, rule, alert, event, now, points, &key, current)?;
+        if let Some(d) = &change.dict {
+            cache.write(&key, now)?.dict = Some(d.clone());
+        }
+        change
+    };
+    // Metrics once the change is made (a store update may run `add` twice).
     let m = crate::telemetry::metrics();
+    let t = alert.entity.type_.as_str();
+    if change.rearmed {
+        m.entities_at_risk.with_label_values(&[t]).dec();
+    }
+    match change.scored {
+        Scored::Capped => m.risk_contributions.with_label_values(&[t, "capped"]).inc(),
+        Scored::Added(score) => {
+            m.risk_contributions.with_label_values(&[t, "added"]).inc();
+            if change.risk_alert.is_some() {
+                m.entities_at_risk.with_label_values(&[t]).inc();
+                m.risk_score_at_alert.with_label_values(&[t]).observe(score);
+            }
+        }
+        Scored::Nothing => {}
+    }
+    Ok((change.scored, change.risk_alert))
+}
+
+/// What adding a contribution does to an entity's risk.
+struct Change {
+    scored: Scored,
+    risk_alert: Option<Alert>,
+    /// The entity re-armed (its score had fallen below `rearm_below`).
+    rearmed: bool,
+    /// The new risk dictionary; `None` when nothing changes.
+    dict: Option<serde_json::Map<String, Value>>,
+}
+
+/// Adds `points` to the risk held in `dict` (pure: the caller stores the result).
+#[allow(clippy::too_many_arguments)]
+fn add(
+    cfg: &ScoringConfig,
+    rule: &Rule,
+    alert: &Alert,
+    event: &Value,
+    now: i64,
+    points: f64,
+    key: &str,
+    dict: Option<&serde_json::Map<String, Value>>,
+) -> Result<Change, StateError> {
+    let policy = cfg.policy(&alert.entity.type_);
+    let mut state = RiskState::from_dict(dict);
     if let Some(cap) = rule.risk_cap {
         let recent = state
             .contributions
@@ -197,16 +265,15 @@ pub fn contribute(
             .filter(|c| c.rule_id == rule.id && c.event_time <= now && now - c.event_time < policy.half_life_ms)
             .count();
         if recent >= cap as usize {
-            m.risk_contributions.with_label_values(&[alert.entity.type_.as_str(), "capped"]).inc();
-            return Ok((Scored::Capped, None));
+            return Ok(Change { scored: Scored::Capped, risk_alert: None, rearmed: false, dict: None });
         }
     }
     // Contributions that have decayed to nothing are dropped, so state stays bounded.
     state.contributions.retain(|c| c.event_time > now || policy.decayed(c.points, now - c.event_time) >= cfg.floor);
     let before = state.score(policy, now);
-    if !state.armed && before < policy.rearm_below {
+    let rearmed = !state.armed && before < policy.rearm_below;
+    if rearmed {
         state.armed = true;
-        m.entities_at_risk.with_label_values(&[alert.entity.type_.as_str()]).dec();
     }
     state.contributions.push(Contribution {
         rule_id: rule.id.clone(),
@@ -216,17 +283,13 @@ pub fn contribute(
     });
     let score = before + points;
     let mut risk_alert = None;
-    m.risk_contributions.with_label_values(&[alert.entity.type_.as_str(), "added"]).inc();
     if state.armed && score >= policy.threshold {
         state.armed = false;
-        m.entities_at_risk.with_label_values(&[alert.entity.type_.as_str()]).inc();
-        m.risk_score_at_alert.with_label_values(&[alert.entity.type_.as_str()]).observe(score);
         risk_alert = Some(risk_alert_for(policy, &state, alert, event, score, now));
     }
     let dict = state.to_dict();
-    check_dict_size(&key, &dict)?;
-    cache.write(&key, now)?.dict = Some(dict);
-    Ok((Scored::Added(score), risk_alert))
+    check_dict_size(key, &dict)?;
+    Ok(Change { scored: Scored::Added(score), risk_alert, rearmed, dict: Some(dict) })
 }
 
 /// Contributions at `now`, largest decayed value first, as JSON.
@@ -439,16 +502,23 @@ mod tests {
         cache: StateCache,
         n: u32,
         risk_alerts: Vec<Alert>,
+        /// Change risk directly in the store, not in the cache.
+        direct: bool,
     }
 
     impl Bench {
         fn new(cfg: ScoringConfig) -> Self {
-            Self { cfg, cache: StateCache::new(Box::new(MemoryStore::new()), 1000), n: 0, risk_alerts: Vec::new() }
+            let cache = StateCache::new(Box::new(MemoryStore::new()), 1000);
+            Self { cfg, cache, n: 0, risk_alerts: Vec::new(), direct: false }
+        }
+        fn direct(cfg: ScoringConfig) -> Self {
+            Self { direct: true, ..Self::new(cfg) }
         }
         fn hit(&mut self, rule: &Rule, user: &str, t: i64) -> Scored {
             self.n += 1;
             let a = alert(rule, user, self.n);
-            let (scored, risk) = contribute(&self.cfg, &mut self.cache, rule, &a, &Value::Null, t).unwrap();
+            let (scored, risk) =
+                contribute(&self.cfg, &mut self.cache, rule, &a, &Value::Null, t, self.direct).unwrap();
             self.risk_alerts.extend(risk);
             scored
         }
@@ -493,6 +563,24 @@ mod tests {
         assert_eq!(b.risk_alerts.len(), 1);
         b.hit(&r, "u", 2 * H + 30 * H + 48 * H + 1); // ≈ 152: crosses again
         assert_eq!(b.risk_alerts.len(), 2);
+    }
+
+    #[test]
+    fn direct_risk_changes_the_store_as_the_cache_would() {
+        let r = rule("r", 60, Some(3));
+        let (mut cached, mut direct) = (Bench::new(ScoringConfig::default()), Bench::direct(ScoringConfig::default()));
+        let times = [0, H, 2 * H, 2 * H + 1, 32 * H, 80 * H, 80 * H + 1];
+        for t in times {
+            assert_eq!(cached.hit(&r, "u", t), direct.hit(&r, "u", t), "at {t}");
+        }
+        assert_eq!(cached.risk_alerts.len(), 2);
+        let ids = |b: &Bench| b.risk_alerts.iter().map(|a| a.alert_id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&cached), ids(&direct));
+        assert_eq!(direct.cache.dirty_keys(), 0, "nothing went through the cache");
+        let key = risk_key(&EntityRef { type_: "user".into(), id: "u".into() });
+        cached.cache.flush(&[]).unwrap();
+        let stored = |b: &Bench| b.cache.store().get_many(&[&key]).unwrap().pop().flatten();
+        assert_eq!(stored(&cached), stored(&direct));
     }
 
     #[test]

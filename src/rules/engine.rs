@@ -83,6 +83,9 @@ pub struct Engine {
     rules: Arc<Vec<Rule>>,
     scoring: Arc<ScoringConfig>,
     cache: StateCache,
+    /// Entity types with a `direct` rule: their risk keys are written from
+    /// many places, so every rule changes them directly in the store.
+    direct_types: Vec<String>,
     /// Scratch buffer for state keys: no allocation per evaluation.
     key: String,
     /// Per event: the matched rules (index, entity id) and the keys to load.
@@ -191,6 +194,7 @@ impl Engine {
         Self {
             counts: vec![(0, 0); rules.len()],
             elapsed: vec![std::time::Duration::ZERO; rules.len()],
+            direct_types: direct_types(&rules),
             rules,
             scoring,
             cache,
@@ -222,6 +226,7 @@ impl Engine {
         self.counts = vec![(0, 0); rules.len()];
         self.elapsed = vec![std::time::Duration::ZERO; rules.len()];
         self.rule_metrics = rule_metrics(&rules);
+        self.direct_types = direct_types(&rules);
         self.stats = self.stats.as_ref().map(|_| vec![RuleStats::default(); rules.len()]);
         self.rules = rules;
         self.scoring = scoring;
@@ -298,7 +303,8 @@ impl Engine {
             if !Scope::admits_entity(scope, rule, Some(&entity_id)) {
                 continue;
             }
-            needed_keys(&mut self.cache, &mut self.key, rule, &entity_id, &event.value, &mut self.keys);
+            let risk_direct = self.direct_types.contains(&rule.entity_type);
+            needed_keys(&mut self.cache, &mut self.key, rule, risk_direct, &entity_id, &event.value, &mut self.keys);
             if let Some(stats) = self.stats.as_mut() {
                 stats[i].entities_matched.insert(entity_id.clone());
             }
@@ -343,7 +349,8 @@ impl Engine {
                     continue;
                 }
                 if rule.matcher.eval(&event.value, &[]) {
-                    needed_keys(&mut self.cache, &mut self.key, rule, &entity_id, &event.value, &mut keys);
+                    let risk_direct = self.direct_types.contains(&rule.entity_type);
+                    needed_keys(&mut self.cache, &mut self.key, rule, risk_direct, &entity_id, &event.value, &mut keys);
                 }
             }
         }
@@ -445,8 +452,27 @@ impl Engine {
             return Ok(());
         };
         let dedup_state = state::key([DEDUP_PREFIX, &rule.id, &dedup_key]);
-        if self.cache.read(&dedup_state, event.time_ms)?.is_some() {
+        let seen = if rule.direct {
+            // One atomic change: count the alert, opening the window on the first.
+            let mut seen = false;
+            self.cache.store_mut().update(&dedup_state, event.time_ms, &mut |r| {
+                seen = r.count > 0;
+                r.count += 1;
+                if !seen {
+                    r.expires_at_ms = Some(event.time_ms.saturating_add(rule.dedup_window_ms));
+                }
+                true
+            })?;
+            seen
+        } else if self.cache.read(&dedup_state, event.time_ms)?.is_some() {
             self.cache.increment_counter(&dedup_state, 1, event.time_ms)?;
+            true
+        } else {
+            self.cache.increment_counter(&dedup_state, 1, event.time_ms)?;
+            self.cache.set_key_expiration(&dedup_state, Expiry::After(rule.dedup_window_ms), event.time_ms)?;
+            false
+        };
+        if seen {
             out.suppressed += 1;
             if let Some(stats) = self.stats.as_mut() {
                 stats[rule_index].suppressed += 1;
@@ -454,8 +480,6 @@ impl Engine {
             metrics().alerts_suppressed.with_label_values(&[rule.id.as_str(), "dedup"]).inc();
             return Ok(());
         }
-        self.cache.increment_counter(&dedup_state, 1, event.time_ms)?;
-        self.cache.set_key_expiration(&dedup_state, Expiry::After(rule.dedup_window_ms), event.time_ms)?;
         for (name, path) in &rule.context {
             context.insert(name.clone(), path.lookup(&event.value).cloned().unwrap_or(Value::Null));
         }
@@ -471,8 +495,16 @@ impl Engine {
             context: Value::Object(context),
             event: event.value.clone(),
         };
-        let (scored, risk_alert) =
-            scoring::contribute(&self.scoring, &mut self.cache, rule, &alert, &event.value, event.time_ms)?;
+        let risk_direct = self.direct_types.contains(&rule.entity_type);
+        let (scored, risk_alert) = scoring::contribute(
+            &self.scoring,
+            &mut self.cache,
+            rule,
+            &alert,
+            &event.value,
+            event.time_ms,
+            risk_direct,
+        )?;
         if scored == Scored::Capped {
             out.capped += 1;
         }
@@ -484,6 +516,14 @@ impl Engine {
         alerts.extend(risk_alert);
         Ok(())
     }
+}
+
+fn direct_types(rules: &[Rule]) -> Vec<String> {
+    let mut types: Vec<String> =
+        rules.iter().filter(|r| r.enabled && r.direct).map(|r| r.entity_type.clone()).collect();
+    types.sort();
+    types.dedup();
+    types
 }
 
 fn rule_metrics(rules: &[Rule]) -> Vec<RuleMetrics> {
@@ -501,10 +541,12 @@ fn rule_metrics(rules: &[Rule]) -> Vec<RuleMetrics> {
 /// Appends to `out` the keys a matching rule needs for this entity (its
 /// state, its dedup window, its entity's risk) that the cache lacks; `scratch`
 /// builds them, so only missing keys are allocated.
+#[allow(clippy::too_many_arguments)]
 fn needed_keys(
     cache: &mut StateCache,
     scratch: &mut String,
     rule: &Rule,
+    risk_direct: bool,
     entity_id: &str,
     event: &Value,
     out: &mut Vec<String>,
@@ -519,14 +561,16 @@ fn needed_keys(
         join_key(scratch, [&rule.namespace, &rule.entity_type, entity_id]);
         need(scratch);
     }
-    if rule.dedup_key.is_none() {
+    // Likewise its dedup window, and the risk of an entity type with a direct rule.
+    if rule.direct {
+    } else if rule.dedup_key.is_none() {
         join_key(scratch, [DEDUP_PREFIX, &rule.id, entity_id]);
         need(scratch);
     } else if let Some(dedup) = dedup_key(rule, entity_id, event) {
         join_key(scratch, [DEDUP_PREFIX, &rule.id, &dedup]);
         need(scratch);
     }
-    if rule.risk > 0 {
+    if rule.risk > 0 && !risk_direct {
         join_key(scratch, [RISK_PREFIX, &rule.entity_type, entity_id]);
         need(scratch);
     }
