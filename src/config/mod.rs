@@ -257,7 +257,7 @@ pub struct StoreFile {
     #[serde(default = "two_seconds")]
     pub flush_interval: String,
     /// Entries the write-back cache may hold; past it (or `cache_max_bytes`)
-    /// the job flushes early and the cache drops its clean entries.
+    /// the job flushes early and the cache evicts its least recently used clean entries.
     #[serde(default = "million")]
     pub cache_max_entries: usize,
     /// Approximate bytes the write-back cache may hold (default 1 GiB).

@@ -32,6 +32,9 @@ pub enum Expiry {
 struct Entry {
     record: Record,
     dirty: bool,
+    /// The flush epoch it was last read or written in: eviction drops the
+    /// least recently used clean entries first.
+    used: u32,
 }
 
 /// Write-back cache in front of a [`Store`].
@@ -44,6 +47,8 @@ pub struct StateCache {
     bytes: usize,
     /// Lookups (hits, misses) not yet published to the metrics.
     lookups: (u64, u64),
+    /// Flushes so far (the clock of least-recently-used eviction).
+    epoch: u32,
 }
 
 impl StateCache {
@@ -56,9 +61,9 @@ impl StateCache {
     /// A cache over `store` bounded to `max_entries` entries and about
     /// `max_bytes` bytes. Dirty entries stay until flushed; the job flushes
     /// early when [`over_bounds`](Self::over_bounds), and a flush that leaves
-    /// the cache over a bound evicts the clean entries.
+    /// the cache over a bound evicts the least recently used clean entries.
     pub fn with_bounds(store: Box<dyn Store>, max_entries: usize, max_bytes: usize) -> Self {
-        Self { store, entries: HashMap::new(), max_entries, max_bytes, bytes: 0, lookups: (0, 0) }
+        Self { store, entries: HashMap::new(), max_entries, max_bytes, bytes: 0, lookups: (0, 0), epoch: 0 }
     }
 
     /// Whether the cache holds more than its bounds allow (flush, then it evicts).
@@ -100,19 +105,23 @@ impl StateCache {
         for (key, record) in missing.into_iter().zip(found) {
             let record = record.unwrap_or_default();
             self.bytes += key.len() + approx_bytes(&record);
-            self.entries.insert(key.to_string(), Entry { record, dirty: false });
+            self.entries.insert(key.to_string(), Entry { record, dirty: false, used: self.epoch });
         }
         Ok(())
     }
 
     fn entry(&mut self, key: &str) -> Result<&mut Entry> {
         match self.entries.entry_ref(key) {
-            hashbrown::hash_map::EntryRef::Occupied(e) => Ok(e.into_mut()),
+            hashbrown::hash_map::EntryRef::Occupied(e) => {
+                let entry = e.into_mut();
+                entry.used = self.epoch;
+                Ok(entry)
+            }
             hashbrown::hash_map::EntryRef::Vacant(e) => {
                 self.lookups.1 += 1;
                 let record = self.store.get_many(&[key])?.pop().flatten().unwrap_or_default();
                 self.bytes += key.len() + approx_bytes(&record);
-                Ok(e.insert(Entry { record, dirty: false }))
+                Ok(e.insert(Entry { record, dirty: false, used: self.epoch }))
             }
         }
     }
@@ -278,13 +287,7 @@ impl StateCache {
         }
         let m = metrics();
         self.bytes = self.entries.iter().map(|(k, e)| k.len() + approx_bytes(&e.record)).sum();
-        if self.over_bounds() {
-            // Every entry is clean now: drop them all (simple, and the bound
-            // holds); the next reads load what is still in use.
-            m.cache_evictions.inc_by(self.entries.len() as u64);
-            self.entries.clear();
-            self.bytes = 0;
-        }
+        self.trim();
         m.cache_entries.set(self.entries.len() as i64);
         m.cache_bytes.set(self.bytes as i64);
         Ok(written)
@@ -297,18 +300,41 @@ impl StateCache {
         for (key, entry) in lane.entries.iter_mut().filter(|(_, e)| e.dirty) {
             entry.dirty = false;
             self.bytes += key.len() + approx_bytes(&entry.record);
-            self.entries.insert(key.clone(), Entry { record: entry.record.clone(), dirty: true });
+            self.entries.insert(key.clone(), Entry { record: entry.record.clone(), dirty: true, used: entry.used });
         }
     }
 
-    /// Drops the clean entries when over a bound (after a flush).
+    /// When over a bound (after a flush), evicts the least recently used
+    /// clean entries, down to three quarters of the bounds (headroom, so
+    /// that the next flush is not forced at once).
     pub fn trim(&mut self) {
-        if self.over_bounds() {
-            let before = self.entries.len();
-            self.entries.retain(|_, e| e.dirty);
-            self.bytes = self.entries.iter().map(|(k, e)| k.len() + approx_bytes(&e.record)).sum();
-            metrics().cache_evictions.inc_by((before - self.entries.len()) as u64);
+        self.epoch = self.epoch.wrapping_add(1);
+        if !self.over_bounds() {
+            return;
         }
+        let (max_entries, max_bytes) = (self.max_entries / 4 * 3, self.max_bytes / 4 * 3);
+        // Clean entries and bytes by the epoch of their last use, oldest first.
+        let mut by_epoch: std::collections::BTreeMap<u32, (usize, usize)> = Default::default();
+        for (k, e) in self.entries.iter().filter(|(_, e)| !e.dirty) {
+            let slot = by_epoch.entry(e.used).or_default();
+            slot.0 += 1;
+            slot.1 += k.len() + approx_bytes(&e.record);
+        }
+        let (mut entries, mut bytes) = (self.entries.len(), self.bytes);
+        let mut cut = None;
+        for (epoch, (n, b)) in by_epoch {
+            if entries <= max_entries && bytes <= max_bytes {
+                break;
+            }
+            entries -= n;
+            bytes = bytes.saturating_sub(b);
+            cut = Some(epoch);
+        }
+        let Some(cut) = cut else { return };
+        let before = self.entries.len();
+        self.entries.retain(|_, e| e.dirty || e.used > cut);
+        self.bytes = self.entries.iter().map(|(k, e)| k.len() + approx_bytes(&e.record)).sum();
+        metrics().cache_evictions.inc_by((before - self.entries.len()) as u64);
     }
 
     /// Drops every clean entry (a cache whose keys live in lane caches).
@@ -478,6 +504,24 @@ mod tests {
         assert_eq!(c.get_counter("k", 0).unwrap(), 2);
         assert_eq!(c.get_dictionary("k", 0).unwrap().len(), 1);
         assert_eq!(c.get_string_set("k", 0).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn eviction_drops_the_least_recently_used_first() {
+        let mut c = StateCache::with_bounds(Box::new(MemoryStore::new()), 4, usize::MAX);
+        for k in ["a", "b", "c", "d"] {
+            c.increment_counter(k, 1, 0).unwrap();
+        }
+        c.flush(&[]).unwrap();
+        // Since that flush: a and b used again, e new; c and d untouched.
+        c.increment_counter("a", 1, 0).unwrap();
+        c.get_counter("b", 0).unwrap();
+        c.increment_counter("e", 1, 0).unwrap();
+        assert!(c.over_bounds());
+        c.flush(&[]).unwrap();
+        let cached: Vec<bool> = ["a", "b", "c", "d", "e"].iter().map(|k| c.is_cached(k)).collect();
+        assert_eq!(cached, [true, true, false, false, true], "down to 3 of 4, the least recently used out");
+        assert_eq!(c.get_counter("c", 0).unwrap(), 1, "an evicted key reads back from the store");
     }
 
     #[test]
