@@ -18,7 +18,9 @@
 use crate::config::{Config, KafkaConfig};
 use crate::pipeline::{decode, Decoded, RunError};
 use crate::sink::KafkaProducer;
-use crate::source::kafka::{consumer_config, ensure_topics, record_error, KafkaFailure, UPSTREAM_HEADER};
+use crate::source::kafka::{
+    commit_offsets, consumer_config, ensure_topics, record_error, KafkaFailure, UPSTREAM_HEADER,
+};
 use crate::source::LineInfo;
 use crate::telemetry::{metrics, Health};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -167,16 +169,8 @@ fn commit(
                 .map_err(|e| KafkaFailure::new("listing offsets", e))?;
         }
     }
-    if tpl.count() > 0 {
-        let outcome = match consumer.commit(&tpl, CommitMode::Sync) {
-            Ok(()) => "ok",
-            Err(e) => {
-                tracing::warn!(error = %e, "router offset commit failed (messages will be routed again; scorers skip them)");
-                "error"
-            }
-        };
-        metrics().kafka_commits.with_label_values(&[outcome]).inc();
-    }
+    // A failed commit: messages are routed again, and scorers skip them.
+    commit_offsets(consumer, &tpl, CommitMode::Sync);
     Ok(())
 }
 

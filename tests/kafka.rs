@@ -89,6 +89,23 @@ fn wait_exit(g: &mut Guard, timeout: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// Stops riskd with SIGTERM; it must drain and exit 0.
+fn stop_ok(riskd: &mut Guard, log: &Path) {
+    sigterm(&riskd.0);
+    assert!(wait_exit(riskd, Duration::from_secs(30)).success(), "SIGTERM drains and exits 0: {}", log_of(log));
+}
+
+/// The `[kafka]` lines of a raw topic keyed by user.
+fn keyed_topic(group: &str, topic: &str, alerts_topic: Option<&str>, extra: &str) -> String {
+    let alerts = alerts_topic.map(|t| format!("alerts_topic = {t:?}\n")).unwrap_or_default();
+    format!("group_id = {group:?}\ntopics = [{topic:?}]\nkeyed_by = \"user\"\n{alerts}{extra}")
+}
+
+/// End offsets after producing `first`, then `second`.
+fn ends_of(first: &BTreeMap<i32, i64>, second: &BTreeMap<i32, i64>) -> BTreeMap<i32, i64> {
+    first.keys().chain(second.keys()).map(|p| (*p, first.get(p).unwrap_or(&0) + second.get(p).unwrap_or(&0))).collect()
+}
+
 fn log_of(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -119,16 +136,13 @@ fn one_instance_on_a_keyed_four_partition_topic_alerts_as_a_file_run() {
     let ends = produce(&brokers(), &topic, &keyed_by_user(&lines));
     assert_eq!(ends.len(), 4, "the stream spans the four partitions");
     // Three lanes, whatever the machine: entities applied in parallel.
-    let kafka = format!(
-        "group_id = {group:?}\ntopics = [{topic:?}]\nkeyed_by = \"user\"\nalerts_topic = {alerts_topic:?}\nlanes = 3"
-    );
+    let kafka = keyed_topic(&group, &topic, Some(&alerts_topic), "lanes = 3");
     let config =
         write_kafka_config(dir.path(), &rules, &kafka, "kind = \"embedded\"\npath = \"state/riskd.redb\"", SCORING);
     let log = dir.path().join("riskd.log");
     let mut riskd = spawn_run(&config, &log);
     wait_committed(&brokers(), &group, &topic, &ends, Duration::from_secs(180));
-    sigterm(&riskd.0);
-    assert!(wait_exit(&mut riskd, Duration::from_secs(30)).success(), "{}", log_of(&log));
+    stop_ok(&mut riskd, &log);
 
     let (got, messages) = alerts_on_topic(&alerts_topic, expected.len());
     assert_eq!(messages, expected.len(), "each alert produced once");
@@ -148,30 +162,22 @@ fn sigterm_mid_stream_then_restart_resumes_without_loss_or_double_count() {
     let keyed = keyed_by_user(&lines);
     let half = keyed.len() / 2;
     let first = produce(&brokers(), &topic, &keyed[..half]);
-    let kafka =
-        format!("group_id = {group:?}\ntopics = [{topic:?}]\nkeyed_by = \"user\"\nalerts_topic = {alerts_topic:?}");
+    let kafka = keyed_topic(&group, &topic, Some(&alerts_topic), "");
     let config =
         write_kafka_config(dir.path(), &rules, &kafka, "kind = \"embedded\"\npath = \"state/riskd.redb\"", SCORING);
     let log = dir.path().join("riskd-1.log");
     let mut riskd = spawn_run(&config, &log);
     // Mid-stream: some offsets committed, the second half not produced yet.
     wait_for("a first commit", Duration::from_secs(120), || !committed(&brokers(), &group, &topic).is_empty());
-    sigterm(&riskd.0);
-    let status = wait_exit(&mut riskd, Duration::from_secs(30));
-    assert!(status.success(), "SIGTERM drains and exits 0: {}", log_of(&log));
+    stop_ok(&mut riskd, &log);
     assert!(log_of(&log).contains("left the consumer group"), "{}", log_of(&log));
 
     let second = produce(&brokers(), &topic, &keyed[half..]);
-    let ends: BTreeMap<i32, i64> = first
-        .keys()
-        .chain(second.keys())
-        .map(|p| (*p, first.get(p).unwrap_or(&0) + second.get(p).unwrap_or(&0)))
-        .collect();
+    let ends = ends_of(&first, &second);
     let log = dir.path().join("riskd-2.log");
     let mut riskd = spawn_run(&config, &log);
     wait_committed(&brokers(), &group, &topic, &ends, Duration::from_secs(180));
-    sigterm(&riskd.0);
-    assert!(wait_exit(&mut riskd, Duration::from_secs(30)).success(), "{}", log_of(&log));
+    stop_ok(&mut riskd, &log);
 
     let (got, messages) = alerts_on_topic(&alerts_topic, expected.len());
     assert_eq!(messages, expected.len(), "no alert lost or repeated across the restart");
@@ -188,7 +194,7 @@ fn a_second_instance_on_an_embedded_store_is_refused_loudly() {
     let mk = |name: &str| {
         let d = dir.path().join(name);
         std::fs::create_dir_all(&d).unwrap();
-        let kafka = format!("group_id = {group:?}\ntopics = [{topic:?}]\nkeyed_by = \"user\"");
+        let kafka = keyed_topic(&group, &topic, None, "");
         write_kafka_config(
             &d,
             &rules,
@@ -213,8 +219,7 @@ fn a_second_instance_on_an_embedded_store_is_refused_loudly() {
         log_of(&first_log).matches("partitions assigned").count() >= 2
     });
     assert!(first.0.try_wait().unwrap().is_none(), "the first instance keeps running");
-    sigterm(&first.0);
-    assert!(wait_exit(&mut first, Duration::from_secs(30)).success(), "{}", log_of(&first_log));
+    stop_ok(&mut first, &first_log);
 }
 
 #[test]
@@ -244,9 +249,7 @@ fn two_instances_on_dynamodb_split_partitions_and_survive_a_sigkill() {
     let half = keyed.len() / 2;
     let first = produce(&brokers(), &topic, &keyed[..half]);
     let store = dynamodb_store_section("ttl = false");
-    let kafka = format!(
-        "group_id = {group:?}\ntopics = [{topic:?}]\nkeyed_by = \"user\"\nalerts_topic = {alerts_topic:?}\nlanes = 2"
-    );
+    let kafka = keyed_topic(&group, &topic, Some(&alerts_topic), "lanes = 2");
     let mk = |name: &str| {
         let d = dir.path().join(name);
         std::fs::create_dir_all(&d).unwrap();
@@ -268,14 +271,9 @@ fn two_instances_on_dynamodb_split_partitions_and_survive_a_sigkill() {
     a.0.kill().unwrap();
     a.0.wait().unwrap();
     let second = produce(&brokers(), &topic, &keyed[half..]);
-    let ends: BTreeMap<i32, i64> = first
-        .keys()
-        .chain(second.keys())
-        .map(|p| (*p, first.get(p).unwrap_or(&0) + second.get(p).unwrap_or(&0)))
-        .collect();
+    let ends = ends_of(&first, &second);
     wait_committed(&brokers(), &group, &topic, &ends, Duration::from_secs(240));
-    sigterm(&b.0);
-    assert!(wait_exit(&mut b, Duration::from_secs(30)).success(), "{}", log_of(&b_log));
+    stop_ok(&mut b, &b_log);
     let b_log = log_of(&b_log);
     let takeover = b_log.lines().rev().find(|l| l.contains("partitions assigned")).unwrap_or_default();
     assert_eq!(takeover.matches(&topic).count(), 4, "the survivor took every partition: {takeover}");
@@ -323,10 +321,8 @@ fn unkeyed_input_through_the_router_gives_the_same_alerts() {
     let mut scorer = spawn_run(&config, &log);
     wait_committed(&brokers(), &format!("{group}.route"), &raw, &ends, Duration::from_secs(120));
     let (got, _) = alerts_on_topic(&alerts_topic, expected.len());
-    sigterm(&router.0);
-    assert!(wait_exit(&mut router, Duration::from_secs(30)).success(), "{}", log_of(&route_log));
-    sigterm(&scorer.0);
-    assert!(wait_exit(&mut scorer, Duration::from_secs(30)).success(), "{}", log_of(&log));
+    stop_ok(&mut router, &route_log);
+    stop_ok(&mut scorer, &log);
     let expected = by_id(expected);
     assert_eq!(got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "same alert ids");
     assert!(got == expected, "same alerts");
@@ -340,7 +336,7 @@ fn a_broker_down_at_start_is_waited_for_then_scored() {
     let port = free_port();
     let broker = format!("127.0.0.1:{port}");
     let (topic, group, listen) = (unique("events"), unique("riskd"), free_port());
-    let kafka = format!("group_id = {group:?}\ntopics = [{topic:?}]\nkeyed_by = \"user\"");
+    let kafka = keyed_topic(&group, &topic, None, "");
     let sink = format!("[sink]\npath = \"alerts.jsonl\"\n{SCORING}");
     let config = write_kafka_config(dir.path(), &rules, &kafka, "kind = \"embedded\"\npath = \"riskd.redb\"", &sink);
     let text = std::fs::read_to_string(&config)
@@ -381,8 +377,7 @@ fn a_broker_down_at_start_is_waited_for_then_scored() {
     wait_committed(&broker, &group, &topic, &producer_counts, Duration::from_secs(120));
     let (status, body) = http_get(&readyz, None).unwrap();
     assert_eq!(status, 200, "ready once the broker answers: {body}");
-    sigterm(&riskd.0);
-    assert!(wait_exit(&mut riskd, Duration::from_secs(30)).success(), "{}", log_of(&log));
+    stop_ok(&mut riskd, &log);
     let expected = file_run(dir.path(), &rules, &lines);
     assert_eq!(by_id(alerts(dir.path())), by_id(expected), "scored once the broker appeared");
     drop(broker_proc);

@@ -33,7 +33,8 @@ use crate::event::Event;
 use crate::rules::{Alert, Engine, Outcome, Scope};
 use crate::sink::AlertProducer;
 use crate::source::kafka::{
-    consumer_config, ensure_topics, log, partition_id, record_error, record_stats, KafkaFailure, UPSTREAM_HEADER,
+    commit_offsets, consumer_config, ensure_topics, log, partition_id, record_error, record_stats, KafkaFailure,
+    UPSTREAM_HEADER,
 };
 use crate::source::LineInfo;
 use crate::state::{Checkpoint, SharedStore, StateCache, Store};
@@ -167,18 +168,7 @@ impl KafkaJob {
                     .map_err(|e| KafkaFailure::new("listing offsets", e))?;
             }
         }
-        if tpl.count() > 0 {
-            // The store is the record of what is applied; a failed commit
-            // only means more redeliveries to skip after a restart.
-            let outcome = match consumer.commit(&tpl, mode) {
-                Ok(()) => "ok",
-                Err(e) => {
-                    tracing::warn!(error = %e, "offset commit failed (the store's positions still hold)");
-                    "error"
-                }
-            };
-            metrics().kafka_commits.with_label_values(&[outcome]).inc();
-        }
+        commit_offsets(consumer, &tpl, mode);
         Ok(())
     }
 

@@ -7,8 +7,10 @@ use crate::telemetry::metrics;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::types::RDKafkaErrorCode;
 
 /// A Kafka client failed in a way riskd cannot ride out (bad settings,
@@ -123,6 +125,23 @@ pub fn record_error(error: &KafkaError, reason: &str) -> bool {
     metrics().kafka_errors.with_label_values(&[label.as_str()]).inc();
     tracing::warn!(error = %error, reason, "kafka client error");
     matches!(code, Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure))
+}
+
+/// Commits `tpl`'s offsets, counting the outcome. A failure is logged, not
+/// returned: riskd's own positions are the record of what is applied, and a
+/// commit that did not happen only means more redeliveries to skip.
+pub fn commit_offsets<C: ConsumerContext>(consumer: &BaseConsumer<C>, tpl: &TopicPartitionList, mode: CommitMode) {
+    if tpl.count() == 0 {
+        return;
+    }
+    let outcome = match consumer.commit(tpl, mode) {
+        Ok(()) => "ok",
+        Err(e) => {
+            tracing::warn!(error = %e, "offset commit failed (redeliveries up to the stored positions are skipped)");
+            "error"
+        }
+    };
+    metrics().kafka_commits.with_label_values(&[outcome]).inc();
 }
 
 /// Forwards librdkafka's own log lines to riskd's log.
