@@ -382,3 +382,129 @@ fn a_broker_down_at_start_is_waited_for_then_scored() {
     assert_eq!(by_id(alerts(dir.path())), by_id(expected), "scored once the broker appeared");
     drop(broker_proc);
 }
+
+/// A TCP forwarder to a broker that can be paused: while paused, bytes
+/// read either way are held back (the broker seems stalled).
+struct PausingProxy {
+    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PausingProxy {
+    fn start(listener: std::net::TcpListener, upstream: String) -> Self {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let paused = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&paused);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
+                    let flag = std::sync::Arc::clone(&flag);
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            while flag.load(Ordering::Relaxed) {
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { paused }
+    }
+
+    fn pause(&self, on: bool) {
+        self.paused.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn alerts_the_broker_has_not_acknowledged_hold_the_offsets_back() {
+    let tansu = std::env::var("RISKD_TEST_TANSU").expect("RISKD_TEST_TANSU: run ./scripts/test.sh");
+    let dir = tempfile::tempdir().unwrap();
+    let rules = okta_rules(dir.path());
+    // A broker of its own, reached (and advertised) through the proxy.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_addr = listener.local_addr().unwrap().to_string();
+    let broker_addr = format!("127.0.0.1:{}", free_port());
+    let _broker = Guard(
+        std::process::Command::new(&tansu)
+            .args(["broker", "--listener-url", &format!("tcp://{broker_addr}")])
+            .args(["--advertised-listener-url", &format!("tcp://{proxy_addr}"), "--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the broker", Duration::from_secs(30), || std::net::TcpStream::connect(&broker_addr).is_ok());
+    let proxy = PausingProxy::start(listener, broker_addr);
+    let (topic, alerts_topic, group, listen) = (unique("events"), unique("alerts"), unique("riskd"), free_port());
+    create_topic(&proxy_addr, &topic, 2);
+    let lines = generated(5_000);
+    let ends = produce(&proxy_addr, &topic, &keyed_by_user(&lines));
+    let expected = file_run(dir.path(), &rules, &lines);
+    assert!(!expected.is_empty());
+
+    // Alerts wait 3 s in the producer before they are sent; the first flush
+    // comes 8 s after the partitions are assigned: the proxy is paused in
+    // between, for less than the session timeout (20 s).
+    let kafka = keyed_topic(&group, &topic, Some(&alerts_topic), "");
+    let config = write_kafka_config(dir.path(), &rules, &kafka, "kind = \"embedded\"\npath = \"riskd.redb\"", SCORING);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&format!("bootstrap_servers = {:?}", brokers()), &format!("bootstrap_servers = {proxy_addr:?}"))
+        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{listen}\""))
+        .replace("flush_interval = \"300ms\"", "flush_interval = \"8s\"")
+        .replace("\"session.timeout.ms\" = \"3000\"", "\"session.timeout.ms\" = \"20000\"")
+        .replace(
+            "\"heartbeat.interval.ms\" = \"500\"",
+            "\"heartbeat.interval.ms\" = \"500\"\n\"linger.ms\" = \"3000\"",
+        );
+    std::fs::write(&config, text).unwrap();
+    let log = dir.path().join("riskd.log");
+    let mut riskd = spawn_run(&config, &log);
+    let metrics = format!("http://127.0.0.1:{listen}/metrics");
+    let value = |series: &str| {
+        http_get(&metrics, None).and_then(|(_, body)| {
+            body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+        })
+    };
+    let events = "riskd_events_total{outcome=\"ok\",source=\"kafka\"}";
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while value(events) != Some(5000.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every event applied ({:?}): {}",
+            value(events),
+            log_of(&log)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    proxy.pause(true);
+    // The flush at 8 s waits for the alerts' acknowledgements: nothing is
+    // committed, and /readyz says why.
+    let readyz = format!("http://127.0.0.1:{listen}/readyz");
+    wait_for("not ready while alerts are unacknowledged", Duration::from_secs(30), || {
+        http_get(&readyz, None).is_some_and(|(s, body)| s == 503 && body.contains("not acknowledged"))
+    });
+    assert_eq!(value("riskd_kafka_commits_total{outcome=\"ok\"}"), Some(0.0), "no offset committed");
+    assert_eq!(value("riskd_flushes_total{outcome=\"ok\"}").unwrap_or(0.0), 0.0, "no state committed");
+    proxy.pause(false);
+    wait_committed(&proxy_addr, &group, &topic, &ends, Duration::from_secs(120));
+    wait_for("ready again", Duration::from_secs(30), || http_get(&readyz, None).is_some_and(|(s, _)| s == 200));
+    stop_ok(&mut riskd, &log);
+    let read = read_topic(&proxy_addr, &alerts_topic, expected.len(), Duration::from_secs(3), Duration::from_secs(60));
+    assert_eq!(read.len(), expected.len(), "each alert delivered once");
+    assert!(by_id(read.into_iter().map(|m| m.value)) == by_id(expected));
+}

@@ -222,6 +222,8 @@ impl KafkaJob {
             }
         }
         self.job.deadline = None;
+        // The flush interval counts from when scoring starts.
+        self.last_flush = Instant::now();
         metrics().kafka_partitions.set(held.len() as i64);
         tracing::info!(partitions = ?held, "partitions assigned");
         if self.local_store {
