@@ -87,3 +87,28 @@ fn bad_service_config_names_its_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("{}:6: unknown field `flush_evry`", path.display())), "{stderr}");
 }
+
+#[test]
+fn an_overlong_entity_id_is_set_aside_not_a_store_failure() {
+    // DynamoDB refuses keys over 2,048 bytes: an attacker-controlled field
+    // must not be able to stop the job.
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = std::fs::read_to_string(samples()).unwrap();
+    let long = "a".repeat(3000);
+    text.push_str(&format!(
+        r#"{{"eventType": "user.session.start", "published": "2024-03-09T00:00:00Z", "actor": {{"alternateId": "{long}"}}, "client": {{"ipAddress": "1.2.3.4"}}}}"#
+    ));
+    text.push('\n');
+    let input = dir.path().join("events.jsonl");
+    std::fs::write(&input, text).unwrap();
+    let config = write_dynamodb_config(dir.path(), &input, "", "ttl = false");
+    let stderr = run_ok(&config);
+    assert!(
+        stderr.contains("events read 211, skipped 0 (invalid 0, too large 0), incomplete 1, alerts 14"),
+        "{stderr}"
+    );
+    let dead = read_lines(&dir.path().join("dead-letter.jsonl"));
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0]["line"].as_u64(), dead[0]["reason"].as_str()), (Some(211), Some("incomplete")));
+    assert!(dead[0]["detail"].as_str().unwrap_or("").contains("3000 bytes, over the 1024-byte limit"), "{}", dead[0]);
+}

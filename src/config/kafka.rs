@@ -41,7 +41,7 @@ pub struct KafkaFile {
     #[serde(default = "default_drain")]
     pub drain_timeout: String,
     /// Lanes applying events in parallel, entities spread over them by
-    /// hash (default: the number of CPUs).
+    /// hash (default: the number of CPUs less one, at least one).
     #[serde(default)]
     pub lanes: Option<usize>,
     /// librdkafka properties (`security.protocol`, `sasl.mechanism`,
@@ -156,7 +156,10 @@ pub fn build(file: &KafkaFile, entity_types: &[&str], err: &mut impl FnMut(&str,
     if file.lanes == Some(0) {
         err("lanes", "kafka.lanes must be at least 1".into());
     }
-    let lanes = file.lanes.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    // By default a lane per CPU but one, left to librdkafka's threads (on
+    // 2 CPUs, 2 lanes measured no faster than 1: BENCHMARKS.md).
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let lanes = file.lanes.unwrap_or(cpus.saturating_sub(1)).max(1);
     if let Some(ms) = file.properties.get("max.poll.interval.ms").and_then(|v| v.parse::<u64>().ok()) {
         if Duration::from_millis(ms) <= drain_timeout {
             err(

@@ -300,6 +300,17 @@ impl Engine {
                 });
                 continue;
             };
+            if entity_id.len() > MAX_ID_BYTES {
+                out.problems.push(Problem {
+                    rule_id: rule.id.clone(),
+                    message: format!(
+                        "entity key field {} is {} bytes, over the {MAX_ID_BYTES}-byte limit of an id in a state key",
+                        rule.entity_key,
+                        entity_id.len()
+                    ),
+                });
+                continue;
+            }
             if !Scope::admits_entity(scope, rule, Some(&entity_id)) {
                 continue;
             }
@@ -345,6 +356,9 @@ impl Engine {
         for (event, scope) in events {
             for rule in self.rules.iter().filter(|r| r.enabled && Scope::admits_type(*scope, r)) {
                 let Some(entity_id) = rule.entity_key.lookup(&event.value).and_then(scalar_string) else { continue };
+                if entity_id.len() > MAX_ID_BYTES {
+                    continue;
+                }
                 if !Scope::admits_entity(*scope, rule, Some(&entity_id)) {
                     continue;
                 }
@@ -448,7 +462,8 @@ impl Engine {
         }
         let Some(dedup_key) = dedup_key(rule, entity_id, &event.value) else {
             let path = rule.dedup_key.as_ref().map(FieldPath::as_str).unwrap_or_default();
-            out.problems.push(problem(format!("dedup key field {path} is absent or not a scalar")));
+            out.problems
+                .push(problem(format!("dedup key field {path} is absent, not a scalar, or over {MAX_ID_BYTES} bytes")));
             return Ok(());
         };
         let dedup_state = state::key([DEDUP_PREFIX, &rule.id, &dedup_key]);
@@ -576,11 +591,19 @@ fn needed_keys(
     }
 }
 
-/// The dedup key of a rule's alert on this event, if it can be read.
+/// Longest entity id or dedup key riskd keeps state under: with the rule's
+/// namespace and type, a key stays well within every store's limit
+/// (DynamoDB's is 2,048 bytes). An event whose id is longer, from a field an
+/// attacker may control, is set aside for that rule rather than failing the
+/// store.
+pub const MAX_ID_BYTES: usize = 1024;
+
+/// The dedup key of a rule's alert on this event, if it can be read (and
+/// is not over [`MAX_ID_BYTES`]).
 fn dedup_key(rule: &Rule, entity_id: &str, event: &Value) -> Option<String> {
     match &rule.dedup_key {
         None => Some(entity_id.to_string()),
-        Some(p) => p.lookup(event).and_then(scalar_string),
+        Some(p) => p.lookup(event).and_then(scalar_string).filter(|k| k.len() <= MAX_ID_BYTES),
     }
 }
 
