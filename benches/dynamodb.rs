@@ -7,13 +7,18 @@
 //! (`RISKD_BENCH_DIRECT_EVENTS`) with every rule in `direct` consistency,
 //! reporting events/s and DynamoDB requests per 1,000 events for both,
 //! counted by riskd's own request metric.
+//!
+//! DynamoDB Local answers in well under a millisecond, which flatters direct
+//! mode (one request at a time). `RISKD_BENCH_LATENCY_MS=N` puts a proxy in
+//! front of it that holds every request N ms before passing it on, as a
+//! network round trip to AWS would (within a region: a few ms).
 
 use riskd::config::Config;
 use riskd::pipeline::{run_blocking, RunOptions};
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 fn requests() -> f64 {
     let m = riskd::telemetry::metrics();
@@ -23,12 +28,67 @@ fn requests() -> f64 {
         .sum::<u64>() as f64
 }
 
+/// A proxy to `upstream` holding each HTTP request `latency` before passing
+/// it on (requests carry a Content-Length; responses pass straight back).
+fn latency_proxy(upstream: String, latency: Duration) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            let Ok(mut server) = std::net::TcpStream::connect(&upstream) else { return };
+            let (mut from_server, mut to_client) =
+                (server.try_clone().expect("clone"), client.try_clone().expect("clone"));
+            std::thread::spawn(move || std::io::copy(&mut from_server, &mut to_client));
+            std::thread::spawn(move || {
+                let mut pending: Vec<u8> = Vec::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    // One whole request: headers, then Content-Length bytes.
+                    let request_len = loop {
+                        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+                            let body: usize = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse().ok())
+                                .unwrap_or(0);
+                            if pending.len() >= end + 4 + body {
+                                break end + 4 + body;
+                            }
+                        }
+                        match client.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        }
+                    };
+                    std::thread::sleep(latency);
+                    if server.write_all(&pending[..request_len]).is_err() {
+                        return;
+                    }
+                    pending.drain(..request_len);
+                }
+            });
+        }
+    });
+    url
+}
+
 fn main() {
     let Ok(endpoint) = std::env::var("RISKD_TEST_DYNAMODB_ENDPOINT") else {
         eprintln!(
             "RISKD_TEST_DYNAMODB_ENDPOINT is not set: run scripts/bench.sh dynamodb, which starts DynamoDB Local"
         );
         std::process::exit(2);
+    };
+    let latency_ms: u64 = std::env::var("RISKD_BENCH_LATENCY_MS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let endpoint = if latency_ms > 0 {
+        let upstream = endpoint.trim_start_matches("http://").trim_end_matches('/').to_string();
+        println!("every request held {latency_ms} ms by a proxy (a network round trip)");
+        latency_proxy(upstream, Duration::from_millis(latency_ms))
+    } else {
+        endpoint
     };
     let events: u64 = std::env::var("RISKD_BENCH_EVENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(200_000);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -135,21 +135,7 @@ fn counters_move_as_they_should_and_promtool_accepts_the_exposition() {
         .sum();
     assert_eq!(alerts, 14.0);
 
-    let mut promtool = Command::new(tool("RISKD_TEST_PROMTOOL", "promtool"))
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    promtool.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool_accepts(&exposition);
 
     assert_eq!(get(&format!("http://127.0.0.1:{port}/healthz")).map(|(s, _)| s), Some(200));
     let stderr = stop_gracefully(riskd);
@@ -209,6 +195,25 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
 
     assert_dashboards_have_data(dir.path(), riskd_port, &exposition, &dashboard_queries(false));
     stop_gracefully(riskd);
+}
+
+/// `promtool check metrics` passes on the exposition.
+fn promtool_accepts(exposition: &str) {
+    let mut promtool = Command::new(tool("RISKD_TEST_PROMTOOL", "promtool"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    promtool.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Every query names metrics riskd exports, and returns data from a real
@@ -308,6 +313,8 @@ fn every_kafka_dashboard_query_returns_data_from_a_real_prometheus() {
             && exposition.contains("riskd_kafka_consumer_lag{")
     });
     assert_eq!(sample(&exposition, "riskd_kafka_partitions"), Some(2.0));
+    // The Kafka series pass promtool too.
+    promtool_accepts(&exposition);
     assert_dashboards_have_data(dir.path(), port, &exposition, &dashboard_queries(true));
     stop_gracefully(riskd);
 }
