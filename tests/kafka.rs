@@ -320,12 +320,20 @@ fn unkeyed_input_through_the_router_gives_the_same_alerts() {
     let log = dir.path().join("riskd.log");
     let mut scorer = spawn_run(&config, &log);
     wait_committed(&brokers(), &format!("{group}.route"), &raw, &ends, Duration::from_secs(120));
+    // A message on a routed topic without its key (the entity) is set aside.
+    produce(&brokers(), &format!("{prefix}user"), &[(None, lines[0].clone())]);
     let (got, _) = alerts_on_topic(&alerts_topic, expected.len());
+    let dead_letters = dir.path().join("dead-letter.jsonl");
+    wait_for("the keyless message set aside", Duration::from_secs(30), || !read_lines(&dead_letters).is_empty());
     stop_ok(&mut router, &route_log);
     stop_ok(&mut scorer, &log);
     let expected = by_id(expected);
     assert_eq!(got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "same alert ids");
     assert!(got == expected, "same alerts");
+    let dead = read_lines(&dead_letters);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["reason"], "no_key");
+    assert_eq!(dead[0]["source"], format!("kafka:{prefix}user:0"));
 }
 
 #[test]

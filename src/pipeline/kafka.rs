@@ -299,6 +299,11 @@ impl KafkaJob {
             if it.repeat {
                 return Decoded::Blank;
             }
+            // A routed message names its entity in its key: without one, no rule could apply it.
+            if it.entity.is_some_and(|(_, id)| id.is_empty()) {
+                let detail = "a message on a routed topic has no UTF-8 key (the entity id)".to_string();
+                return Decoded::Rejected { reason: "no_key", detail };
+            }
             let max = self.settings.max_line_bytes;
             let info = LineInfo {
                 line: it.offset,

@@ -519,7 +519,8 @@ struct Origin<'a> {
 pub enum Decoded {
     /// Only white space: not an event, not an error.
     Blank,
-    /// Set aside: `reason` is `too_large`, `invalid_json` or `not_object`.
+    /// Set aside: `reason` is `too_large`, `invalid_json`, `not_object`, or
+    /// (a routed Kafka message without its entity key) `no_key`.
     Rejected {
         /// Dead-letter reason.
         reason: &'static str,
