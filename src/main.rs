@@ -168,6 +168,16 @@ enum StoreAction {
         #[arg(long, default_value = "config/riskd.toml")]
         config: PathBuf,
     },
+    /// Delete the DynamoDB commit markers no item needs any more (safe while
+    /// riskd runs).
+    Prune {
+        /// Service config (names the store).
+        #[arg(long, default_value = "config/riskd.toml")]
+        config: PathBuf,
+        /// Leave markers that committed more recently than this.
+        #[arg(long, default_value = "1h")]
+        idle: humantime::Duration,
+    },
 }
 
 fn stream(text: &str) -> Stream {
@@ -348,6 +358,13 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("{}: the store does not fit riskd:\n  {}", config.display(), problems.join("\n  "));
             }
             println!("{}: store ok", config.display());
+        }
+        Command::Store { action: StoreAction::Prune { config, idle } } => {
+            let cfg = load(&config)?;
+            let done = blocking(move || Ok(riskd::pipeline::prune_store(&cfg.store, idle.into())?)).await?;
+            for line in done {
+                println!("{line}");
+            }
         }
         Command::Generate { events, users, seed, attack_every } => {
             let spec = riskd::generate::Spec { events, users, seed, attack_every, ..Default::default() };

@@ -157,6 +157,15 @@ pub fn check_store(kind: &StoreKind) -> Result<Vec<String>, StateError> {
     }
 }
 
+/// `riskd store prune`: removes what the store keeps and no longer needs
+/// (DynamoDB commit markers of runs no item names). Blocks.
+pub fn prune_store(kind: &StoreKind, idle: Duration) -> Result<Vec<String>, StateError> {
+    match kind {
+        StoreKind::DynamoDb(cfg) => dynamodb::prune_markers(cfg, idle),
+        StoreKind::Embedded(_) | StoreKind::Memory => Ok(vec!["this store keeps no commit markers".into()]),
+    }
+}
+
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }

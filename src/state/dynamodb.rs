@@ -114,6 +114,7 @@ mod attr {
     pub const META: &str = "riskdMeta";
     pub const CHECKPOINT: &str = "riskdCheckpoint";
     pub const COMMITTED_SEQ: &str = "riskdCommittedSeq";
+    pub const COMMITTED_AT: &str = "riskdCommittedAt";
     pub const VERSION: &str = "riskdVersion";
 }
 
@@ -1142,6 +1143,8 @@ impl DynamoStore {
             let mut item = key_item(&marker_key(&self.run));
             item.insert(attr::META.into(), AttributeValue::S("flush".into()));
             item.insert(attr::COMMITTED_SEQ.into(), AttributeValue::N(seq.to_string()));
+            // Wall-clock time of the commit: `riskd store prune` leaves recent markers alone.
+            item.insert(attr::COMMITTED_AT.into(), AttributeValue::N(crate::event::now_ms().to_string()));
             item
         };
         let mut items = Vec::with_capacity(batch.checkpoints.len() + 1);
@@ -1332,6 +1335,110 @@ impl Store for DynamoStore {
         }
         Ok(())
     }
+}
+
+// --- pruning commit markers ------------------------------------------------
+
+/// `riskd store prune`: deletes the commit markers no item needs any more.
+///
+/// A marker `riskd/flush/<run>` says which flushes of a run committed; an
+/// item that names the run in `riskdFlush` is read through it. Once every
+/// such item has been overwritten by other runs, the marker is dead weight
+/// (one per store opened that wrote). One Scan finds the runs still named
+/// by some item and each marker's last commit; a marker whose run no item
+/// names and whose last commit is older than `idle` is deleted, on the
+/// condition that its commit count has not moved since the Scan. A run
+/// that writes again meanwhile either commits before the Scan reads its
+/// marker (then the commit is recent: kept) or after (then the count moved:
+/// the delete fails), so no item ever loses the marker it is read through.
+/// Returns what was done, one line per fact.
+pub fn prune_markers(cfg: &DynamoConfig, idle: Duration) -> Result<Vec<String>> {
+    let remote = Remote::connect(cfg)?;
+    let now = crate::event::now_ms();
+    let idle_ms = i64::try_from(idle.as_millis()).unwrap_or(i64::MAX);
+    let items = remote.rt.block_on(async {
+        let mut items = Vec::new();
+        let mut start: Option<Item> = None;
+        let projection = format!("#k, {}, {}, {}", attr::FLUSH, attr::COMMITTED_SEQ, attr::COMMITTED_AT);
+        loop {
+            let out = send(
+                &remote.limits,
+                "Scan",
+                || {
+                    remote
+                        .client
+                        .scan()
+                        .table_name(&remote.table)
+                        .consistent_read(true)
+                        .projection_expression(&projection)
+                        .expression_attribute_names("#k", attr::KEY)
+                        .set_exclusive_start_key(start.clone())
+                        .send()
+                },
+                never,
+            )
+            .await
+            .map_err(|f| f.into_error("Scan", &remote.table, None))?;
+            start = out.last_evaluated_key.filter(|k| !k.is_empty());
+            items.extend(out.items.unwrap_or_default());
+            if start.is_none() {
+                return Ok::<_, StateError>(items);
+            }
+        }
+    })?;
+    let mut named = HashSet::new();
+    let mut markers = Vec::new();
+    for item in &items {
+        let Some(key) = item_key(item) else { continue };
+        if let Some(AttributeValue::S(text)) = item.get(attr::FLUSH) {
+            named.insert(FlushId::parse(key, text)?.run);
+        }
+        if let Some(run) = key.strip_prefix(MARKER_PREFIX) {
+            let Some(seq) = item.get(attr::COMMITTED_SEQ) else { continue };
+            let at = match item.get(attr::COMMITTED_AT) {
+                Some(v) => integer(key, attr::COMMITTED_AT, v)?,
+                None => 0,
+            };
+            markers.push((run.to_string(), seq.clone(), at));
+        }
+    }
+    let (mut deleted, mut recent, mut moved) = (0, 0, 0);
+    let in_use = markers.iter().filter(|(run, _, _)| named.contains(run)).count();
+    for (run, seq, at) in markers.iter().filter(|(run, _, _)| !named.contains(run)) {
+        if now.saturating_sub(*at) < idle_ms {
+            recent += 1;
+            continue;
+        }
+        let key = marker_key(run);
+        let gone = remote
+            .rt
+            .block_on(send(
+                &remote.limits,
+                "DeleteItem",
+                || {
+                    remote
+                        .client
+                        .delete_item()
+                        .table_name(&remote.table)
+                        .set_key(Some(key_item(&key)))
+                        .condition_expression(format!("{} = :seq", attr::COMMITTED_SEQ))
+                        .expression_attribute_values(":seq", seq.clone())
+                        .send()
+                },
+                never,
+            ))
+            .map(|_| true);
+        match gone {
+            Ok(_) => deleted += 1,
+            Err(f) if f.code == "ConditionalCheckFailedException" => moved += 1,
+            Err(f) => return Err(f.into_error("DeleteItem", &remote.table, Some(&key))),
+        }
+    }
+    Ok(vec![
+        format!("{} commit markers in table {:?}; {in_use} still named by items", markers.len(), remote.table),
+        format!("deleted {deleted}; kept {recent} that committed less than {} ago", humantime::format_duration(idle)),
+        format!("kept {moved} whose run committed again during the prune"),
+    ])
 }
 
 // --- setting up and checking the table -------------------------------------
@@ -1754,6 +1861,38 @@ pub(crate) mod tests {
         assert_eq!(after, before);
         assert_eq!(other.get_many(&["a", "b", "gone"]).unwrap(), vec![Some(a.clone()), Some(b.clone()), None]);
         assert_eq!(other.checkpoint("src").unwrap(), Some(cp.clone()));
+    }
+
+    #[test]
+    fn pruning_removes_only_the_markers_no_item_needs() {
+        let (mut a, cfg) = fresh();
+        let (v1, v2) = (Record { count: 1, ..Record::default() }, Record { count: 2, ..Record::default() });
+        let put = |keys: &[&'static str], v| WriteBatch {
+            mutations: keys.iter().map(|k| (*k, Mutation::Put(v))).collect(),
+            checkpoints: Vec::new(),
+        };
+        a.apply(put(&["k1", "k2"], &v1)).unwrap();
+        // Another run overwrites every key the first wrote; a third writes a key of its own.
+        let mut b = DynamoStore::open(&cfg).unwrap();
+        b.get_many(&["k1", "k2"]).unwrap();
+        b.apply(put(&["k1", "k2"], &v2)).unwrap();
+        let mut c = DynamoStore::open(&cfg).unwrap();
+        c.apply(put(&["k3"], &v1)).unwrap();
+        let markers = [&a.run, &b.run, &c.run].map(|run| raw(&a, &marker_key(run)).is_some());
+        assert_eq!(markers, [true, true, true]);
+
+        let recent = prune_markers(&cfg, Duration::from_secs(3600)).unwrap();
+        assert_eq!(recent[1], "deleted 0; kept 1 that committed less than 1h ago", "{recent:?}");
+        let done = prune_markers(&cfg, Duration::ZERO).unwrap();
+        assert!(
+            done[0].starts_with("3 commit markers in table") && done[0].ends_with("2 still named by items"),
+            "{done:?}"
+        );
+        assert!(done[1].starts_with("deleted 1;"), "{done:?}");
+        let markers = [&a.run, &b.run, &c.run].map(|run| raw(&a, &marker_key(run)).is_some());
+        assert_eq!(markers, [false, true, true], "only the marker no item names is gone");
+        let reader = DynamoStore::open(&cfg).unwrap();
+        assert_eq!(reader.get_many(&["k1", "k2", "k3"]).unwrap(), vec![Some(v2.clone()), Some(v2), Some(v1)]);
     }
 
     #[test]
