@@ -1,4 +1,4 @@
-//! `riskd store init` and `riskd store check` on DynamoDB Local, and the
+//! `riskd store init`, `check` and `prune` on DynamoDB Local, and the
 //! read-only commands (`riskd entity`, `riskd state export`) on a DynamoDB
 //! store.
 
@@ -100,6 +100,15 @@ fn entity_and_export_read_a_dynamodb_store_as_they_read_the_embedded_one() {
         riskd(&["entity", "user", "trudy@example.com", "--config", &config.display().to_string(), "--json"]).stdout
     };
     assert_eq!(explain(&dynamo_config), explain(&embedded_config));
+
+    // Pruning (every marker idle) deletes only markers no item names: no value changes.
+    let before = export_state(&dynamo_config);
+    let c = dynamo_config.display().to_string();
+    let out = riskd(&["store", "prune", "--config", &c, "--idle", "0s"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains("commit markers in table") && said.contains("deleted "), "{said}");
+    assert_eq!(export_state(&dynamo_config), before, "pruning changes no value");
 }
 
 #[test]
