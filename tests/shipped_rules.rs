@@ -166,6 +166,29 @@ fn same_input_from_empty_state_gives_identical_alerts() {
 }
 
 #[test]
+fn purging_long_expired_records_keeps_the_alerts_and_only_drops_dead_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &samples(), "", "purge_after = \"7d\"");
+    run_ok(&config);
+    assert_eq!(alerts(dir.path()), run().alerts);
+    // The samples end on 2024-04-01: what expired before 2024-03-25 is gone, the rest stays.
+    let cutoff = 1_711_324_800_000; // 2024-03-25T00:00:00Z
+    let kept: Vec<Value> = export_state(&config).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let expiry = |r: &Value| r["record"]["expires_at_ms"].as_i64().or(r["expires_at_ms"].as_i64());
+    assert!(kept.iter().all(|r| expiry(r).is_none_or(|at| at > cutoff)), "{kept:?}");
+    let unpurged = tempfile::tempdir().unwrap();
+    let all = export_state(&{
+        let c = write_config(unpurged.path(), &samples(), "", "");
+        run_ok(&c);
+        c
+    });
+    let all: Vec<Value> = all.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let survivors: Vec<&Value> = all.iter().filter(|r| expiry(r).is_none_or(|at| at > cutoff)).collect();
+    assert!(all.len() > survivors.len(), "the samples leave long-expired state to purge");
+    assert_eq!(kept.iter().collect::<Vec<_>>(), survivors, "exactly the long-expired records are gone");
+}
+
+#[test]
 fn the_dynamodb_store_gives_the_same_alerts() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_dynamodb_config(dir.path(), &samples(), "", "");

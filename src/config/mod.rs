@@ -263,6 +263,12 @@ pub struct StoreFile {
     /// Approximate bytes the write-back cache may hold (default 1 GiB).
     #[serde(default = "one_gib")]
     pub cache_max_bytes: usize,
+    /// Embedded store: records that expired this long (event time) before
+    /// the latest event seen are deleted from the file, about once an hour
+    /// of running; absent or `"off"` keeps them. (DynamoDB's TTL does this
+    /// itself.)
+    #[serde(default)]
+    pub purge_after: Option<String>,
 }
 
 impl Default for StoreFile {
@@ -280,6 +286,7 @@ impl Default for StoreFile {
             flush_interval: two_seconds(),
             cache_max_entries: million(),
             cache_max_bytes: one_gib(),
+            purge_after: None,
         }
     }
 }
@@ -408,6 +415,9 @@ pub struct Config {
     pub cache_max_entries: usize,
     /// Cache bound, bytes.
     pub cache_max_bytes: usize,
+    /// Delete stored records expired this long before the watermark (event
+    /// time); `None`: never.
+    pub purge_after: Option<std::time::Duration>,
     /// Event time.
     pub event_time: EventTime,
     /// Compiled rules, in evaluation order (file name, then position in file);
@@ -464,6 +474,23 @@ impl Config {
                 );
                 std::time::Duration::from_secs(2)
             }
+        };
+        let purge_after = match (file.store.purge_after.as_deref(), &store) {
+            (Some("off") | None, _) => None,
+            (Some(_), StoreKind::DynamoDb(_)) => {
+                err(
+                    "purge_after",
+                    "store.purge_after does not apply to DynamoDB (its TTL deletes expired items)".into(),
+                );
+                None
+            }
+            (Some(text), _) => match humantime::parse_duration(text) {
+                Ok(d) => Some(d),
+                Err(_) => {
+                    err("purge_after", format!("store.purge_after {text:?} is not a duration such as 7d, or \"off\""));
+                    None
+                }
+            },
         };
         if file.source.max_line_bytes == 0 {
             err("max_line_bytes", "source.max_line_bytes must be at least 1".into());
@@ -550,6 +577,7 @@ impl Config {
             flush_interval,
             cache_max_entries: file.store.cache_max_entries,
             cache_max_bytes: file.store.cache_max_bytes,
+            purge_after,
             event_time: EventTime::new(time_fields),
             rules: std::sync::Arc::new(rules),
             rule_paths,

@@ -258,7 +258,14 @@ struct Job {
     /// (a drain), and give up after it even if not.
     deadline: Option<Instant>,
     reloads: Option<std::sync::mpsc::Receiver<Config>>,
+    /// Records expired this long before the watermark are deleted from the
+    /// store (embedded), at most once per [`PURGE_EVERY`].
+    purge_after: Option<Duration>,
+    last_purge: Option<Instant>,
 }
+
+/// How often expired records are purged from the embedded store.
+const PURGE_EVERY: Duration = Duration::from_secs(3600);
 
 /// The parts of the config the read loop needs after the rules moved into the engine.
 struct JobSettings {
@@ -328,6 +335,7 @@ impl Job {
         });
         if result.is_ok() {
             self.moved.clear();
+            self.purge();
             if !self.lanes.is_empty() {
                 // The lanes hold the live copies.
                 self.engine.cache().drop_clean();
@@ -347,6 +355,25 @@ impl Job {
         }
         m.flush_seconds.observe(start.elapsed().as_secs_f64());
         result.map(|_| ())
+    }
+
+    /// Deletes the records long expired (event time) from the store, once
+    /// an hour at most. A failure only leaves them for the next time.
+    fn purge(&mut self) {
+        let Some(after) = self.purge_after else { return };
+        let wm = self.position.watermark_ms;
+        if wm <= 0 || self.last_purge.is_some_and(|t| t.elapsed() < PURGE_EVERY) {
+            return;
+        }
+        self.last_purge = Some(Instant::now());
+        let before = wm.saturating_sub(i64::try_from(after.as_millis()).unwrap_or(i64::MAX));
+        match self.engine.cache().store_mut().purge_expired(before) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(records = n, before = %crate::event::format_time_ms(before), "purged expired records")
+            }
+            Err(e) => tracing::warn!(error = %e, "purging expired records failed; they stay until the next purge"),
+        }
     }
 
     /// Swaps in every reloaded config that has arrived.
@@ -643,6 +670,8 @@ impl Job {
             stop,
             deadline: None,
             reloads: opts.reloads,
+            purge_after: cfg.purge_after,
+            last_purge: None,
         }
     }
 }

@@ -10,7 +10,7 @@
 //! on cache misses) needs.
 
 use super::{Checkpoint, Mutation, Record, Result, StateError, Store, WriteBatch};
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
 
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
@@ -102,6 +102,28 @@ impl Store for EmbeddedStore {
         }
     }
 
+    fn purge_expired(&mut self, before_ms: i64) -> Result<usize> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let mut n = 0;
+        {
+            let mut records = txn.open_table(RECORDS).map_err(backend)?;
+            let mut expired = Vec::new();
+            for item in records.iter().map_err(backend)? {
+                let (k, v) = item.map_err(backend)?;
+                let record: Record = decode(k.value(), v.value())?;
+                if record.expires_at_ms.is_some_and(|at| at <= before_ms) {
+                    expired.push(k.value().to_string());
+                }
+            }
+            for key in &expired {
+                records.remove(key.as_str()).map_err(backend)?;
+                n += 1;
+            }
+        }
+        txn.commit().map_err(backend)?;
+        Ok(n)
+    }
+
     fn reader(&self) -> Option<Box<dyn Store>> {
         Some(Box::new(EmbeddedStore { db: std::sync::Arc::clone(&self.db) }))
     }
@@ -131,6 +153,24 @@ mod tests {
     }
 
     crate::state::store_tests::shared_store_tests!(fresh());
+
+    #[test]
+    fn purge_deletes_only_records_expired_by_then() {
+        let (mut store, _dir) = fresh();
+        let at = |ms| Record { count: 1, expires_at_ms: Some(ms), ..Record::default() };
+        let (old, edge, live, forever) = (at(100), at(200), at(300), Record { count: 1, ..Record::default() });
+        let mutations = vec![
+            ("old", Mutation::Put(&old)),
+            ("edge", Mutation::Put(&edge)),
+            ("live", Mutation::Put(&live)),
+            ("forever", Mutation::Put(&forever)),
+        ];
+        store.apply(WriteBatch { mutations, checkpoints: Vec::new() }).unwrap();
+        assert_eq!(store.purge_expired(200).unwrap(), 2);
+        let got = store.get_many(&["old", "edge", "live", "forever"]).unwrap();
+        assert_eq!(got, vec![None, None, Some(live), Some(forever)]);
+        assert_eq!(store.purge_expired(200).unwrap(), 0);
+    }
 
     #[test]
     fn persists_across_reopen() {

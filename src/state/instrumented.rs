@@ -66,6 +66,13 @@ impl Store for Instrumented {
         result
     }
 
+    fn purge_expired(&mut self, before_ms: i64) -> Result<usize> {
+        let start = Instant::now();
+        let result = self.inner.purge_expired(before_ms);
+        record(self.inner.kind(), "purge", start, result.is_ok());
+        result
+    }
+
     fn forget(&mut self) {
         self.inner.forget();
     }

@@ -49,6 +49,9 @@ impl Store for SharedStore {
     fn update(&mut self, key: &str, now_ms: i64, f: &mut dyn FnMut(&mut Record) -> bool) -> Result<()> {
         self.lock().update(key, now_ms, f)
     }
+    fn purge_expired(&mut self, before_ms: i64) -> Result<usize> {
+        self.lock().purge_expired(before_ms)
+    }
     fn forget(&mut self) {
         self.lock().forget();
     }
