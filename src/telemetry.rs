@@ -41,7 +41,7 @@ pub struct Metrics {
     pub rule_skips: IntCounterVec,
     /// Alerts written, by rule and severity.
     pub alerts: IntCounterVec,
-    /// Alerts suppressed, by rule and reason (`dedup`).
+    /// Alerts suppressed, by rule, severity and reason (`dedup`).
     pub alerts_suppressed: IntCounterVec,
     /// Risk contributions, by entity type and outcome (`added`, `capped`).
     pub risk_contributions: IntCounterVec,
@@ -187,8 +187,8 @@ impl Metrics {
             alerts_suppressed: counter(
                 &r,
                 "riskd_alerts_suppressed_total",
-                "Alerts suppressed, by rule and reason.",
-                &["rule", "reason"],
+                "Alerts suppressed, by rule, severity and reason.",
+                &["rule", "severity", "reason"],
             ),
             risk_contributions: counter(
                 &r,

@@ -122,7 +122,10 @@ fn counters_move_as_they_should_and_promtool_accepts_the_exposition() {
     assert_eq!(sample(&exposition, "riskd_dead_letters_total{reason=\"not_object\"}"), Some(1.0));
     // alice's second burst within the hour: one suppressed alert.
     assert_eq!(
-        sample(&exposition, "riskd_alerts_suppressed_total{reason=\"dedup\",rule=\"aws_access_denied_burst\"}"),
+        sample(
+            &exposition,
+            "riskd_alerts_suppressed_total{reason=\"dedup\",rule=\"aws_access_denied_burst\",severity=\"MEDIUM\"}"
+        ),
         Some(1.0)
     );
     assert_eq!(sample(&exposition, "riskd_alerts_total{rule=\"entity_risk\",severity=\"MEDIUM\"}"), Some(1.0));

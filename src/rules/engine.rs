@@ -492,7 +492,7 @@ impl Engine {
             if let Some(stats) = self.stats.as_mut() {
                 stats[rule_index].suppressed += 1;
             }
-            metrics().alerts_suppressed.with_label_values(&[rule.id.as_str(), "dedup"]).inc();
+            metrics().alerts_suppressed.with_label_values(&[rule.id.as_str(), rule.severity.as_str(), "dedup"]).inc();
             return Ok(());
         }
         for (name, path) in &rule.context {
