@@ -9,8 +9,11 @@ use common::kafka::*;
 use common::*;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const SCORING: &str = "[scoring.defaults]\nthreshold = 45\n";
@@ -391,25 +394,34 @@ fn a_broker_down_at_start_is_waited_for_then_scored() {
     drop(broker_proc);
 }
 
-/// A TCP forwarder to a broker that can be paused: while paused, bytes
-/// read either way are held back (the broker seems stalled).
+/// A TCP forwarder to a broker that can be paused (bytes read either way
+/// are held back: the broker seems stalled) or cut (every connection
+/// closed, new ones refused: the broker seems down).
 struct PausingProxy {
-    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    paused: Arc<AtomicBool>,
+    cut: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl PausingProxy {
-    fn start(listener: std::net::TcpListener, upstream: String) -> Self {
+    fn start(listener: TcpListener, upstream: String) -> Self {
         use std::io::{Read, Write};
-        use std::sync::atomic::Ordering;
-        let paused = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = std::sync::Arc::clone(&paused);
+        let (paused, cut) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (flag, refuse, conns) = (Arc::clone(&paused), Arc::clone(&cut), Arc::clone(&open));
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
-                let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
+                if refuse.load(Ordering::Relaxed) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(server) = TcpStream::connect(&upstream) else { continue };
+                if let Ok(mut c) = conns.lock() {
+                    c.extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                }
                 for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
                 {
-                    let flag = std::sync::Arc::clone(&flag);
+                    let flag = Arc::clone(&flag);
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 64 * 1024];
                         loop {
@@ -424,26 +436,35 @@ impl PausingProxy {
                                 break;
                             }
                         }
-                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(Shutdown::Both);
                     });
                 }
             }
         });
-        Self { paused }
+        Self { paused, cut, open }
     }
 
     fn pause(&self, on: bool) {
-        self.paused.store(on, std::sync::atomic::Ordering::Relaxed);
+        self.paused.store(on, Ordering::Relaxed);
+    }
+
+    fn cut(&self, on: bool) {
+        self.cut.store(on, Ordering::Relaxed);
+        if on {
+            for c in self.open.lock().unwrap().drain(..) {
+                let _ = c.shutdown(Shutdown::Both);
+            }
+        }
     }
 }
 
 #[test]
-fn alerts_the_broker_has_not_acknowledged_hold_the_offsets_back() {
+fn alerts_the_broker_has_not_acknowledged_hold_the_offsets_back_and_readiness_follows_the_broker() {
     let tansu = std::env::var("RISKD_TEST_TANSU").expect("RISKD_TEST_TANSU: run ./scripts/test.sh");
     let dir = tempfile::tempdir().unwrap();
     let rules = okta_rules(dir.path());
     // A broker of its own, reached (and advertised) through the proxy.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let proxy_addr = listener.local_addr().unwrap().to_string();
     let broker_addr = format!("127.0.0.1:{}", free_port());
     let _broker = Guard(
@@ -511,6 +532,15 @@ fn alerts_the_broker_has_not_acknowledged_hold_the_offsets_back() {
     proxy.pause(false);
     wait_committed(&proxy_addr, &group, &topic, &ends, Duration::from_secs(120));
     wait_for("ready again", Duration::from_secs(30), || http_get(&readyz, None).is_some_and(|(s, _)| s == 200));
+    // The broker goes away: not ready, saying so; back: ready again.
+    proxy.cut(true);
+    wait_for("not ready while the broker is down", Duration::from_secs(60), || {
+        http_get(&readyz, None).is_some_and(|(s, body)| s == 503 && body.contains("brokers unreachable"))
+    });
+    proxy.cut(false);
+    wait_for("ready once the broker is back", Duration::from_secs(60), || {
+        http_get(&readyz, None).is_some_and(|(s, _)| s == 200)
+    });
     stop_ok(&mut riskd, &log);
     let read = read_topic(&proxy_addr, &alerts_topic, expected.len(), Duration::from_secs(3), Duration::from_secs(60));
     assert_eq!(read.len(), expected.len(), "each alert delivered once");
