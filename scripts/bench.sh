@@ -12,17 +12,16 @@ what=${1:-all}
 if [ "$what" = throughput ] || [ "$what" = all ]; then
   cargo bench --bench throughput
 fi
+# shellcheck source=scripts/services.sh
+. "$root/scripts/services.sh"
+
 if [ "$what" = dynamodb ] || [ "$what" = all ]; then
-  # shellcheck source=scripts/services.sh
-  . "$root/scripts/services.sh"
   install_ddb
   start_ddb
   export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_REGION=us-east-1
   cargo bench --bench dynamodb
 fi
 if [ "$what" = kafka ] || [ "$what" = all ]; then
-  # shellcheck source=scripts/services.sh
-  . "$root/scripts/services.sh"
   install_tansu
   start_tansu
   cargo bench --bench kafka

