@@ -16,12 +16,11 @@
 //! repeats messages but never effects.
 
 use crate::config::{Config, KafkaConfig};
-use crate::pipeline::{decode, Decoded, RunError};
+use crate::pipeline::{decode_message, serve_telemetry, until_shutdown, Decoded, RunError};
 use crate::sink::KafkaProducer;
 use crate::source::kafka::{
     commit_offsets, consumer_config, ensure_topics, record_error, KafkaFailure, UPSTREAM_HEADER,
 };
-use crate::source::LineInfo;
 use crate::telemetry::{metrics, Health};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -103,14 +102,8 @@ pub fn run(cfg: &Config, stop: &AtomicBool, health: &Arc<Health>) -> Result<Rout
                 summary.read += 1;
                 pending += 1;
                 let payload = m.payload().unwrap_or(&[]);
-                let info = LineInfo {
-                    line: m.offset().max(0) as u64,
-                    end_offset: m.offset().max(0) as u64 + 1,
-                    len: payload.len(),
-                    too_large: payload.len() > cfg.max_line_bytes,
-                };
-                let slice = &payload[..payload.len().min(cfg.max_line_bytes)];
-                match decode(slice, &info, cfg.max_line_bytes, &cfg.event_time, crate::event::now_ms()) {
+                let offset = m.offset().max(0) as u64;
+                match decode_message(payload, offset, cfg.max_line_bytes, &cfg.event_time, crate::event::now_ms()) {
                     Decoded::Blank => {}
                     Decoded::Rejected { reason, detail } => {
                         summary.invalid += 1;
@@ -180,26 +173,9 @@ pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()>)
     let health = Health::new();
     health.rules_loaded();
     let server = match cfg.listen {
-        Some(addr) => Some(
-            crate::telemetry::serve(addr, Arc::clone(&health), crate::api::Api::new(None))
-                .await
-                .map_err(|source| RunError::Io { what: "telemetry endpoint", path: addr.to_string(), source })?,
-        ),
+        Some(addr) => Some(serve_telemetry(addr, &health, &crate::api::Api::new(None)).await?),
         None => None,
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    let mut task = tokio::task::spawn_blocking(move || run(&cfg, &flag, &health));
-    let joined = tokio::select! {
-        r = &mut task => r,
-        () = shutdown => {
-            tracing::info!("shutting down: flushing what was routed and committing");
-            stop.store(true, Ordering::Relaxed);
-            task.await
-        }
-    };
-    if let Some(server) = server {
-        server.abort();
-    }
-    joined.map_err(|e| RunError::Task(e.to_string()))?
+    let job = move |stop: Arc<AtomicBool>| run(&cfg, &stop, &health);
+    until_shutdown(job, shutdown, "flushing what was routed and committing", server).await
 }

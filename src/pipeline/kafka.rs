@@ -25,7 +25,8 @@
 //! sits behind a mutex that the poll loop never holds while polling.
 
 use super::{
-    decode, open_outputs, Decoded, Job, JobSource, Origin, RetryPolicy, RunError, RunOptions, Summary, READ_AHEAD,
+    decode_message, open_outputs, Decoded, Job, JobSource, Origin, RetryPolicy, RunError, RunOptions, Summary,
+    READ_AHEAD,
 };
 use crate::config::{Config, Consume, KafkaConfig};
 use crate::event::now_ms;
@@ -36,7 +37,6 @@ use crate::source::kafka::{
     commit_offsets, consumer_config, ensure_topics, log, partition_id, record_error, record_stats, KafkaFailure,
     UPSTREAM_HEADER,
 };
-use crate::source::LineInfo;
 use crate::state::{Checkpoint, SharedStore, StateCache, Store};
 use crate::telemetry::{metrics, Health};
 use rdkafka::client::ClientContext;
@@ -304,14 +304,7 @@ impl KafkaJob {
                 let detail = "a message on a routed topic has no UTF-8 key (the entity id)".to_string();
                 return Decoded::Rejected { reason: "no_key", detail };
             }
-            let max = self.settings.max_line_bytes;
-            let info = LineInfo {
-                line: it.offset,
-                end_offset: it.offset + 1,
-                len: it.payload.len(),
-                too_large: it.payload.len() > max,
-            };
-            decode(&it.payload[..it.payload.len().min(max)], &info, max, &self.settings.event_time, ingest)
+            decode_message(it.payload, it.offset, self.settings.max_line_bytes, &self.settings.event_time, ingest)
         });
         let mut events = Vec::with_capacity(items.len());
         for (it, d) in items.iter().zip(decoded) {

@@ -583,6 +583,20 @@ pub fn decode(buf: &[u8], info: &LineInfo, max_line_bytes: usize, event_time: &E
     }
 }
 
+/// Decodes one Kafka message (its payload at `offset`) as [`decode`] does a
+/// line: a payload over `max_bytes` is set aside as too large.
+pub fn decode_message(
+    payload: &[u8],
+    offset: u64,
+    max_bytes: usize,
+    event_time: &EventTime,
+    ingest_ms: i64,
+) -> Decoded {
+    let len = payload.len();
+    let info = LineInfo { line: offset, end_offset: offset + 1, len, too_large: len > max_bytes };
+    decode(&payload[..len.min(max_bytes)], &info, max_bytes, event_time, ingest_ms)
+}
+
 /// Sleeps `d` in small steps; false when `stop` was set meanwhile.
 fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) -> bool {
     let until = Instant::now() + d;
@@ -864,11 +878,7 @@ pub async fn run(
                     crate::api::TOKEN_ENV
                 )));
             }
-            Some(
-                crate::telemetry::serve(addr, Arc::clone(&health), Arc::clone(&api))
-                    .await
-                    .map_err(|source| RunError::Io { what: "telemetry endpoint", path: addr.to_string(), source })?,
-            )
+            Some(serve_telemetry(addr, &health, &api).await?)
         }
         None => None,
     };
@@ -891,19 +901,45 @@ pub async fn run(
     } else {
         None
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    let mut task = tokio::task::spawn_blocking(move || {
+    let job = move |stop| {
         let store = open_store(&cfg.store)?;
         if let Some(reader) = store.reader() {
             api.ready(reader, Arc::clone(&cfg.rules), Arc::new(cfg.scoring.clone()));
         }
-        run_with_store(cfg, opts, store, flag, health)
-    });
+        run_with_store(cfg, opts, store, stop, health)
+    };
+    until_shutdown(job, shutdown, "finishing the current event and flushing", server).await
+}
+
+/// Serves `/metrics`, `/healthz`, `/readyz` and the API on `addr`.
+pub(crate) async fn serve_telemetry(
+    addr: std::net::SocketAddr,
+    health: &Arc<Health>,
+    api: &Arc<crate::api::Api>,
+) -> Result<tokio::task::JoinHandle<()>, RunError> {
+    crate::telemetry::serve(addr, Arc::clone(health), Arc::clone(api)).await.map_err(|source| RunError::Io {
+        what: "telemetry endpoint",
+        path: addr.to_string(),
+        source,
+    })
+}
+
+/// Runs `job` on a blocking thread until it returns, or until `shutdown`
+/// completes: then it sets the stop flag `job` was given (logging what
+/// `stopping` does) and waits for it. Stops `server` afterwards.
+pub(crate) async fn until_shutdown<T: Send + 'static>(
+    job: impl FnOnce(Arc<AtomicBool>) -> Result<T, RunError> + Send + 'static,
+    shutdown: impl std::future::Future<Output = ()>,
+    stopping: &str,
+    server: Option<tokio::task::JoinHandle<()>>,
+) -> Result<T, RunError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let mut task = tokio::task::spawn_blocking(move || job(flag));
     let joined = tokio::select! {
         r = &mut task => r,
         () = shutdown => {
-            tracing::info!("shutting down: finishing the current event and flushing");
+            tracing::info!("shutting down: {stopping}");
             stop.store(true, Ordering::Relaxed);
             task.await
         }
