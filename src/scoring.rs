@@ -194,23 +194,20 @@ pub fn contribute(
         let mut change = Err(StateError::Backend { store: "scoring", message: "risk update did not run".into() });
         cache.store_mut().update(&key, now, &mut |r| {
             change = add(cfg, rule, alert, event, now, points, &key, r.dict.as_ref());
-            match &change {
-                Ok(c) => match &c.dict {
-                    Some(d) => {
-                        r.dict = Some(d.clone());
-                        true
-                    }
-                    None => false,
-                },
-                Err(_) => false,
+            // The new dictionary moves into the record; the rest of `change` stays.
+            let dict = change.as_mut().ok().and_then(|c| c.dict.take());
+            let changed = dict.is_some();
+            if changed {
+                r.dict = dict;
             }
+            changed
         })?;
         change?
     } else {
         let current = cache.read(&key, now)?.and_then(|r| r.dict.as_ref());
-        let change = add(cfg, rule, alert, event, now, points, &key, current)?;
-        if let Some(d) = &change.dict {
-            cache.write(&key, now)?.dict = Some(d.clone());
+        let mut change = add(cfg, rule, alert, event, now, points, &key, current)?;
+        if let Some(d) = change.dict.take() {
+            cache.write(&key, now)?.dict = Some(d);
         }
         change
     };
@@ -240,7 +237,8 @@ struct Change {
     risk_alert: Option<Alert>,
     /// The entity re-armed (its score had fallen below `rearm_below`).
     rearmed: bool,
-    /// The new risk dictionary; `None` when nothing changes.
+    /// The new risk dictionary, taken by the caller to store; `None` when
+    /// nothing changes.
     dict: Option<serde_json::Map<String, Value>>,
 }
 
