@@ -65,51 +65,18 @@ fn main() {
     producer.flush(Duration::from_secs(120)).expect("produced");
     println!("produced {events} events in {:.1} s", start.elapsed().as_secs_f64());
 
-    // Bare consume: count messages, nothing else.
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", format!("bench-bare-{run_id}"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
         tpl.add_partition_offset(&topic, p, Offset::Beginning).expect("partition");
     }
-    consumer.assign(&tpl).expect("assign");
-    let mut n = 0u64;
-    let mut first = None;
-    while n < events {
-        if let Some(m) = consumer.poll(Duration::from_secs(10)) {
-            m.expect("message");
-            first.get_or_insert_with(Instant::now);
-            n += 1;
-        }
-    }
-    let bare = (n - 1) as f64 / first.map_or(1e-9, |t| t.elapsed().as_secs_f64());
-    drop(consumer);
+    // Bare consume: count messages, nothing else.
+    let bare = consume_rate(&brokers, &format!("bench-bare-{run_id}"), &tpl, events, |_| {});
     println!("bare consume: {bare:.0} events/s");
-
     // Consume and parse: what any JSON consumer pays before a rule runs.
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", format!("bench-parse-{run_id}"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    consumer.assign(&tpl).expect("assign");
-    let (mut n, mut first) = (0u64, None);
-    while n < events {
-        if let Some(m) = consumer.poll(Duration::from_secs(10)) {
-            let m = m.expect("message");
-            first.get_or_insert_with(Instant::now);
-            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or(b"{}")).expect("JSON");
-            std::hint::black_box(v);
-            n += 1;
-        }
-    }
-    let parse = (n - 1) as f64 / first.map_or(1e-9, |t| t.elapsed().as_secs_f64());
-    drop(consumer);
+    let parse = consume_rate(&brokers, &format!("bench-parse-{run_id}"), &tpl, events, |payload| {
+        let v: serde_json::Value = serde_json::from_slice(payload).expect("JSON");
+        std::hint::black_box(v);
+    });
     println!("consume + JSON parse: {parse:.0} events/s");
 
     // riskd: five rules, embedded store, alerts to a topic; one lane, then one per CPU.
@@ -127,6 +94,28 @@ fn main() {
             100.0 * scored / parse
         );
     }
+}
+
+/// Events/s of a consumer reading `events` messages from `tpl`, doing
+/// `work` on each payload, from the first message to the last.
+fn consume_rate(brokers: &str, group: &str, tpl: &TopicPartitionList, events: u64, work: impl Fn(&[u8])) -> f64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.assign(tpl).expect("assign");
+    let (mut n, mut first) = (0u64, None);
+    while n < events {
+        if let Some(m) = consumer.poll(Duration::from_secs(10)) {
+            let m = m.expect("message");
+            first.get_or_insert_with(Instant::now);
+            work(m.payload().unwrap_or(b"{}"));
+            n += 1;
+        }
+    }
+    (n - 1) as f64 / first.map_or(1e-9, |t| t.elapsed().as_secs_f64())
 }
 
 /// Where a riskd run reads and writes.

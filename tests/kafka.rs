@@ -109,6 +109,23 @@ fn ends_of(first: &BTreeMap<i32, i64>, second: &BTreeMap<i32, i64>) -> BTreeMap<
     first.keys().chain(second.keys()).map(|p| (*p, first.get(p).unwrap_or(&0) + second.get(p).unwrap_or(&0))).collect()
 }
 
+/// A Tansu broker of the test's own on `listen`, telling clients to connect
+/// to `advertised`; up once it answers.
+fn start_broker(listen: &str, advertised: &str) -> Guard {
+    let tansu = std::env::var("RISKD_TEST_TANSU").expect("RISKD_TEST_TANSU: run ./scripts/test.sh");
+    let broker = Guard(
+        std::process::Command::new(tansu)
+            .args(["broker", "--listener-url", &format!("tcp://{listen}")])
+            .args(["--advertised-listener-url", &format!("tcp://{advertised}"), "--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the broker", Duration::from_secs(30), || TcpStream::connect(listen).is_ok());
+    broker
+}
+
 fn log_of(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -341,7 +358,6 @@ fn unkeyed_input_through_the_router_gives_the_same_alerts() {
 
 #[test]
 fn a_broker_down_at_start_is_waited_for_then_scored() {
-    let tansu = std::env::var("RISKD_TEST_TANSU").expect("RISKD_TEST_TANSU: run ./scripts/test.sh");
     let dir = tempfile::tempdir().unwrap();
     let rules = okta_rules(dir.path());
     let port = free_port();
@@ -364,22 +380,7 @@ fn a_broker_down_at_start_is_waited_for_then_scored() {
     assert_eq!(status, 503, "not ready without a broker: {body}");
     assert!(riskd.0.try_wait().unwrap().is_none(), "riskd keeps retrying: {}", log_of(&log));
 
-    let broker_proc = Guard(
-        std::process::Command::new(&tansu)
-            .args([
-                "broker",
-                "--listener-url",
-                &format!("tcp://{broker}"),
-                "--advertised-listener-url",
-                &format!("tcp://{broker}"),
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("the broker", Duration::from_secs(30), || std::net::TcpStream::connect(&broker).is_ok());
+    let broker_proc = start_broker(&broker, &broker);
     // A topic created once the broker is up: the consumer picks it up.
     create_topic(&broker, &topic, 2);
     let lines = generated(2_000);
@@ -460,23 +461,13 @@ impl PausingProxy {
 
 #[test]
 fn alerts_the_broker_has_not_acknowledged_hold_the_offsets_back_and_readiness_follows_the_broker() {
-    let tansu = std::env::var("RISKD_TEST_TANSU").expect("RISKD_TEST_TANSU: run ./scripts/test.sh");
     let dir = tempfile::tempdir().unwrap();
     let rules = okta_rules(dir.path());
     // A broker of its own, reached (and advertised) through the proxy.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let proxy_addr = listener.local_addr().unwrap().to_string();
     let broker_addr = format!("127.0.0.1:{}", free_port());
-    let _broker = Guard(
-        std::process::Command::new(&tansu)
-            .args(["broker", "--listener-url", &format!("tcp://{broker_addr}")])
-            .args(["--advertised-listener-url", &format!("tcp://{proxy_addr}"), "--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("the broker", Duration::from_secs(30), || std::net::TcpStream::connect(&broker_addr).is_ok());
+    let _broker = start_broker(&broker_addr, &proxy_addr);
     let proxy = PausingProxy::start(listener, broker_addr);
     let (topic, alerts_topic, group, listen) = (unique("events"), unique("alerts"), unique("riskd"), free_port());
     create_topic(&proxy_addr, &topic, 2);
