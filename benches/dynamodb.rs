@@ -17,7 +17,6 @@ use riskd::config::Config;
 use riskd::pipeline::{run_blocking, RunOptions};
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 fn requests() -> f64 {
@@ -134,12 +133,11 @@ fn main() {
         )
         .expect("write config");
         let cfg = Config::load(&config).expect("valid config");
-        riskd::pipeline::init_store(&cfg.store).expect("create the table");
+        riskd::state::init_store(&cfg.store).expect("create the table");
         let before = requests();
         let flush_before = riskd::telemetry::metrics().flush_seconds.get_sample_sum();
         let start = Instant::now();
-        let summary =
-            run_blocking(cfg, RunOptions::default(), std::sync::Arc::new(AtomicBool::new(false))).expect("run");
+        let summary = run_blocking(cfg, RunOptions::default(), riskd::shutdown::Shutdown::new()).expect("run");
         let secs = start.elapsed().as_secs_f64();
         let sent = requests() - before;
         let rate = summary.read as f64 / secs;

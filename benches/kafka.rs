@@ -21,8 +21,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use riskd::config::Config;
 use riskd::pipeline::{run_blocking, RunOptions};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use riskd::shutdown::Shutdown;
 use std::time::{Duration, Instant};
 
 const PARTITIONS: i32 = 4;
@@ -43,7 +42,7 @@ fn main() {
     let mut bytes = Vec::new();
     riskd::generate::write_stream(&spec, &mut bytes).expect("generate");
     let text = String::from_utf8(bytes).expect("utf-8");
-    riskd::source::kafka::ensure_topics(&kafka_config(&brokers), std::slice::from_ref(&topic), PARTITIONS)
+    riskd::kafka::ensure_topics(&kafka_config(&brokers), std::slice::from_ref(&topic), PARTITIONS)
         .expect("create topic");
     let producer: BaseProducer =
         ClientConfig::new().set("bootstrap.servers", &brokers).set("linger.ms", "20").create().expect("producer");
@@ -142,8 +141,8 @@ impl Run<'_> {
         )
         .expect("write config");
         let cfg = Config::load(&config).expect("valid config");
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
+        let stop = Shutdown::new();
+        let flag = stop.clone();
         let counter = riskd::telemetry::metrics().events.with_label_values(&["kafka", "ok"]);
         let base = counter.get();
         let job = std::thread::spawn(move || run_blocking(cfg, RunOptions::default(), flag));
@@ -159,7 +158,7 @@ impl Run<'_> {
         }
         let secs = t0.map_or(1e-9, |t| t.elapsed().as_secs_f64());
         let drain = Instant::now();
-        stop.store(true, Ordering::Relaxed);
+        stop.trigger();
         let summary = job.join().expect("job thread").expect("run");
         println!(
             "riskd, {lanes} lane(s): {} events, {} alerts produced; drained in {:.2} s",

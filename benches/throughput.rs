@@ -18,7 +18,6 @@ use riskd::source::JsonLines;
 use serde_json::Value;
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 const ROUNDS: usize = 3;
@@ -46,7 +45,7 @@ fn riskd_run(root: &Path, input: &Path, work: &Path) -> u64 {
     );
     std::fs::write(&config, text).expect("write config");
     let cfg = Config::load(&config).expect("valid config");
-    let summary = run_blocking(cfg, RunOptions::default(), std::sync::Arc::new(AtomicBool::new(false))).expect("run");
+    let summary = run_blocking(cfg, RunOptions::default(), riskd::shutdown::Shutdown::new()).expect("run");
     summary.read
 }
 

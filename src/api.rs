@@ -8,7 +8,8 @@
 //! to any other address, riskd refuses to start unless a bearer token is set
 //! in the environment, and every `/v1` request must carry it.
 
-use crate::rules::{EntityRef, Rule};
+use crate::alert::EntityRef;
+use crate::rules::Rule;
 use crate::scoring::ScoringConfig;
 use crate::state::Store;
 use axum::extract::{Path, State};

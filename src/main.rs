@@ -196,7 +196,7 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> anyhow::Result<T> + 
 
 /// `riskd state …`, on a blocking thread (stores may block on a runtime of their own).
 fn state_command(cfg: &Config, action: StateAction) -> anyhow::Result<()> {
-    let mut store = riskd::pipeline::open_store(&cfg.store).context("opening the store")?;
+    let mut store = riskd::state::open_store(&cfg.store).context("opening the store")?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     match action {
@@ -242,25 +242,6 @@ fn state_command(cfg: &Config, action: StateAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-}
-
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     if !matches!(cli.command, Command::Run { .. } | Command::Route { .. }) {
         init_logging(cli.log_format, "warn");
@@ -275,13 +256,13 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 watch: true,
                 reloads: None,
             };
-            let summary = riskd::run(cfg, opts, shutdown_signal()).await?;
+            let summary = riskd::service::run(cfg, opts, riskd::service::signal()).await?;
             eprintln!("{summary}");
         }
         Command::Route { config } => {
             let cfg = load(&config)?;
             init_logging(cli.log_format, &cfg.log_level);
-            let summary = riskd::route::serve(cfg, shutdown_signal()).await?;
+            let summary = riskd::service::route(cfg, riskd::service::signal()).await?;
             eprintln!("{summary}");
         }
         Command::Check { config, sample } => {
@@ -297,7 +278,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             };
             let mut warnings = riskd::tuning::check::warnings(&cfg.rules, &samples);
             if let Some(k) = cfg.kafka.as_ref().filter(|_| cfg.from_kafka) {
-                warnings.extend(riskd::tuning::check::topic_key_warnings(k, &cfg.rules));
+                warnings.extend(k.key_warnings(&cfg.rules));
             }
             if !warnings.is_empty() {
                 println!("warnings ({}):", warnings.len());
@@ -331,8 +312,8 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Entity { entity_type, id, config, json } => {
             let cfg = load(&config)?;
             let text = blocking(move || {
-                let store = riskd::pipeline::open_store(&cfg.store).context("opening the store")?;
-                let entity = riskd::rules::EntityRef { type_: entity_type, id };
+                let store = riskd::state::open_store(&cfg.store).context("opening the store")?;
+                let entity = riskd::alert::EntityRef { type_: entity_type, id };
                 let x = riskd::scoring::explain_entity(&cfg.rules, &cfg.scoring, store.as_ref(), &entity)
                     .context("reading the entity's state")?;
                 Ok(if json { format!("{x:#}\n") } else { riskd::scoring::render_explanation(&x) })
@@ -346,14 +327,14 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Store { action: StoreAction::Init { config } } => {
             let cfg = load(&config)?;
-            let done = blocking(move || Ok(riskd::pipeline::init_store(&cfg.store)?)).await?;
+            let done = blocking(move || Ok(riskd::state::init_store(&cfg.store)?)).await?;
             for line in done {
                 println!("{line}");
             }
         }
         Command::Store { action: StoreAction::Check { config } } => {
             let cfg = load(&config)?;
-            let problems = blocking(move || Ok(riskd::pipeline::check_store(&cfg.store)?)).await?;
+            let problems = blocking(move || Ok(riskd::state::check_store(&cfg.store)?)).await?;
             if !problems.is_empty() {
                 anyhow::bail!("{}: the store does not fit riskd:\n  {}", config.display(), problems.join("\n  "));
             }
@@ -361,7 +342,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Store { action: StoreAction::Prune { config, idle } } => {
             let cfg = load(&config)?;
-            let done = blocking(move || Ok(riskd::pipeline::prune_store(&cfg.store, idle.into())?)).await?;
+            let done = blocking(move || Ok(riskd::state::prune_store(&cfg.store, idle.into())?)).await?;
             for line in done {
                 println!("{line}");
             }

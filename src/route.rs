@@ -16,17 +16,18 @@
 //! repeats messages but never effects.
 
 use crate::config::{Config, KafkaConfig};
-use crate::pipeline::{decode_message, serve_telemetry, until_shutdown, Decoded, RunError};
-use crate::sink::KafkaProducer;
-use crate::source::kafka::{
-    commit_offsets, consumer_config, ensure_topics, record_error, KafkaFailure, UPSTREAM_HEADER,
+use crate::kafka::{
+    commit_offsets, consumer_config, ensure_topics, record_error, Context, KafkaFailure, UPSTREAM_HEADER,
 };
+use crate::pipeline::RunError;
+use crate::shutdown::Shutdown;
+use crate::sink::KafkaProducer;
+use crate::source::{decode_message, Decoded};
 use crate::telemetry::{metrics, Health};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -66,8 +67,11 @@ pub fn entities(cfg: &Config, event: &serde_json::Value) -> BTreeSet<(String, St
         .collect()
 }
 
-/// Runs the router until `stop` is set.
-pub fn run(cfg: &Config, stop: &AtomicBool, health: &Arc<Health>) -> Result<RouteSummary, RunError> {
+/// The router's consumer: riskd's logs and metrics, nothing more.
+type RouterConsumer = BaseConsumer<Context<()>>;
+
+/// Runs the router until shutdown.
+pub fn run(cfg: &Config, stop: &Shutdown, health: &Arc<Health>) -> Result<RouteSummary, RunError> {
     let k: &KafkaConfig =
         cfg.kafka.as_ref().ok_or_else(|| RunError::Config("riskd route needs a [kafka] section".into()))?;
     if k.topics.is_empty() {
@@ -79,10 +83,11 @@ pub fn run(cfg: &Config, stop: &AtomicBool, health: &Arc<Health>) -> Result<Rout
     let routed: Vec<String> = types.iter().map(|t| k.routed_topic(t)).collect();
     ensure_topics(k, &routed, k.route_partitions)?;
     let producer = KafkaProducer::new(k, "routed")?;
-    crate::source::kafka::register_series(&k.topics, Some("routed"));
+    crate::kafka::register_series(&k.topics, Some("routed"));
     let group = format!("{}.route", k.group_id);
-    let consumer: BaseConsumer =
-        consumer_config(k, &group).create().map_err(|e| KafkaFailure::new("creating the router's consumer", e))?;
+    let consumer: RouterConsumer = consumer_config(k, &group)
+        .create_with_context(Context { watch: () })
+        .map_err(|e| KafkaFailure::new("creating the router's consumer", e))?;
     let names: Vec<&str> = k.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names).map_err(|e| KafkaFailure::new(format!("subscribing to {names:?}"), e))?;
     health.set_source(None);
@@ -92,7 +97,7 @@ pub fn run(cfg: &Config, stop: &AtomicBool, health: &Arc<Health>) -> Result<Rout
     let mut positions: BTreeMap<(String, i32), i64> = BTreeMap::new();
     let mut last_flush = Instant::now();
     let mut pending = 0u64;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_triggered() {
         match consumer.poll(Duration::from_millis(200)) {
             None => {}
             Some(Err(e)) => {
@@ -147,10 +152,10 @@ pub fn run(cfg: &Config, stop: &AtomicBool, health: &Arc<Health>) -> Result<Rout
 /// Waits for the broker to acknowledge what was produced, then commits the
 /// upstream offsets it came from (of partitions still held).
 fn commit(
-    consumer: &BaseConsumer,
+    consumer: &RouterConsumer,
     producer: &KafkaProducer,
     positions: &mut BTreeMap<(String, i32), i64>,
-    stop: &AtomicBool,
+    stop: &Shutdown,
     health: &Health,
 ) -> Result<(), RunError> {
     producer.flush(stop, &|problem| health.set_sink(problem))?;
@@ -165,17 +170,4 @@ fn commit(
     // A failed commit: messages are routed again, and scorers skip them.
     commit_offsets(consumer, &tpl, CommitMode::Sync);
     Ok(())
-}
-
-/// Runs the router until `shutdown` completes, serving `/metrics`,
-/// `/healthz` and `/readyz` meanwhile when the config names an address.
-pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<RouteSummary, RunError> {
-    let health = Health::new();
-    health.rules_loaded();
-    let server = match cfg.listen {
-        Some(addr) => Some(serve_telemetry(addr, &health, &crate::api::Api::new(None)).await?),
-        None => None,
-    };
-    let job = move |stop: Arc<AtomicBool>| run(&cfg, &stop, &health);
-    until_shutdown(job, shutdown, "flushing what was routed and committing", server).await
 }

@@ -9,9 +9,10 @@
 //! — so they survive restarts, are covered by the checkpoint, and work on
 //! every store. Risk alerts never add risk.
 
+use crate::alert::{Alert, EntityRef, Severity};
 use crate::event::format_time_ms;
-use crate::rules::{Alert, EntityRef, Rule, Severity};
-use crate::state::{check_dict_size, StateCache, StateError};
+use crate::rules::Rule;
+use crate::state::{check_dict_size, Access, StateCache, StateError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
@@ -172,45 +173,47 @@ pub enum Scored {
     Nothing,
 }
 
+/// The rule behind a contribution: what scoring needs of it.
+#[derive(Clone, Copy, Debug)]
+pub struct RiskSource<'a> {
+    /// The rule's id.
+    pub rule_id: &'a str,
+    /// Its risk points per alert.
+    pub risk: u32,
+    /// At most this many contributions of the rule per entity within one half-life.
+    pub cap: Option<u32>,
+}
+
 /// Adds `alert`'s risk to its entity; returns what happened, and a risk
-/// alert when the score crosses the threshold while armed. With `direct`,
-/// the entity's risk is changed in one atomic store update (its type has a
-/// rule whose keys are written from many places) instead of in the cache.
+/// alert when the score crosses the threshold while armed. `access` says
+/// whether the entity's risk is changed in the cache or in one atomic store
+/// update (its type has a rule whose keys are written from many places).
 pub fn contribute(
     cfg: &ScoringConfig,
     cache: &mut StateCache,
-    rule: &Rule,
+    access: Access,
+    source: &RiskSource<'_>,
     alert: &Alert,
     event: &Value,
     now: i64,
-    direct: bool,
 ) -> Result<(Scored, Option<Alert>), StateError> {
-    let points = f64::from(rule.risk) * cfg.multiplier(&alert.entity);
+    let points = f64::from(source.risk) * cfg.multiplier(&alert.entity);
     if points <= 0.0 {
         return Ok((Scored::Nothing, None));
     }
     let key = risk_key(&alert.entity);
-    let change = if direct {
-        let mut change = Err(StateError::Backend { store: "scoring", message: "risk update did not run".into() });
-        cache.store_mut().update(&key, now, &mut |r| {
-            change = add(cfg, rule, alert, event, now, points, &key, r.dict.as_ref());
-            // The new dictionary moves into the record; the rest of `change` stays.
-            let dict = change.as_mut().ok().and_then(|c| c.dict.take());
-            let changed = dict.is_some();
-            if changed {
-                r.dict = dict;
-            }
-            changed
-        })?;
-        change?
-    } else {
-        let current = cache.read(&key, now)?.and_then(|r| r.dict.as_ref());
-        let mut change = add(cfg, rule, alert, event, now, points, &key, current)?;
-        if let Some(d) = change.dict.take() {
-            cache.write(&key, now)?.dict = Some(d);
+    let mut change = Err(StateError::Backend { store: "scoring", message: "risk update did not run".into() });
+    cache.update(access, &key, now, &mut |r| {
+        change = add(cfg, source, alert, event, now, points, &key, r.dict.as_ref());
+        // The new dictionary moves into the record; the rest of `change` stays.
+        let dict = change.as_mut().ok().and_then(|c| c.dict.take());
+        let changed = dict.is_some();
+        if changed {
+            r.dict = dict;
         }
-        change
-    };
+        changed
+    })?;
+    let change = change?;
     // Metrics once the change is made (a store update may run `add` twice).
     let m = crate::telemetry::metrics();
     let t = alert.entity.type_.as_str();
@@ -246,7 +249,7 @@ struct Change {
 #[allow(clippy::too_many_arguments)]
 fn add(
     cfg: &ScoringConfig,
-    rule: &Rule,
+    source: &RiskSource<'_>,
     alert: &Alert,
     event: &Value,
     now: i64,
@@ -256,11 +259,11 @@ fn add(
 ) -> Result<Change, StateError> {
     let policy = cfg.policy(&alert.entity.type_);
     let mut state = RiskState::from_dict(dict);
-    if let Some(cap) = rule.risk_cap {
+    if let Some(cap) = source.cap {
         let recent = state
             .contributions
             .iter()
-            .filter(|c| c.rule_id == rule.id && c.event_time <= now && now - c.event_time < policy.half_life_ms)
+            .filter(|c| c.rule_id == source.rule_id && c.event_time <= now && now - c.event_time < policy.half_life_ms)
             .count();
         if recent >= cap as usize {
             return Ok(Change { scored: Scored::Capped, risk_alert: None, rearmed: false, dict: None });
@@ -274,7 +277,7 @@ fn add(
         state.armed = true;
     }
     state.contributions.push(Contribution {
-        rule_id: rule.id.clone(),
+        rule_id: source.rule_id.to_string(),
         points,
         event_time: now,
         alert_id: alert.alert_id.clone(),
@@ -515,8 +518,9 @@ mod tests {
         fn hit(&mut self, rule: &Rule, user: &str, t: i64) -> Scored {
             self.n += 1;
             let a = alert(rule, user, self.n);
-            let (scored, risk) =
-                contribute(&self.cfg, &mut self.cache, rule, &a, &Value::Null, t, self.direct).unwrap();
+            let source = RiskSource { rule_id: &rule.id, risk: rule.risk, cap: rule.risk_cap };
+            let access = Access::direct_if(self.direct);
+            let (scored, risk) = contribute(&self.cfg, &mut self.cache, access, &source, &a, &Value::Null, t).unwrap();
             self.risk_alerts.extend(risk);
             scored
         }

@@ -1,21 +1,16 @@
 //! Telemetry, defined in one place: every Prometheus metric riskd exports,
-//! the health state behind `/healthz` and `/readyz`, the HTTP endpoint, and
-//! logging.
+//! the health state behind `/readyz`, and logging. It knows no stage of
+//! riskd; [`crate::http`] serves it.
 //!
 //! Naming follows Prometheus: base units, counters end in `_total`,
 //! durations are histograms in seconds, and labels come from bounded sets
 //! (rule id, severity, entity type, store, operation, outcome) — never an
 //! entity id, a key or an error message.
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus::{
     exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
 };
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use tracing_subscriber::EnvFilter;
@@ -410,43 +405,6 @@ impl Health {
     fn publish(&self) {
         metrics().ready.set(i64::from(self.readiness().0));
     }
-}
-
-async fn metrics_handler() -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4")], metrics().render())
-}
-
-async fn healthz() -> impl IntoResponse {
-    "ok\n"
-}
-
-async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    match health.readiness() {
-        (true, _) => (StatusCode::OK, "ready\n".to_string()),
-        (false, reasons) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", reasons.join("; "))),
-    }
-}
-
-/// Serves `/metrics`, `/healthz`, `/readyz` and the read-only API on
-/// `addr` until the returned task is aborted. Binding errors are returned at once.
-pub async fn serve(
-    addr: SocketAddr,
-    health: Arc<Health>,
-    api: Arc<crate::api::Api>,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let app = axum::Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(health)
-        .merge(crate::api::routes(api));
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "telemetry endpoint stopped");
-        }
-    }))
 }
 
 /// Log line format.

@@ -4,6 +4,7 @@
 //! Secrets stay out of the file: a property value may name an environment
 //! variable as `${NAME}`, read at load time; such values are never logged.
 
+use crate::rules::Rule;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -220,6 +221,34 @@ fn resolve_env(value: &str) -> Result<String, String> {
     }
     out.push_str(rest);
     Ok(out)
+}
+
+impl KafkaConfig {
+    /// Rules whose entity is not what the raw topics are keyed by, and that
+    /// are not `consistency: direct`: their entity's events are spread over
+    /// partitions, so several instances would each hold part of its state
+    /// in their caches. (Routed topics are keyed by every rule's entity.)
+    pub fn key_warnings(&self, rules: &[Rule]) -> Vec<String> {
+        if self.consume == Consume::Routed {
+            return Vec::new();
+        }
+        let keyed = self.keyed_by.as_deref();
+        rules
+            .iter()
+            .filter(|r| r.enabled && !r.direct && keyed != Some(r.entity_type.as_str()))
+            .map(|r| {
+                let by = keyed
+                    .map_or("nothing riskd knows (kafka.keyed_by is not set)".to_string(), |k| format!("entity type {k}"));
+                format!(
+                    "rule {}: its entity ({}) is not what topics {} are keyed by ({by}), and it is not consistency: direct; \
+                     run `riskd route` and consume = \"routed\", or make it direct",
+                    r.id,
+                    r.entity_type,
+                    self.topics.join(", ")
+                )
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -11,10 +11,12 @@ mod rule_files;
 pub use kafka::{Consume, KafkaConfig, KafkaFile};
 pub use rule_files::Override;
 
+use crate::alert::Severity;
 use crate::event::{EventTime, FieldPath};
-use crate::rules::{Rule, Severity};
+use crate::rules::Rule;
 use crate::scoring::{default_bands, Modifier, ScoringConfig, TypePolicy};
 use crate::state::dynamodb::{DynamoConfig, DEFAULT_TABLE};
+pub use crate::state::StoreKind;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -373,17 +375,6 @@ impl Stream {
             Stream::File(base.join(text))
         }
     }
-}
-
-/// Which store holds state.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StoreKind {
-    /// In memory, gone at exit.
-    Memory,
-    /// redb file.
-    Embedded(PathBuf),
-    /// A DynamoDB table.
-    DynamoDb(DynamoConfig),
 }
 
 /// The validated configuration riskd runs with.

@@ -24,36 +24,46 @@
 //! The rebalance callback runs inside `poll`, on the job's thread; the job
 //! sits behind a mutex that the poll loop never holds while polling.
 
-use super::{
-    decode_message, open_outputs, Decoded, Job, JobSource, Origin, RetryPolicy, RunError, RunOptions, Summary,
-    READ_AHEAD,
-};
+use super::job::{Job, JobSource, Lane, Origin, Settings};
+use super::outputs::Outputs;
+use super::retry::RetryPolicy;
+use super::{RunError, RunOptions, Summary};
+use crate::alert::Alert;
 use crate::config::{Config, Consume, KafkaConfig};
-use crate::event::now_ms;
-use crate::event::Event;
-use crate::rules::{Alert, Engine, Outcome, Scope};
-use crate::sink::AlertProducer;
-use crate::source::kafka::{
-    commit_offsets, consumer_config, ensure_topics, log, partition_id, record_error, record_stats, KafkaFailure,
+use crate::event::{now_ms, Event};
+use crate::kafka::{
+    commit_offsets, consumer_config, ensure_topics, partition_id, record_error, Context, KafkaFailure, Watch,
     UPSTREAM_HEADER,
 };
+use crate::rules::{Outcome, Scope};
+use crate::shutdown::Shutdown;
+use crate::sink::AlertProducer;
+use crate::source::{decode_message, Decoded};
 use crate::state::{Checkpoint, SharedStore, StateCache, Store};
 use crate::telemetry::{metrics, Health};
-use rdkafka::client::ClientContext;
-use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
-use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// Messages read (and whose state is loaded in one batch) at a time.
+const READ_AHEAD: usize = 1024;
+
 /// The job and what the rebalance callback needs beside it.
 struct KafkaJob {
     job: Job,
+    /// With several lanes: an engine and cache per lane, each caching the
+    /// keys of its own entities; the job's own lane then only flushes
+    /// (their changes are moved into its cache first).
+    lanes: Vec<Lane>,
+    /// The position of each partition held, by source id, and which moved
+    /// since the last flush.
+    partitions: BTreeMap<String, Checkpoint>,
+    moved: BTreeSet<String>,
     kafka: KafkaConfig,
     /// The topics subscribed to.
     topics: Vec<String>,
@@ -73,14 +83,7 @@ struct KafkaJob {
     last_flush: Instant,
 }
 
-struct Settings {
-    max_line_bytes: usize,
-    event_time: crate::event::EventTime,
-    flush_every_events: u64,
-    flush_interval: Duration,
-}
-
-/// The consumer's context: rebalances, statistics, errors.
+/// The consumer's part of its context: rebalances and readiness.
 struct Ctx {
     shared: Arc<Mutex<KafkaJob>>,
     health: Arc<Health>,
@@ -94,39 +97,34 @@ fn lock(m: &Mutex<KafkaJob>) -> MutexGuard<'_, KafkaJob> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl ClientContext for Ctx {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        log(level, fac, message);
-    }
-    fn stats(&self, stats: Statistics) {
-        record_stats(&stats);
+impl Watch for Ctx {
+    fn brokers_up(&self) {
         // Brokers answer again: ready, unless something else holds it back.
-        if self.brokers_down.load(Ordering::Relaxed) && stats.brokers.values().any(|b| b.state == "UP") {
-            self.brokers_down.store(false, Ordering::Relaxed);
-            if self.scoring.load(Ordering::Relaxed) {
-                self.health.set_source(None);
-            }
+        if self.brokers_down.swap(false, Ordering::Relaxed) && self.scoring.load(Ordering::Relaxed) {
+            self.health.set_source(None);
         }
     }
-    fn error(&self, error: KafkaError, reason: &str) {
-        if record_error(&error, reason) {
-            self.brokers_down.store(true, Ordering::Relaxed);
-            self.health.set_source(Some(format!("kafka brokers unreachable: {reason}")));
-        }
+    fn brokers_down(&self, reason: &str) {
+        self.brokers_down.store(true, Ordering::Relaxed);
+        self.health.set_source(Some(format!("kafka brokers unreachable: {reason}")));
     }
 }
 
-impl ConsumerContext for Ctx {
-    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
-        let mut kj = lock(&self.shared);
+/// The consumer of `riskd run`.
+type ScoringConsumer = BaseConsumer<Context<Ctx>>;
+
+impl ConsumerContext for Context<Ctx> {
+    fn rebalance(&self, consumer: &ScoringConsumer, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let this = &self.watch;
+        let mut kj = lock(&this.shared);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 metrics().kafka_rebalances.with_label_values(&["assign"]).inc();
-                kj.assign(consumer, tpl, &self.health);
+                kj.assign(consumer, tpl, &this.health);
                 if let Err(e) = consumer.assign(tpl) {
                     kj.fail(KafkaFailure::new("taking the assigned partitions", e).into());
                 }
-                self.scoring.store(kj.failure.is_none() && kj.paused.is_none(), Ordering::Relaxed);
+                this.scoring.store(kj.failure.is_none() && kj.paused.is_none(), Ordering::Relaxed);
             }
             other => {
                 metrics().kafka_rebalances.with_label_values(&["revoke"]).inc();
@@ -134,7 +132,7 @@ impl ConsumerContext for Ctx {
                     tracing::error!(error = ?other, "rebalance failed; giving the partitions up");
                 }
                 kj.revoke(consumer);
-                self.scoring.store(false, Ordering::Relaxed);
+                this.scoring.store(false, Ordering::Relaxed);
                 if let Err(e) = consumer.unassign() {
                     tracing::warn!(error = %e, "unassign failed");
                 }
@@ -150,16 +148,37 @@ impl KafkaJob {
             self.failure = Some(e);
         }
         self.abandoned = true;
-        self.job.stop.store(true, Ordering::Relaxed);
+        self.job.shutdown().trigger();
     }
 
-    /// Flushes (alerts, state and positions), then commits the offsets.
-    fn flush_and_commit(&mut self, consumer: &BaseConsumer<Ctx>, mode: CommitMode) -> Result<(), RunError> {
-        self.job.flush()?;
+    /// Moves the lanes' changes into the job's cache, then flushes
+    /// (alerts, state and the positions of the partitions that moved).
+    fn flush(&mut self) -> Result<(), RunError> {
+        for lane in &mut self.lanes {
+            lane.publish_metrics();
+            self.job.main().cache.absorb(&mut lane.cache);
+        }
+        let moved: Vec<(String, Checkpoint)> =
+            self.moved.iter().filter_map(|id| self.partitions.get(id).map(|cp| (id.clone(), cp.clone()))).collect();
+        self.job.flush(&moved)?;
+        self.moved.clear();
+        if !self.lanes.is_empty() {
+            // The lanes hold the live copies.
+            self.job.main().cache.drop_clean();
+            for lane in &mut self.lanes {
+                lane.cache.trim();
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes, then commits the offsets.
+    fn flush_and_commit(&mut self, consumer: &ScoringConsumer, mode: CommitMode) -> Result<(), RunError> {
+        self.flush()?;
         self.since_flush = 0;
         self.last_flush = Instant::now();
         let mut tpl = TopicPartitionList::new();
-        for (id, cp) in &self.job.partitions {
+        for (id, cp) in &self.partitions {
             if cp.offset == 0 {
                 continue;
             }
@@ -172,15 +191,15 @@ impl KafkaJob {
         Ok(())
     }
 
-    fn revoke(&mut self, consumer: &BaseConsumer<Ctx>) {
+    fn revoke(&mut self, consumer: &ScoringConsumer) {
         if self.abandoned {
-            self.job.partitions.clear();
+            self.partitions.clear();
             return;
         }
-        if !self.job.partitions.is_empty() {
-            self.job.deadline = Some(Instant::now() + self.kafka.drain_timeout);
+        if !self.partitions.is_empty() {
+            self.job.set_deadline(Some(Instant::now() + self.kafka.drain_timeout));
             let flushed = self.flush_and_commit(consumer, CommitMode::Sync);
-            self.job.deadline = None;
+            self.job.set_deadline(None);
             if let Err(e) = flushed {
                 // Unflushed effects of partitions another member is about
                 // to replay: this process must never commit them.
@@ -188,40 +207,40 @@ impl KafkaJob {
                 return;
             }
         }
-        let n = self.job.partitions.len();
-        self.job.partitions.clear();
-        self.job.moved.clear();
-        self.job.engine.cache().forget();
-        for lane in &mut self.job.lanes {
-            lane.cache().forget();
+        let n = self.partitions.len();
+        self.partitions.clear();
+        self.moved.clear();
+        self.job.main().cache.forget();
+        for lane in &mut self.lanes {
+            lane.cache.forget();
         }
         metrics().kafka_partitions.set(0);
         tracing::info!(partitions = n, "partitions revoked: state flushed, offsets committed, cache dropped");
     }
 
-    fn assign(&mut self, consumer: &BaseConsumer<Ctx>, tpl: &mut TopicPartitionList, health: &Health) {
+    fn assign(&mut self, consumer: &ScoringConsumer, tpl: &mut TopicPartitionList, health: &Health) {
         if self.abandoned {
             return;
         }
         let held: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
-        self.job.deadline = Some(Instant::now() + self.kafka.drain_timeout);
+        self.job.set_deadline(Some(Instant::now() + self.kafka.drain_timeout));
         for (topic, partition) in &held {
             let id = partition_id(topic, *partition);
-            let found = self.job.retry("load checkpoint", |job| Ok(job.engine.cache().store().checkpoint(&id)?));
+            let found = self.job.retry("load checkpoint", |job| Ok(job.store().checkpoint(&id)?));
             match found {
                 Ok(Some(cp)) => {
                     if let Err(e) = tpl.set_partition_offset(topic, *partition, Offset::Offset(cp.offset as i64)) {
                         self.fail(KafkaFailure::new(format!("starting {id} at its checkpoint"), e).into());
                     }
-                    self.job.partitions.insert(id, cp);
+                    self.partitions.insert(id, cp);
                 }
                 Ok(None) => {
-                    self.job.partitions.insert(id, Checkpoint::default());
+                    self.partitions.insert(id, Checkpoint::default());
                 }
                 Err(e) => self.fail(e),
             }
         }
-        self.job.deadline = None;
+        self.job.set_deadline(None);
         // The flush interval counts from when scoring starts.
         self.last_flush = Instant::now();
         metrics().kafka_partitions.set(held.len() as i64);
@@ -234,7 +253,7 @@ impl KafkaJob {
                      but the {} store is local to one process (run one instance, or use the DynamoDB store)",
                     self.kafka.group_id,
                     held.len(),
-                    self.job.engine.cache().store().kind()
+                    self.job.store().kind()
                 );
                 if self.had_all {
                     tracing::error!("{why}; not scoring until this process holds every partition again");
@@ -265,7 +284,7 @@ impl KafkaJob {
         let mut items = Vec::with_capacity(batch.len());
         for m in batch {
             let id = partition_id(m.topic(), m.partition());
-            let Some(pos) = self.job.partitions.get(&id) else { continue };
+            let Some(pos) = self.partitions.get(&id) else { continue };
             let offset = m.offset();
             if offset < 0 || (offset as u64) < pos.offset {
                 metrics().kafka_skipped.with_label_values(&[m.topic()]).inc();
@@ -294,7 +313,7 @@ impl KafkaJob {
             return Ok(());
         }
         let ingest = now_ms();
-        let lanes = self.job.lanes.len().max(1);
+        let lanes = self.lanes.len().max(1);
         let decoded = parallel_map(&items, lanes, |it| {
             if it.repeat {
                 return Decoded::Blank;
@@ -311,11 +330,11 @@ impl KafkaJob {
             events.push(self.job.admit(&Origin { source: &it.id, line: it.offset }, it.payload, d, ingest)?);
         }
         let policy = self.job.retry_policy();
-        let engines = match self.job.lanes.as_mut_slice() {
-            [] => std::slice::from_mut(&mut self.job.engine),
+        let lanes = match self.lanes.as_mut_slice() {
+            [] => std::slice::from_mut(self.job.main()),
             lanes => lanes,
         };
-        let per_lane = evaluate(engines, &items, &events, &policy)?;
+        let per_lane = evaluate(lanes, &items, &events, &policy)?;
         let mut outcomes: Vec<(Outcome, Vec<Alert>)> = items.iter().map(|_| Default::default()).collect();
         for (i, outcome, alerts) in per_lane.into_iter().flatten() {
             let (o, a) = &mut outcomes[i];
@@ -330,15 +349,15 @@ impl KafkaJob {
                 self.job.emit(&Origin { source: &it.id, line: it.offset }, it.payload, outcome, &mut alerts)?;
             }
             // Applied: the partition's position moves past it.
-            let watermark = self.job.position.watermark_ms;
-            if let Some(pos) = self.job.partitions.get_mut(&it.id) {
+            let watermark = self.job.position().watermark_ms;
+            if let Some(pos) = self.partitions.get_mut(&it.id) {
                 pos.offset = it.offset + 1;
                 pos.watermark_ms = pos.watermark_ms.max(watermark);
                 if let Some((k, o)) = it.upstream {
                     pos.upstream.insert(k, o);
                 }
             }
-            self.job.moved.insert(it.id);
+            self.moved.insert(it.id);
             self.since_flush += 1;
         }
         Ok(())
@@ -348,8 +367,8 @@ impl KafkaJob {
         self.since_flush > 0
             && (self.since_flush >= self.settings.flush_every_events
                 || self.last_flush.elapsed() >= self.settings.flush_interval
-                || self.job.engine.cache().over_bounds()
-                || self.job.lanes.iter_mut().any(|l| l.cache().over_bounds()))
+                || self.job.main().cache.over_bounds()
+                || self.lanes.iter().any(|l| l.cache.over_bounds()))
     }
 }
 
@@ -375,21 +394,21 @@ type LaneResults = Vec<(usize, Outcome, Vec<Alert>)>;
 /// Several lanes run on threads of their own; a store failure is retried
 /// in the lane (events of a lane are never skipped or applied twice).
 fn evaluate(
-    engines: &mut [Engine],
+    engines: &mut [Lane],
     items: &[Item<'_>],
     events: &[Option<Event>],
     policy: &RetryPolicy,
 ) -> Result<Vec<LaneResults>, RunError> {
     let lanes = engines.len();
-    let run_lane = |lane: usize, engine: &mut Engine| -> Result<LaneResults, RunError> {
+    let run_lane = |lane: usize, engine: &mut Lane| -> Result<LaneResults, RunError> {
         let scope = |i: usize| {
             let s = Scope { entity: items[i].entity, lane: (lanes > 1).then_some((lane, lanes)) };
             (s != Scope::default()).then_some(s)
         };
-        if engine.cache().store().batched_reads() {
+        if engine.cache.store().batched_reads() {
             let wanted: Vec<(&Event, Option<Scope<'_>>)> =
                 events.iter().enumerate().filter_map(|(i, e)| e.as_ref().map(|e| (e, scope(i)))).collect();
-            policy.run("load state", || Ok(engine.prefetch(&wanted)?))?;
+            policy.run("load state", || engine.prefetch(&wanted))?;
         }
         let mut out = Vec::new();
         for (i, event) in events.iter().enumerate() {
@@ -397,7 +416,7 @@ fn evaluate(
             let mut alerts = Vec::new();
             let outcome = policy.run("load state", || {
                 alerts.clear();
-                Ok(engine.process(event, scope(i), &mut alerts)?)
+                engine.process(event, scope(i), &mut alerts)
             })?;
             if outcome.matched > 0 || !outcome.problems.is_empty() || !alerts.is_empty() {
                 out.push((i, outcome, alerts));
@@ -446,7 +465,7 @@ fn upstream_of(m: &BorrowedMessage<'_>) -> Option<(String, i64)> {
 }
 
 /// Partitions of the subscribed topics, as the brokers' metadata says.
-fn total_partitions(consumer: &BaseConsumer<Ctx>, topics: &[String]) -> usize {
+fn total_partitions(consumer: &ScoringConsumer, topics: &[String]) -> usize {
     match consumer.fetch_metadata(None, Duration::from_secs(10)) {
         Ok(md) => {
             md.topics().iter().filter(|t| topics.iter().any(|s| s == t.name())).map(|t| t.partitions().len()).sum()
@@ -459,7 +478,7 @@ fn total_partitions(consumer: &BaseConsumer<Ctx>, topics: &[String]) -> usize {
 }
 
 /// The topics `riskd run` subscribes to.
-pub fn subscribed_topics(cfg: &Config, k: &KafkaConfig) -> Vec<String> {
+fn subscribed_topics(cfg: &Config, k: &KafkaConfig) -> Vec<String> {
     match k.consume {
         Consume::Raw => k.topics.clone(),
         Consume::Routed => {
@@ -471,18 +490,72 @@ pub fn subscribed_topics(cfg: &Config, k: &KafkaConfig) -> Vec<String> {
     }
 }
 
-/// Runs the main job from Kafka until `stop` is set.
-pub fn run(
+/// Runs the main job from Kafka until shutdown.
+pub(super) fn run(
     cfg: Config,
     opts: RunOptions,
     store: Box<dyn Store>,
-    stop: Arc<AtomicBool>,
+    shutdown: Shutdown,
     health: Arc<Health>,
 ) -> Result<Summary, RunError> {
     let k = cfg.kafka.clone().ok_or_else(|| RunError::Config("source.kind = \"kafka\" needs [kafka]".into()))?;
-    for w in crate::tuning::check::topic_key_warnings(&k, &cfg.rules) {
+    for w in k.key_warnings(&cfg.rules) {
         tracing::warn!("{w}");
     }
+    let topics = subscribed_topics(&cfg, &k);
+    let consumer = start(&cfg, opts, store, &topics, shutdown.clone(), Arc::clone(&health))?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names).map_err(|e| KafkaFailure::new(format!("subscribing to {names:?}"), e))?;
+    health.set_source(Some(format!("waiting for partitions of {names:?} from group {:?}", k.group_id)));
+    tracing::info!(topics = ?names, group = %k.group_id, "consuming");
+    let shared = Arc::clone(&consumer.context().watch.shared);
+    let result = pump(&consumer, &shared, &shutdown, &health);
+    let outcome = {
+        let mut kj = lock(&shared);
+        let failed = match result {
+            Err(e) => Some(e),
+            Ok(()) => kj.failure.take(),
+        };
+        let drained = match failed {
+            Some(e) => Err(e),
+            None => {
+                // Draining: commit what is applied, within the drain timeout.
+                kj.job.set_deadline(Some(Instant::now() + k.drain_timeout));
+                kj.flush_and_commit(&consumer, CommitMode::Sync)
+            }
+        };
+        match drained {
+            Ok(()) => {
+                kj.partitions.clear();
+                Ok(kj.job.summary().clone())
+            }
+            Err(e) => {
+                // What is not committed must never be: not even by the
+                // revoke that leaving the group runs below.
+                kj.abandoned = true;
+                Err(e)
+            }
+        }
+    };
+    // Leaving the group: the revoke callback finds nothing left to flush.
+    drop(consumer);
+    if outcome.is_ok() {
+        tracing::info!("left the consumer group");
+    }
+    outcome
+}
+
+/// Sets the job up (outputs, alerts topic, lanes) and creates the consumer
+/// whose context holds it.
+fn start(
+    cfg: &Config,
+    opts: RunOptions,
+    store: Box<dyn Store>,
+    topics: &[String],
+    shutdown: Shutdown,
+    health: Arc<Health>,
+) -> Result<ScoringConsumer, RunError> {
+    let k = cfg.kafka.clone().ok_or_else(|| RunError::Config("source.kind = \"kafka\" needs [kafka]".into()))?;
     let local_store = !store.batched_reads();
     // File outputs are cut back to what the state covers only where one
     // process owns both: a local store. With a shared store each process
@@ -492,19 +565,8 @@ pub fn run(
         Some(id) => store.checkpoint(id)?.unwrap_or_default(),
         None => Checkpoint::default(),
     };
-    let mut outputs = open_outputs(&cfg, &opts, &cp)?;
-    if let Some(topic) = &k.alerts_topic {
-        ensure_topics(&k, std::slice::from_ref(topic), k.route_partitions)?;
-        outputs.producer = Some(AlertProducer::new(&k, topic)?);
-    }
-    let topics = subscribed_topics(&cfg, &k);
-    crate::source::kafka::register_series(&topics, k.alerts_topic.as_ref().map(|_| "alert"));
-    let settings = Settings {
-        max_line_bytes: cfg.max_line_bytes,
-        event_time: cfg.event_time.clone(),
-        flush_every_events: cfg.flush_every_events,
-        flush_interval: cfg.flush_interval,
-    };
+    let outputs = Outputs::open(cfg, &opts, &cp)?;
+    crate::kafka::register_series(topics, k.alerts_topic.as_ref().map(|_| "alert"));
     let source = JobSource { name: format!("kafka {}", topics.join(",")), id: source_id, kind: "kafka", position: cp };
     // Lanes: entities spread by hash over engines applying in parallel, all
     // over one store. A rule with its own dedup key may share that key
@@ -521,52 +583,69 @@ pub fn run(
     } else {
         (store, None)
     };
-    let (rules, scoring) = (Arc::clone(&cfg.rules), Arc::new(cfg.scoring.clone()));
-    let (max_entries, max_bytes) = (cfg.cache_max_entries, cfg.cache_max_bytes);
-    let mut job = Job::new(cfg, opts, store, outputs, source, (Arc::clone(&stop), Arc::clone(&health)));
-    if let Some(shared) = &shared {
-        job.lanes = (0..lanes)
-            .map(|_| {
-                let cache = StateCache::with_bounds(Box::new(shared.clone()), max_entries / lanes, max_bytes / lanes);
-                Engine::new(Arc::clone(&rules), Arc::clone(&scoring), cache)
-            })
-            .collect();
+    let mut job = Job::new(cfg, opts.reloads, store, outputs, source, (shutdown, Arc::clone(&health)));
+    if let Some(topic) = &k.alerts_topic {
+        ensure_topics(&k, std::slice::from_ref(topic), k.route_partitions)?;
+        job.add_producer(AlertProducer::new(&k, topic)?);
     }
-    tracing::info!(lanes, "lanes");
-    job.shared_watermark = !local_store;
-    let shared = Arc::new(Mutex::new(KafkaJob {
+    let lanes: Vec<Lane> = match &shared {
+        None => Vec::new(),
+        Some(shared) => (0..lanes)
+            .map(|_| {
+                let bounds = (cfg.cache_max_entries / lanes, cfg.cache_max_bytes / lanes);
+                job.lane(StateCache::with_bounds(Box::new(shared.clone()), bounds.0, bounds.1))
+            })
+            .collect(),
+    };
+    tracing::info!(lanes = lanes.len().max(1), "lanes");
+    if !local_store {
+        job.share_watermark();
+    }
+    let kj = KafkaJob {
         job,
+        lanes,
+        partitions: BTreeMap::new(),
+        moved: BTreeSet::new(),
         kafka: k.clone(),
-        topics: topics.clone(),
+        topics: topics.to_vec(),
         local_store,
         had_all: false,
         paused: None,
         failure: None,
         abandoned: false,
-        settings,
+        settings: Settings::new(cfg),
         since_flush: 0,
         last_flush: Instant::now(),
-    }));
+    };
     let ctx = Ctx {
-        shared: Arc::clone(&shared),
-        health: Arc::clone(&health),
+        shared: Arc::new(Mutex::new(kj)),
+        health,
         brokers_down: AtomicBool::new(false),
         scoring: AtomicBool::new(false),
     };
-    let consumer: BaseConsumer<Ctx> = consumer_config(&k, &k.group_id)
-        .create_with_context(ctx)
-        .map_err(|e| KafkaFailure::new("creating the consumer", e))?;
-    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&names).map_err(|e| KafkaFailure::new(format!("subscribing to {names:?}"), e))?;
-    health.set_source(Some(format!("waiting for partitions of {names:?} from group {:?}", k.group_id)));
-    tracing::info!(topics = ?names, group = %k.group_id, "consuming");
+    Ok(consumer_config(&k, &k.group_id)
+        .create_with_context(Context { watch: ctx })
+        .map_err(|e| KafkaFailure::new("creating the consumer", e))?)
+}
+
+/// Polls batches and applies them until shutdown or a failure.
+fn pump(
+    consumer: &ScoringConsumer,
+    shared: &Mutex<KafkaJob>,
+    shutdown: &Shutdown,
+    health: &Health,
+) -> Result<(), RunError> {
     // Lanes meet at the end of each batch: larger batches, fewer meetings.
-    let ahead = if local_store && lanes == 1 { 256 } else { READ_AHEAD };
-    let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(ahead);
-    let result = loop {
-        if stop.load(Ordering::Relaxed) {
-            break Ok(());
+    let ahead = {
+        let kj = lock(shared);
+        if kj.local_store && kj.lanes.is_empty() {
+            256
+        } else {
+            READ_AHEAD
         }
+    };
+    let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(ahead);
+    while !shutdown.is_triggered() {
         batch.clear();
         let mut wait = Duration::from_millis(200);
         while batch.len() < ahead {
@@ -580,61 +659,25 @@ pub fn run(
             }
             wait = Duration::ZERO;
         }
-        if !batch.is_empty() && consumer.context().brokers_down.swap(false, Ordering::Relaxed) {
+        if !batch.is_empty() && consumer.context().watch.brokers_down.swap(false, Ordering::Relaxed) {
             health.set_source(None);
         }
-        let mut kj = lock(&shared);
+        let mut kj = lock(shared);
         if let Some(e) = kj.failure.take() {
-            break Err(e);
+            return Err(e);
         }
         if kj.abandoned {
-            break Err(RunError::Task("the job was abandoned".into()));
+            return Err(RunError::Task("the job was abandoned".into()));
         }
-        let step = kj.job.reload().and_then(|()| kj.apply(&batch));
-        if let Err(e) = step {
-            break Err(e);
-        }
+        let kj = &mut *kj;
+        kj.job.reload(&mut kj.lanes)?;
+        kj.apply(&batch)?;
         if kj.flush_due() {
-            if let Err(e) = kj.flush_and_commit(&consumer, CommitMode::Async) {
-                break Err(e);
-            }
+            kj.flush_and_commit(consumer, CommitMode::Async)?;
         }
         if kj.since_flush % 1024 == 0 {
-            kj.job.engine.publish_metrics();
+            kj.job.main().publish_metrics();
         }
-    };
-    drop(batch);
-    let outcome = {
-        let mut kj = lock(&shared);
-        let failed = match result {
-            Err(e) => Some(e),
-            Ok(()) => kj.failure.take(),
-        };
-        let drained = match failed {
-            Some(e) => Err(e),
-            None => {
-                // Draining: commit what is applied, within the drain timeout.
-                kj.job.deadline = Some(Instant::now() + k.drain_timeout);
-                kj.flush_and_commit(&consumer, CommitMode::Sync)
-            }
-        };
-        match drained {
-            Ok(()) => {
-                kj.job.partitions.clear();
-                Ok(kj.job.summary.clone())
-            }
-            Err(e) => {
-                // What is not committed must never be: not even by the
-                // revoke that leaving the group runs below.
-                kj.abandoned = true;
-                Err(e)
-            }
-        }
-    };
-    // Leaving the group: the revoke callback finds nothing left to flush.
-    drop(consumer);
-    if outcome.is_ok() {
-        tracing::info!("left the consumer group");
     }
-    outcome
+    Ok(())
 }

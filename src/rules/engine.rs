@@ -1,16 +1,16 @@
 //! Evaluation: every enabled rule, in a fixed order, on each event; state
 //! through the write-back cache; alerts de-duplicated on event time.
 
-use super::{Form, OnFire, Rule, Severity};
+use super::{Form, OnFire, Rule};
+use crate::alert::{Alert, EntityRef};
 use crate::event::{format_time_ms, parse_time_ms, scalar_string, Event, FieldPath};
 use crate::scoring::{self, Scored, ScoringConfig};
 use crate::state::{
-    self, check_dict_size, join_key, Expiry, Record, StateCache, StateError, DEDUP_PREFIX, RISK_PREFIX,
+    self, check_dict_size, join_key, Access, Record, StateCache, StateError, DEDUP_PREFIX, RISK_PREFIX,
 };
 use crate::telemetry::metrics;
 use hashbrown::HashMap;
 use prometheus::{Histogram, IntCounter};
-use serde::Serialize;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 
@@ -19,41 +19,6 @@ const ALERT_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6a0b_8d2e_51c4_4f0e_
 
 /// Alerts never list more values of a set than this.
 const MAX_LISTED_VALUES: usize = 50;
-
-/// The entity an alert is about.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct EntityRef {
-    /// Entity type.
-    #[serde(rename = "type")]
-    pub type_: String,
-    /// Entity id.
-    pub id: String,
-}
-
-/// An alert, as written to the alert sinks (one JSON object per line).
-#[derive(Clone, Debug, Serialize)]
-pub struct Alert {
-    /// Deterministic id: the same event firing the same rule gives the same id.
-    pub alert_id: String,
-    /// The rule that fired.
-    pub rule_id: String,
-    /// The rule's title.
-    pub title: String,
-    /// The rule's severity.
-    pub severity: Severity,
-    /// Whom it is about.
-    pub entity: EntityRef,
-    /// Event time of the event that fired (RFC 3339).
-    pub event_time: String,
-    /// Risk points.
-    pub risk: u32,
-    /// Key its dedup window is kept under.
-    pub dedup_key: String,
-    /// The state values that led to the alert, and the rule's context fields.
-    pub context: Value,
-    /// The triggering event.
-    pub event: Value,
-}
 
 /// Something a rule could not do with an event (a field it needs is absent,
 /// a value is too large). The event is reported and that rule skips it.
@@ -78,14 +43,16 @@ pub struct Outcome {
     pub problems: Vec<Problem>,
 }
 
-/// The rule engine of one lane: its rules and its state.
+/// The rule engine of one lane: its rules, evaluated over a state cache the
+/// caller owns and hands in.
 pub struct Engine {
     rules: Arc<Vec<Rule>>,
     scoring: Arc<ScoringConfig>,
-    cache: StateCache,
-    /// Entity types with a `direct` rule: their risk keys are written from
-    /// many places, so every rule changes them directly in the store.
-    direct_types: Vec<String>,
+    /// Per rule: how its state and dedup window are changed, and how its
+    /// entity's risk is (an entity type with a `direct` rule has its risk
+    /// keys written from many places, so every rule changes them directly
+    /// in the store). Chosen once per rule.
+    access: Vec<RuleAccess>,
     /// Scratch buffer for state keys: no allocation per evaluation.
     key: String,
     /// Per event: the matched rules (index, entity id) and the keys to load.
@@ -100,6 +67,30 @@ pub struct Engine {
     rule_metrics: Vec<RuleMetrics>,
     /// Per-rule replay figures, when enabled.
     stats: Option<Vec<RuleStats>>,
+}
+
+/// How one rule's keys are changed.
+#[derive(Clone, Copy)]
+struct RuleAccess {
+    /// Its state and dedup window.
+    state: Access,
+    /// Its entity's risk.
+    risk: Access,
+}
+
+/// What one rule makes of an event ([`verdict`]).
+enum Verdict {
+    /// Not evaluated: with lanes, the entity is another lane's.
+    Elsewhere,
+    /// Evaluated; the match did not hold.
+    NoMatch,
+    /// Matched, but the entity is not in scope (another lane's, or not the
+    /// routed entity).
+    OutOfScope,
+    /// Matched, but the rule cannot apply it (entity id absent or too long).
+    Problem(String),
+    /// Matched, for this entity.
+    Match(String),
 }
 
 /// A rule's metric handles, resolved once.
@@ -189,15 +180,14 @@ impl From<StateError> for Skip {
 
 impl Engine {
     /// An engine over compiled rules (evaluated in the given order).
-    pub fn new(rules: Arc<Vec<Rule>>, scoring: Arc<ScoringConfig>, cache: StateCache) -> Self {
+    pub fn new(rules: Arc<Vec<Rule>>, scoring: Arc<ScoringConfig>) -> Self {
         let rule_metrics = rule_metrics(&rules);
         Self {
             counts: vec![(0, 0); rules.len()],
             elapsed: vec![std::time::Duration::ZERO; rules.len()],
-            direct_types: direct_types(&rules),
+            access: access(&rules),
             rules,
             scoring,
-            cache,
             key: String::new(),
             matched: Vec::new(),
             keys: Vec::new(),
@@ -211,14 +201,19 @@ impl Engine {
     /// of a rule whose [`Rule::state_shape`] changed, or that is gone, is
     /// removed, so that it starts fresh; every other rule keeps its state.
     /// Returns the ids of the rules that start fresh.
-    pub fn set_rules(&mut self, rules: Arc<Vec<Rule>>, scoring: Arc<ScoringConfig>) -> Result<Vec<String>, StateError> {
+    pub fn set_rules(
+        &mut self,
+        cache: &mut StateCache,
+        rules: Arc<Vec<Rule>>,
+        scoring: Arc<ScoringConfig>,
+    ) -> Result<Vec<String>, StateError> {
         self.publish_metrics();
         let mut fresh = Vec::new();
         for old in self.rules.iter() {
             let shared = old.namespace != old.id;
             let same = rules.iter().find(|r| r.id == old.id).is_some_and(|r| r.state_shape() == old.state_shape());
             if !same && !shared {
-                let n = self.cache.purge_prefix(&format!("{}/", old.namespace))?;
+                let n = cache.purge_prefix(&format!("{}/", old.namespace))?;
                 tracing::info!(rule = %old.id, keys = n, "rule state starts fresh: its state shape changed or it is gone");
                 fresh.push(old.id.clone());
             }
@@ -226,7 +221,7 @@ impl Engine {
         self.counts = vec![(0, 0); rules.len()];
         self.elapsed = vec![std::time::Duration::ZERO; rules.len()];
         self.rule_metrics = rule_metrics(&rules);
-        self.direct_types = direct_types(&rules);
+        self.access = access(&rules);
         self.stats = self.stats.as_ref().map(|_| vec![RuleStats::default(); rules.len()]);
         self.rules = rules;
         self.scoring = scoring;
@@ -243,17 +238,13 @@ impl Engine {
         self.stats.as_deref()
     }
 
-    /// The state cache.
-    pub fn cache(&mut self) -> &mut StateCache {
-        &mut self.cache
-    }
-
     /// Applies one event; alerts are appended to `alerts`. Only a failing
     /// store is an error, and then nothing of the event has been applied:
     /// every key it needs is loaded first, so the caller may retry it.
     /// Problems with the event are in the outcome.
     pub fn process(
         &mut self,
+        cache: &mut StateCache,
         event: &Event,
         scope: Option<Scope<'_>>,
         alerts: &mut Vec<Alert>,
@@ -265,23 +256,17 @@ impl Engine {
         // Phase 1: which rules match, for which entity; load their keys.
         self.matched.clear();
         self.keys.clear();
-        let by_lane = scope.is_some_and(|s| s.lane.is_some());
-        for (i, rule) in self.rules.iter().enumerate().filter(|(_, r)| r.enabled && Scope::admits_type(scope, r)) {
-            // With lanes, another lane's entities are skipped before any
-            // condition is evaluated.
-            let known = by_lane.then(|| rule.entity_key.lookup(&event.value).and_then(scalar_string));
-            if let Some(id) = &known {
-                if !Scope::admits_entity(scope, rule, id.as_deref()) {
-                    continue;
-                }
+        let rules = Arc::clone(&self.rules);
+        for (i, rule, verdict) in verdicts(&rules, event, scope) {
+            if matches!(verdict, Verdict::Elsewhere) {
+                continue;
             }
             self.counts[i].0 += 1;
-            let matched = rule.matcher.eval(&event.value, &[]);
             if let Some(t) = timer.as_mut() {
                 self.elapsed[i] += t.elapsed();
                 *t = std::time::Instant::now();
             }
-            if !matched {
+            if matches!(verdict, Verdict::NoMatch) {
                 continue;
             }
             self.counts[i].1 += 1;
@@ -289,33 +274,15 @@ impl Engine {
             if let Some(stats) = self.stats.as_mut() {
                 stats[i].matches += 1;
             }
-            let id = match known {
-                Some(id) => id,
-                None => rule.entity_key.lookup(&event.value).and_then(scalar_string),
+            let entity_id = match verdict {
+                Verdict::Match(id) => id,
+                Verdict::Problem(message) => {
+                    out.problems.push(Problem { rule_id: rule.id.clone(), message });
+                    continue;
+                }
+                _ => continue,
             };
-            let Some(entity_id) = id else {
-                out.problems.push(Problem {
-                    rule_id: rule.id.clone(),
-                    message: format!("entity key field {} is absent or not a scalar", rule.entity_key),
-                });
-                continue;
-            };
-            if entity_id.len() > MAX_ID_BYTES {
-                out.problems.push(Problem {
-                    rule_id: rule.id.clone(),
-                    message: format!(
-                        "entity key field {} is {} bytes, over the {MAX_ID_BYTES}-byte limit of an id in a state key",
-                        rule.entity_key,
-                        entity_id.len()
-                    ),
-                });
-                continue;
-            }
-            if !Scope::admits_entity(scope, rule, Some(&entity_id)) {
-                continue;
-            }
-            let risk_direct = self.direct_types.contains(&rule.entity_type);
-            needed_keys(&mut self.cache, &mut self.key, rule, risk_direct, &entity_id, &event.value, &mut self.keys);
+            needed_keys(cache, &mut self.key, rule, self.access[i], &entity_id, &event.value, &mut self.keys);
             if let Some(stats) = self.stats.as_mut() {
                 stats[i].entities_matched.insert(entity_id.clone());
             }
@@ -327,14 +294,13 @@ impl Engine {
         }
         if !self.keys.is_empty() {
             let keys: Vec<&str> = self.keys.iter().map(String::as_str).collect();
-            self.cache.prefetch(&keys)?;
+            cache.prefetch(&keys)?;
         }
         // Phase 2: apply, in rule order; every key is in the cache now.
         let matched = std::mem::take(&mut self.matched);
-        let rules = Arc::clone(&self.rules);
         for (i, entity_id) in &matched {
             let rule = &rules[*i];
-            if let Err(e) = self.apply(*i, rule, entity_id, event, alerts, &mut out) {
+            if let Err(e) = self.apply(cache, *i, rule, entity_id, event, alerts, &mut out) {
                 self.matched = matched;
                 return Err(e);
             }
@@ -351,27 +317,23 @@ impl Engine {
     /// Loads, in one store read, every key that the rules matching these
     /// events will need and the cache lacks: for a remote store, one batch
     /// of requests for many events instead of one per event.
-    pub fn prefetch(&mut self, events: &[(&Event, Option<Scope<'_>>)]) -> Result<(), StateError> {
+    pub fn prefetch(
+        &mut self,
+        cache: &mut StateCache,
+        events: &[(&Event, Option<Scope<'_>>)],
+    ) -> Result<(), StateError> {
         let mut keys = Vec::new();
         for (event, scope) in events {
-            for rule in self.rules.iter().filter(|r| r.enabled && Scope::admits_type(*scope, r)) {
-                let Some(entity_id) = rule.entity_key.lookup(&event.value).and_then(scalar_string) else { continue };
-                if entity_id.len() > MAX_ID_BYTES {
-                    continue;
-                }
-                if !Scope::admits_entity(*scope, rule, Some(&entity_id)) {
-                    continue;
-                }
-                if rule.matcher.eval(&event.value, &[]) {
-                    let risk_direct = self.direct_types.contains(&rule.entity_type);
-                    needed_keys(&mut self.cache, &mut self.key, rule, risk_direct, &entity_id, &event.value, &mut keys);
+            for (i, rule, verdict) in verdicts(&self.rules, event, *scope) {
+                if let Verdict::Match(entity_id) = verdict {
+                    needed_keys(cache, &mut self.key, rule, self.access[i], &entity_id, &event.value, &mut keys);
                 }
             }
         }
         keys.sort_unstable();
         keys.dedup();
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        self.cache.prefetch(&keys)
+        cache.prefetch(&keys)
     }
 
     fn observe(&mut self, sampled: bool) {
@@ -391,11 +353,12 @@ impl Engine {
             m.matches.inc_by(c.1);
             *c = (0, 0);
         }
-        self.cache.publish_metrics();
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn apply(
         &mut self,
+        cache: &mut StateCache,
         rule_index: usize,
         rule: &Rule,
         entity_id: &str,
@@ -407,20 +370,16 @@ impl Engine {
         join_key(&mut self.key, [&rule.namespace, &rule.entity_type, entity_id]);
         let key = self.key.as_str();
         let mut reached = None;
+        let access = self.access[rule_index];
         let result = if matches!(rule.form, Form::Stateless) {
             apply_form(&mut Record::default(), rule, key, event, &mut reached)
-        } else if rule.direct {
+        } else {
             let mut result = Ok(None);
-            let stored = self.cache.store_mut().update(key, event.time_ms, &mut |r| {
+            let stored = cache.update(access.state, key, event.time_ms, &mut |r| {
                 result = apply_form(r, rule, key, event, &mut reached);
                 result.is_ok()
             });
             stored.map_err(Skip::State).and(result)
-        } else {
-            match self.cache.write(key, event.time_ms) {
-                Ok(r) => apply_form(r, rule, key, event, &mut reached),
-                Err(e) => Err(Skip::State(e)),
-            }
         };
         if let (Some(stats), Some(v)) = (self.stats.as_mut(), reached) {
             let peak = stats[rule_index].peaks.entry(key.to_string()).or_insert(0);
@@ -451,14 +410,10 @@ impl Engine {
             };
         }
         if decision.reset {
-            if rule.direct {
-                self.cache.store_mut().update(key, event.time_ms, &mut |r| {
-                    *r = Record::default();
-                    true
-                })?;
-            } else {
-                self.cache.delete(key, event.time_ms)?;
-            }
+            cache.update(access.state, key, event.time_ms, &mut |r| {
+                *r = Record::default();
+                true
+            })?;
         }
         let Some(dedup_key) = dedup_key(rule, entity_id, &event.value) else {
             let path = rule.dedup_key.as_ref().map(FieldPath::as_str).unwrap_or_default();
@@ -467,26 +422,16 @@ impl Engine {
             return Ok(());
         };
         let dedup_state = state::key([DEDUP_PREFIX, &rule.id, &dedup_key]);
-        let seen = if rule.direct {
-            // One atomic change: count the alert, opening the window on the first.
-            let mut seen = false;
-            self.cache.store_mut().update(&dedup_state, event.time_ms, &mut |r| {
-                seen = r.count > 0;
-                r.count += 1;
-                if !seen {
-                    r.expires_at_ms = Some(event.time_ms.saturating_add(rule.dedup_window_ms));
-                }
-                true
-            })?;
-            seen
-        } else if self.cache.read(&dedup_state, event.time_ms)?.is_some() {
-            self.cache.increment_counter(&dedup_state, 1, event.time_ms)?;
+        // One change: count the alert, opening the window on the first.
+        let mut seen = false;
+        cache.update(access.state, &dedup_state, event.time_ms, &mut |r| {
+            seen = r.count > 0;
+            r.count = r.count.saturating_add(1);
+            if !seen {
+                r.expires_at_ms = Some(event.time_ms.saturating_add(rule.dedup_window_ms));
+            }
             true
-        } else {
-            self.cache.increment_counter(&dedup_state, 1, event.time_ms)?;
-            self.cache.set_key_expiration(&dedup_state, Expiry::After(rule.dedup_window_ms), event.time_ms)?;
-            false
-        };
+        })?;
         if seen {
             out.suppressed += 1;
             if let Some(stats) = self.stats.as_mut() {
@@ -510,16 +455,9 @@ impl Engine {
             context: Value::Object(context),
             event: event.value.clone(),
         };
-        let risk_direct = self.direct_types.contains(&rule.entity_type);
-        let (scored, risk_alert) = scoring::contribute(
-            &self.scoring,
-            &mut self.cache,
-            rule,
-            &alert,
-            &event.value,
-            event.time_ms,
-            risk_direct,
-        )?;
+        let source = scoring::RiskSource { rule_id: &rule.id, risk: rule.risk, cap: rule.risk_cap };
+        let (scored, risk_alert) =
+            scoring::contribute(&self.scoring, cache, access.risk, &source, &alert, &event.value, event.time_ms)?;
         if scored == Scored::Capped {
             out.capped += 1;
         }
@@ -533,12 +471,62 @@ impl Engine {
     }
 }
 
-fn direct_types(rules: &[Rule]) -> Vec<String> {
-    let mut types: Vec<String> =
-        rules.iter().filter(|r| r.enabled && r.direct).map(|r| r.entity_type.clone()).collect();
-    types.sort();
-    types.dedup();
-    types
+fn access(rules: &[Rule]) -> Vec<RuleAccess> {
+    let direct_types: Vec<&str> =
+        rules.iter().filter(|r| r.enabled && r.direct).map(|r| r.entity_type.as_str()).collect();
+    rules
+        .iter()
+        .map(|r| RuleAccess {
+            state: Access::direct_if(r.direct),
+            risk: Access::direct_if(direct_types.contains(&r.entity_type.as_str())),
+        })
+        .collect()
+}
+
+/// What each enabled rule of `scope`'s entity type makes of `event`, in
+/// rule order. With lanes, another lane's entities are passed over before
+/// any condition is evaluated.
+fn verdicts<'r>(
+    rules: &'r [Rule],
+    event: &'r Event,
+    scope: Option<Scope<'r>>,
+) -> impl Iterator<Item = (usize, &'r Rule, Verdict)> + 'r {
+    rules
+        .iter()
+        .enumerate()
+        .filter(move |(_, r)| r.enabled && Scope::admits_type(scope, r))
+        .map(move |(i, rule)| (i, rule, verdict(rule, event, scope)))
+}
+
+fn verdict(rule: &Rule, event: &Event, scope: Option<Scope<'_>>) -> Verdict {
+    let by_lane = scope.is_some_and(|s| s.lane.is_some());
+    let known = by_lane.then(|| rule.entity_key.lookup(&event.value).and_then(scalar_string));
+    if let Some(id) = &known {
+        if !Scope::admits_entity(scope, rule, id.as_deref()) {
+            return Verdict::Elsewhere;
+        }
+    }
+    if !rule.matcher.eval(&event.value, &[]) {
+        return Verdict::NoMatch;
+    }
+    let id = match known {
+        Some(id) => id,
+        None => rule.entity_key.lookup(&event.value).and_then(scalar_string),
+    };
+    let Some(entity_id) = id else {
+        return Verdict::Problem(format!("entity key field {} is absent or not a scalar", rule.entity_key));
+    };
+    if entity_id.len() > MAX_ID_BYTES {
+        return Verdict::Problem(format!(
+            "entity key field {} is {} bytes, over the {MAX_ID_BYTES}-byte limit of an id in a state key",
+            rule.entity_key,
+            entity_id.len()
+        ));
+    }
+    if !Scope::admits_entity(scope, rule, Some(&entity_id)) {
+        return Verdict::OutOfScope;
+    }
+    Verdict::Match(entity_id)
 }
 
 fn rule_metrics(rules: &[Rule]) -> Vec<RuleMetrics> {
@@ -556,12 +544,11 @@ fn rule_metrics(rules: &[Rule]) -> Vec<RuleMetrics> {
 /// Appends to `out` the keys a matching rule needs for this entity (its
 /// state, its dedup window, its entity's risk) that the cache lacks; `scratch`
 /// builds them, so only missing keys are allocated.
-#[allow(clippy::too_many_arguments)]
 fn needed_keys(
     cache: &mut StateCache,
     scratch: &mut String,
     rule: &Rule,
-    risk_direct: bool,
+    access: RuleAccess,
     entity_id: &str,
     event: &Value,
     out: &mut Vec<String>,
@@ -571,13 +558,15 @@ fn needed_keys(
             out.push(scratch.clone());
         }
     };
-    // A direct rule's state is read by the store's own update, not the cache.
-    if !rule.direct && !matches!(rule.form, Form::Stateless) {
+    // A direct rule's state and dedup window are read by the store's own
+    // update, not the cache; likewise the risk of an entity type with a
+    // direct rule.
+    let cached = access.state == Access::Cached;
+    if cached && !matches!(rule.form, Form::Stateless) {
         join_key(scratch, [&rule.namespace, &rule.entity_type, entity_id]);
         need(scratch);
     }
-    // Likewise its dedup window, and the risk of an entity type with a direct rule.
-    if rule.direct {
+    if !cached {
     } else if rule.dedup_key.is_none() {
         join_key(scratch, [DEDUP_PREFIX, &rule.id, entity_id]);
         need(scratch);
@@ -585,7 +574,7 @@ fn needed_keys(
         join_key(scratch, [DEDUP_PREFIX, &rule.id, &dedup]);
         need(scratch);
     }
-    if rule.risk > 0 && !risk_direct {
+    if rule.risk > 0 && access.risk == Access::Cached {
         join_key(scratch, [RISK_PREFIX, &rule.entity_type, entity_id]);
         need(scratch);
     }
@@ -799,16 +788,16 @@ mod tests {
         let v2 = format!(
             "id: kept\n{base}state: {{count: {{window: 2h, threshold: 5}}}}\n---\nid: reshaped\n{base}state: {{distinct: {{field: u, window: 1h, threshold: 100}}}}\n"
         );
-        let cache = StateCache::new(Box::new(crate::state::MemoryStore::new()), 1000);
-        let mut engine = Engine::new(rules(&v1), Arc::new(ScoringConfig::default()), cache);
+        let mut cache = StateCache::new(Box::new(crate::state::MemoryStore::new()), 1000);
+        let mut engine = Engine::new(rules(&v1), Arc::new(ScoringConfig::default()));
         let event = Event { value: json!({"u": "x"}), time_ms: 0, time_from_event: true };
         let mut alerts = Vec::new();
-        engine.process(&event, None, &mut alerts).unwrap();
-        engine.process(&event, None, &mut alerts).unwrap();
-        let fresh = engine.set_rules(rules(&v2), Arc::new(ScoringConfig::default())).unwrap();
+        engine.process(&mut cache, &event, None, &mut alerts).unwrap();
+        engine.process(&mut cache, &event, None, &mut alerts).unwrap();
+        let fresh = engine.set_rules(&mut cache, rules(&v2), Arc::new(ScoringConfig::default())).unwrap();
         assert_eq!(fresh, ["reshaped"]);
-        assert_eq!(engine.cache().get_counter("kept/user/x", 0).unwrap(), 2);
-        assert_eq!(engine.cache().read("reshaped/user/x", 0).unwrap(), None);
+        assert_eq!(cache.get_counter("kept/user/x", 0).unwrap(), 2);
+        assert_eq!(cache.read("reshaped/user/x", 0).unwrap(), None);
     }
 
     #[test]
@@ -831,20 +820,20 @@ mod tests {
             .collect();
         let engine = || {
             let cache = StateCache::new(Box::new(crate::state::MemoryStore::new()), 1000);
-            Engine::new(rules(&yaml), Arc::new(ScoringConfig::default()), cache)
+            (Engine::new(rules(&yaml), Arc::new(ScoringConfig::default())), cache)
         };
-        let (mut one, mut alerts_one, mut problems_one) = (engine(), Vec::new(), 0);
+        let ((mut one, mut cache), mut alerts_one, mut problems_one) = (engine(), Vec::new(), 0);
         for e in &events {
-            problems_one += one.process(e, None, &mut alerts_one).unwrap().problems.len();
+            problems_one += one.process(&mut cache, e, None, &mut alerts_one).unwrap().problems.len();
         }
         let lanes = 3;
         let (mut alerts_lanes, mut problems_lanes) = (Vec::new(), 0);
         for lane in 0..lanes {
-            let mut engine = engine();
+            let (mut engine, mut cache) = engine();
             let scope = Some(Scope { entity: None, lane: Some((lane, lanes)) });
             let mut mine = Vec::new();
             for e in &events {
-                problems_lanes += engine.process(e, scope, &mut mine).unwrap().problems.len();
+                problems_lanes += engine.process(&mut cache, e, scope, &mut mine).unwrap().problems.len();
             }
             assert!(
                 mine.iter().all(|a: &Alert| lane_of(&a.entity.type_, &a.entity.id, lanes) == lane),

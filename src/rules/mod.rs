@@ -6,54 +6,13 @@ pub mod engine;
 pub mod spec;
 
 pub use condition::Condition;
-pub use engine::{Alert, Engine, EntityRef, Outcome, Problem, RuleStats, Scope};
+pub use engine::{Engine, Outcome, Problem, RuleStats, Scope};
 use spec::{ChangedSpec, CountSpec, DistinctSpec, FirstSeenSpec, TravelSpec};
 pub use spec::{OnFire, RuleSpec, StateSpec};
 
+use crate::alert::Severity;
 use crate::event::FieldPath;
-use serde::Serialize;
 use std::time::Duration;
-
-/// Alert severity, lowest first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Severity {
-    /// Informational.
-    Info,
-    /// Low.
-    Low,
-    /// Medium.
-    Medium,
-    /// High.
-    High,
-    /// Critical.
-    Critical,
-}
-
-impl Severity {
-    /// Parses `INFO` … `CRITICAL` (any case).
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s.to_ascii_uppercase().as_str() {
-            "INFO" => Severity::Info,
-            "LOW" => Severity::Low,
-            "MEDIUM" => Severity::Medium,
-            "HIGH" => Severity::High,
-            "CRITICAL" => Severity::Critical,
-            _ => return None,
-        })
-    }
-
-    /// The label value, as in alerts.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Severity::Info => "INFO",
-            Severity::Low => "LOW",
-            Severity::Medium => "MEDIUM",
-            Severity::High => "HIGH",
-            Severity::Critical => "CRITICAL",
-        }
-    }
-}
 
 /// What a rule keeps per entity, compiled.
 #[derive(Debug)]

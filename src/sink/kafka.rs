@@ -8,17 +8,15 @@
 //! down, reporting not-ready); only a message the broker refuses for good
 //! fails it, and the job stops without committing.
 
+use crate::alert::Alert;
 use crate::config::KafkaConfig;
-use crate::rules::Alert;
-use crate::source::kafka::{log, producer_config, record_error, record_stats, KafkaFailure, ALERT_ID_HEADER};
+use crate::kafka::{producer_config, Context, KafkaFailure, Watch, ALERT_ID_HEADER};
+use crate::shutdown::Shutdown;
 use crate::telemetry::metrics;
-use rdkafka::client::ClientContext;
-use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
-use rdkafka::statistics::Statistics;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -29,46 +27,37 @@ struct Deliveries {
     last_failure: Mutex<Option<String>>,
 }
 
-impl ClientContext for Deliveries {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        log(level, fac, message);
-    }
-    fn stats(&self, stats: Statistics) {
-        record_stats(&stats);
-    }
-    fn error(&self, error: KafkaError, reason: &str) {
-        record_error(&error, reason);
-    }
-}
+impl Watch for Deliveries {}
 
-impl ProducerContext for Deliveries {
+impl ProducerContext for Context<Deliveries> {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let d = &self.watch;
         let outcome = match result {
             Ok(_) => "ok",
             Err((e, _)) => {
-                self.failed.fetch_add(1, Ordering::Relaxed);
-                if let Ok(mut last) = self.last_failure.lock() {
+                d.failed.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut last) = d.last_failure.lock() {
                     *last = Some(e.to_string());
                 }
                 "error"
             }
         };
-        metrics().kafka_produced.with_label_values(&[self.kind, outcome]).inc();
+        metrics().kafka_produced.with_label_values(&[d.kind, outcome]).inc();
     }
 }
 
 /// An idempotent producer whose flush says whether everything sent was acknowledged.
 pub struct KafkaProducer {
-    producer: BaseProducer<Deliveries>,
+    producer: BaseProducer<Context<Deliveries>>,
     drain_timeout: Duration,
 }
 
 impl KafkaProducer {
     /// A producer of `kind` messages (`alert`, `routed`: the metric label).
     pub fn new(k: &KafkaConfig, kind: &'static str) -> Result<Self, KafkaFailure> {
-        let context = Deliveries { kind, failed: AtomicU64::new(0), last_failure: Mutex::new(None) };
+        let context = Context { watch: Deliveries { kind, failed: AtomicU64::new(0), last_failure: Mutex::new(None) } };
         let producer =
             producer_config(k).create_with_context(context).map_err(|e| KafkaFailure::new("creating a producer", e))?;
         Ok(Self { producer, drain_timeout: k.drain_timeout })
@@ -91,9 +80,9 @@ impl KafkaProducer {
 
     /// Waits until the broker has acknowledged every message sent. While it
     /// does not answer, `waiting` hears why (and `None` once it does); once
-    /// `stop` is set the wait lasts the drain timeout at most. Fails if a
-    /// message was refused for good.
-    pub fn flush(&self, stop: &AtomicBool, waiting: &dyn Fn(Option<String>)) -> Result<(), KafkaFailure> {
+    /// `shutdown` is triggered the wait lasts the drain timeout at most.
+    /// Fails if a message was refused for good.
+    pub fn flush(&self, shutdown: &Shutdown, waiting: &dyn Fn(Option<String>)) -> Result<(), KafkaFailure> {
         let mut stopping_since: Option<Instant> = None;
         let mut waited = false;
         loop {
@@ -103,7 +92,7 @@ impl KafkaProducer {
                     let queued = self.producer.in_flight_count();
                     waiting(Some(format!("{queued} messages not acknowledged by the broker yet ({e})")));
                     waited = true;
-                    if stop.load(Ordering::Relaxed) {
+                    if shutdown.is_triggered() {
                         let since = *stopping_since.get_or_insert_with(Instant::now);
                         if since.elapsed() >= self.drain_timeout {
                             return Err(KafkaFailure::new(
@@ -118,9 +107,10 @@ impl KafkaProducer {
         if waited {
             waiting(None);
         }
-        let failed = self.producer.context().failed.swap(0, Ordering::Relaxed);
+        let failed = self.producer.context().watch.failed.swap(0, Ordering::Relaxed);
         if failed > 0 {
-            let last = self.producer.context().last_failure.lock().ok().and_then(|l| l.clone()).unwrap_or_default();
+            let last =
+                self.producer.context().watch.last_failure.lock().ok().and_then(|l| l.clone()).unwrap_or_default();
             return Err(KafkaFailure::new(
                 "producing",
                 format!("the broker refused {failed} messages (last: {last}); their events are not committed"),
@@ -150,7 +140,7 @@ impl AlertProducer {
     }
 
     /// See [`KafkaProducer::flush`].
-    pub fn flush(&self, stop: &AtomicBool, waiting: &dyn Fn(Option<String>)) -> Result<(), KafkaFailure> {
-        self.inner.flush(stop, waiting)
+    pub fn flush(&self, shutdown: &Shutdown, waiting: &dyn Fn(Option<String>)) -> Result<(), KafkaFailure> {
+        self.inner.flush(shutdown, waiting)
     }
 }

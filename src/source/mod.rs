@@ -1,8 +1,11 @@
 //! Event sources. [`JsonLines`] reads JSON lines from a file or stdin, with line
 //! numbers and byte offsets (the checkpoint position), and a bound on line
-//! length that holds even for a line with no end.
+//! length that holds even for a line with no end; [`decode`] makes events
+//! of lines and Kafka messages.
 
-pub mod kafka;
+mod decode;
+
+pub use decode::{decode, decode_message, Decoded};
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};

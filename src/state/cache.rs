@@ -28,6 +28,27 @@ pub enum Expiry {
     After(i64),
 }
 
+/// How a key is changed: in the write-back cache, or in the store at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// In the cache, written at the next flush: keys one process owns.
+    Cached,
+    /// One atomic store update per change: keys several processes write
+    /// (`consistency: direct` rules, the watermark of a shared store).
+    Direct,
+}
+
+impl Access {
+    /// `Direct` when `direct`, else `Cached`.
+    pub fn direct_if(direct: bool) -> Self {
+        if direct {
+            Access::Direct
+        } else {
+            Access::Cached
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     record: Record,
@@ -140,6 +161,35 @@ impl StateCache {
             entry.record = Record::default();
         }
         Ok(&mut entry.record)
+    }
+
+    /// Changes `key` at event time `now_ms` through `f`, which gets the live
+    /// record (the default when absent or expired) and says whether it
+    /// changed it. [`Access::Cached`] changes the cached copy (written at the
+    /// next flush); [`Access::Direct`] changes the store at once, atomically
+    /// (`f` may then run more than once: see [`Store::update`]).
+    pub fn update(
+        &mut self,
+        access: Access,
+        key: &str,
+        now_ms: i64,
+        f: &mut dyn FnMut(&mut Record) -> bool,
+    ) -> Result<()> {
+        if access == Access::Direct {
+            return self.store.update(key, now_ms, f);
+        }
+        let entry = self.entry(key)?;
+        if entry.record.is_live(now_ms) {
+            entry.dirty |= f(&mut entry.record);
+        } else {
+            // An expired record reads as the default, and a write starts from it.
+            let mut fresh = Record::default();
+            if f(&mut fresh) {
+                entry.record = fresh;
+                entry.dirty = true;
+            }
+        }
+        Ok(())
     }
 
     /// Removes every key starting with `prefix`, in the cache and (at the

@@ -16,13 +16,15 @@ pub mod dynamodb;
 mod embedded;
 mod instrumented;
 mod memory;
+mod open;
 mod shared;
 
-pub use cache::{check_dict_size, Expiry, StateCache};
+pub use cache::{check_dict_size, Access, Expiry, StateCache};
 pub use dynamodb::{DynamoConfig, DynamoStore};
 pub use embedded::EmbeddedStore;
 pub use instrumented::Instrumented;
 pub use memory::MemoryStore;
+pub use open::{check_store, init_store, open_store, prune_store, StoreKind};
 pub use shared::SharedStore;
 
 use serde::{Deserialize, Serialize};

@@ -40,28 +40,3 @@ pub fn warnings(rules: &[Rule], samples: &[Value]) -> Vec<String> {
     }
     out
 }
-
-/// Rules whose entity is not what the raw Kafka topics are keyed by, and
-/// that are not `consistency: direct`: their entity's events are spread
-/// over partitions, so several instances would each hold part of its state
-/// in their caches. (Routed topics are keyed by every rule's entity.)
-pub fn topic_key_warnings(kafka: &crate::config::KafkaConfig, rules: &[Rule]) -> Vec<String> {
-    if kafka.consume == crate::config::Consume::Routed {
-        return Vec::new();
-    }
-    let keyed = kafka.keyed_by.as_deref();
-    rules
-        .iter()
-        .filter(|r| r.enabled && !r.direct && keyed != Some(r.entity_type.as_str()))
-        .map(|r| {
-            let by = keyed.map_or("nothing riskd knows (kafka.keyed_by is not set)".to_string(), |k| format!("entity type {k}"));
-            format!(
-                "rule {}: its entity ({}) is not what topics {} are keyed by ({by}), and it is not consistency: direct; \
-                 run `riskd route` and consume = \"routed\", or make it direct",
-                r.id,
-                r.entity_type,
-                kafka.topics.join(", ")
-            )
-        })
-        .collect()
-}

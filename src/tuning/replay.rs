@@ -6,9 +6,10 @@
 
 use crate::config::Config;
 use crate::event::now_ms;
-use crate::pipeline::{decode, Decoded, RunError};
+use crate::pipeline::RunError;
 use crate::rules::{Engine, Form, Rule};
 use crate::source::JsonLines;
+use crate::source::{decode, Decoded};
 use crate::state::{MemoryStore, StateCache};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -99,8 +100,8 @@ fn values(rule: &Rule, peaks: impl Iterator<Item = i64>) -> Option<Values> {
 /// Runs the config's rules over `input` on an in-memory store.
 pub fn replay(cfg: Config, input: &Path) -> Result<Report, RunError> {
     let rules = cfg.rules;
-    let cache = StateCache::new(Box::new(MemoryStore::new()), usize::MAX);
-    let mut engine = Engine::new(Arc::clone(&rules), Arc::new(cfg.scoring), cache);
+    let mut cache = StateCache::new(Box::new(MemoryStore::new()), usize::MAX);
+    let mut engine = Engine::new(Arc::clone(&rules), Arc::new(cfg.scoring));
     engine.enable_stats();
     let path = input.display().to_string();
     let io = |source| RunError::Io { what: "input", path: path.clone(), source };
@@ -112,7 +113,7 @@ pub fn replay(cfg: Config, input: &Path) -> Result<Report, RunError> {
             Decoded::Blank => continue,
             Decoded::Rejected { .. } => report.invalid += 1,
             Decoded::Event(event) => {
-                engine.process(&event, None, &mut alerts)?;
+                engine.process(&mut cache, &event, None, &mut alerts)?;
                 report.risk_alerts +=
                     alerts.iter().filter(|a| a.rule_id == crate::scoring::RISK_RULE_ID).count() as u64;
                 alerts.clear();

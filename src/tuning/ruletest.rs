@@ -19,9 +19,10 @@
 //!       - {type: principal, id: a, score: 20, tolerance: 0.01}
 //! ```
 
+use crate::alert::{Alert, EntityRef};
 use crate::config::Config;
 use crate::event::{format_time_ms, now_ms, parse_time_ms, EventTime};
-use crate::rules::{Alert, Engine, EntityRef, Rule};
+use crate::rules::{Engine, Rule};
 use crate::scoring::{self, ScoringConfig};
 use crate::state::{MemoryStore, Mutation, Record, StateCache, Store, WriteBatch};
 use serde::Deserialize;
@@ -212,7 +213,8 @@ fn run_case(
             events.push(serde_json::from_str(line).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?);
         }
     }
-    let mut engine = Engine::new(Arc::clone(rules), Arc::clone(scoring), StateCache::new(Box::new(store), usize::MAX));
+    let mut engine = Engine::new(Arc::clone(rules), Arc::clone(scoring));
+    let mut cache = StateCache::new(Box::new(store), usize::MAX);
     let mut alerts: Vec<Alert> = Vec::new();
     let mut now = i64::MIN;
     for (i, value) in events.into_iter().enumerate() {
@@ -221,9 +223,9 @@ fn run_case(
         }
         let event = event_time.event(value, now_ms());
         now = now.max(event.time_ms);
-        engine.process(&event, None, &mut alerts).map_err(|e| e.to_string())?;
+        engine.process(&mut cache, &event, None, &mut alerts).map_err(|e| e.to_string())?;
     }
-    Ok(check(&mut engine, scoring, &case.expect, &alerts, now))
+    Ok(check(&mut cache, scoring, &case.expect, &alerts, now))
 }
 
 /// A dotted path into an alert (`context.count`, `entity.id`).
@@ -231,7 +233,7 @@ fn field<'a>(alert: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(alert, |v, k| v.get(k))
 }
 
-fn check(engine: &mut Engine, scoring: &ScoringConfig, expect: &Expect, alerts: &[Alert], now: i64) -> Vec<String> {
+fn check(cache: &mut StateCache, scoring: &ScoringConfig, expect: &Expect, alerts: &[Alert], now: i64) -> Vec<String> {
     let mut failures = Vec::new();
     let as_json: Vec<Value> = alerts.iter().map(|a| serde_json::to_value(a).unwrap_or(Value::Null)).collect();
     let describe = |list: &[&Value]| -> String {
@@ -297,7 +299,7 @@ fn check(engine: &mut Engine, scoring: &ScoringConfig, expect: &Expect, alerts: 
         }
     }
     for (key, want) in &expect.state {
-        let got = match engine.cache().read(key, now) {
+        let got = match cache.read(key, now) {
             Ok(r) => r.cloned(),
             Err(e) => {
                 failures.push(format!("state {key}: {e}"));
@@ -352,7 +354,7 @@ fn check(engine: &mut Engine, scoring: &ScoringConfig, expect: &Expect, alerts: 
     }
     for exp in &expect.scores {
         let entity = EntityRef { type_: exp.type_.clone(), id: exp.id.clone() };
-        match scoring::load(engine.cache(), &entity, now) {
+        match scoring::load(cache, &entity, now) {
             Ok(state) => {
                 let score = state.score(scoring.policy(&exp.type_), now);
                 if (score - exp.score).abs() > exp.tolerance {

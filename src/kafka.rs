@@ -1,11 +1,12 @@
 //! Kafka plumbing shared by the consumer of `riskd run`, the router and
-//! the alerts producer: client settings, librdkafka statistics and errors
-//! into metrics and logs, topic creation, and a message's place.
+//! the producers: client settings, one client context that turns
+//! librdkafka's logs, statistics and errors into riskd's logs and metrics,
+//! topic creation, offset commits, and a message's place.
 
 use crate::config::KafkaConfig;
 use crate::telemetry::metrics;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -80,8 +81,47 @@ pub fn producer_config(k: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// What a client's owner hears beyond logs and metrics: brokers lost, and
+/// back. Every method has a default that does nothing.
+pub trait Watch: Send + Sync {
+    /// Brokers answer again (a statistics report shows one up).
+    fn brokers_up(&self) {}
+    /// The brokers are out of reach, and why.
+    fn brokers_down(&self, reason: &str) {
+        let _ = reason;
+    }
+}
+
+impl Watch for () {}
+
+/// The context of every riskd client: librdkafka's log lines go to riskd's
+/// log, its statistics and errors to metrics, broker reachability to `W`.
+/// A consumer or producer adds its own callbacks by implementing
+/// `ConsumerContext` or `ProducerContext` for its `Context<W>`.
+pub struct Context<W> {
+    /// The owner's part.
+    pub watch: W,
+}
+
+impl<W: Watch> ClientContext for Context<W> {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log(level, fac, message);
+    }
+    fn stats(&self, stats: Statistics) {
+        record_stats(&stats);
+        if stats.brokers.values().any(|b| b.state == "UP") {
+            self.watch.brokers_up();
+        }
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        if record_error(&error, reason) {
+            self.watch.brokers_down(reason);
+        }
+    }
+}
+
 /// Publishes librdkafka statistics: consumer lag per partition.
-pub fn record_stats(stats: &Statistics) {
+fn record_stats(stats: &Statistics) {
     let lag = &metrics().kafka_lag;
     for (topic, t) in &stats.topics {
         for (id, p) in &t.partitions {
@@ -145,7 +185,7 @@ pub fn commit_offsets<C: ConsumerContext>(consumer: &BaseConsumer<C>, tpl: &Topi
 }
 
 /// Forwards librdkafka's own log lines to riskd's log.
-pub fn log(level: RDKafkaLogLevel, fac: &str, message: &str) {
+fn log(level: RDKafkaLogLevel, fac: &str, message: &str) {
     match level {
         RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
             tracing::error!(facility = fac, "librdkafka: {message}")
@@ -192,3 +232,6 @@ pub const ALERT_ID_HEADER: &str = "alert_id";
 /// Header of a routed message: where the router read it,
 /// `<topic>/<partition>/<offset>`.
 pub const UPSTREAM_HEADER: &str = "riskd-upstream";
+
+/// A consumer that needs nothing beyond riskd's logs and metrics (the router's).
+impl ConsumerContext for Context<()> {}

@@ -1,0 +1,436 @@
+//! What the file and Kafka loops share: one lane's engine and cache, the
+//! outputs, the position, admitting a decoded event and emitting its
+//! alerts, and the flush that makes it all durable together.
+
+use super::outputs::Outputs;
+use super::retry::RetryPolicy;
+use super::{RunError, Summary};
+use crate::alert::Alert;
+use crate::config::Config;
+use crate::event::{Event, EventTime};
+use crate::rules::{Engine, Outcome, Problem, Rule, Scope};
+use crate::scoring::ScoringConfig;
+use crate::shutdown::Shutdown;
+use crate::sink::DeadLetter;
+use crate::source::Decoded;
+use crate::state::{Access, Checkpoint, StateCache, Store, WATERMARK_KEY};
+use crate::telemetry::{metrics, Health};
+use prometheus::IntCounter;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often expired records are purged from the embedded store.
+const PURGE_EVERY: Duration = Duration::from_secs(3600);
+
+/// The parts of the config the read loops need.
+pub(super) struct Settings {
+    pub(super) max_line_bytes: usize,
+    pub(super) event_time: EventTime,
+    pub(super) flush_every_events: u64,
+    pub(super) flush_interval: Duration,
+    /// Following a file: wait for more lines at its end.
+    pub(super) follow: bool,
+}
+
+impl Settings {
+    pub(super) fn new(cfg: &Config) -> Self {
+        Self {
+            max_line_bytes: cfg.max_line_bytes,
+            event_time: cfg.event_time.clone(),
+            flush_every_events: cfg.flush_every_events,
+            flush_interval: cfg.flush_interval,
+            follow: cfg.follow,
+        }
+    }
+}
+
+/// An engine and the cache it evaluates over: one lane of entities.
+pub(super) struct Lane {
+    pub(super) engine: Engine,
+    pub(super) cache: StateCache,
+}
+
+impl Lane {
+    pub(super) fn new(rules: &Arc<Vec<Rule>>, scoring: &Arc<ScoringConfig>, cache: StateCache) -> Self {
+        Self { engine: Engine::new(Arc::clone(rules), Arc::clone(scoring)), cache }
+    }
+
+    /// Applies one event (see [`Engine::process`]).
+    pub(super) fn process(
+        &mut self,
+        event: &Event,
+        scope: Option<Scope<'_>>,
+        alerts: &mut Vec<Alert>,
+    ) -> Result<Outcome, RunError> {
+        Ok(self.engine.process(&mut self.cache, event, scope, alerts)?)
+    }
+
+    /// Loads the state these events need in one read (see [`Engine::prefetch`]).
+    pub(super) fn prefetch(&mut self, events: &[(&Event, Option<Scope<'_>>)]) -> Result<(), RunError> {
+        Ok(self.engine.prefetch(&mut self.cache, events)?)
+    }
+
+    /// Publishes the evaluation and cache counts gathered so far.
+    pub(super) fn publish_metrics(&mut self) {
+        self.engine.publish_metrics();
+        self.cache.publish_metrics();
+    }
+}
+
+/// What a job reads: for messages, metrics and its checkpoint.
+pub(super) struct JobSource {
+    pub(super) name: String,
+    /// Checkpoint name in the store; none for stdin.
+    pub(super) id: Option<String>,
+    /// Metric label: `file`, `stdin`, `kafka`.
+    pub(super) kind: &'static str,
+    /// Where it starts.
+    pub(super) position: Checkpoint,
+}
+
+/// Where a line came from, for dead letters: a file and line, or a Kafka
+/// partition and offset.
+pub(super) struct Origin<'a> {
+    pub(super) source: &'a str,
+    pub(super) line: u64,
+}
+
+/// Metric handles of the read loop, resolved once.
+struct EventMetrics {
+    ok: IntCounter,
+    invalid: IntCounter,
+    too_large: IntCounter,
+    incomplete: IntCounter,
+}
+
+impl EventMetrics {
+    fn new(source_kind: &str) -> Self {
+        let c = |outcome| metrics().events.with_label_values(&[source_kind, outcome]);
+        Self { ok: c("ok"), invalid: c("invalid"), too_large: c("too_large"), incomplete: c("incomplete") }
+    }
+}
+
+/// One run of the main job: the engine over the cache that flushes, the
+/// outputs and the position.
+pub(super) struct Job {
+    /// The lane that flushes: with several Kafka lanes, their changes are
+    /// moved into its cache before each flush.
+    main: Lane,
+    rules: Arc<Vec<Rule>>,
+    scoring: Arc<ScoringConfig>,
+    outputs: Outputs,
+    source: JobSource,
+    /// How the watermark is raised: directly where several processes share
+    /// the store, in the cache where one owns it.
+    watermark: Access,
+    summary: Summary,
+    alerts: Vec<Alert>,
+    counters: EventMetrics,
+    health: Arc<Health>,
+    shutdown: Shutdown,
+    /// While set, store retries go on until then even once shutdown is
+    /// asked for (a drain), and give up after it even if not.
+    deadline: Option<Instant>,
+    reloads: Option<Receiver<Config>>,
+    /// Records expired this long before the watermark are deleted from the
+    /// store (embedded), at most once per [`PURGE_EVERY`].
+    purge_after: Option<Duration>,
+    last_purge: Option<Instant>,
+}
+
+impl Job {
+    pub(super) fn new(
+        cfg: &Config,
+        reloads: Option<Receiver<Config>>,
+        store: Box<dyn Store>,
+        outputs: Outputs,
+        source: JobSource,
+        (shutdown, health): (Shutdown, Arc<Health>),
+    ) -> Self {
+        let rules = Arc::clone(&cfg.rules);
+        let scoring = Arc::new(cfg.scoring.clone());
+        let cache = StateCache::with_bounds(store, cfg.cache_max_entries, cfg.cache_max_bytes);
+        Job {
+            main: Lane::new(&rules, &scoring, cache),
+            rules,
+            scoring,
+            outputs,
+            summary: Summary { resumed_after_line: source.position.line, ..Summary::default() },
+            counters: EventMetrics::new(source.kind),
+            source,
+            watermark: Access::Cached,
+            alerts: Vec::new(),
+            health,
+            shutdown,
+            deadline: None,
+            reloads,
+            purge_after: cfg.purge_after,
+            last_purge: None,
+        }
+    }
+
+    /// A new lane with the job's rules over `cache`.
+    pub(super) fn lane(&self, cache: StateCache) -> Lane {
+        Lane::new(&self.rules, &self.scoring, cache)
+    }
+
+    /// The lane that flushes.
+    pub(super) fn main(&mut self) -> &mut Lane {
+        &mut self.main
+    }
+
+    /// The store behind the job's cache.
+    pub(super) fn store(&self) -> &dyn Store {
+        self.main.cache.store()
+    }
+
+    pub(super) fn summary(&self) -> &Summary {
+        &self.summary
+    }
+
+    /// The position after the last event applied.
+    pub(super) fn position(&self) -> &Checkpoint {
+        &self.source.position
+    }
+
+    /// The input's name, for messages.
+    pub(super) fn source_name(&self) -> &str {
+        &self.source.name
+    }
+
+    /// A file's line is applied: the checkpoint may move past it.
+    pub(super) fn advance(&mut self, offset: u64, line: u64) {
+        self.source.position.offset = offset;
+        self.source.position.line = line;
+    }
+
+    /// Several processes write this store: the watermark is raised with an
+    /// atomic update rather than cached.
+    pub(super) fn share_watermark(&mut self) {
+        self.watermark = Access::Direct;
+    }
+
+    pub(super) fn add_producer(&mut self, producer: crate::sink::AlertProducer) {
+        self.outputs.producer = Some(producer);
+    }
+
+    /// Store retries go on until `deadline` (a drain), whatever shutdown says.
+    pub(super) fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+    }
+
+    pub(super) fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
+    }
+
+    pub(super) fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy { shutdown: self.shutdown.clone(), deadline: self.deadline, health: Arc::clone(&self.health) }
+    }
+
+    /// Runs `f` until it succeeds, backing off while the store fails (and
+    /// reporting not-ready): events are never dropped. Gives up only on
+    /// shutdown or on an error a retry cannot mend.
+    pub(super) fn retry<T>(
+        &mut self,
+        what: &str,
+        mut f: impl FnMut(&mut Self) -> Result<T, RunError>,
+    ) -> Result<T, RunError> {
+        let policy = self.retry_policy();
+        policy.run(what, || f(self))
+    }
+
+    /// Makes the outputs durable, then commits state and checkpoints
+    /// together: the job's own and `more` (the partitions that moved).
+    pub(super) fn flush(&mut self, more: &[(String, Checkpoint)]) -> Result<(), RunError> {
+        let start = Instant::now();
+        self.main.publish_metrics();
+        let result = self.retry("flush", |job| {
+            job.source.position.outputs = job.outputs.sync()?;
+            // Alerts on a topic are acknowledged before the state that
+            // produced them is committed (and offsets after that).
+            if let Some(producer) = &job.outputs.producer {
+                let health = &job.health;
+                producer.flush(&job.shutdown, &|problem| health.set_sink(problem))?;
+            }
+            // The latest event time seen: "now" for `riskd entity` and state browsing.
+            let wm = job.source.position.watermark_ms;
+            job.main.cache.update(job.watermark, WATERMARK_KEY, wm, &mut |r| {
+                let raise = r.count < wm;
+                r.count = r.count.max(wm);
+                raise
+            })?;
+            let mut cps: Vec<(String, Checkpoint)> =
+                job.source.id.iter().map(|id| (id.clone(), job.source.position.clone())).collect();
+            cps.extend_from_slice(more);
+            Ok(job.main.cache.flush(&cps)?)
+        });
+        if result.is_ok() {
+            self.purge();
+        }
+        let m = metrics();
+        match &result {
+            Ok(keys) => {
+                m.flushes.with_label_values(&["ok"]).inc();
+                m.flush_keys.observe(*keys as f64);
+                tracing::debug!(keys, line = self.source.position.line, "flushed state");
+            }
+            Err(_) => m.flushes.with_label_values(&["error"]).inc(),
+        }
+        m.flush_seconds.observe(start.elapsed().as_secs_f64());
+        result.map(|_| ())
+    }
+
+    /// Deletes the records long expired (event time) from the store, once
+    /// an hour at most. A failure only leaves them for the next time.
+    fn purge(&mut self) {
+        let Some(after) = self.purge_after else { return };
+        let wm = self.source.position.watermark_ms;
+        if wm <= 0 || self.last_purge.is_some_and(|t| t.elapsed() < PURGE_EVERY) {
+            return;
+        }
+        self.last_purge = Some(Instant::now());
+        let before = wm.saturating_sub(i64::try_from(after.as_millis()).unwrap_or(i64::MAX));
+        match self.main.cache.store_mut().purge_expired(before) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(records = n, before = %crate::event::format_time_ms(before), "purged expired records")
+            }
+            Err(e) => tracing::warn!(error = %e, "purging expired records failed; they stay until the next purge"),
+        }
+    }
+
+    /// Swaps in every reloaded config that has arrived, in the job's lane
+    /// and in `lanes`.
+    pub(super) fn reload(&mut self, lanes: &mut [Lane]) -> Result<(), RunError> {
+        while let Some(cfg) = self.reloads.as_ref().and_then(|rx| rx.try_recv().ok()) {
+            let n = cfg.rules.len();
+            self.rules = cfg.rules;
+            self.scoring = Arc::new(cfg.scoring);
+            let (rules, scoring) = (Arc::clone(&self.rules), Arc::clone(&self.scoring));
+            let policy = self.retry_policy();
+            let set = |lane: &mut Lane| {
+                policy.run("reload", || {
+                    Ok(lane.engine.set_rules(&mut lane.cache, Arc::clone(&rules), Arc::clone(&scoring))?)
+                })
+            };
+            let fresh = set(&mut self.main)?;
+            for lane in lanes.iter_mut() {
+                set(lane)?;
+            }
+            tracing::info!(rules = n, fresh = ?fresh, "config reloaded");
+        }
+        Ok(())
+    }
+
+    fn set_aside(&mut self, at: &Origin<'_>, reason: &'static str, detail: String, raw: &[u8]) -> Result<(), RunError> {
+        let letter = DeadLetter {
+            source: at.source,
+            line: at.line,
+            reason,
+            detail,
+            raw: String::from_utf8_lossy(raw).into_owned(),
+        };
+        self.outputs.dead_letter(&letter)
+    }
+
+    /// Loads the state the events need in one batch (remote stores).
+    pub(super) fn prefetch(&mut self, events: &[(&Event, Option<Scope<'_>>)]) -> Result<(), RunError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.retry("load state", |job| job.main.prefetch(events))
+    }
+
+    /// Applies one decoded line (`buf` is the line as read) to every rule;
+    /// the position is advanced by the caller.
+    pub(super) fn line(&mut self, at: &Origin<'_>, buf: &[u8], decoded: Decoded, ingest: i64) -> Result<(), RunError> {
+        let Some(event) = self.admit(at, buf, decoded, ingest)? else { return Ok(()) };
+        // The engine loads every key before changing anything, so a store
+        // failure leaves the event unapplied and it can be retried whole.
+        let mut alerts = std::mem::take(&mut self.alerts);
+        let outcome = self.retry("load state", |job| {
+            alerts.clear();
+            job.main.process(&event, None, &mut alerts)
+        });
+        let result = match outcome {
+            Ok(o) => self.emit(at, buf, o, &mut alerts),
+            Err(e) => Err(e),
+        };
+        alerts.clear();
+        self.alerts = alerts;
+        result
+    }
+
+    /// Counts a decoded line and sets aside one that is not an event; the
+    /// event, if it is one.
+    pub(super) fn admit(
+        &mut self,
+        at: &Origin<'_>,
+        buf: &[u8],
+        decoded: Decoded,
+        ingest: i64,
+    ) -> Result<Option<Event>, RunError> {
+        let event = match decoded {
+            Decoded::Blank => return Ok(None),
+            Decoded::Rejected { reason, detail } => {
+                self.summary.read += 1;
+                if reason == "too_large" {
+                    self.summary.too_large += 1;
+                    self.counters.too_large.inc();
+                } else {
+                    self.summary.invalid += 1;
+                    self.counters.invalid.inc();
+                }
+                self.set_aside(at, reason, detail, buf)?;
+                return Ok(None);
+            }
+            Decoded::Event(event) => event,
+        };
+        self.summary.read += 1;
+        if event.time_from_event {
+            let position = &mut self.source.position;
+            position.watermark_ms = position.watermark_ms.max(event.time_ms);
+            metrics().event_lag.observe((ingest - event.time_ms) as f64 / 1000.0);
+        } else {
+            metrics().event_time_missing.inc();
+        }
+        Ok(Some(event))
+    }
+
+    /// Writes an applied event's alerts, counts it, and sets it aside as
+    /// incomplete when a rule had to skip it.
+    pub(super) fn emit(
+        &mut self,
+        at: &Origin<'_>,
+        buf: &[u8],
+        outcome: Outcome,
+        alerts: &mut Vec<Alert>,
+    ) -> Result<(), RunError> {
+        let m = metrics();
+        self.summary.suppressed += u64::from(outcome.suppressed);
+        for alert in alerts.drain(..) {
+            tracing::info!(rule = %alert.rule_id, entity_type = %alert.entity.type_, alert_id = %alert.alert_id, "alert");
+            m.alerts.with_label_values(&[alert.rule_id.as_str(), alert.severity.as_str()]).inc();
+            self.outputs.alert(&alert)?;
+            self.summary.alerts += 1;
+            self.summary.risk_alerts += u64::from(alert.rule_id == crate::scoring::RISK_RULE_ID);
+        }
+        if outcome.problems.is_empty() {
+            self.counters.ok.inc();
+        } else {
+            self.summary.incomplete += 1;
+            self.counters.incomplete.inc();
+            for p in &outcome.problems {
+                m.rule_skips.with_label_values(&[p.rule_id.as_str(), "missing_field"]).inc();
+            }
+            let detail = describe(&outcome.problems);
+            self.set_aside(at, "incomplete", detail, buf)?;
+        }
+        Ok(())
+    }
+}
+
+fn describe(problems: &[Problem]) -> String {
+    problems.iter().map(|p| format!("rule {}: {}", p.rule_id, p.message)).collect::<Vec<_>>().join("; ")
+}
