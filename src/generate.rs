@@ -114,6 +114,9 @@ fn okta_login(time: i64, user: &str, ip: &str, city: (&str, f64, f64)) -> Value 
 }
 
 /// Writes `spec.events` JSON lines to `out`; returns the number of planted attacks.
+// Long on purpose: one pass of the random generator, whose draws must stay
+// in this order for a seed to keep giving the same stream (benchmarks and
+// tests compare against it).
 pub fn write_stream(spec: &Spec, out: &mut impl Write) -> io::Result<u64> {
     let mut rng = Rng(spec.seed);
     let mut attacks = 0;

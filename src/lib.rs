@@ -37,20 +37,20 @@
 #![deny(unsafe_code)]
 
 pub mod alert;
-pub mod api;
+mod api;
 pub mod config;
 pub mod event;
 pub mod generate;
-pub mod http;
+mod http;
 pub mod kafka;
 pub mod pipeline;
-pub mod reload;
-pub mod route;
+mod reload;
+mod route;
 pub mod rules;
 pub mod scoring;
 pub mod service;
 pub mod shutdown;
-pub mod sink;
+mod sink;
 pub mod source;
 pub mod state;
 pub mod telemetry;

@@ -242,6 +242,60 @@ fn state_command(cfg: &Config, action: StateAction) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `riskd store …`.
+async fn store_command(action: StoreAction) -> anyhow::Result<()> {
+    match action {
+        StoreAction::Init { config } => {
+            let cfg = load(&config)?;
+            let done = blocking(move || Ok(riskd::state::init_store(&cfg.store)?)).await?;
+            for line in done {
+                println!("{line}");
+            }
+        }
+        StoreAction::Check { config } => {
+            let cfg = load(&config)?;
+            let problems = blocking(move || Ok(riskd::state::check_store(&cfg.store)?)).await?;
+            if !problems.is_empty() {
+                anyhow::bail!("{}: the store does not fit riskd:\n  {}", config.display(), problems.join("\n  "));
+            }
+            println!("{}: store ok", config.display());
+        }
+        StoreAction::Prune { config, idle } => {
+            let cfg = load(&config)?;
+            let done = blocking(move || Ok(riskd::state::prune_store(&cfg.store, idle.into())?)).await?;
+            for line in done {
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `riskd check`: the config loads (every error reported by the loader), then warnings.
+fn check_command(config: &Path, sample: Option<&Path>) -> anyhow::Result<()> {
+    let cfg = load(config)?;
+    println!("{}: ok, {} rules", config.display(), cfg.rules.len());
+    let samples = match sample {
+        None => Vec::new(),
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect(),
+    };
+    let mut warnings = riskd::tuning::check::warnings(&cfg.rules, &samples);
+    if let Some(k) = cfg.kafka.as_ref().filter(|_| cfg.from_kafka) {
+        warnings.extend(k.key_warnings(&cfg.rules));
+    }
+    if !warnings.is_empty() {
+        println!("warnings ({}):", warnings.len());
+        for w in warnings {
+            println!("  {w}");
+        }
+    }
+    Ok(())
+}
+
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     if !matches!(cli.command, Command::Run { .. } | Command::Route { .. }) {
         init_logging(cli.log_format, "warn");
@@ -265,28 +319,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let summary = riskd::service::route(cfg, riskd::service::signal()).await?;
             eprintln!("{summary}");
         }
-        Command::Check { config, sample } => {
-            let cfg = load(&config)?;
-            println!("{}: ok, {} rules", config.display(), cfg.rules.len());
-            let samples = match &sample {
-                None => Vec::new(),
-                Some(p) => std::fs::read_to_string(p)
-                    .with_context(|| format!("reading {}", p.display()))?
-                    .lines()
-                    .filter_map(|l| serde_json::from_str(l).ok())
-                    .collect(),
-            };
-            let mut warnings = riskd::tuning::check::warnings(&cfg.rules, &samples);
-            if let Some(k) = cfg.kafka.as_ref().filter(|_| cfg.from_kafka) {
-                warnings.extend(k.key_warnings(&cfg.rules));
-            }
-            if !warnings.is_empty() {
-                println!("warnings ({}):", warnings.len());
-                for w in warnings {
-                    println!("  {w}");
-                }
-            }
-        }
+        Command::Check { config, sample } => check_command(&config, sample.as_deref())?,
         Command::Test { paths, config } => {
             let cfg = load(&config)?;
             let paths = if paths.is_empty() { cfg.rule_paths.clone() } else { paths };
@@ -325,28 +358,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let cfg = load(&config)?;
             blocking(move || state_command(&cfg, action)).await?;
         }
-        Command::Store { action: StoreAction::Init { config } } => {
-            let cfg = load(&config)?;
-            let done = blocking(move || Ok(riskd::state::init_store(&cfg.store)?)).await?;
-            for line in done {
-                println!("{line}");
-            }
-        }
-        Command::Store { action: StoreAction::Check { config } } => {
-            let cfg = load(&config)?;
-            let problems = blocking(move || Ok(riskd::state::check_store(&cfg.store)?)).await?;
-            if !problems.is_empty() {
-                anyhow::bail!("{}: the store does not fit riskd:\n  {}", config.display(), problems.join("\n  "));
-            }
-            println!("{}: store ok", config.display());
-        }
-        Command::Store { action: StoreAction::Prune { config, idle } } => {
-            let cfg = load(&config)?;
-            let done = blocking(move || Ok(riskd::state::prune_store(&cfg.store, idle.into())?)).await?;
-            for line in done {
-                println!("{line}");
-            }
-        }
+        Command::Store { action } => store_command(action).await?,
         Command::Generate { events, users, seed, attack_every } => {
             let spec = riskd::generate::Spec { events, users, seed, attack_every, ..Default::default() };
             let stdout = std::io::stdout();

@@ -30,6 +30,8 @@ fn is_rule_file(p: &Path) -> bool {
 
 /// Watches `config_path` and `rule_paths`, listens for SIGHUP, and sends
 /// every valid reloaded config to `tx`.
+// One function: the watcher, the signal and the debounce loop share the
+// channel and the runtime they are built on, and read best together.
 pub fn spawn(config_path: PathBuf, rule_paths: Vec<PathBuf>, tx: Sender<Config>) -> Reloader {
     let (changed_tx, mut changed) = tokio::sync::mpsc::channel::<()>(16);
     let config_file = std::path::absolute(&config_path).unwrap_or_else(|_| config_path.clone());

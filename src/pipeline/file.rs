@@ -27,7 +27,32 @@ pub(super) fn run(
     health: Arc<Health>,
 ) -> Result<Summary, RunError> {
     let input = opts.input.clone().unwrap_or(cfg.input.clone());
-    let (name, id, kind) = match &input {
+    let mut settings = Settings::new(&cfg);
+    settings.follow &= matches!(input, Stream::File(_));
+    let (mut job, mut reader, progress) = start(&cfg, opts, &input, store, shutdown.clone(), health)?;
+    // A remote store reads the state of many lines at once: lines are read
+    // ahead, decoded, their keys loaded in one batch, then applied in order.
+    // Only from a file, where reading ahead never waits on a writer (stdin
+    // would hold events back until a whole batch arrived).
+    let from_file = matches!(input, Stream::File(_));
+    let ahead = if from_file && job.store().batched_reads() { READ_AHEAD } else { 1 };
+    pump(&mut job, &mut reader, &settings, ahead, &progress, &shutdown)?;
+    job.flush(&[])?;
+    progress.finish();
+    Ok(job.summary().clone())
+}
+
+/// Opens the input at its checkpoint and the outputs at the lengths it
+/// records, and sets the job up.
+fn start(
+    cfg: &Config,
+    opts: RunOptions,
+    input: &Stream,
+    store: Box<dyn Store>,
+    shutdown: Shutdown,
+    health: Arc<Health>,
+) -> Result<(Job, JsonLines, Progress), RunError> {
+    let (name, id, kind) = match input {
         Stream::File(p) => (p.display().to_string(), Some(format!("file:{}", absolute(p).display())), "file"),
         Stream::Std => ("stdin".to_string(), None, "stdin"),
     };
@@ -37,8 +62,8 @@ pub(super) fn run(
     };
     let first_run = found.is_none();
     let position = found.unwrap_or_default();
-    let outputs = Outputs::open(&cfg, &opts, &position)?;
-    let mut reader = match &input {
+    let outputs = Outputs::open(cfg, &opts, &position)?;
+    let reader = match input {
         Stream::File(p) => JsonLines::open_file(p, position.offset, position.line, cfg.max_line_bytes)
             .map_err(io_err("input", &name))?,
         Stream::Std => JsonLines::stdin(cfg.max_line_bytes),
@@ -47,23 +72,28 @@ pub(super) fn run(
     if position.line > 0 {
         tracing::info!(source = %name, line = position.line, "resuming after the last checkpoint");
     }
-    let mut settings = Settings::new(&cfg);
-    settings.follow &= matches!(input, Stream::File(_));
-    let progress = Progress::new(&input, position.offset);
+    let progress = Progress::new(input, position.offset);
     let source = JobSource { name, id, kind, position };
     let has_id = source.id.is_some();
-    let mut job = Job::new(&cfg, opts.reloads, store, outputs, source, (shutdown.clone(), health));
+    let mut job = Job::new(cfg, opts.reloads, store, outputs, source, (shutdown, health));
     if first_run && has_id {
         // Record where the outputs start before the first event: a crash
         // before the first commit must not leave its alerts in the file.
         job.flush(&[])?;
     }
-    // A remote store reads the state of many lines at once: lines are read
-    // ahead, decoded, their keys loaded in one batch, then applied in order.
-    // Only from a file, where reading ahead never waits on a writer (stdin
-    // would hold events back until a whole batch arrived).
-    let from_file = matches!(input, Stream::File(_));
-    let ahead = if from_file && job.store().batched_reads() { READ_AHEAD } else { 1 };
+    Ok((job, reader, progress))
+}
+
+/// Reads, decodes and applies lines, `ahead` at a time, flushing as the
+/// settings say, until the input ends (or, following, until shutdown).
+fn pump(
+    job: &mut Job,
+    reader: &mut JsonLines,
+    settings: &Settings,
+    ahead: usize,
+    progress: &Progress,
+    shutdown: &Shutdown,
+) -> Result<(), RunError> {
     let mut buf = Vec::new();
     let mut arena = Vec::new();
     let mut lines: Vec<(LineInfo, std::ops::Range<usize>, Decoded, i64)> = Vec::with_capacity(ahead);
@@ -128,9 +158,7 @@ pub(super) fn run(
             }
         }
     }
-    job.flush(&[])?;
-    progress.finish();
-    Ok(job.summary().clone())
+    Ok(())
 }
 
 /// A progress bar on a terminal (nothing on a pipe): events/s, alerts, and

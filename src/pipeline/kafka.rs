@@ -272,14 +272,9 @@ impl KafkaJob {
         health.set_source(None);
     }
 
-    /// Applies a batch of messages: those of partitions held, at or past
-    /// their positions. Payloads are decoded in parallel; then each lane
-    /// applies, in message order, the events of its entities; then, in
-    /// message order again, alerts are written and positions move.
-    fn apply(&mut self, batch: &[BorrowedMessage<'_>]) -> Result<(), RunError> {
-        if self.paused.is_some() {
-            return Ok(());
-        }
+    /// The messages of a batch to apply: those of partitions held, at or
+    /// past their positions (and, routed, not a copy already applied).
+    fn items<'m>(&self, batch: &'m [BorrowedMessage<'m>]) -> Vec<Item<'m>> {
         let routed = self.kafka.consume == Consume::Routed;
         let mut items = Vec::with_capacity(batch.len());
         for m in batch {
@@ -309,6 +304,17 @@ impl KafkaJob {
                 repeat,
             });
         }
+        items
+    }
+
+    /// Applies a batch of messages: payloads are decoded in parallel; then each lane
+    /// applies, in message order, the events of its entities; then, in
+    /// message order again, alerts are written and positions move.
+    fn apply(&mut self, batch: &[BorrowedMessage<'_>]) -> Result<(), RunError> {
+        if self.paused.is_some() {
+            return Ok(());
+        }
+        let items = self.items(batch);
         if items.is_empty() {
             return Ok(());
         }

@@ -1,24 +1,20 @@
 //! Evaluation: every enabled rule, in a fixed order, on each event; state
 //! through the write-back cache; alerts de-duplicated on event time.
 
-use super::{Form, OnFire, Rule};
+use super::forms::{apply_form, Skip};
+use super::{Form, Rule};
 use crate::alert::{Alert, EntityRef};
-use crate::event::{format_time_ms, parse_time_ms, scalar_string, Event, FieldPath};
+use crate::event::{format_time_ms, scalar_string, Event, FieldPath};
 use crate::scoring::{self, Scored, ScoringConfig};
-use crate::state::{
-    self, check_dict_size, join_key, Access, Record, StateCache, StateError, DEDUP_PREFIX, RISK_PREFIX,
-};
+use crate::state::{self, join_key, Access, Record, StateCache, StateError, DEDUP_PREFIX, RISK_PREFIX};
 use crate::telemetry::metrics;
 use hashbrown::HashMap;
 use prometheus::{Histogram, IntCounter};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use std::sync::Arc;
 
 /// Namespace of alert ids (UUID v5 over the alert's identity).
 const ALERT_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6a0b_8d2e_51c4_4f0e_9b57_3c1d_2f8e_a4b1);
-
-/// Alerts never list more values of a set than this.
-const MAX_LISTED_VALUES: usize = 50;
 
 /// Something a rule could not do with an event (a field it needs is absent,
 /// a value is too large). The event is reported and that rule skips it.
@@ -100,12 +96,6 @@ struct RuleMetrics {
     seconds: Histogram,
 }
 
-/// What a state form decided.
-struct Decision {
-    context: Map<String, Value>,
-    reset: bool,
-}
-
 /// Per-rule figures of a replay (`riskd replay`), gathered when enabled.
 #[derive(Debug, Default, Clone)]
 pub struct RuleStats {
@@ -121,11 +111,6 @@ pub struct RuleStats {
     pub entities_alerted: std::collections::HashSet<String>,
     /// For `count` and `distinct` rules: the highest value each state key reached.
     pub peaks: HashMap<String, i64>,
-}
-
-enum Skip {
-    Missing(String),
-    State(StateError),
 }
 
 /// Which rules apply to an event, for whom. `None` is every rule for
@@ -169,12 +154,6 @@ impl Scope<'_> {
             (Some((lane, _)), None) => lane == 0,
             (Some((lane, n)), Some(e)) => lane_of(&rule.entity_type, e, n) == lane,
         }
-    }
-}
-
-impl From<StateError> for Skip {
-    fn from(e: StateError) -> Self {
-        Skip::State(e)
     }
 }
 
@@ -355,6 +334,8 @@ impl Engine {
         }
     }
 
+    /// Applies a matched rule to its entity's state and, when it fires and
+    /// its dedup window is not open, alerts and adds the entity's risk.
     #[allow(clippy::too_many_arguments)]
     fn apply(
         &mut self,
@@ -366,73 +347,15 @@ impl Engine {
         alerts: &mut Vec<Alert>,
         out: &mut Outcome,
     ) -> Result<(), StateError> {
-        let problem = |message: String| Problem { rule_id: rule.id.clone(), message };
-        join_key(&mut self.key, [&rule.namespace, &rule.entity_type, entity_id]);
-        let key = self.key.as_str();
-        let mut reached = None;
-        let access = self.access[rule_index];
-        let result = if matches!(rule.form, Form::Stateless) {
-            apply_form(&mut Record::default(), rule, key, event, &mut reached)
-        } else {
-            let mut result = Ok(None);
-            let stored = cache.update(access.state, key, event.time_ms, &mut |r| {
-                result = apply_form(r, rule, key, event, &mut reached);
-                result.is_ok()
-            });
-            stored.map_err(Skip::State).and(result)
-        };
-        if let (Some(stats), Some(v)) = (self.stats.as_mut(), reached) {
-            let peak = stats[rule_index].peaks.entry(key.to_string()).or_insert(0);
-            *peak = (*peak).max(v);
-        }
-        let decision = match result {
-            Ok(Some(d)) => d,
-            Ok(None) => return Ok(()),
-            Err(Skip::Missing(m)) => {
-                out.problems.push(problem(m));
-                return Ok(());
-            }
-            Err(Skip::State(e @ StateError::DictionaryTooLarge { .. })) => {
-                out.problems.push(problem(e.to_string()));
-                return Ok(());
-            }
-            Err(Skip::State(e)) => return Err(e),
-        };
-        let mut context = decision.context;
-        if let Some(fire) = &rule.fire {
-            let state = Value::Object(context);
-            if !fire.eval(&event.value, &[("state", &state)]) {
-                return Ok(());
-            }
-            context = match state {
-                Value::Object(m) => m,
-                _ => Map::new(),
-            };
-        }
-        if decision.reset {
-            cache.update(access.state, key, event.time_ms, &mut |r| {
-                *r = Record::default();
-                true
-            })?;
-        }
+        let Some(mut context) = self.decide(cache, rule_index, rule, entity_id, event, out)? else { return Ok(()) };
         let Some(dedup_key) = dedup_key(rule, entity_id, &event.value) else {
             let path = rule.dedup_key.as_ref().map(FieldPath::as_str).unwrap_or_default();
-            out.problems
-                .push(problem(format!("dedup key field {path} is absent, not a scalar, or over {MAX_ID_BYTES} bytes")));
+            let message = format!("dedup key field {path} is absent, not a scalar, or over {MAX_ID_BYTES} bytes");
+            out.problems.push(Problem { rule_id: rule.id.clone(), message });
             return Ok(());
         };
-        let dedup_state = state::key([DEDUP_PREFIX, &rule.id, &dedup_key]);
-        // One change: count the alert, opening the window on the first.
-        let mut seen = false;
-        cache.update(access.state, &dedup_state, event.time_ms, &mut |r| {
-            seen = r.count > 0;
-            r.count = r.count.saturating_add(1);
-            if !seen {
-                r.expires_at_ms = Some(event.time_ms.saturating_add(rule.dedup_window_ms));
-            }
-            true
-        })?;
-        if seen {
+        let access = self.access[rule_index];
+        if !first_in_window(cache, access.state, rule, &dedup_key, event.time_ms)? {
             out.suppressed += 1;
             if let Some(stats) = self.stats.as_mut() {
                 stats[rule_index].suppressed += 1;
@@ -469,6 +392,92 @@ impl Engine {
         alerts.extend(risk_alert);
         Ok(())
     }
+
+    /// Changes the rule's state for the entity and decides whether it fires
+    /// (its state form, then its `fire` condition); the alert's context if
+    /// it does. A problem with the event is recorded in `out`.
+    fn decide(
+        &mut self,
+        cache: &mut StateCache,
+        rule_index: usize,
+        rule: &Rule,
+        entity_id: &str,
+        event: &Event,
+        out: &mut Outcome,
+    ) -> Result<Option<Map<String, Value>>, StateError> {
+        join_key(&mut self.key, [&rule.namespace, &rule.entity_type, entity_id]);
+        let key = self.key.as_str();
+        let mut reached = None;
+        let access = self.access[rule_index];
+        let result = if matches!(rule.form, Form::Stateless) {
+            apply_form(&mut Record::default(), rule, key, event, &mut reached)
+        } else {
+            let mut result = Ok(None);
+            let stored = cache.update(access.state, key, event.time_ms, &mut |r| {
+                result = apply_form(r, rule, key, event, &mut reached);
+                result.is_ok()
+            });
+            stored.map_err(Skip::State).and(result)
+        };
+        if let (Some(stats), Some(v)) = (self.stats.as_mut(), reached) {
+            let peak = stats[rule_index].peaks.entry(key.to_string()).or_insert(0);
+            *peak = (*peak).max(v);
+        }
+        let problem = |message: String| Problem { rule_id: rule.id.clone(), message };
+        let decision = match result {
+            Ok(Some(d)) => d,
+            Ok(None) => return Ok(None),
+            Err(Skip::Missing(m)) => {
+                out.problems.push(problem(m));
+                return Ok(None);
+            }
+            Err(Skip::State(e @ StateError::DictionaryTooLarge { .. })) => {
+                out.problems.push(problem(e.to_string()));
+                return Ok(None);
+            }
+            Err(Skip::State(e)) => return Err(e),
+        };
+        let mut context = decision.context;
+        if let Some(fire) = &rule.fire {
+            let state = Value::Object(context);
+            if !fire.eval(&event.value, &[("state", &state)]) {
+                return Ok(None);
+            }
+            context = match state {
+                Value::Object(m) => m,
+                _ => Map::new(),
+            };
+        }
+        if decision.reset {
+            cache.update(access.state, key, event.time_ms, &mut |r| {
+                *r = Record::default();
+                true
+            })?;
+        }
+        Ok(Some(context))
+    }
+}
+
+/// Counts an alert in its dedup window, opening the window on the first;
+/// whether it is the first (else it is suppressed).
+fn first_in_window(
+    cache: &mut StateCache,
+    access: Access,
+    rule: &Rule,
+    dedup_key: &str,
+    now: i64,
+) -> Result<bool, StateError> {
+    let dedup_state = state::key([DEDUP_PREFIX, &rule.id, dedup_key]);
+    let mut seen = false;
+    cache.update(access, &dedup_state, now, &mut |r| {
+        seen = r.count > 0;
+        r.count = r.count.saturating_add(1);
+        if !seen {
+            r.expires_at_ms = Some(now.saturating_add(rule.dedup_window_ms));
+        }
+        true
+    })?;
+    Ok(!seen)
 }
 
 fn access(rules: &[Rule]) -> Vec<RuleAccess> {
@@ -604,172 +613,10 @@ fn alert_id(rule: &Rule, entity_id: &str, event: &Event) -> String {
     uuid::Uuid::new_v5(&ALERT_NAMESPACE, &name).to_string()
 }
 
-fn required<'a>(path: &FieldPath, event: &'a Event) -> Result<&'a Value, Skip> {
-    path.lookup(&event.value).ok_or_else(|| Skip::Missing(format!("field {path} is absent")))
-}
-
-fn required_scalar(path: &FieldPath, event: &Event) -> Result<String, Skip> {
-    scalar_string(required(path, event)?).ok_or_else(|| Skip::Missing(format!("field {path} is not a scalar")))
-}
-
-fn number(v: &Value) -> Option<f64> {
-    match v {
-        Value::Number(n) => n.as_f64(),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-    .filter(|x: &f64| x.is_finite())
-}
-
-/// Great-circle distance (haversine, Earth radius 6371 km).
-pub fn haversine_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
-    let (p1, p2) = (lat1.to_radians(), lat2.to_radians());
-    let dp = (lat2 - lat1).to_radians();
-    let dl = (lon2 - lon1).to_radians();
-    let a = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
-    2.0 * 6371.0 * a.sqrt().min(1.0).asin()
-}
-
-fn round1(x: f64) -> Value {
-    json!((x * 10.0).round() / 10.0)
-}
-
-/// Applies the rule's state form to the entity's record and decides whether
-/// it fires. Works on the record in place: one cache lookup per rule.
-fn apply_form(
-    r: &mut Record,
-    rule: &Rule,
-    key: &str,
-    event: &Event,
-    reached: &mut Option<i64>,
-) -> Result<Option<Decision>, Skip> {
-    let now = event.time_ms;
-    let decision = match &rule.form {
-        Form::Stateless => Some(Decision { context: Map::new(), reset: false }),
-        Form::Count { window_ms, threshold, on_fire } => {
-            // The window opens at the first counted event and is not moved by later ones.
-            if r.count <= 0 {
-                r.count = 0;
-                r.expires_at_ms = Some(now.saturating_add(*window_ms));
-            }
-            r.count = r.count.saturating_add(1);
-            *reached = Some(r.count);
-            (r.count >= *threshold).then(|| {
-                let end = r.expires_at_ms.unwrap_or(now);
-                let mut c = Map::new();
-                c.insert("count".into(), json!(r.count));
-                c.insert("threshold".into(), json!(threshold));
-                c.insert("window_start".into(), json!(format_time_ms(end - window_ms)));
-                c.insert("window_end".into(), json!(format_time_ms(end)));
-                Decision { context: c, reset: *on_fire == OnFire::Reset }
-            })
-        }
-        Form::Distinct { field, window_ms, threshold, on_fire } => {
-            let value = required_scalar(field, event)?;
-            if r.set.is_empty() {
-                r.expires_at_ms = Some(now.saturating_add(*window_ms));
-            }
-            r.set.insert(value);
-            *reached = Some(r.set.len() as i64);
-            (r.set.len() >= *threshold).then(|| {
-                let end = r.expires_at_ms.unwrap_or(now);
-                let values: Vec<&String> = r.set.iter().take(MAX_LISTED_VALUES).collect();
-                let mut c = Map::new();
-                c.insert("distinct".into(), json!(r.set.len()));
-                c.insert("threshold".into(), json!(threshold));
-                c.insert("values".into(), json!(values));
-                c.insert("window_start".into(), json!(format_time_ms(end - window_ms)));
-                c.insert("window_end".into(), json!(format_time_ms(end)));
-                Decision { context: c, reset: *on_fire == OnFire::Reset }
-            })
-        }
-        Form::FirstSeen { field, ttl_ms } => {
-            let value = required_scalar(field, event)?;
-            let known = r.set.len();
-            let fire = known > 0 && !r.set.contains(&value);
-            let decision = fire.then(|| {
-                let listed: Vec<&String> = r.set.iter().take(MAX_LISTED_VALUES).collect();
-                let mut c = Map::new();
-                c.insert("new_value".into(), json!(value));
-                c.insert("known_count".into(), json!(known));
-                c.insert("known_values".into(), json!(listed));
-                Decision { context: c, reset: false }
-            });
-            r.set.insert(value);
-            // Every matching event keeps the set for another ttl.
-            r.expires_at_ms = Some(now.saturating_add(*ttl_ms));
-            decision
-        }
-        Form::Changed { fields, ttl_ms } => {
-            let mut current = Map::new();
-            for (name, path) in fields {
-                current.insert(name.clone(), required(path, event)?.clone());
-            }
-            let mut stored = current.clone();
-            stored.insert("time".into(), json!(format_time_ms(now)));
-            check_dict_size(key, &stored)?;
-            let previous = r.dict.replace(stored).filter(|d| !d.is_empty());
-            r.expires_at_ms = Some(now.saturating_add(*ttl_ms));
-            previous.and_then(|previous| {
-                let changed: Vec<&str> = fields
-                    .iter()
-                    .filter(|(name, _)| previous.get(name).is_some_and(|p| Some(p) != current.get(name)))
-                    .map(|(name, _)| name.as_str())
-                    .collect();
-                (!changed.is_empty()).then(|| {
-                    let mut c = Map::new();
-                    c.insert("changed".into(), json!(changed));
-                    c.insert("previous".into(), Value::Object(previous));
-                    c.insert("current".into(), Value::Object(current));
-                    Decision { context: c, reset: false }
-                })
-            })
-        }
-        Form::Travel { lat, lon, city, ttl_ms, min_km, max_kmh } => {
-            let lat_v =
-                number(required(lat, event)?).ok_or_else(|| Skip::Missing(format!("field {lat} is not a number")))?;
-            let lon_v =
-                number(required(lon, event)?).ok_or_else(|| Skip::Missing(format!("field {lon} is not a number")))?;
-            let city_v = city.as_ref().and_then(|c| c.lookup(&event.value)).cloned().unwrap_or(Value::Null);
-            let mut current = Map::new();
-            current.insert("city".into(), city_v);
-            current.insert("lat".into(), json!(lat_v));
-            current.insert("lon".into(), json!(lon_v));
-            current.insert("time".into(), json!(format_time_ms(now)));
-            check_dict_size(key, &current)?;
-            let previous = r.dict.replace(current.clone()).unwrap_or_default();
-            r.expires_at_ms = Some(now.saturating_add(*ttl_ms));
-            // A previous value that is not a readable point (written by
-            // something else under a shared key) is treated as absent.
-            let point = (|| {
-                let plat = number(previous.get("lat")?)?;
-                let plon = number(previous.get("lon")?)?;
-                let ptime = parse_time_ms(previous.get("time")?)?;
-                Some((plat, plon, ptime))
-            })();
-            point.and_then(|(plat, plon, ptime)| {
-                let km = haversine_km(plat, plon, lat_v, lon_v);
-                let hours = (now - ptime) as f64 / 3_600_000.0;
-                let kmh = if hours <= 0.0 { f64::INFINITY } else { km / hours };
-                (km > *min_km && kmh > *max_kmh).then(|| {
-                    let mut c = Map::new();
-                    c.insert("distance_km".into(), round1(km));
-                    // JSON has no infinity: a zero or negative time difference reads as null.
-                    c.insert("speed_kmh".into(), if kmh.is_finite() { round1(kmh) } else { Value::Null });
-                    c.insert("hours".into(), json!((hours * 1000.0).round() / 1000.0));
-                    c.insert("previous".into(), Value::Object(previous));
-                    c.insert("current".into(), Value::Object(current));
-                    Decision { context: c, reset: false }
-                })
-            })
-        }
-    };
-    Ok(decision)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn rules(yaml: &str) -> Arc<Vec<Rule>> {
         let rules = yaml
@@ -849,13 +696,5 @@ mod tests {
         assert!(alerts_one.len() > 20);
         assert_eq!(ids(&alerts_lanes), ids(&alerts_one));
         assert_eq!(problems_lanes, problems_one, "an event lacking the entity field is reported once, by lane 0");
-    }
-
-    #[test]
-    fn haversine_matches_known_distances() {
-        // Paris – London is about 344 km.
-        let d = haversine_km(48.8566, 2.3522, 51.5074, -0.1278);
-        assert!((d - 343.5).abs() < 1.0, "{d}");
-        assert_eq!(haversine_km(10.0, 10.0, 10.0, 10.0), 0.0);
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod condition;
 pub mod engine;
+mod forms;
 pub mod spec;
 
 pub use condition::Condition;
@@ -177,6 +178,8 @@ fn threshold(n: u32, field: &'static str, errors: &mut Vec<FieldError>) -> u32 {
 }
 
 /// Validates and compiles a rule spec, collecting every problem.
+// Long on purpose: it walks the spec field by field, in the order of the
+// rule file, so that every error is collected in one pass.
 pub fn compile(spec: RuleSpec) -> Result<Rule, Vec<FieldError>> {
     let mut errors = Vec::new();
     if !is_ident(&spec.id) {

@@ -233,7 +233,16 @@ fn field<'a>(alert: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(alert, |v, k| v.get(k))
 }
 
+/// Every way the run differs from what the test expects.
 fn check(cache: &mut StateCache, scoring: &ScoringConfig, expect: &Expect, alerts: &[Alert], now: i64) -> Vec<String> {
+    let mut failures = check_alerts(expect, alerts);
+    check_state(cache, expect, now, &mut failures);
+    check_scores(cache, scoring, expect, now, &mut failures);
+    failures
+}
+
+/// The alerts expected of each rule, their fields, and the total.
+fn check_alerts(expect: &Expect, alerts: &[Alert]) -> Vec<String> {
     let mut failures = Vec::new();
     let as_json: Vec<Value> = alerts.iter().map(|a| serde_json::to_value(a).unwrap_or(Value::Null)).collect();
     let describe = |list: &[&Value]| -> String {
@@ -298,6 +307,11 @@ fn check(cache: &mut StateCache, scoring: &ScoringConfig, expect: &Expect, alert
             failures.push(format!("total alerts\n  - expected {total}\n  + got {}: {}", alerts.len(), describe(&all)));
         }
     }
+    failures
+}
+
+/// The state expected under each key at the end.
+fn check_state(cache: &mut StateCache, expect: &Expect, now: i64, failures: &mut Vec<String>) {
     for (key, want) in &expect.state {
         let got = match cache.read(key, now) {
             Ok(r) => r.cloned(),
@@ -352,6 +366,16 @@ fn check(cache: &mut StateCache, scoring: &ScoringConfig, expect: &Expect, alert
             ));
         }
     }
+}
+
+/// The score (and armed state) expected of each entity at the end.
+fn check_scores(
+    cache: &mut StateCache,
+    scoring: &ScoringConfig,
+    expect: &Expect,
+    now: i64,
+    failures: &mut Vec<String>,
+) {
     for exp in &expect.scores {
         let entity = EntityRef { type_: exp.type_.clone(), id: exp.id.clone() };
         match scoring::load(cache, &entity, now) {
@@ -375,7 +399,6 @@ fn check(cache: &mut StateCache, scoring: &ScoringConfig, expect: &Expect, alert
             Err(e) => failures.push(format!("score of {} {}: {e}", exp.type_, exp.id)),
         }
     }
-    failures
 }
 
 /// Test-runner output; the last line is `N passed, N failed`.
