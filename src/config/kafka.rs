@@ -4,6 +4,7 @@
 //! Secrets stay out of the file: a property value may name an environment
 //! variable as `${NAME}`, read at load time; such values are never logged.
 
+use super::spans::Section;
 use crate::rules::Rule;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -109,36 +110,37 @@ pub struct KafkaConfig {
 const RESERVED: [&str; 5] =
     ["group.id", "bootstrap.servers", "enable.auto.commit", "enable.auto.offset.store", "enable.idempotence"];
 
-/// Validates `[kafka]`; every problem goes to `err(key, message)`.
-pub fn build(file: &KafkaFile, entity_types: &[&str], err: &mut impl FnMut(&str, String)) -> KafkaConfig {
+/// Validates `[kafka]`; every problem goes to `err`.
+pub(super) fn build(file: &KafkaFile, entity_types: &[&str], err: &mut Section) -> KafkaConfig {
     if file.bootstrap_servers.trim().is_empty() {
-        err("bootstrap_servers", "kafka.bootstrap_servers is empty: name at least one host:port".into());
+        err.at("bootstrap_servers", "kafka.bootstrap_servers is empty: name at least one host:port".into());
     }
     if file.group_id.trim().is_empty() {
-        err("group_id", "kafka.group_id is empty".into());
+        err.at("group_id", "kafka.group_id is empty".into());
     }
     let consume = match file.consume.as_str() {
         "raw" => Consume::Raw,
         "routed" => Consume::Routed,
         other => {
-            err("consume", format!("kafka.consume {other:?} is not one of raw, routed"));
+            err.at("consume", format!("kafka.consume {other:?} is not one of raw, routed"));
             Consume::Raw
         }
     };
-    for t in file.topics.iter().chain(file.alerts_topic.iter()) {
+    let topics = file.topics.iter().map(|t| ("topics", t)).chain(file.alerts_topic.iter().map(|t| ("alerts_topic", t)));
+    for (key, t) in topics {
         if !topic_name_ok(t) {
-            err("topics", format!("{t:?} is not a Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)"));
+            err.at(key, format!("{t:?} is not a Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)"));
         }
     }
     if !file.route_prefix.is_empty() && !topic_name_ok(&file.route_prefix) {
-        err("route_prefix", format!("kafka.route_prefix {:?} is not the start of a topic name", file.route_prefix));
+        err.at("route_prefix", format!("kafka.route_prefix {:?} is not the start of a topic name", file.route_prefix));
     }
     if file.route_partitions < 1 {
-        err("route_partitions", "kafka.route_partitions must be at least 1".into());
+        err.at("route_partitions", "kafka.route_partitions must be at least 1".into());
     }
     if let Some(t) = &file.keyed_by {
         if !entity_types.contains(&t.as_str()) {
-            err(
+            err.at(
                 "keyed_by",
                 format!("kafka.keyed_by {t:?} is not the entity type of any rule ({})", entity_types.join(", ")),
             );
@@ -147,7 +149,7 @@ pub fn build(file: &KafkaFile, entity_types: &[&str], err: &mut impl FnMut(&str,
     let drain_timeout = match humantime::parse_duration(&file.drain_timeout) {
         Ok(d) if !d.is_zero() => d,
         _ => {
-            err(
+            err.at(
                 "drain_timeout",
                 format!("kafka.drain_timeout {:?} is not a duration above zero, e.g. 30s", file.drain_timeout),
             );
@@ -155,7 +157,7 @@ pub fn build(file: &KafkaFile, entity_types: &[&str], err: &mut impl FnMut(&str,
         }
     };
     if file.lanes == Some(0) {
-        err("lanes", "kafka.lanes must be at least 1".into());
+        err.at("lanes", "kafka.lanes must be at least 1".into());
     }
     // By default a lane per CPU but one, left to librdkafka's threads (on
     // 2 CPUs, 2 lanes measured no faster than 1: BENCHMARKS.md).
@@ -163,23 +165,10 @@ pub fn build(file: &KafkaFile, entity_types: &[&str], err: &mut impl FnMut(&str,
     let lanes = file.lanes.unwrap_or(cpus.saturating_sub(1)).max(1);
     if let Some(ms) = file.properties.get("max.poll.interval.ms").and_then(|v| v.parse::<u64>().ok()) {
         if Duration::from_millis(ms) <= drain_timeout {
-            err(
+            err.at(
                 "drain_timeout",
                 format!("kafka.drain_timeout must be below max.poll.interval.ms ({ms} ms): a revoke must finish before the group moves on"),
             );
-        }
-    }
-    let mut properties = BTreeMap::new();
-    for (k, v) in &file.properties {
-        if RESERVED.contains(&k.as_str()) {
-            err(k, format!("kafka.properties.{k:?} is set by riskd (use the kafka.* keys, or leave it out)"));
-            continue;
-        }
-        match resolve_env(v) {
-            Ok(v) => {
-                properties.insert(k.clone(), v);
-            }
-            Err(name) => err(k, format!("kafka.properties.{k:?} names environment variable {name}, which is not set")),
         }
     }
     KafkaConfig {
@@ -193,8 +182,33 @@ pub fn build(file: &KafkaFile, entity_types: &[&str], err: &mut impl FnMut(&str,
         alerts_topic: file.alerts_topic.clone(),
         drain_timeout,
         lanes,
-        properties,
+        properties: properties(file, err),
     }
+}
+
+/// The librdkafka properties of `[kafka.properties]`, environment references
+/// resolved; reserved and unresolvable ones are reported and left out.
+fn properties(file: &KafkaFile, err: &mut Section) -> BTreeMap<String, String> {
+    let mut properties = BTreeMap::new();
+    for (k, v) in &file.properties {
+        if RESERVED.contains(&k.as_str()) {
+            err.at_path(
+                &["properties", k],
+                format!("kafka.properties.{k:?} is set by riskd (use the kafka.* keys, or leave it out)"),
+            );
+            continue;
+        }
+        match resolve_env(v) {
+            Ok(v) => {
+                properties.insert(k.clone(), v);
+            }
+            Err(name) => err.at_path(
+                &["properties", k],
+                format!("kafka.properties.{k:?} names environment variable {name}, which is not set"),
+            ),
+        }
+    }
+    properties
 }
 
 impl KafkaConfig {

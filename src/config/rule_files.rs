@@ -1,11 +1,36 @@
-//! Reading rule files: YAML, one or more rules per file separated by `---`.
-//! Each document is parsed on its own so that an error is reported with the
-//! line it is on in the file and the id of the rule it belongs to.
+//! `[rules]` and the rule files it names: YAML, one or more rules per file
+//! separated by `---`. Each document is parsed on its own so that an error
+//! is reported with the line it is on in the file and the id of the rule it
+//! belongs to.
 
+use super::spans::Section;
 use super::ConfigError;
 use crate::rules::{self, Rule, RuleSpec};
+use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+/// `[rules]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesFile {
+    /// Rule files, or folders whose `*.yaml`/`*.yml` files are all loaded
+    /// (in name order; `*.test.yaml` files are rule tests, not rules).
+    #[serde(default = "rules_dir")]
+    pub paths: Vec<String>,
+}
+
+fn rules_dir() -> Vec<String> {
+    vec!["rules".into()]
+}
+
+/// The rule files and folders of `[rules]`, taken from `base`.
+pub(super) fn paths(file: &RulesFile, base: &Path, err: &mut Section) -> Vec<PathBuf> {
+    if file.paths.is_empty() {
+        err.at("paths", "rules.paths is empty: riskd would have no rules".into());
+    }
+    file.paths.iter().map(|p| base.join(p)).collect()
+}
 
 /// A setting changed without editing a file: `rules.ID.threshold=15` (a key
 /// of the rule's state form may be named directly) or a full path such as
@@ -96,25 +121,9 @@ impl Override {
 /// Loads every rule under `paths` (files, or folders of `*.yaml`/`*.yml`),
 /// with `overrides` applied, appending each problem to `errors`.
 pub fn load(paths: &[PathBuf], overrides: &[Override], errors: &mut Vec<ConfigError>) -> Vec<Rule> {
-    let mut files = Vec::new();
-    for path in paths {
-        if path.is_dir() {
-            match std::fs::read_dir(path) {
-                Ok(entries) => {
-                    let mut found: Vec<PathBuf> =
-                        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_rule_file(p)).collect();
-                    found.sort();
-                    files.extend(found);
-                }
-                Err(e) => errors.push(file_error(path, None, None, format!("cannot list rules folder: {e}"))),
-            }
-        } else {
-            files.push(path.clone());
-        }
-    }
     let mut rules = Vec::new();
     let mut seen: HashMap<String, (PathBuf, usize)> = HashMap::new();
-    for file in files {
+    for file in rule_files(paths, errors) {
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
             Err(e) => {
@@ -184,6 +193,27 @@ pub fn load(paths: &[PathBuf], overrides: &[Override], errors: &mut Vec<ConfigEr
         }
     }
     rules
+}
+
+/// The files of `paths`: each file as it is, each folder's rule files in name order.
+fn rule_files(paths: &[PathBuf], errors: &mut Vec<ConfigError>) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            match std::fs::read_dir(path) {
+                Ok(entries) => {
+                    let mut found: Vec<PathBuf> =
+                        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_rule_file(p)).collect();
+                    found.sort();
+                    files.extend(found);
+                }
+                Err(e) => errors.push(file_error(path, None, None, format!("cannot list rules folder: {e}"))),
+            }
+        } else {
+            files.push(path.clone());
+        }
+    }
+    files
 }
 
 fn is_rule_file(p: &Path) -> bool {

@@ -1,0 +1,104 @@
+//! Where events come from and alerts go: `[source]`, `[sink]`, and how an
+//! event's time is found (`[event_time]`).
+
+use super::spans::Section;
+use super::Stream;
+use crate::event::{EventTime, FieldPath};
+use serde::Deserialize;
+use std::path::Path;
+
+/// `[source]`: a JSON-lines file or stdin, or Kafka.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceFile {
+    /// `file` (a path, or `-` for stdin: the default) or `kafka` (see `[kafka]`).
+    #[serde(default = "file_kind")]
+    pub kind: String,
+    /// JSON-lines file to read; `-` reads standard input.
+    #[serde(default = "dash")]
+    pub path: String,
+    /// Longer lines are set aside as too large.
+    #[serde(default = "one_mib")]
+    pub max_line_bytes: usize,
+    /// File that receives every line set aside, with the reason; none when absent.
+    #[serde(default)]
+    pub dead_letter: Option<String>,
+    /// At the end of a file, wait for more lines (as `tail -f`) until stopped.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+fn file_kind() -> String {
+    "file".into()
+}
+fn dash() -> String {
+    "-".into()
+}
+fn one_mib() -> usize {
+    1 << 20
+}
+
+/// `[sink]`: where alerts are written as JSON lines.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkFile {
+    /// File to append alerts to; `-` writes standard output (the default,
+    /// unless alerts go to `kafka.alerts_topic`).
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+/// `[event_time]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventTimeFile {
+    /// Field paths tried in order; the first holding a readable time wins,
+    /// else the time of ingest is used.
+    #[serde(default = "time_fields")]
+    pub fields: Vec<String>,
+}
+
+fn time_fields() -> Vec<String> {
+    ["p_event_time", "eventTime", "published"].map(String::from).to_vec()
+}
+
+/// Checks the settings of `[source]` but its `kind` (see [`from_kafka`]).
+pub(super) fn check(file: &SourceFile, err: &mut Section) {
+    if file.max_line_bytes == 0 {
+        err.at("max_line_bytes", "source.max_line_bytes must be at least 1".into());
+    }
+}
+
+/// Whether events come from Kafka (`kind = "kafka"`) rather than a file.
+pub(super) fn from_kafka(file: &SourceFile, err: &mut Section) -> bool {
+    match file.kind.as_str() {
+        "file" => false,
+        "kafka" => true,
+        other => {
+            err.at("kind", format!("source.kind {other:?} is not one of file, kafka"));
+            false
+        }
+    }
+}
+
+/// Where alerts are written: `[sink] path`, else standard output unless
+/// they go to a Kafka topic (`to_kafka`).
+pub(super) fn alerts(file: &SinkFile, base: &Path, to_kafka: bool) -> Option<Stream> {
+    match &file.path {
+        Some(p) => Some(Stream::parse(p, base)),
+        None if to_kafka => None,
+        None => Some(Stream::Std),
+    }
+}
+
+/// The field paths of `[event_time]`, each malformed one reported.
+pub(super) fn event_time(file: &EventTimeFile, err: &mut Section) -> EventTime {
+    let mut fields = Vec::new();
+    for (i, f) in file.fields.iter().enumerate() {
+        match FieldPath::parse(f) {
+            Ok(p) => fields.push(p),
+            Err(e) => err.at_path(&["fields", &i.to_string()], format!("event_time.fields: {e}")),
+        }
+    }
+    EventTime::new(fields)
+}
