@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -129,23 +129,10 @@ struct ProxyState {
 
 impl KillingProxy {
     fn start(commits: usize, writes: usize) -> Self {
-        let upstream = dynamodb_endpoint().trim_start_matches("http://").trim_end_matches('/').to_string();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let state = Arc::new(Mutex::new(ProxyState::default()));
         let shared = Arc::clone(&state);
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { return };
-                let Ok(server) = TcpStream::connect(&upstream) else { return };
-                let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut from_server, &mut to_client);
-                    let _ = to_client.shutdown(std::net::Shutdown::Both);
-                });
-                let state = Arc::clone(&shared);
-                std::thread::spawn(move || forward_requests(client, server, state, commits, writes));
-            }
+        let endpoint = dynamodb_proxy(move |client, server| {
+            forward_requests(client, server, Arc::clone(&shared), commits, writes)
         });
         Self { endpoint, state }
     }

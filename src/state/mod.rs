@@ -307,14 +307,18 @@ pub trait Store: Send {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod store_tests {
+#[doc(hidden)]
+pub mod store_tests {
     //! Behaviour every [`Store`] must share: each implementation runs all of
-    //! these through [`shared_store_tests!`], with the same code.
+    //! these through [`shared_store_tests!`], with the same code. Public
+    //! (but hidden) so that integration tests can run them too: the
+    //! DynamoDB store's tests live in `tests/`, where they need a server.
     use super::*;
 
     /// Expands to one `#[test]` per shared behaviour; `$make` returns a
     /// fresh, empty store and whatever must live as long as it.
+    #[macro_export]
+    #[doc(hidden)]
     macro_rules! shared_store_tests {
         ($make:expr) => {
             #[test]
@@ -354,7 +358,7 @@ pub(crate) mod store_tests {
             }
         };
     }
-    pub(crate) use shared_store_tests;
+    pub use crate::shared_store_tests;
 
     fn put<'a>(key: &'a str, record: &'a Record) -> (&'a str, Mutation<'a>) {
         (key, Mutation::Put(record))
@@ -370,6 +374,8 @@ pub(crate) mod store_tests {
         seen
     }
 
+    /// `update` reads the live value (the default when expired), writes
+    /// only what changed, and removes a key it empties.
     pub fn update_is_read_modify_write_on_live_values(store: &mut dyn Store) {
         let bump = |store: &mut dyn Store, now| {
             store
@@ -401,6 +407,7 @@ pub(crate) mod store_tests {
         assert_eq!(store.get_many(&["u/k"]).unwrap(), vec![None]);
     }
 
+    /// Records and checkpoints read back as written; deletes remove.
     pub fn round_trip(store: &mut dyn Store) {
         let rec = Record {
             count: 3,
@@ -443,6 +450,7 @@ pub(crate) mod store_tests {
         assert_eq!(store.get_many(&["e/999"]).unwrap(), vec![Some(plain)]);
     }
 
+    /// Each source has its own checkpoint, replaced by the next one.
     pub fn checkpoints_per_source(store: &mut dyn Store) {
         let first = Checkpoint {
             offset: 10,
@@ -464,6 +472,7 @@ pub(crate) mod store_tests {
         assert_eq!(keys(store, ""), vec!["c/k"]);
     }
 
+    /// `scan` visits the keys under a prefix, and only those, in key order.
     pub fn scan_is_in_key_order_within_the_prefix(store: &mut dyn Store) {
         let rec = Record { count: 1, ..Record::default() };
         let names = ["b/2", "a/1", "b/10", "b/1", "b", "c/1", "b/\u{e9}", "b/Z", "ba/1"];
@@ -501,6 +510,7 @@ pub(crate) mod store_tests {
         assert_eq!(keys(store, "m/").len(), 160);
     }
 
+    /// A put replaces every value of the record, not just those it sets.
     pub fn put_replaces_the_whole_record(store: &mut dyn Store) {
         let full = Record {
             count: 4,

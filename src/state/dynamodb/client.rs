@@ -1,0 +1,604 @@
+//! Requests to DynamoDB: batching, retries, rate limits and error
+//! classification.
+//!
+//! `get_many` sends BatchGetItem (100 keys each), `apply` BatchWriteItem
+//! (25 items each), a few requests in flight at once, all reads strongly
+//! consistent. Throttling, 5xx answers, timeouts, connection failures and
+//! unprocessed keys or items are retried with exponential backoff and
+//! jitter (the SDK's own retries are off, so there is one retry policy);
+//! anything else fails the call, naming the key when one is at fault.
+
+use super::codec::{attr, item_key, key_item, Item};
+use super::{backend, DynamoConfig, STORE};
+use crate::state::{RequestFailure, Result, StateError};
+use crate::telemetry::metrics;
+use aws_config::BehaviorVersion;
+use aws_sdk_dynamodb::config::http::HttpResponse;
+use aws_sdk_dynamodb::config::retry::RetryConfig;
+use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
+use aws_sdk_dynamodb::config::Region;
+use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::scan::builders::ScanFluentBuilder;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, Put, TransactWriteItem, WriteRequest};
+use aws_sdk_dynamodb::Client;
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// DynamoDB's limits: keys per BatchGetItem, requests per BatchWriteItem.
+const GET_BATCH: usize = 100;
+const WRITE_BATCH: usize = 25;
+/// Requests in flight at once for one `get_many` or `apply`.
+const IN_FLIGHT: usize = 8;
+
+/// A request that failed for good.
+#[derive(Debug)]
+pub(super) struct Failure {
+    /// The service's error code, or the kind of failure (`Timeout`, …).
+    pub(super) code: String,
+    message: String,
+    /// Whether it failed on something retrying could help (and retries ran out).
+    transient: bool,
+}
+
+impl Failure {
+    /// The state error for `operation` on `table`, naming `key` when one is at fault.
+    pub(super) fn into_error(self, operation: &'static str, table: &str, key: Option<&str>) -> StateError {
+        let mut message = self.message;
+        if self.code == "ResourceNotFoundException" {
+            message.push_str(" (create the table with `riskd store init`)");
+        }
+        StateError::Request(Box::new(RequestFailure {
+            store: STORE,
+            operation,
+            table: table.to_string(),
+            key: key.map(str::to_string),
+            code: self.code,
+            message,
+            transient: self.transient,
+        }))
+    }
+}
+
+/// Error codes worth another try, whatever the operation.
+const RETRY_CODES: [&str; 7] = [
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "InternalServerError",
+    "ServiceUnavailable",
+    "TransactionConflictException",
+    "TransactionInProgressException",
+];
+
+/// Whether a failed request is worth another try, whatever the operation.
+fn transient<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> bool {
+    match e {
+        SdkError::TimeoutError(_) | SdkError::ResponseError(_) => true,
+        // Not a credentials failure, which also surfaces as a dispatch failure.
+        SdkError::DispatchFailure(d) => d.is_io() || d.is_timeout(),
+        SdkError::ServiceError(s) => {
+            s.raw().status().is_server_error() || s.err().code().is_some_and(|c| RETRY_CODES.contains(&c))
+        }
+        _ => false,
+    }
+}
+
+/// The code and message of a failed request.
+fn failure<E>(e: &SdkError<E, HttpResponse>, transient: bool) -> Failure
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let (code, message) = match e {
+        // Modelled or not, a service error has a code and usually a message.
+        SdkError::ServiceError(s) => (
+            s.err().code().unwrap_or("UnknownError").to_string(),
+            s.err().message().map(str::to_string).unwrap_or_else(|| DisplayErrorContext(e).to_string()),
+        ),
+        SdkError::TimeoutError(_) => ("Timeout".into(), DisplayErrorContext(e).to_string()),
+        SdkError::DispatchFailure(_) => ("DispatchFailure".into(), DisplayErrorContext(e).to_string()),
+        SdkError::ResponseError(_) => ("BadResponse".into(), DisplayErrorContext(e).to_string()),
+        _ => ("RequestFailed".into(), DisplayErrorContext(e).to_string()),
+    };
+    Failure { code, message, transient }
+}
+
+/// The retry schedule: exponential from 25 ms, capped at 1 s a wait, with
+/// jitter, 6 retries (about 1.6 s in all) before giving up. Longer outages
+/// are the job's to ride out: it backs off further and reports not-ready.
+fn backoff() -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(25))
+        .with_max_delay(Duration::from_secs(1))
+        .with_factor(2.0)
+        .with_max_times(6)
+        .with_jitter()
+        .build()
+}
+
+/// Request budgets (`governor`), per kind of request; none when unlimited.
+#[derive(Default)]
+pub(super) struct Limits {
+    read: Option<governor::DefaultDirectRateLimiter>,
+    write: Option<governor::DefaultDirectRateLimiter>,
+}
+
+impl Limits {
+    /// The budgets `cfg` sets.
+    fn new(cfg: &DynamoConfig) -> Self {
+        // Known series start at zero, so dashboards see them before the first throttle.
+        let m = metrics();
+        for op in ["BatchGetItem", "BatchWriteItem", "TransactWriteItems", "Scan"] {
+            for outcome in ["ok", "throttled", "error"] {
+                m.dynamodb_requests.with_label_values(&[op, outcome]);
+            }
+            m.dynamodb_throttles.with_label_values(&[op]);
+            m.dynamodb_retries.with_label_values(&[op]);
+        }
+        for kind in ["read", "write"] {
+            m.rate_limiter_waits.with_label_values(&[kind]);
+            m.rate_limiter_wait_seconds.with_label_values(&[kind]);
+        }
+        let limiter = |per_second: Option<u32>| {
+            per_second
+                .and_then(std::num::NonZeroU32::new)
+                .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)))
+        };
+        Self { read: limiter(cfg.read_requests_per_second), write: limiter(cfg.write_requests_per_second) }
+    }
+
+    /// Waits until the budget of `operation`'s kind allows one more request.
+    async fn acquire(&self, operation: &'static str) {
+        let write =
+            matches!(operation, "BatchWriteItem" | "TransactWriteItems" | "PutItem" | "DeleteItem" | "UpdateItem");
+        let (limiter, kind) = if write { (&self.write, "write") } else { (&self.read, "read") };
+        if let Some(l) = limiter {
+            if l.check().is_err() {
+                let start = std::time::Instant::now();
+                l.until_ready().await;
+                let m = metrics();
+                m.rate_limiter_waits.with_label_values(&[kind]).inc();
+                m.rate_limiter_wait_seconds.with_label_values(&[kind]).inc_by(start.elapsed().as_secs_f64());
+            }
+        }
+    }
+}
+
+const THROTTLE_CODES: [&str; 3] =
+    ["ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded"];
+
+/// Sends one request (built anew by `attempt` each time) within the request
+/// budget, retrying what is transient by [`transient`] or by `also`.
+pub(super) async fn send<T, E, F, Fut>(
+    limits: &Limits,
+    operation: &'static str,
+    mut attempt: F,
+    also: impl Fn(&E) -> bool,
+) -> Result<T, Failure>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let mut delays = backoff();
+    let mut tries = 0u32;
+    let m = metrics();
+    loop {
+        tries += 1;
+        limits.acquire(operation).await;
+        let start = std::time::Instant::now();
+        let result = attempt().await;
+        m.dynamodb_request_seconds.with_label_values(&[operation]).observe(start.elapsed().as_secs_f64());
+        match result {
+            Ok(out) => {
+                m.dynamodb_requests.with_label_values(&[operation, "ok"]).inc();
+                return Ok(out);
+            }
+            Err(e) => {
+                let throttled = matches!(&e, SdkError::ServiceError(s) if s.err().code().is_some_and(|c| THROTTLE_CODES.contains(&c)));
+                m.dynamodb_requests
+                    .with_label_values(&[operation, if throttled { "throttled" } else { "error" }])
+                    .inc();
+                if throttled {
+                    m.dynamodb_throttles.with_label_values(&[operation]).inc();
+                }
+                let retry = transient(&e) || matches!(&e, SdkError::ServiceError(s) if also(s.err()));
+                if retry {
+                    m.dynamodb_retries.with_label_values(&[operation]).inc();
+                }
+                match delays.next() {
+                    Some(delay) if retry => {
+                        tracing::debug!(operation, tries, error = %DisplayErrorContext(&e), delay_ms = delay.as_millis() as u64, "retrying");
+                        tokio::time::sleep(delay).await;
+                    }
+                    _ => {
+                        let mut f = failure(&e, retry);
+                        if retry {
+                            f.message = format!("{} (gave up after {tries} tries)", f.message);
+                        }
+                        return Err(f);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// For [`send`]: no error is transient but those [`transient`] says.
+pub(super) fn never<E>(_: &E) -> bool {
+    false
+}
+
+/// A transaction cancelled only for throttling or a conflict is worth another try.
+fn transaction_transient(e: &TransactWriteItemsError) -> bool {
+    match e {
+        TransactWriteItemsError::TransactionCanceledException(c) => c.cancellation_reasons().iter().all(|r| {
+            matches!(
+                r.code(),
+                None | Some(
+                    "None"
+                        | "ThrottlingError"
+                        | "TransactionConflict"
+                        | "ProvisionedThroughputExceeded"
+                        | "RequestLimitExceeded"
+                )
+            )
+        }),
+        _ => false,
+    }
+}
+
+/// Reads up to 100 keys, naming the key at fault when that fails.
+async fn get_chunk(client: Client, limits: Arc<Limits>, table: String, keys: Vec<String>) -> Result<Vec<Item>> {
+    let (c, l, t) = (&client, &*limits, table.as_str());
+    let chunk = keys.into_iter().map(|k| (k.clone(), k)).collect();
+    naming_the_key("BatchGetItem", t, chunk, move |keys: Vec<String>| async move { get_keys(c, l, t, &keys).await })
+        .await
+}
+
+/// Reads up to 100 keys, retrying unprocessed ones.
+async fn get_keys(client: &Client, limits: &Limits, table: &str, keys: &[String]) -> Result<Vec<Item>, Failure> {
+    let mut pending: Vec<Item> = keys.iter().map(|k| key_item(k)).collect();
+    let mut found = Vec::new();
+    let mut delays = backoff();
+    loop {
+        let request = KeysAndAttributes::builder()
+            .set_keys(Some(pending.clone()))
+            .consistent_read(true)
+            .build()
+            .map_err(|e| Failure { code: "BuildError".into(), message: e.to_string(), transient: false })?;
+        let mut out = send(
+            limits,
+            "BatchGetItem",
+            || client.batch_get_item().request_items(table, request.clone()).send(),
+            never,
+        )
+        .await?;
+        if let Some(items) = out.responses.as_mut().and_then(|r| r.remove(table)) {
+            found.extend(items);
+        }
+        let left = out.unprocessed_keys.and_then(|mut u| u.remove(table)).map(|k| k.keys).unwrap_or_default();
+        if left.is_empty() {
+            return Ok(found);
+        }
+        wait_for_leftovers(&mut delays, left.len(), pending.len(), "Keys").await?;
+        pending = left;
+    }
+}
+
+/// After a batch request left `left` of its `sent` keys or items
+/// unprocessed: waits before the next try (the schedule starts again when
+/// the request made progress), or gives up when the schedule is spent.
+async fn wait_for_leftovers(
+    delays: &mut ExponentialBackoff,
+    left: usize,
+    sent: usize,
+    what: &str,
+) -> Result<(), Failure> {
+    if left < sent {
+        *delays = backoff();
+    }
+    match delays.next() {
+        Some(delay) => {
+            tokio::time::sleep(delay).await;
+            Ok(())
+        }
+        None => Err(Failure {
+            code: format!("Unprocessed{what}"),
+            message: format!("{left} {} still unprocessed after retries", what.to_lowercase()),
+            transient: true,
+        }),
+    }
+}
+
+/// Writes up to 25 requests, retrying unprocessed ones.
+async fn write_requests(
+    client: &Client,
+    limits: &Limits,
+    table: &str,
+    mut pending: Vec<WriteRequest>,
+) -> Result<(), Failure> {
+    let mut delays = backoff();
+    loop {
+        let mut out = send(
+            limits,
+            "BatchWriteItem",
+            || client.batch_write_item().request_items(table, pending.clone()).send(),
+            never,
+        )
+        .await?;
+        let left = out.unprocessed_items.take().and_then(|mut u| u.remove(table)).unwrap_or_default();
+        if left.is_empty() {
+            return Ok(());
+        }
+        wait_for_leftovers(&mut delays, left.len(), pending.len(), "Items").await?;
+        pending = left;
+    }
+}
+
+/// Writes one chunk (each request with its key), naming the key at fault
+/// when that fails.
+async fn write_chunk(
+    client: Client,
+    limits: Arc<Limits>,
+    table: String,
+    chunk: Vec<(String, WriteRequest)>,
+) -> Result<()> {
+    let (c, l, t) = (&client, &*limits, table.as_str());
+    naming_the_key("BatchWriteItem", t, chunk, move |requests| write_requests(c, l, t, requests)).await
+}
+
+/// Sends a chunk of a batch request, one part per key, with `send_parts`;
+/// when that fails for good on something other than capacity (a validation
+/// error, an item over 400 KB), sends the parts one by one to name the key
+/// at fault.
+async fn naming_the_key<T, R, Fut>(
+    operation: &'static str,
+    table: &str,
+    chunk: Vec<(String, T)>,
+    send_parts: impl Fn(Vec<T>) -> Fut,
+) -> Result<R>
+where
+    T: Clone,
+    Fut: Future<Output = Result<R, Failure>>,
+{
+    match send_parts(chunk.iter().map(|(_, part)| part.clone()).collect()).await {
+        Ok(out) => Ok(out),
+        Err(f) if !f.transient && chunk.len() > 1 => {
+            for (key, part) in chunk {
+                if let Err(f) = send_parts(vec![part]).await {
+                    return Err(f.into_error(operation, table, Some(&key)));
+                }
+            }
+            Err(f.into_error(operation, table, None))
+        }
+        Err(f) => {
+            let key = (chunk.len() == 1).then(|| chunk[0].0.as_str());
+            Err(f.into_error(operation, table, key))
+        }
+    }
+}
+
+/// Runs the futures with at most [`IN_FLIGHT`] at once; the first error
+/// wins (the others are dropped, which cancels them).
+async fn in_flight<T, F>(futures: Vec<F>) -> Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T>> + Send + 'static,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut waiting = futures.into_iter();
+    for f in waiting.by_ref().take(IN_FLIGHT) {
+        tasks.spawn(f);
+    }
+    let mut out = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        out.push(joined.map_err(|e| backend(format!("request task failed: {e}")))??);
+        if let Some(f) = waiting.next() {
+            tasks.spawn(f);
+        }
+    }
+    Ok(out)
+}
+
+/// A client of one table, with the runtime its requests run on.
+pub(super) struct Remote {
+    /// The runtime every request runs on (the store's methods block on it).
+    pub(super) rt: tokio::runtime::Runtime,
+    pub(super) client: Client,
+    pub(super) table: String,
+    /// Where it talks to, for messages: region and endpoint.
+    pub(super) place: String,
+    /// Request budgets.
+    pub(super) limits: Arc<Limits>,
+}
+
+impl Remote {
+    /// A client of `cfg`'s table (no request is sent yet).
+    pub(super) fn connect(cfg: &DynamoConfig) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| backend(format!("cannot start its runtime: {e}")))?;
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            // One retry policy, riskd's: it also covers unprocessed batch items.
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(3))
+                    .operation_attempt_timeout(Duration::from_secs(10))
+                    .build(),
+            );
+        if let Some(region) = &cfg.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(url) = &cfg.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        let sdk = rt.block_on(loader.load());
+        let Some(region) = sdk.region().map(|r| r.to_string()) else {
+            return Err(backend("no AWS region: set store.region, or AWS_REGION, or a region in the AWS profile"));
+        };
+        let place = match &cfg.endpoint_url {
+            Some(url) => format!("{region} at {url}"),
+            None => region,
+        };
+        Ok(Self { rt, client: Client::new(&sdk), table: cfg.table.clone(), place, limits: Arc::new(Limits::new(cfg)) })
+    }
+
+    /// The items stored under `keys` (each once), by key.
+    pub(super) fn fetch(&self, keys: &[&str]) -> Result<HashMap<String, Item>> {
+        let chunks: Vec<_> = keys
+            .chunks(GET_BATCH)
+            .map(|c| {
+                let keys = c.iter().map(|k| k.to_string()).collect();
+                get_chunk(self.client.clone(), Arc::clone(&self.limits), self.table.clone(), keys)
+            })
+            .collect();
+        let found = self.rt.block_on(in_flight(chunks))?;
+        let mut by_key = HashMap::new();
+        for item in found.into_iter().flatten() {
+            if let Some(key) = item_key(&item) {
+                by_key.insert(key.to_string(), item);
+            }
+        }
+        Ok(by_key)
+    }
+
+    /// Writes the requests (each with its key, for messages), in chunks, a few at once.
+    pub(super) fn write(&self, requests: Vec<(String, WriteRequest)>) -> Result<()> {
+        let mut chunks = Vec::new();
+        let mut rest = requests.into_iter().peekable();
+        while rest.peek().is_some() {
+            let chunk: Vec<_> = rest.by_ref().take(WRITE_BATCH).collect();
+            chunks.push(write_chunk(self.client.clone(), Arc::clone(&self.limits), self.table.clone(), chunk));
+        }
+        self.rt.block_on(in_flight(chunks)).map(|_| ())
+    }
+
+    /// Puts one item.
+    pub(super) fn put(&self, key: &str, item: Item) -> Result<()> {
+        self.rt
+            .block_on(send(
+                &self.limits,
+                "PutItem",
+                || self.client.put_item().table_name(&self.table).set_item(Some(item.clone())).send(),
+                never,
+            ))
+            .map(|_| ())
+            .map_err(|f| f.into_error("PutItem", &self.table, Some(key)))
+    }
+
+    /// Puts `item` (or deletes the key, when `None`) only if the stored
+    /// item's version is still `version` (0: no item, or one without a
+    /// version, as Panther writes them). False when someone changed it first.
+    pub(super) fn put_if_version(&self, key: &str, item: Option<Item>, version: Option<i64>) -> Result<bool> {
+        // `key` is a reserved word in expressions: named through `#k`.
+        let names = HashMap::from([("#k".to_string(), attr::KEY.to_string())]);
+        let (condition, values, names) = match version {
+            None => ("attribute_not_exists(#k)".to_string(), None, Some(names)),
+            Some(0) => (format!("attribute_not_exists({})", attr::VERSION), None, None),
+            Some(v) => (
+                format!("{} = :v", attr::VERSION),
+                Some(HashMap::from([(":v".to_string(), AttributeValue::N(v.to_string()))])),
+                None,
+            ),
+        };
+        let operation = if item.is_some() { "PutItem" } else { "DeleteItem" };
+        let sent = match item {
+            Some(item) => self
+                .rt
+                .block_on(send(
+                    &self.limits,
+                    "PutItem",
+                    || {
+                        self.client
+                            .put_item()
+                            .table_name(&self.table)
+                            .set_item(Some(item.clone()))
+                            .condition_expression(&condition)
+                            .set_expression_attribute_names(names.clone())
+                            .set_expression_attribute_values(values.clone())
+                            .send()
+                    },
+                    never,
+                ))
+                .map(|_| ()),
+            None => self
+                .rt
+                .block_on(send(
+                    &self.limits,
+                    "DeleteItem",
+                    || {
+                        self.client
+                            .delete_item()
+                            .table_name(&self.table)
+                            .set_key(Some(key_item(key)))
+                            .condition_expression(&condition)
+                            .set_expression_attribute_names(names.clone())
+                            .set_expression_attribute_values(values.clone())
+                            .send()
+                    },
+                    never,
+                ))
+                .map(|_| ()),
+        };
+        match sent {
+            Ok(()) => Ok(true),
+            Err(f) if f.code == "ConditionalCheckFailedException" => Ok(false),
+            Err(f) => Err(f.into_error(operation, &self.table, Some(key))),
+        }
+    }
+
+    /// Puts the items in one transaction.
+    pub(super) fn transact_put(&self, items: Vec<Item>) -> Result<()> {
+        let mut writes = Vec::new();
+        for item in items {
+            let put = Put::builder()
+                .table_name(&self.table)
+                .set_item(Some(item))
+                .build()
+                .map_err(|e| backend(e.to_string()))?;
+            writes.push(TransactWriteItem::builder().put(put).build());
+        }
+        self.rt
+            .block_on(send(
+                &self.limits,
+                "TransactWriteItems",
+                || self.client.transact_write_items().set_transact_items(Some(writes.clone())).send(),
+                transaction_transient,
+            ))
+            .map(|_| ())
+            .map_err(|f| f.into_error("TransactWriteItems", &self.table, None))
+    }
+
+    /// Every item a strongly consistent Scan returns, page after page;
+    /// `shape` adds the filter or projection to each page's request.
+    pub(super) fn scan_all(&self, shape: impl Fn(ScanFluentBuilder) -> ScanFluentBuilder) -> Result<Vec<Item>> {
+        self.rt.block_on(async {
+            let mut items = Vec::new();
+            let mut start: Option<Item> = None;
+            loop {
+                let out = send(
+                    &self.limits,
+                    "Scan",
+                    || {
+                        let req = self.client.scan().table_name(&self.table).consistent_read(true);
+                        shape(req).set_exclusive_start_key(start.clone()).send()
+                    },
+                    never,
+                )
+                .await
+                .map_err(|f| f.into_error("Scan", &self.table, None))?;
+                start = out.last_evaluated_key.filter(|k| !k.is_empty());
+                items.extend(out.items.unwrap_or_default());
+                if start.is_none() {
+                    return Ok(items);
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,564 @@
+//! The DynamoDB store against the DynamoDB Local that `scripts/test.sh`
+//! starts (`RISKD_TEST_DYNAMODB_ENDPOINT`; without it every test fails),
+//! one fresh table per test. The store is driven through the crate's public
+//! API only; the table's items are read and written with the SDK directly
+//! where a test looks at the layout or leaves items as Panther or a crash
+//! would.
+
+mod common;
+
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
+    ProjectionType, ScalarAttributeType,
+};
+use common::{dynamodb_endpoint, dynamodb_proxy};
+use riskd::state::dynamodb::{check_table, init_table, prune_markers};
+use riskd::state::{Checkpoint, DynamoConfig, DynamoStore, Mutation, Record, StateError, Store, WriteBatch};
+use riskd::telemetry::metrics;
+use serde_json::json;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+type Item = HashMap<String, AttributeValue>;
+
+/// A config for a table no other test uses (not created yet).
+fn test_config() -> DynamoConfig {
+    DynamoConfig {
+        table: format!("riskd-test-{}", uuid::Uuid::new_v4().simple()),
+        region: Some("us-east-1".into()),
+        endpoint_url: Some(dynamodb_endpoint()),
+        ttl: true,
+        remember_versions: 10_000,
+        read_requests_per_second: None,
+        write_requests_per_second: None,
+    }
+}
+
+/// A store on a fresh table made by `init_table`.
+fn fresh() -> (DynamoStore, DynamoConfig) {
+    let cfg = test_config();
+    init_table(&cfg).unwrap();
+    (DynamoStore::open(&cfg).unwrap(), cfg)
+}
+
+riskd::shared_store_tests!(fresh());
+
+/// A test table reached past the store, with the SDK.
+struct Table {
+    rt: tokio::runtime::Runtime,
+    client: aws_sdk_dynamodb::Client,
+    name: String,
+}
+
+impl Table {
+    fn of(name: &str) -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let sdk = rt.block_on(
+            aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .endpoint_url(dynamodb_endpoint())
+                .region(aws_config::Region::new("us-east-1"))
+                .load(),
+        );
+        Self { rt, client: aws_sdk_dynamodb::Client::new(&sdk), name: name.to_string() }
+    }
+
+    /// The item under `key`, as stored.
+    fn get(&self, key: &str) -> Option<Item> {
+        let get = self.client.get_item().table_name(&self.name).key("key", s(key)).consistent_read(true).send();
+        self.rt.block_on(get).unwrap().item
+    }
+
+    fn put(&self, item: Item) {
+        self.rt.block_on(self.client.put_item().table_name(&self.name).set_item(Some(item)).send()).unwrap();
+    }
+
+    /// Creates the table with hash key `key` of type `kind`, and `indexes`.
+    fn create(&self, key: &str, kind: ScalarAttributeType, indexes: Vec<(GlobalSecondaryIndex, AttributeDefinition)>) {
+        let definition = |name: &str, kind| {
+            AttributeDefinition::builder().attribute_name(name).attribute_type(kind).build().unwrap()
+        };
+        let (indexes, definitions): (Vec<_>, Vec<_>) = indexes.into_iter().unzip();
+        let create = self
+            .client
+            .create_table()
+            .table_name(&self.name)
+            .key_schema(hash_key(key))
+            .set_attribute_definitions(Some([vec![definition(key, kind)], definitions].concat()))
+            .set_global_secondary_indexes((!indexes.is_empty()).then_some(indexes))
+            .billing_mode(BillingMode::PayPerRequest)
+            .send();
+        self.rt.block_on(create).unwrap();
+    }
+
+    /// The run that wrote the item under `key` (its `riskdFlush` is `<run>:<seq>`).
+    fn run_of(&self, key: &str) -> String {
+        let item = self.get(key).unwrap();
+        let flush = item["riskdFlush"].as_s().unwrap();
+        flush.rsplit_once(':').unwrap().0.to_string()
+    }
+
+    /// Whether the commit marker of `run` is in the table.
+    fn has_marker(&self, run: &str) -> bool {
+        self.get(&format!("riskd/flush/{run}")).is_some()
+    }
+}
+
+fn hash_key(name: &str) -> KeySchemaElement {
+    KeySchemaElement::builder().attribute_name(name).key_type(KeyType::Hash).build().unwrap()
+}
+
+fn s(v: &str) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: &str) -> AttributeValue {
+    AttributeValue::N(v.into())
+}
+
+fn item<const N: usize>(attributes: [(&str, AttributeValue); N]) -> Item {
+    attributes.into_iter().map(|(name, value)| (name.to_string(), value)).collect()
+}
+
+fn dict(v: serde_json::Value) -> Option<serde_json::Map<String, serde_json::Value>> {
+    v.as_object().cloned()
+}
+
+/// A proxy in front of DynamoDB Local that, while `refuse` is set, cuts
+/// every connection that sends a commit (TransactWriteItems, or PutItem
+/// for a marker alone) before the request reaches the table: a flush's
+/// items land and its commit never does, as when riskd dies between them.
+struct CommitCutter {
+    endpoint: String,
+    refuse: Arc<AtomicBool>,
+}
+
+impl CommitCutter {
+    fn start() -> Self {
+        let refuse = Arc::new(AtomicBool::new(false));
+        let shared = Arc::clone(&refuse);
+        let endpoint = dynamodb_proxy(move |client, server| forward_requests(client, server, &shared));
+        Self { endpoint, refuse }
+    }
+
+    /// A config of the same table, through the proxy.
+    fn config(&self, cfg: &DynamoConfig) -> DynamoConfig {
+        DynamoConfig { endpoint_url: Some(self.endpoint.clone()), ..cfg.clone() }
+    }
+}
+
+/// Forwards HTTP/1.1 requests (each with a Content-Length) one at a time;
+/// cuts the connection at a commit while `refuse` is set.
+fn forward_requests(client: TcpStream, mut server: TcpStream, refuse: &AtomicBool) {
+    const COMMITS: [&str; 2] = ["DynamoDB_20120810.TransactWriteItems", "DynamoDB_20120810.PutItem"];
+    let mut client = BufReader::new(client);
+    loop {
+        let mut head = String::new();
+        let (mut length, mut commit) = (0, false);
+        loop {
+            let mut line = String::new();
+            if client.read_line(&mut line).unwrap_or(0) == 0 {
+                let _ = server.shutdown(Shutdown::Write);
+                return;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
+                if name == "content-length" {
+                    length = value.parse().unwrap_or(0);
+                }
+                commit |= name == "x-amz-target" && COMMITS.contains(&value);
+            }
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0; length];
+        if client.read_exact(&mut body).is_err() {
+            return;
+        }
+        if commit && refuse.load(Ordering::SeqCst) {
+            let _ = client.get_ref().shutdown(Shutdown::Both);
+            let _ = server.shutdown(Shutdown::Both);
+            return;
+        }
+        if server.write_all(head.as_bytes()).and_then(|()| server.write_all(&body)).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn direct_updates_from_two_processes_lose_nothing() {
+    let (_, cfg) = fresh();
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                // Each thread is a riskd process of its own: its own store, client and runtime.
+                let mut store = DynamoStore::open(&cfg).unwrap();
+                for _ in 0..40 {
+                    store
+                        .update("shared/counter", 0, &mut |r| {
+                            r.count += 1;
+                            true
+                        })
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let store = DynamoStore::open(&cfg).unwrap();
+    let got = store.get_many(&["shared/counter"]).unwrap().pop().flatten();
+    assert_eq!(got.map(|r| r.count), Some(80), "no increment lost to a concurrent one");
+    let raw = Table::of(&cfg.table).get("shared/counter").unwrap();
+    assert_eq!(raw["intCount"], n("80"), "Panther's layout");
+}
+
+#[test]
+fn the_write_budget_holds() {
+    let mut cfg = test_config();
+    init_table(&cfg).unwrap();
+    cfg.write_requests_per_second = Some(5);
+    let mut store = DynamoStore::open(&cfg).unwrap();
+    let waits = || metrics().rate_limiter_waits.with_label_values(&["write"]).get();
+    let before = waits();
+    let start = std::time::Instant::now();
+    // Each flush sends two write requests (its items, then its commit):
+    // 20 requests at 5/s with a burst of 5 take at least 3 s.
+    for i in 0..10 {
+        let record = Record { count: i, ..Record::default() };
+        let key = format!("limit/{i}");
+        store
+            .apply(WriteBatch { mutations: vec![(key.as_str(), Mutation::Put(&record))], checkpoints: Vec::new() })
+            .unwrap();
+    }
+    let elapsed = start.elapsed();
+    assert!(elapsed >= Duration::from_millis(2500), "20 write requests at 5/s took only {elapsed:?}");
+    assert!(waits() - before >= 10, "the limiter made requests wait");
+}
+
+#[test]
+fn panther_items_read_as_records_and_riskd_items_have_panther_layout() {
+    let (mut store, cfg) = fresh();
+    let table = Table::of(&cfg.table);
+    // As Panther's helpers leave them: increment_counter, add_to_string_set,
+    // put_dictionary and set_key_expiration on one key, and a bare counter. The
+    // expiry is in the future: the table's TTL deletes items past it by the wall clock.
+    table.put(item([
+        ("key", s("panther/full")),
+        ("intCount", n("5")),
+        ("stringSet", AttributeValue::Ss(vec!["a".into(), "b".into()])),
+        ("dictionary", s(r#"{"ip": "1.2.3.4", "n": 2}"#)),
+        ("expiresAt", n("4102444800")),
+    ]));
+    table.put(item([("key", s("panther/counter")), ("intCount", n("12"))]));
+    let full = Record {
+        count: 5,
+        set: ["a".into(), "b".into()].into(),
+        dict: dict(json!({"ip": "1.2.3.4", "n": 2})),
+        expires_at_ms: Some(4_102_444_800_000),
+    };
+    let counter = Record { count: 12, ..Record::default() };
+    assert_eq!(
+        store.get_many(&["panther/full", "panther/counter", "panther/none"]).unwrap(),
+        vec![Some(full.clone()), Some(counter), None]
+    );
+
+    // riskd's writes: Panther's attributes, expiry rounded up to the second.
+    let mine = Record {
+        count: 7,
+        set: ["x".into()].into(),
+        dict: dict(json!({"city": "Paris"})),
+        expires_at_ms: Some(4_102_444_800_500),
+    };
+    let no_set = Record { count: 1, ..Record::default() };
+    store
+        .apply(WriteBatch {
+            mutations: vec![("panther/full", Mutation::Put(&mine)), ("riskd/new", Mutation::Put(&no_set))],
+            checkpoints: Vec::new(),
+        })
+        .unwrap();
+    let written = table.get("panther/full").unwrap();
+    assert_eq!(written["intCount"], n("7"));
+    assert_eq!(written["stringSet"], AttributeValue::Ss(vec!["x".into()]));
+    assert_eq!(written["dictionary"], s(r#"{"city":"Paris"}"#));
+    assert_eq!(written["expiresAt"], n("4102444801"), "rounded up: never expires early");
+    assert_eq!(written["riskdExpiresAtMs"], n("4102444800500"));
+    assert!(matches!(&written["riskdFlush"], AttributeValue::S(f) if f.ends_with(":1")));
+    let prev: Record = serde_json::from_str(written["riskdPrev"].as_s().unwrap()).unwrap();
+    assert_eq!(prev, full, "the previous committed version rides along");
+    let written = table.get("riskd/new").unwrap();
+    assert!(!written.contains_key("stringSet"), "no empty sets in DynamoDB");
+    assert!(!written.contains_key("dictionary") && !written.contains_key("expiresAt"));
+    assert!(!written.contains_key("riskdPrev"), "the key had no previous version");
+
+    // Panther moving the expiry (set_key_expiration) wins over riskd's milliseconds.
+    let mut moved = table.get("panther/full").unwrap();
+    moved.insert("expiresAt".into(), n("1800000000"));
+    table.put(moved);
+    let fresh = DynamoStore::open(&cfg).unwrap();
+    let got = fresh.get_many(&["panther/full"]).unwrap().remove(0).unwrap();
+    assert_eq!(got.expires_at_ms, Some(1_800_000_000_000));
+    assert_eq!(got.count, 7);
+}
+
+#[test]
+fn the_same_batch_applied_twice_changes_no_item() {
+    let (mut store, cfg) = fresh();
+    let table = Table::of(&cfg.table);
+    let a = Record { count: 3, set: ["s".into()].into(), ..Record::default() };
+    let b = Record { dict: dict(json!({"k": 1})), expires_at_ms: Some(5_000), ..Record::default() };
+    table.put(item([("key", s("gone")), ("intCount", n("1"))]));
+    let cp = Checkpoint { offset: 9, ..Checkpoint::default() };
+    let batch = || WriteBatch {
+        mutations: vec![("a", Mutation::Put(&a)), ("b", Mutation::Put(&b)), ("gone", Mutation::Delete)],
+        checkpoints: vec![("src", &cp)],
+    };
+    store.get_many(&["a", "b", "gone"]).unwrap();
+    store.apply(batch()).unwrap();
+    let before: Vec<Option<Item>> = ["a", "b", "gone"].iter().map(|k| table.get(k)).collect();
+    assert!(before[2].is_none(), "the committed tombstone is removed");
+    store.apply(batch()).unwrap();
+    // And from another process, which knows nothing of the first apply.
+    let mut other = DynamoStore::open(&cfg).unwrap();
+    other.apply(batch()).unwrap();
+    let after: Vec<Option<Item>> = ["a", "b", "gone"].iter().map(|k| table.get(k)).collect();
+    assert_eq!(after, before);
+    assert_eq!(other.get_many(&["a", "b", "gone"]).unwrap(), vec![Some(a.clone()), Some(b.clone()), None]);
+    assert_eq!(other.checkpoint("src").unwrap(), Some(cp.clone()));
+}
+
+#[test]
+fn pruning_removes_only_the_markers_no_item_needs() {
+    let (mut a, cfg) = fresh();
+    let table = Table::of(&cfg.table);
+    let (v1, v2) = (Record { count: 1, ..Record::default() }, Record { count: 2, ..Record::default() });
+    let put = |keys: &[&'static str], v| WriteBatch {
+        mutations: keys.iter().map(|k| (*k, Mutation::Put(v))).collect(),
+        checkpoints: Vec::new(),
+    };
+    a.apply(put(&["k1", "k2"], &v1)).unwrap();
+    let run_a = table.run_of("k1");
+    // Another run overwrites every key the first wrote; a third writes a key of its own.
+    let mut b = DynamoStore::open(&cfg).unwrap();
+    b.get_many(&["k1", "k2"]).unwrap();
+    b.apply(put(&["k1", "k2"], &v2)).unwrap();
+    let run_b = table.run_of("k1");
+    let mut c = DynamoStore::open(&cfg).unwrap();
+    c.apply(put(&["k3"], &v1)).unwrap();
+    let run_c = table.run_of("k3");
+    let markers = || [&run_a, &run_b, &run_c].map(|run| table.has_marker(run));
+    assert_eq!(markers(), [true, true, true]);
+
+    let recent = prune_markers(&cfg, Duration::from_secs(3600)).unwrap();
+    assert_eq!(recent[1], "deleted 0; kept 1 that committed less than 1h ago", "{recent:?}");
+    let done = prune_markers(&cfg, Duration::ZERO).unwrap();
+    assert!(
+        done[0].starts_with("3 commit markers in table") && done[0].ends_with("2 still named by items"),
+        "{done:?}"
+    );
+    assert!(done[1].starts_with("deleted 1;"), "{done:?}");
+    assert_eq!(markers(), [false, true, true], "only the marker no item names is gone");
+    let reader = DynamoStore::open(&cfg).unwrap();
+    assert_eq!(reader.get_many(&["k1", "k2", "k3"]).unwrap(), vec![Some(v2.clone()), Some(v2), Some(v1)]);
+}
+
+#[test]
+fn a_crash_mid_flush_reads_as_the_last_committed_flush() {
+    let (_, cfg) = fresh();
+    let proxy = CommitCutter::start();
+    let mut store = DynamoStore::open(&proxy.config(&cfg)).unwrap();
+    let v1 = Record { count: 1, ..Record::default() };
+    let v2 = Record { count: 2, set: ["new".into()].into(), ..Record::default() };
+    let cp1 = Checkpoint { offset: 100, line: 1, ..Checkpoint::default() };
+    let cp2 = Checkpoint { offset: 200, line: 2, ..Checkpoint::default() };
+    store
+        .apply(WriteBatch {
+            mutations: vec![("k/changed", Mutation::Put(&v1)), ("k/deleted", Mutation::Put(&v1))],
+            checkpoints: vec![("src", &cp1)],
+        })
+        .unwrap();
+    let flush2 = || WriteBatch {
+        mutations: vec![
+            ("k/changed", Mutation::Put(&v2)),
+            ("k/deleted", Mutation::Delete),
+            ("k/created", Mutation::Put(&v2)),
+        ],
+        checkpoints: vec![("src", &cp2)],
+    };
+    // The items of flush 2 are written, then the process dies before the commit.
+    proxy.refuse.store(true, Ordering::SeqCst);
+    assert!(store.apply(flush2()).is_err());
+    let table = Table::of(&cfg.table);
+    assert_eq!(table.get("k/changed").unwrap()["intCount"], n("2"), "the new value is in the table");
+    assert!(table.get("k/created").is_some());
+
+    // A restart (a new process) sees exactly the state of flush 1.
+    let mut restarted = DynamoStore::open(&cfg).unwrap();
+    let keys = ["k/changed", "k/deleted", "k/created"];
+    assert_eq!(restarted.get_many(&keys).unwrap(), vec![Some(v1.clone()), Some(v1.clone()), None]);
+    assert_eq!(restarted.checkpoint("src").unwrap(), Some(cp1.clone()));
+    let mut exported = Vec::new();
+    restarted.scan("", &mut |k, r| exported.push((k.to_string(), r.clone()))).unwrap();
+    assert_eq!(exported, vec![("k/changed".into(), v1.clone()), ("k/deleted".into(), v1.clone())]);
+    // So does the crashed store itself: its failed flush can never commit.
+    proxy.refuse.store(false, Ordering::SeqCst);
+    assert_eq!(store.get_many(&keys).unwrap(), vec![Some(v1.clone()), Some(v1.clone()), None]);
+    store.apply(WriteBatch { mutations: vec![("other", Mutation::Put(&v1))], checkpoints: Vec::new() }).unwrap();
+    assert_eq!(restarted.get_many(&keys).unwrap(), vec![Some(v1.clone()), Some(v1.clone()), None]);
+
+    // The replay applies flush 2 again, and it commits.
+    restarted.apply(flush2()).unwrap();
+    let later = DynamoStore::open(&cfg).unwrap();
+    assert_eq!(later.get_many(&keys).unwrap(), vec![Some(v2.clone()), None, Some(v2.clone())]);
+    assert_eq!(later.checkpoint("src").unwrap(), Some(cp2));
+}
+
+#[test]
+fn previous_versions_stay_right_when_the_store_forgets_versions() {
+    let (mut store, cfg) = fresh();
+    let v1 = Record { count: 1, ..Record::default() };
+    let v2 = Record { count: 2, ..Record::default() };
+    let keys = ["f/1", "f/2", "f/3"];
+    store
+        .apply(WriteBatch {
+            mutations: keys.iter().map(|k| (*k, Mutation::Put(&v1))).collect(),
+            checkpoints: Vec::new(),
+        })
+        .unwrap();
+    // A store that remembers two versions reads three keys, one at a time
+    // as the cache does: the first two are forgotten when the third comes.
+    let proxy = CommitCutter::start();
+    let mut small = DynamoStore::open(&DynamoConfig { remember_versions: 2, ..proxy.config(&cfg) }).unwrap();
+    for key in keys {
+        assert_eq!(small.get_many(&[key]).unwrap(), vec![Some(v1.clone())]);
+    }
+    proxy.refuse.store(true, Ordering::SeqCst);
+    let batch = WriteBatch {
+        mutations: vec![("f/1", Mutation::Put(&v2)), ("f/2", Mutation::Delete), ("f/3", Mutation::Put(&v2))],
+        checkpoints: Vec::new(),
+    };
+    assert!(small.apply(batch).is_err());
+    let restarted = DynamoStore::open(&cfg).unwrap();
+    assert_eq!(restarted.get_many(&keys).unwrap(), vec![Some(v1.clone()), Some(v1.clone()), Some(v1)]);
+}
+
+#[test]
+fn a_crash_with_only_some_items_written_reads_as_before() {
+    // BatchWriteItem chunks land one by one: write a few items of a
+    // flush by hand, as a crash between two chunks leaves them.
+    let (mut store, cfg) = fresh();
+    let v1 = Record { count: 1, ..Record::default() };
+    store.apply(WriteBatch { mutations: vec![("k", Mutation::Put(&v1))], checkpoints: Vec::new() }).unwrap();
+    let table = Table::of(&cfg.table);
+    let prev = serde_json::to_string(&v1).unwrap();
+    table.put(item([("key", s("k")), ("intCount", n("99")), ("riskdFlush", s("deadrun:1")), ("riskdPrev", s(&prev))]));
+    table.put(item([("key", s("new")), ("intCount", n("5")), ("riskdFlush", s("deadrun:1"))]));
+    let restarted = DynamoStore::open(&cfg).unwrap();
+    assert_eq!(restarted.get_many(&["k", "new"]).unwrap(), vec![Some(v1), None]);
+}
+
+#[test]
+fn a_write_that_fails_for_good_names_the_key() {
+    let (mut store, _) = fresh();
+    // A dictionary near the 400 KB limit fits once, but not beside its previous version.
+    let big = |c: &str| Record { dict: dict(json!({"x": c.repeat(300_000)})), ..Record::default() };
+    let (first, second) = (big("a"), big("b"));
+    store.apply(WriteBatch { mutations: vec![("big/key", Mutation::Put(&first))], checkpoints: Vec::new() }).unwrap();
+    let err = store
+        .apply(WriteBatch { mutations: vec![("big/key", Mutation::Put(&second))], checkpoints: Vec::new() })
+        .unwrap_err();
+    assert!(matches!(&err, StateError::ItemTooLarge { key, .. } if key == "big/key"), "{err}");
+    assert_eq!(store.get_many(&["big/key"]).unwrap(), vec![Some(first)]);
+
+    // A key DynamoDB refuses (a table keyed by a number): the service's
+    // code, and the key, found by reading the chunk key by key.
+    let cfg = test_config();
+    Table::of(&cfg.table).create("key", ScalarAttributeType::N, Vec::new());
+    let wrong = DynamoStore::open(&cfg).unwrap();
+    let err = wrong.get_many(&["w/1", "w/2"]).unwrap_err();
+    assert!(
+        matches!(&err, StateError::Request(r) if r.operation == "BatchGetItem" && r.key.as_deref() == Some("w/1") && r.code == "ValidationException"),
+        "{err}"
+    );
+
+    // Items DynamoDB refuses (an index wants `intCount` as a string), on
+    // keys it reads: the write itself fails, naming the key found by
+    // writing the chunk item by item.
+    let cfg = test_config();
+    let by_count = GlobalSecondaryIndex::builder()
+        .index_name("byCount")
+        .key_schema(hash_key("intCount"))
+        .projection(Projection::builder().projection_type(ProjectionType::KeysOnly).build())
+        .build()
+        .unwrap();
+    let count_as_string = AttributeDefinition::builder()
+        .attribute_name("intCount")
+        .attribute_type(ScalarAttributeType::S)
+        .build()
+        .unwrap();
+    Table::of(&cfg.table).create("key", ScalarAttributeType::S, vec![(by_count, count_as_string)]);
+    let mut refusing = DynamoStore::open(&cfg).unwrap();
+    assert_eq!(refusing.get_many(&["w/1", "w/2"]).unwrap(), vec![None, None]);
+    let rec = Record { count: 1, ..Record::default() };
+    let err = refusing
+        .apply(WriteBatch {
+            mutations: vec![("w/1", Mutation::Put(&rec)), ("w/2", Mutation::Put(&rec))],
+            checkpoints: Vec::new(),
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&err, StateError::Request(r) if r.operation == "BatchWriteItem" && r.key.as_deref() == Some("w/1") && r.code == "ValidationException"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("(key \"w/1\")"), "{err}");
+
+    // Over DynamoDB's 2048-byte key limit.
+    let long = "k".repeat(2049);
+    let err = store.get_many(&[&long]).unwrap_err();
+    assert!(matches!(&err, StateError::BadKey { key, .. } if key == &long), "{err}");
+}
+
+#[test]
+fn init_is_idempotent_and_check_says_what_is_wrong() {
+    let cfg = test_config();
+    let missing = check_table(&cfg).unwrap();
+    assert!(missing.len() == 1 && missing[0].contains("does not exist"), "{missing:?}");
+    let done = init_table(&cfg).unwrap();
+    assert!(done[0].starts_with("created table") && done[1] == "enabled TTL on expiresAt", "{done:?}");
+    assert_eq!(init_table(&cfg).unwrap()[1], "TTL already on expiresAt");
+    assert_eq!(check_table(&cfg).unwrap(), Vec::<String>::new());
+    let no_ttl = DynamoConfig { ttl: false, ..cfg.clone() };
+    let problems = check_table(&no_ttl).unwrap();
+    assert!(problems.len() == 1 && problems[0].contains("store.ttl = false"), "{problems:?}");
+
+    // Wrong key name, then wrong key type; TTL off.
+    let wrong = test_config();
+    Table::of(&wrong.table).create("id", ScalarAttributeType::S, Vec::new());
+    let problems = check_table(&wrong).unwrap();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems[0].contains("key schema is [id HASH], expected [key HASH]"), "{problems:?}");
+    assert!(problems[1].contains("TTL is DISABLED"), "{problems:?}");
+    let err = init_table(&wrong).unwrap_err();
+    assert!(err.to_string().contains("key schema is [id HASH]"), "{err}");
+
+    let numeric = test_config();
+    Table::of(&numeric.table).create("key", ScalarAttributeType::N, Vec::new());
+    let problems = check_table(&numeric).unwrap();
+    assert!(problems[0].contains("attribute key is of type N, expected S"), "{problems:?}");
+
+    // init enables TTL on a right table that lacks it; with ttl off it leaves it off.
+    let bare = test_config();
+    Table::of(&bare.table).create("key", ScalarAttributeType::S, Vec::new());
+    let off = DynamoConfig { ttl: false, ..bare.clone() };
+    assert_eq!(init_table(&off).unwrap()[1], "TTL left off (store.ttl = false)");
+    assert_eq!(check_table(&off).unwrap(), Vec::<String>::new());
+    assert_eq!(init_table(&bare).unwrap()[1], "enabled TTL on expiresAt");
+}
