@@ -1,6 +1,6 @@
 //! Telemetry, defined in one place: every Prometheus metric riskd exports,
 //! the health state behind `/readyz`, and logging. It knows no stage of
-//! riskd; [`crate::http`] serves it.
+//! riskd; the HTTP server serves it.
 //!
 //! Naming follows Prometheus: base units, counters end in `_total`,
 //! durations are histograms in seconds, and labels come from bounded sets

@@ -9,7 +9,7 @@ use crate::alert::Alert;
 use crate::config::Config;
 use crate::event::{Event, EventTime};
 use crate::rules::{Engine, Outcome, Problem, Rule, Scope};
-use crate::scoring::ScoringConfig;
+use crate::scoring::{Scorer, ScoringConfig};
 use crate::shutdown::Shutdown;
 use crate::sink::DeadLetter;
 use crate::source::Decoded;
@@ -45,25 +45,34 @@ impl Settings {
     }
 }
 
-/// An engine and the cache it evaluates over: one lane of entities.
+/// An engine, its scorer and the cache they work over: one lane of entities.
 pub(super) struct Lane {
     pub(super) engine: Engine,
+    scorer: Scorer,
     pub(super) cache: StateCache,
 }
 
 impl Lane {
     pub(super) fn new(rules: &Arc<Vec<Rule>>, scoring: &Arc<ScoringConfig>, cache: StateCache) -> Self {
-        Self { engine: Engine::new(Arc::clone(rules), Arc::clone(scoring)), cache }
+        Self { engine: Engine::new(Arc::clone(rules)), scorer: Scorer::new(rules, Arc::clone(scoring)), cache }
     }
 
-    /// Applies one event (see [`Engine::process`]).
+    /// Applies one event and scores its alerts (see [`Scorer::process`]).
     pub(super) fn process(
         &mut self,
         event: &Event,
         scope: Option<Scope<'_>>,
         alerts: &mut Vec<Alert>,
     ) -> Result<Outcome, RunError> {
-        Ok(self.engine.process(&mut self.cache, event, scope, alerts)?)
+        Ok(self.scorer.process(&mut self.engine, &mut self.cache, event, scope, alerts)?)
+    }
+
+    /// Swaps in reloaded rules and scoring (see [`Engine::set_rules`]); the
+    /// ids of the rules whose state starts fresh.
+    fn set_rules(&mut self, rules: &Arc<Vec<Rule>>, scoring: &Arc<ScoringConfig>) -> Result<Vec<String>, RunError> {
+        let fresh = self.engine.set_rules(&mut self.cache, Arc::clone(rules))?;
+        self.scorer = Scorer::new(rules, Arc::clone(scoring));
+        Ok(fresh)
     }
 
     /// Loads the state these events need in one read (see [`Engine::prefetch`]).
@@ -309,11 +318,7 @@ impl Job {
             self.scoring = Arc::new(cfg.scoring);
             let (rules, scoring) = (Arc::clone(&self.rules), Arc::clone(&self.scoring));
             let policy = self.retry_policy();
-            let set = |lane: &mut Lane| {
-                policy.run("reload", || {
-                    Ok(lane.engine.set_rules(&mut lane.cache, Arc::clone(&rules), Arc::clone(&scoring))?)
-                })
-            };
+            let set = |lane: &mut Lane| policy.run("reload", || lane.set_rules(&rules, &scoring));
             let fresh = set(&mut self.main)?;
             for lane in lanes.iter_mut() {
                 set(lane)?;

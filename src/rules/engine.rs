@@ -5,7 +5,6 @@ use super::forms::{apply_form, Skip};
 use super::{Form, Rule};
 use crate::alert::{Alert, EntityRef};
 use crate::event::{format_time_ms, scalar_string, Event, FieldPath};
-use crate::scoring::{self, Scored, ScoringConfig};
 use crate::state::{self, join_key, Access, Record, StateCache, StateError, DEDUP_PREFIX, RISK_PREFIX};
 use crate::telemetry::metrics;
 use hashbrown::HashMap;
@@ -43,7 +42,6 @@ pub struct Outcome {
 /// caller owns and hands in.
 pub struct Engine {
     rules: Arc<Vec<Rule>>,
-    scoring: Arc<ScoringConfig>,
     /// Per rule: how its state and dedup window are changed, and how its
     /// entity's risk is (an entity type with a `direct` rule has its risk
     /// keys written from many places, so every rule changes them directly
@@ -159,14 +157,13 @@ impl Scope<'_> {
 
 impl Engine {
     /// An engine over compiled rules (evaluated in the given order).
-    pub fn new(rules: Arc<Vec<Rule>>, scoring: Arc<ScoringConfig>) -> Self {
+    pub fn new(rules: Arc<Vec<Rule>>) -> Self {
         let rule_metrics = rule_metrics(&rules);
         Self {
             counts: vec![(0, 0); rules.len()],
             elapsed: vec![std::time::Duration::ZERO; rules.len()],
             access: access(&rules),
             rules,
-            scoring,
             key: String::new(),
             matched: Vec::new(),
             keys: Vec::new(),
@@ -180,12 +177,7 @@ impl Engine {
     /// of a rule whose [`Rule::state_shape`] changed, or that is gone, is
     /// removed, so that it starts fresh; every other rule keeps its state.
     /// Returns the ids of the rules that start fresh.
-    pub fn set_rules(
-        &mut self,
-        cache: &mut StateCache,
-        rules: Arc<Vec<Rule>>,
-        scoring: Arc<ScoringConfig>,
-    ) -> Result<Vec<String>, StateError> {
+    pub fn set_rules(&mut self, cache: &mut StateCache, rules: Arc<Vec<Rule>>) -> Result<Vec<String>, StateError> {
         self.publish_metrics();
         let mut fresh = Vec::new();
         for old in self.rules.iter() {
@@ -203,7 +195,6 @@ impl Engine {
         self.access = access(&rules);
         self.stats = self.stats.as_ref().map(|_| vec![RuleStats::default(); rules.len()]);
         self.rules = rules;
-        self.scoring = scoring;
         Ok(fresh)
     }
 
@@ -335,7 +326,7 @@ impl Engine {
     }
 
     /// Applies a matched rule to its entity's state and, when it fires and
-    /// its dedup window is not open, alerts and adds the entity's risk.
+    /// its dedup window is not open, alerts (its risk is scoring's to add).
     #[allow(clippy::too_many_arguments)]
     fn apply(
         &mut self,
@@ -378,18 +369,11 @@ impl Engine {
             context: Value::Object(context),
             event: event.value.clone(),
         };
-        let source = scoring::RiskSource { rule_id: &rule.id, risk: rule.risk, cap: rule.risk_cap };
-        let (scored, risk_alert) =
-            scoring::contribute(&self.scoring, cache, access.risk, &source, &alert, &event.value, event.time_ms)?;
-        if scored == Scored::Capped {
-            out.capped += 1;
-        }
         if let Some(stats) = self.stats.as_mut() {
             stats[rule_index].alerts += 1;
             stats[rule_index].entities_alerted.insert(entity_id.to_string());
         }
         alerts.push(alert);
-        alerts.extend(risk_alert);
         Ok(())
     }
 
@@ -481,14 +465,9 @@ fn first_in_window(
 }
 
 fn access(rules: &[Rule]) -> Vec<RuleAccess> {
-    let direct_types: Vec<&str> =
-        rules.iter().filter(|r| r.enabled && r.direct).map(|r| r.entity_type.as_str()).collect();
     rules
         .iter()
-        .map(|r| RuleAccess {
-            state: Access::direct_if(r.direct),
-            risk: Access::direct_if(direct_types.contains(&r.entity_type.as_str())),
-        })
+        .map(|r| RuleAccess { state: Access::direct_if(r.direct), risk: super::risk_access(rules, &r.entity_type) })
         .collect()
 }
 
@@ -636,12 +615,12 @@ mod tests {
             "id: kept\n{base}state: {{count: {{window: 2h, threshold: 5}}}}\n---\nid: reshaped\n{base}state: {{distinct: {{field: u, window: 1h, threshold: 100}}}}\n"
         );
         let mut cache = StateCache::new(Box::new(crate::state::MemoryStore::new()), 1000);
-        let mut engine = Engine::new(rules(&v1), Arc::new(ScoringConfig::default()));
+        let mut engine = Engine::new(rules(&v1));
         let event = Event { value: json!({"u": "x"}), time_ms: 0, time_from_event: true };
         let mut alerts = Vec::new();
         engine.process(&mut cache, &event, None, &mut alerts).unwrap();
         engine.process(&mut cache, &event, None, &mut alerts).unwrap();
-        let fresh = engine.set_rules(&mut cache, rules(&v2), Arc::new(ScoringConfig::default())).unwrap();
+        let fresh = engine.set_rules(&mut cache, rules(&v2)).unwrap();
         assert_eq!(fresh, ["reshaped"]);
         assert_eq!(cache.get_counter("kept/user/x", 0).unwrap(), 2);
         assert_eq!(cache.read("reshaped/user/x", 0).unwrap(), None);
@@ -667,7 +646,7 @@ mod tests {
             .collect();
         let engine = || {
             let cache = StateCache::new(Box::new(crate::state::MemoryStore::new()), 1000);
-            (Engine::new(rules(&yaml), Arc::new(ScoringConfig::default())), cache)
+            (Engine::new(rules(&yaml)), cache)
         };
         let ((mut one, mut cache), mut alerts_one, mut problems_one) = (engine(), Vec::new(), 0);
         for e in &events {

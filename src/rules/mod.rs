@@ -13,6 +13,7 @@ pub use spec::{OnFire, RuleSpec, StateSpec};
 
 use crate::alert::Severity;
 use crate::event::FieldPath;
+use crate::state::Access;
 use std::time::Duration;
 
 /// What a rule keeps per entity, compiled.
@@ -175,6 +176,13 @@ fn threshold(n: u32, field: &'static str, errors: &mut Vec<FieldError>) -> u32 {
         errors.push(FieldError { field, message: "threshold must be at least 1".into() });
     }
     n
+}
+
+/// How the risk of an entity type is changed: directly in the store when an
+/// enabled rule of that type is `consistency: direct` (the type's keys are
+/// then written from many places), else in the write-back cache.
+pub fn risk_access(rules: &[Rule], entity_type: &str) -> Access {
+    Access::direct_if(rules.iter().any(|r| r.enabled && r.direct && r.entity_type == entity_type))
 }
 
 /// Validates and compiles a rule spec, collecting every problem.

@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::event::now_ms;
 use crate::pipeline::RunError;
 use crate::rules::{Engine, Form, Rule};
+use crate::scoring::Scorer;
 use crate::source::JsonLines;
 use crate::source::{decode, Decoded};
 use crate::state::{MemoryStore, StateCache};
@@ -101,7 +102,8 @@ fn values(rule: &Rule, peaks: impl Iterator<Item = i64>) -> Option<Values> {
 pub fn replay(cfg: Config, input: &Path) -> Result<Report, RunError> {
     let rules = cfg.rules;
     let mut cache = StateCache::new(Box::new(MemoryStore::new()), usize::MAX);
-    let mut engine = Engine::new(Arc::clone(&rules), Arc::new(cfg.scoring));
+    let mut engine = Engine::new(Arc::clone(&rules));
+    let scorer = Scorer::new(&rules, Arc::new(cfg.scoring));
     engine.enable_stats();
     let path = input.display().to_string();
     let io = |source| RunError::Io { what: "input", path: path.clone(), source };
@@ -113,7 +115,7 @@ pub fn replay(cfg: Config, input: &Path) -> Result<Report, RunError> {
             Decoded::Blank => continue,
             Decoded::Rejected { .. } => report.invalid += 1,
             Decoded::Event(event) => {
-                engine.process(&mut cache, &event, None, &mut alerts)?;
+                scorer.process(&mut engine, &mut cache, &event, None, &mut alerts)?;
                 report.risk_alerts +=
                     alerts.iter().filter(|a| a.rule_id == crate::scoring::RISK_RULE_ID).count() as u64;
                 alerts.clear();

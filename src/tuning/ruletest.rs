@@ -23,7 +23,7 @@ use crate::alert::{Alert, EntityRef};
 use crate::config::Config;
 use crate::event::{format_time_ms, now_ms, parse_time_ms, EventTime};
 use crate::rules::{Engine, Rule};
-use crate::scoring::{self, ScoringConfig};
+use crate::scoring::{self, Scorer, ScoringConfig};
 use crate::state::{MemoryStore, Mutation, Record, StateCache, Store, WriteBatch};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -213,7 +213,8 @@ fn run_case(
             events.push(serde_json::from_str(line).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?);
         }
     }
-    let mut engine = Engine::new(Arc::clone(rules), Arc::clone(scoring));
+    let mut engine = Engine::new(Arc::clone(rules));
+    let scorer = Scorer::new(rules, Arc::clone(scoring));
     let mut cache = StateCache::new(Box::new(store), usize::MAX);
     let mut alerts: Vec<Alert> = Vec::new();
     let mut now = i64::MIN;
@@ -223,7 +224,7 @@ fn run_case(
         }
         let event = event_time.event(value, now_ms());
         now = now.max(event.time_ms);
-        engine.process(&mut cache, &event, None, &mut alerts).map_err(|e| e.to_string())?;
+        scorer.process(&mut engine, &mut cache, &event, None, &mut alerts).map_err(|e| e.to_string())?;
     }
     Ok(check(&mut cache, scoring, &case.expect, &alerts, now))
 }
