@@ -10,7 +10,7 @@
 
 use crate::alert::EntityRef;
 use crate::rules::Rule;
-use crate::scoring::ScoringConfig;
+use crate::scoring::{Explanation, ScoringConfig};
 use crate::state::Store;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -78,10 +78,10 @@ fn respond(refusal: Refusal) -> Response {
     (refusal.0, axum::Json(serde_json::json!({ "error": refusal.1 }))).into_response()
 }
 
-async fn answer(
+async fn answer<T: serde::Serialize + Send + 'static>(
     api: Arc<Api>,
     headers: HeaderMap,
-    f: fn(&Inner, Vec<String>) -> Result<Value, Refusal>,
+    f: fn(&Inner, Vec<String>) -> Result<T, Refusal>,
     args: Vec<String>,
 ) -> Response {
     if !api.authorized(&headers) {
@@ -101,7 +101,7 @@ async fn answer(
     }
 }
 
-fn entity(inner: &Inner, args: Vec<String>) -> Result<Value, Refusal> {
+fn entity(inner: &Inner, args: Vec<String>) -> Result<Explanation, Refusal> {
     let store = inner.store.lock().map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "store handle poisoned"))?;
     let entity = EntityRef { type_: args[0].clone(), id: args[1].clone() };
     let (rules, scoring) =

@@ -349,7 +349,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 let entity = riskd::alert::EntityRef { type_: entity_type, id };
                 let x = riskd::scoring::explain_entity(&cfg.rules, &cfg.scoring, store.as_ref(), &entity)
                     .context("reading the entity's state")?;
-                Ok(if json { format!("{x:#}\n") } else { riskd::scoring::render_explanation(&x) })
+                Ok(if json { format!("{}\n", serde_json::to_string_pretty(&x)?) } else { x.to_string() })
             })
             .await?;
             print!("{text}");

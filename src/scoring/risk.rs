@@ -1,109 +1,17 @@
-//! Entity risk: every emitted rule alert adds its rule's risk points to its
-//! entity; the score decays with a half-life; an entity whose score crosses
-//! its threshold raises one `entity_risk` alert, and re-arms once a later
-//! contribution finds the score back under `rearm_below`.
-//!
-//! The score at event time `t` is `Σ points × 0.5^((t − time) / half_life)`
-//! over the contributions with `time ≤ t`. Contributions live in the state
-//! store like any other value — a dictionary under `riskd/risk/<type>/<id>`
-//! — so they survive restarts, are covered by the checkpoint, and work on
-//! every store. Risk alerts never add risk.
+//! An entity's risk: its contributions as stored, adding one (capped,
+//! decayed, multiplied by modifiers), and the risk alert raised when the score
+//! crosses the threshold.
 
-use crate::alert::{Alert, EntityRef, Severity};
+use super::explain::{explain_contributions, round3};
+use super::{ScoringConfig, TypePolicy, RISK_RULE_ID};
+use crate::alert::{Alert, EntityRef};
 use crate::event::format_time_ms;
-use crate::rules::Rule;
 use crate::state::{check_dict_size, Access, StateCache, StateError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-use std::collections::HashMap;
-
-/// Rule id of risk alerts.
-pub const RISK_RULE_ID: &str = "entity_risk";
 
 /// Namespace of risk alert ids.
 const RISK_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x1f3e_77a0_2b9c_4d61_8e05_94c2_d3a8_6b10);
-
-/// How one entity type is scored.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TypePolicy {
-    /// Score that raises a risk alert.
-    pub threshold: f64,
-    /// A disarmed entity re-arms when a contribution finds its score below this.
-    pub rearm_below: f64,
-    /// Half-life of a contribution, ms.
-    pub half_life_ms: i64,
-    /// (lowest score, severity), ascending: a risk alert takes the last band
-    /// whose lowest score it reaches.
-    pub bands: Vec<(f64, Severity)>,
-}
-
-impl TypePolicy {
-    /// Threshold 100, re-arm below 50, half-life 24 h, bands relative to the threshold.
-    pub fn with_threshold(threshold: f64) -> Self {
-        Self { threshold, rearm_below: threshold / 2.0, half_life_ms: 24 * 3_600_000, bands: default_bands(threshold) }
-    }
-
-    fn severity(&self, score: f64) -> Severity {
-        self.bands.iter().rev().find(|(min, _)| score >= *min).map_or(Severity::Medium, |(_, s)| *s)
-    }
-
-    /// A contribution's value `age_ms` after it was made.
-    pub fn decayed(&self, points: f64, age_ms: i64) -> f64 {
-        points * 0.5f64.powf(age_ms as f64 / self.half_life_ms as f64)
-    }
-}
-
-/// MEDIUM at the threshold, HIGH at 1.5×, CRITICAL at 3×.
-pub fn default_bands(threshold: f64) -> Vec<(f64, Severity)> {
-    vec![(threshold, Severity::Medium), (threshold * 1.5, Severity::High), (threshold * 3.0, Severity::Critical)]
-}
-
-/// Multiplies the points of matching entities (×2 for privileged accounts,
-/// ×0 for a known scanner).
-#[derive(Clone, Debug)]
-pub struct Modifier {
-    /// Entity type it applies to; every type when `None`.
-    pub entity_type: Option<String>,
-    /// Entity ids (glob patterns: `*`, `?`, `[...]`).
-    pub ids: globset::GlobSet,
-    /// The factor.
-    pub multiply: f64,
-}
-
-/// Scoring settings, validated.
-#[derive(Clone, Debug)]
-pub struct ScoringConfig {
-    /// Contributions whose decayed value falls below this are dropped.
-    pub floor: f64,
-    /// Policy of types not listed in `types`.
-    pub default: TypePolicy,
-    /// Per entity type.
-    pub types: HashMap<String, TypePolicy>,
-    /// Applied in order; all that match multiply.
-    pub modifiers: Vec<Modifier>,
-}
-
-impl Default for ScoringConfig {
-    fn default() -> Self {
-        Self { floor: 0.5, default: TypePolicy::with_threshold(100.0), types: HashMap::new(), modifiers: Vec::new() }
-    }
-}
-
-impl ScoringConfig {
-    /// The policy of an entity type.
-    pub fn policy(&self, entity_type: &str) -> &TypePolicy {
-        self.types.get(entity_type).unwrap_or(&self.default)
-    }
-
-    fn multiplier(&self, entity: &EntityRef) -> f64 {
-        self.modifiers
-            .iter()
-            .filter(|m| m.entity_type.as_deref().is_none_or(|t| t == entity.type_))
-            .filter(|m| m.ids.is_match(&entity.id))
-            .map(|m| m.multiply)
-            .product()
-    }
-}
 
 /// One rule alert's share of an entity's risk, as stored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -145,7 +53,7 @@ impl RiskState {
             + 0.0
     }
 
-    fn from_dict(dict: Option<&Map<String, Value>>) -> Self {
+    pub(super) fn from_dict(dict: Option<&Map<String, Value>>) -> Self {
         dict.and_then(|d| serde_json::from_value(Value::Object(d.clone())).ok()).unwrap_or_default()
     }
 
@@ -293,32 +201,7 @@ fn add(
     Ok(Change { scored: Scored::Added(score), risk_alert, rearmed, dict: Some(dict) })
 }
 
-/// Contributions at `now`, largest decayed value first, as JSON.
-pub fn explain_contributions(policy: &TypePolicy, state: &RiskState, now: i64) -> Vec<Value> {
-    let mut rows: Vec<(f64, &Contribution)> = state
-        .contributions
-        .iter()
-        .filter(|c| c.event_time <= now)
-        .map(|c| (policy.decayed(c.points, now - c.event_time), c))
-        .collect();
-    rows.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.alert_id.cmp(&b.1.alert_id)));
-    rows.into_iter()
-        .map(|(decayed, c)| {
-            json!({
-                "rule_id": c.rule_id,
-                "points": c.points,
-                "decayed_points": round3(decayed),
-                "event_time": format_time_ms(c.event_time),
-                "alert_id": c.alert_id,
-            })
-        })
-        .collect()
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
+/// The risk alert for `trigger` taking the score to `score`.
 fn risk_alert_for(
     policy: &TypePolicy,
     state: &RiskState,
@@ -332,7 +215,7 @@ fn risk_alert_for(
         "score": round3(score),
         "threshold": policy.threshold,
         "rearm_below": policy.rearm_below,
-        "half_life_hours": policy.half_life_ms as f64 / 3_600_000.0,
+        "half_life_hours": policy.half_life_hours(),
         "triggered_by": trigger.alert_id,
         "contributions": explain_contributions(policy, state, now),
     });
@@ -355,120 +238,12 @@ pub fn load(cache: &mut StateCache, entity: &EntityRef, now: i64) -> Result<Risk
     Ok(RiskState::from_dict(cache.read(&risk_key(entity), now)?.and_then(|r| r.dict.as_ref())))
 }
 
-/// Everything riskd knows about one entity: its score at the latest event
-/// time seen, its contributions with their decay, whether it is armed, and
-/// the raw state of every rule keyed by its type (live or expired).
-pub fn explain_entity(
-    rules: &[Rule],
-    cfg: &ScoringConfig,
-    store: &dyn crate::state::Store,
-    entity: &EntityRef,
-) -> Result<Value, StateError> {
-    let policy = cfg.policy(&entity.type_);
-    let risk = risk_key(entity);
-    let mut keys: Vec<(String, String)> = vec![("(risk)".to_string(), risk.clone())];
-    for rule in rules.iter().filter(|r| r.entity_type == entity.type_) {
-        keys.push((rule.id.clone(), crate::state::key([&rule.namespace, &entity.type_, &entity.id])));
-        keys.push((rule.id.clone(), crate::state::key([crate::state::DEDUP_PREFIX, &rule.id, &entity.id])));
-    }
-    let mut lookup: Vec<&str> = keys.iter().map(|(_, k)| k.as_str()).collect();
-    lookup.push(crate::state::WATERMARK_KEY);
-    let mut records = store.get_many(&lookup)?;
-    let watermark = records.pop().flatten().map_or(0, |r| r.count);
-    let state = RiskState::from_dict(records[0].as_ref().and_then(|r| r.dict.as_ref()));
-    let latest = state.contributions.iter().map(|c| c.event_time).max().unwrap_or(0);
-    let now = watermark.max(latest);
-    let score = state.score(policy, now);
-    let rule_state: Vec<Value> = keys
-        .iter()
-        .zip(&records)
-        .skip(1)
-        .filter_map(|((rule, key), record)| {
-            let r = record.as_ref()?;
-            Some(json!({
-                "rule_id": rule,
-                "key": key,
-                "count": r.count,
-                "set": r.set,
-                "dict": r.dict,
-                "expires_at": r.expires_at_ms.map(format_time_ms),
-                "live": r.is_live(now),
-            }))
-        })
-        .collect();
-    Ok(json!({
-        "entity": entity,
-        "now": format_time_ms(now),
-        "score": round3(score),
-        "threshold": policy.threshold,
-        "rearm_below": policy.rearm_below,
-        "half_life_hours": policy.half_life_ms as f64 / 3_600_000.0,
-        "armed": state.armed,
-        "contributions": explain_contributions(policy, &state, now),
-        "rule_state": rule_state,
-    }))
-}
-
-/// The explanation of [`explain_entity`] for a terminal.
-pub fn render_explanation(x: &Value) -> String {
-    use std::fmt::Write as _;
-    let s = |v: &Value| match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let mut out = String::new();
-    let _ = writeln!(out, "entity {} {}", s(&x["entity"]["type"]), s(&x["entity"]["id"]));
-    let _ = writeln!(
-        out,
-        "score  {} at {} (threshold {}, re-arms below {}, half-life {} h) — {}",
-        s(&x["score"]),
-        s(&x["now"]),
-        s(&x["threshold"]),
-        s(&x["rearm_below"]),
-        s(&x["half_life_hours"]),
-        if x["armed"] == true { "armed" } else { "disarmed (alerted; re-arms below rearm_below)" }
-    );
-    let empty = Vec::new();
-    let contributions = x["contributions"].as_array().unwrap_or(&empty);
-    let _ = writeln!(out, "contributions ({}), largest first:", contributions.len());
-    for c in contributions {
-        let _ = writeln!(
-            out,
-            "  {:<32} {:>7} pts at {} → {:>9} now  alert {}",
-            s(&c["rule_id"]),
-            s(&c["points"]),
-            s(&c["event_time"]),
-            s(&c["decayed_points"]),
-            s(&c["alert_id"])
-        );
-    }
-    let rule_state = x["rule_state"].as_array().unwrap_or(&empty);
-    let _ = writeln!(out, "rule state ({} keys):", rule_state.len());
-    for r in rule_state {
-        let mut values = Vec::new();
-        if r["count"] != 0 {
-            values.push(format!("count={}", s(&r["count"])));
-        }
-        if r["set"].as_array().is_some_and(|a| !a.is_empty()) {
-            values.push(format!("set={}", r["set"]));
-        }
-        if !r["dict"].is_null() {
-            values.push(format!("dict={}", r["dict"]));
-        }
-        let expiry = match (&r["expires_at"], r["live"] == true) {
-            (Value::Null, _) => "no expiry".to_string(),
-            (at, true) => format!("expires {}", s(at)),
-            (at, false) => format!("EXPIRED at {} (reads as empty)", s(at)),
-        };
-        let _ = writeln!(out, "  {}  [{}]  {}  {}", s(&r["key"]), s(&r["rule_id"]), values.join(" "), expiry);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::{compile, RuleSpec};
+    use crate::alert::Severity;
+    use crate::rules::{compile, Rule, RuleSpec};
+    use crate::scoring::Modifier;
     use crate::state::MemoryStore;
 
     const H: i64 = 3_600_000;

@@ -1,0 +1,28 @@
+//! Entity risk: every emitted rule alert adds its rule's risk points to its
+//! entity; the score decays with a half-life; an entity whose score crosses
+//! its threshold raises one `entity_risk` alert, and re-arms once a later
+//! contribution finds the score back under `rearm_below`.
+//!
+//! The score at event time `t` is `Σ points × 0.5^((t − time) / half_life)`
+//! over the contributions with `time ≤ t`. Contributions live in the state
+//! store like any other value — a dictionary under `riskd/risk/<type>/<id>`
+//! — so they survive restarts, are covered by the checkpoint, and work on
+//! every store. Risk alerts never add risk.
+//!
+//! - `policy.rs`: thresholds, bands and modifiers ([`ScoringConfig`]);
+//! - `risk.rs`: adding contributions, raising risk alerts ([`contribute`]);
+//! - `scorer.rs`: the rule engine's alerts of an event scored ([`Scorer`]);
+//! - `explain.rs`: what riskd knows about one entity ([`explain_entity`]).
+
+mod explain;
+mod policy;
+mod risk;
+mod scorer;
+
+pub use explain::{explain_contributions, explain_entity, ContributionRow, Explanation, RuleStateRow};
+pub use policy::{default_bands, Modifier, ScoringConfig, TypePolicy};
+pub use risk::{contribute, load, risk_key, Contribution, RiskSource, RiskState, Scored};
+pub use scorer::Scorer;
+
+/// Rule id of risk alerts.
+pub const RISK_RULE_ID: &str = "entity_risk";
