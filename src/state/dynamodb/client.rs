@@ -63,8 +63,10 @@ impl Failure {
     }
 }
 
-/// Error codes worth another try, whatever the operation.
-const RETRY_CODES: [&str; 7] = [
+/// Error codes worth another try, whatever the operation: throttling,
+/// the service's own trouble, conflicts, and credentials that expired
+/// (the provider refreshes them).
+const RETRY_CODES: [&str; 9] = [
     "ProvisionedThroughputExceededException",
     "ThrottlingException",
     "RequestLimitExceeded",
@@ -72,19 +74,40 @@ const RETRY_CODES: [&str; 7] = [
     "ServiceUnavailable",
     "TransactionConflictException",
     "TransactionInProgressException",
+    "ExpiredTokenException",
+    "RequestExpired",
 ];
 
 /// Whether a failed request is worth another try, whatever the operation.
-fn transient<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> bool {
+/// What is not known to be permanent is transient: a request that never got
+/// an answer (a connection refused, reset or closed under it — as a pooled
+/// connection the service closed while idle —, a timeout, a response cut
+/// short) may succeed the next time. Permanent: a request that could not be
+/// built, a 4xx answer other than throttling or an expired token, and
+/// credentials that are missing or misconfigured.
+fn transient<E: ProvideErrorMetadata + std::error::Error + 'static>(e: &SdkError<E, HttpResponse>) -> bool {
     match e {
-        SdkError::TimeoutError(_) | SdkError::ResponseError(_) => true,
-        // Not a credentials failure, which also surfaces as a dispatch failure.
-        SdkError::DispatchFailure(d) => d.is_io() || d.is_timeout(),
+        SdkError::ConstructionFailure(_) => false,
+        SdkError::DispatchFailure(d) => !d.is_user() && !credentials_missing(e),
         SdkError::ServiceError(s) => {
             s.raw().status().is_server_error() || s.err().code().is_some_and(|c| RETRY_CODES.contains(&c))
         }
-        _ => false,
+        _ => true,
     }
+}
+
+/// Whether the credentials chain found none, or a configuration it cannot
+/// use (a failing or timed-out provider may answer the next time).
+fn credentials_missing(e: &(dyn std::error::Error + 'static)) -> bool {
+    use aws_credential_types::provider::error::CredentialsError;
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if let Some(c) = err.downcast_ref::<CredentialsError>() {
+            return matches!(c, CredentialsError::CredentialsNotLoaded(_) | CredentialsError::InvalidConfiguration(_));
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// The code and message of a failed request.
