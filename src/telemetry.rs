@@ -13,6 +13,7 @@ use prometheus::{
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 use tracing_subscriber::EnvFilter;
 
 /// Every metric riskd exports.
@@ -91,8 +92,16 @@ pub struct Metrics {
     pub kafka_produced: IntCounterVec,
     /// Errors the Kafka client reported (broker down, authentication…), by code.
     pub kafka_errors: IntCounterVec,
+    /// Faults met (a failing store, broker or output), by component
+    /// (`store`, `kafka`, `output`), kind (the error's code or I/O kind) and
+    /// outcome (`retried`, `fatal`).
+    pub faults: IntCounterVec,
     /// 1 when riskd is ready (rules loaded, source open, store reachable).
     pub ready: IntGauge,
+    /// Time spent not ready since the process started.
+    pub not_ready_seconds: prometheus::Counter,
+    /// Since when riskd is not ready (counted into `not_ready_seconds` as time passes).
+    not_ready_since: Mutex<Option<Instant>>,
     /// Always 1, labelled with the version.
     pub build_info: IntGaugeVec,
 }
@@ -316,8 +325,22 @@ impl Metrics {
                 "Errors reported by the Kafka client, by code.",
                 &["code"],
             ),
+            faults: counter(
+                &r,
+                "riskd_faults_total",
+                "Faults met, by component (store, kafka, output), kind and outcome (retried, fatal).",
+                &["component", "kind", "outcome"],
+            ),
             ready: gauge(&r, "riskd_ready", "1 when riskd is ready to score events.", &[])
                 .with_label_values::<&str>(&[]),
+            not_ready_seconds: {
+                let name = "riskd_not_ready_seconds_total";
+                let c = prometheus::Counter::new(name, "Time spent not ready.")
+                    .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+                r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+                c
+            },
+            not_ready_since: Mutex::new(None),
             build_info: gauge(&r, "riskd_build_info", "Always 1, labelled with riskd's version.", &["version"]),
             registry: r,
         };
@@ -325,8 +348,27 @@ impl Metrics {
         m
     }
 
+    /// Sets readiness, counting the time spent not ready.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+        let mut since = self.not_ready_since.lock().unwrap_or_else(|p| p.into_inner());
+        match (ready, *since) {
+            (false, None) => *since = Some(Instant::now()),
+            (true, Some(t)) => {
+                self.not_ready_seconds.inc_by(t.elapsed().as_secs_f64());
+                *since = None;
+            }
+            _ => {}
+        }
+    }
+
     /// The exposition in the Prometheus text format.
     pub fn render(&self) -> String {
+        // An outage still going on counts up to now.
+        if let Some(t) = self.not_ready_since.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            self.not_ready_seconds.inc_by(t.elapsed().as_secs_f64());
+            *t = Instant::now();
+        }
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
@@ -405,7 +447,7 @@ impl Health {
     }
 
     fn publish(&self) {
-        metrics().ready.set(i64::from(self.readiness().0));
+        metrics().set_ready(self.readiness().0);
     }
 }
 

@@ -114,6 +114,29 @@ pub enum RunError {
     Task(String),
 }
 
+impl RunError {
+    /// Whether a later try may succeed (the store or broker unreachable,
+    /// throttled or slow): the job then backs off, reports not-ready and
+    /// tries again rather than stopping.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RunError::State(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+
+    /// The component and kind of a fault, as `riskd_faults_total` labels them.
+    fn fault(&self) -> (&'static str, String) {
+        match self {
+            RunError::State(StateError::Request(r)) => ("store", r.code.clone()),
+            RunError::State(_) => ("store", "backend".into()),
+            RunError::Kafka(_) => ("kafka", "client".into()),
+            RunError::Io { source, .. } => ("output", format!("{:?}", source.kind())),
+            RunError::Config(_) | RunError::Task(_) => ("job", "internal".into()),
+        }
+    }
+}
+
 fn io_err<'a>(what: &'static str, path: &'a str) -> impl FnOnce(io::Error) -> RunError + 'a {
     move |source| RunError::Io { what, path: path.to_string(), source }
 }

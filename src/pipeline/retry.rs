@@ -3,7 +3,7 @@
 
 use super::RunError;
 use crate::shutdown::Shutdown;
-use crate::telemetry::Health;
+use crate::telemetry::{metrics, Health};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,35 +28,48 @@ impl RetryPolicy {
     /// on any other error.
     pub(super) fn run<T>(&self, what: &str, mut f: impl FnMut() -> Result<T, RunError>) -> Result<T, RunError> {
         let mut wait = RETRY_FIRST;
-        let mut failing = false;
+        let mut failing = None;
         loop {
-            match f() {
+            let e = match f() {
                 Ok(v) => {
-                    if failing {
-                        tracing::info!(what, "store reachable again");
-                        self.health.set_store(None);
+                    if let Some(component) = failing {
+                        tracing::info!(what, component, "reachable again");
+                        self.report(component, None);
                     }
                     return Ok(v);
                 }
-                Err(RunError::State(e)) if e.is_transient() => {
-                    tracing::warn!(what, error = %e, retry_in_ms = wait.as_millis() as u64, "store failed; retrying");
-                    self.health.set_store(Some(e.to_string()));
-                    failing = true;
-                    match self.deadline {
-                        None if !self.shutdown.sleep(wait) => return Err(RunError::State(e)),
-                        None => {}
-                        Some(d) => {
-                            let left = d.saturating_duration_since(Instant::now());
-                            if left.is_zero() {
-                                return Err(RunError::State(e));
-                            }
-                            std::thread::sleep(wait.min(left));
-                        }
-                    }
-                    wait = (wait * 2).min(RETRY_MAX);
-                }
-                Err(e) => return Err(e),
+                Err(e) => e,
+            };
+            let (component, kind) = e.fault();
+            let faults = &metrics().faults;
+            if !e.is_transient() {
+                faults.with_label_values(&[component, &kind, "fatal"]).inc();
+                return Err(e);
             }
+            faults.with_label_values(&[component, &kind, "retried"]).inc();
+            tracing::warn!(what, component, kind, error = %e, retry_in_ms = wait.as_millis() as u64, "failed; retrying");
+            self.report(component, Some(e.to_string()));
+            failing = Some(component);
+            match self.deadline {
+                None if !self.shutdown.sleep(wait) => return Err(e),
+                None => {}
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(e);
+                    }
+                    std::thread::sleep(wait.min(left));
+                }
+            }
+            wait = (wait * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// Readiness: the store, or the outputs (files and the alerts topic).
+    fn report(&self, component: &str, problem: Option<String>) {
+        match component {
+            "store" => self.health.set_store(problem),
+            _ => self.health.set_sink(problem),
         }
     }
 }
