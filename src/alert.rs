@@ -2,6 +2,7 @@
 //! [`Severity`]. Rules and scoring make alerts; sinks, the pipeline and the
 //! API carry them. This module knows nothing else of riskd.
 
+use crate::event::TimeSource;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -71,6 +72,9 @@ pub struct Alert {
     pub entity: EntityRef,
     /// Event time of the event that fired (RFC 3339).
     pub event_time: String,
+    /// Where that time came from: `event`, `ingest` (no readable time), or
+    /// `latest_trusted` (the event's own time could not be true).
+    pub event_time_source: TimeSource,
     /// Risk points.
     pub risk: u32,
     /// Key its dedup window is kept under.

@@ -103,6 +103,12 @@ pub fn scalar_string(v: &Value) -> Option<String> {
     }
 }
 
+/// An id (an entity's, a dedup key) read from a scalar: absent when empty
+/// or only white space, so that such events are never keyed under `…/`.
+pub fn id_string(v: &Value) -> Option<String> {
+    scalar_string(v).filter(|s| !s.trim().is_empty())
+}
+
 /// Reads an event time from a JSON value: an RFC 3339 string, Panther's
 /// `2024-01-01 00:00:00.000` (UTC), or epoch seconds or milliseconds (a
 /// number or a string of digits; values above 10^11 are milliseconds).
@@ -165,27 +171,102 @@ pub struct Event {
     pub value: Value,
     /// Event time (ms since the epoch).
     pub time_ms: i64,
-    /// Whether the time came from the event (false: ingest time).
-    pub time_from_event: bool,
+    /// Where the time came from.
+    pub time_source: TimeSource,
 }
 
-/// Decides each event's time from the first present of configured fields.
+/// Where an event's time came from (an alert's `event_time_source`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeSource {
+    /// A field of the event, and it could be true.
+    Event,
+    /// The time of ingest: no field held a readable time, or the event's
+    /// time could not be true and no trusted time was seen yet.
+    Ingest,
+    /// The event's time could not be true (too far in the future, or
+    /// before `event_time.min`); the latest trusted event time stands in.
+    LatestTrusted,
+    /// Decoded, not yet settled by an [`EventClock`]: the time could not
+    /// be true, for this reason (`future`, `too_old`).
+    Untrusted(&'static str),
+}
+
+/// Decides each event's time from the first present of configured fields,
+/// and whether it can be true.
 #[derive(Clone, Debug)]
 pub struct EventTime {
     fields: Vec<FieldPath>,
+    /// A time this far after the time of ingest cannot be true.
+    max_future_ms: i64,
+    /// A time before this cannot be true.
+    min_ms: i64,
 }
 
+/// `event_time.max_future` by default: five minutes of clock skew.
+pub const DEFAULT_MAX_FUTURE_MS: i64 = 5 * 60_000;
+/// `event_time.min` by default: 2000-01-01T00:00:00Z.
+pub const DEFAULT_MIN_MS: i64 = 946_684_800_000;
+
 impl EventTime {
-    /// From field paths, in order of preference.
+    /// From field paths, in order of preference, with the default bounds.
     pub fn new(fields: Vec<FieldPath>) -> Self {
-        Self { fields }
+        Self { fields, max_future_ms: DEFAULT_MAX_FUTURE_MS, min_ms: DEFAULT_MIN_MS }
+    }
+
+    /// With other bounds of a time that can be true.
+    pub fn with_bounds(self, max_future_ms: i64, min_ms: i64) -> Self {
+        Self { max_future_ms, min_ms, ..self }
     }
 
     /// Builds the event, falling back to `ingest_ms` when no field holds a
-    /// readable time.
+    /// readable time. A time that cannot be true is marked
+    /// [`TimeSource::Untrusted`] (its time is `ingest_ms` until an
+    /// [`EventClock`] settles it).
     pub fn event(&self, value: Value, ingest_ms: i64) -> Event {
         let found = self.fields.iter().find_map(|p| p.lookup(&value).and_then(parse_time_ms));
-        Event { time_ms: found.unwrap_or(ingest_ms), time_from_event: found.is_some(), value }
+        let (time_ms, time_source) = match found {
+            None => (ingest_ms, TimeSource::Ingest),
+            Some(t) if t > ingest_ms.saturating_add(self.max_future_ms) => (ingest_ms, TimeSource::Untrusted("future")),
+            Some(t) if t < self.min_ms => (ingest_ms, TimeSource::Untrusted("too_old")),
+            Some(t) => (t, TimeSource::Event),
+        };
+        Event { time_ms, time_source, value }
+    }
+}
+
+/// The latest trusted event time seen on an input, standing in for the
+/// times that cannot be true: they never move the watermark, the dedup
+/// windows or the decay of risk. Applied in input order.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventClock {
+    latest: Option<i64>,
+}
+
+impl EventClock {
+    /// A clock that has seen `latest` (a resumed run's watermark), if any.
+    pub fn new(latest: Option<i64>) -> Self {
+        Self { latest }
+    }
+
+    /// Settles an event's time: a trusted time moves the clock on; an
+    /// untrusted one is replaced by the latest trusted time (the time of
+    /// ingest when there is none yet). Returns why it was replaced.
+    pub fn settle(&mut self, event: &mut Event) -> Option<&'static str> {
+        match event.time_source {
+            TimeSource::Event => {
+                self.latest = Some(self.latest.map_or(event.time_ms, |l| l.max(event.time_ms)));
+                None
+            }
+            TimeSource::Untrusted(reason) => {
+                match self.latest {
+                    Some(t) => (event.time_ms, event.time_source) = (t, TimeSource::LatestTrusted),
+                    None => event.time_source = TimeSource::Ingest,
+                }
+                Some(reason)
+            }
+            TimeSource::Ingest | TimeSource::LatestTrusted => None,
+        }
     }
 }
 
@@ -224,9 +305,34 @@ mod tests {
     fn event_time_takes_first_present_field_then_ingest() {
         let et =
             EventTime::new(vec![FieldPath::parse("p_event_time").unwrap(), FieldPath::parse("eventTime").unwrap()]);
-        let e = et.event(json!({"eventTime": "2023-11-14T22:13:20Z"}), 5);
-        assert_eq!((e.time_ms, e.time_from_event), (1_700_000_000_000, true));
+        let ingest = 1_700_000_100_000;
+        let e = et.event(json!({"eventTime": "2023-11-14T22:13:20Z"}), ingest);
+        assert_eq!((e.time_ms, e.time_source), (1_700_000_000_000, TimeSource::Event));
         let e = et.event(json!({"eventTime": "garbage"}), 5);
-        assert_eq!((e.time_ms, e.time_from_event), (5, false));
+        assert_eq!((e.time_ms, e.time_source), (5, TimeSource::Ingest));
+    }
+
+    #[test]
+    fn times_that_cannot_be_true_never_move_the_clock() {
+        let et = EventTime::new(vec![FieldPath::parse("t").unwrap()]);
+        let ingest = 1_700_000_000_000;
+        let mut clock = EventClock::default();
+        // Before any trusted time: the time of ingest stands in.
+        let mut e = et.event(json!({"t": "9999-12-31T23:59:59Z"}), ingest);
+        assert_eq!(clock.settle(&mut e), Some("future"));
+        assert_eq!((e.time_ms, e.time_source), (ingest, TimeSource::Ingest));
+        // A trusted time from last year (a replay) moves the clock.
+        let mut e = et.event(json!({"t": "2022-06-01T00:00:00Z"}), ingest);
+        assert_eq!(clock.settle(&mut e), None);
+        let trusted = e.time_ms;
+        for bad in [json!("9999-12-31T23:59:59Z"), json!("1970-01-02T00:00:00Z"), json!(ingest + 3_600_000)] {
+            let mut e = et.event(json!({ "t": bad }), ingest);
+            assert!(clock.settle(&mut e).is_some(), "{bad} cannot be true");
+            assert_eq!((e.time_ms, e.time_source), (trusted, TimeSource::LatestTrusted));
+        }
+        // Within the allowed skew is trusted.
+        let mut e = et.event(json!({ "t": ingest + 60_000 }), ingest);
+        assert_eq!(clock.settle(&mut e), None);
+        assert_eq!(e.time_source, TimeSource::Event);
     }
 }

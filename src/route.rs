@@ -61,7 +61,7 @@ pub fn entities(cfg: &Config, event: &serde_json::Value) -> BTreeSet<(String, St
         .iter()
         .filter(|r| r.enabled)
         .filter_map(|r| {
-            let id = r.entity_key.lookup(event).and_then(crate::event::scalar_string)?;
+            let id = r.entity_key.lookup(event).and_then(crate::event::id_string)?;
             Some((r.entity_type.clone(), id))
         })
         .collect()

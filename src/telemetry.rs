@@ -27,6 +27,9 @@ pub struct Metrics {
     pub event_lag: Histogram,
     /// Events without a readable event time (ingest time used).
     pub event_time_missing: IntCounter,
+    /// Event times that cannot be true, by reason (`future`, `too_old`):
+    /// the latest trusted time stood in.
+    pub event_time_invalid: IntCounterVec,
     /// Match conditions evaluated, by rule.
     pub rule_evaluations: IntCounterVec,
     /// Match conditions that held, by rule.
@@ -169,6 +172,12 @@ impl Metrics {
                 &[],
             )
             .with_label_values::<&str>(&[]),
+            event_time_invalid: counter(
+                &r,
+                "riskd_event_time_invalid_total",
+                "Event times that cannot be true (the latest trusted time stood in), by reason.",
+                &["reason"],
+            ),
             rule_evaluations: counter(
                 &r,
                 "riskd_rule_evaluations_total",

@@ -3,7 +3,7 @@
 
 use super::spans::Section;
 use super::Stream;
-use crate::event::{EventTime, FieldPath};
+use crate::event::{parse_time_ms, EventTime, FieldPath, DEFAULT_MAX_FUTURE_MS, DEFAULT_MIN_MS};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -56,6 +56,21 @@ pub struct EventTimeFile {
     /// else the time of ingest is used.
     #[serde(default = "time_fields")]
     pub fields: Vec<String>,
+    /// An event time this far after the time of ingest cannot be true
+    /// (clock skew allowed); such a time is replaced by the latest trusted one.
+    #[serde(default = "five_minutes")]
+    pub max_future: String,
+    /// An event time before this (RFC 3339) cannot be true either.
+    #[serde(default = "year_2000")]
+    pub min: String,
+}
+
+fn five_minutes() -> String {
+    "5m".into()
+}
+
+fn year_2000() -> String {
+    "2000-01-01T00:00:00Z".into()
 }
 
 fn time_fields() -> Vec<String> {
@@ -100,5 +115,19 @@ pub(super) fn event_time(file: &EventTimeFile, err: &mut Section) -> EventTime {
             Err(e) => err.at_path(&["fields", &i.to_string()], format!("event_time.fields: {e}")),
         }
     }
-    EventTime::new(fields)
+    let max_future_ms = match humantime::parse_duration(&file.max_future) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => {
+            err.at("max_future", format!("event_time.max_future {:?}: {e}", file.max_future));
+            DEFAULT_MAX_FUTURE_MS
+        }
+    };
+    let min_ms = match parse_time_ms(&serde_json::Value::String(file.min.clone())) {
+        Some(t) => t,
+        None => {
+            err.at("min", format!("event_time.min {:?} is not a time (RFC 3339, e.g. 2000-01-01T00:00:00Z)", file.min));
+            DEFAULT_MIN_MS
+        }
+    };
+    EventTime::new(fields).with_bounds(max_future_ms, min_ms)
 }

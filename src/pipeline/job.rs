@@ -7,7 +7,7 @@ use super::retry::RetryPolicy;
 use super::{RunError, Summary};
 use crate::alert::Alert;
 use crate::config::Config;
-use crate::event::{Event, EventTime};
+use crate::event::{Event, EventClock, EventTime, TimeSource};
 use crate::rules::{Engine, Outcome, Problem, Rule, Scope};
 use crate::scoring::{Scorer, ScoringConfig};
 use crate::shutdown::Shutdown;
@@ -134,6 +134,8 @@ pub(super) struct Job {
     /// the store, in the cache where one owns it.
     watermark: Access,
     summary: Summary,
+    /// The latest trusted event time: it stands in for times that cannot be true.
+    clock: EventClock,
     alerts: Vec<Alert>,
     counters: EventMetrics,
     health: Arc<Health>,
@@ -166,6 +168,7 @@ impl Job {
             scoring,
             outputs,
             summary: Summary { resumed_after_line: source.position.line, ..Summary::default() },
+            clock: EventClock::new((source.position.watermark_ms > 0).then_some(source.position.watermark_ms)),
             counters: EventMetrics::new(source.kind),
             source,
             watermark: Access::Cached,
@@ -393,12 +396,19 @@ impl Job {
             Decoded::Event(event) => event,
         };
         self.summary.read += 1;
-        if event.time_from_event {
-            let position = &mut self.source.position;
-            position.watermark_ms = position.watermark_ms.max(event.time_ms);
-            metrics().event_lag.observe((ingest - event.time_ms) as f64 / 1000.0);
-        } else {
-            metrics().event_time_missing.inc();
+        let mut event = event;
+        match self.clock.settle(&mut event) {
+            Some(reason) => {
+                metrics().event_time_invalid.with_label_values(&[reason]).inc();
+                let time = crate::event::format_time_ms(event.time_ms);
+                tracing::warn!(source = at.source, line = at.line, reason, %time, "event time cannot be true; the latest trusted time stands in");
+            }
+            None if event.time_source == TimeSource::Event => {
+                let position = &mut self.source.position;
+                position.watermark_ms = position.watermark_ms.max(event.time_ms);
+                metrics().event_lag.observe((ingest - event.time_ms) as f64 / 1000.0);
+            }
+            None => metrics().event_time_missing.inc(),
         }
         Ok(Some(event))
     }

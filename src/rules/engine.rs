@@ -4,7 +4,7 @@
 use super::forms::{apply_form, Skip};
 use super::{Form, Rule};
 use crate::alert::{Alert, EntityRef};
-use crate::event::{format_time_ms, scalar_string, Event, FieldPath};
+use crate::event::{format_time_ms, id_string, Event, FieldPath};
 use crate::state::{self, join_key, Access, Record, StateCache, StateError, DEDUP_PREFIX, RISK_PREFIX};
 use crate::telemetry::metrics;
 use hashbrown::HashMap;
@@ -364,6 +364,7 @@ impl Engine {
             severity: rule.severity,
             entity: EntityRef { type_: rule.entity_type.clone(), id: entity_id.to_string() },
             event_time: format_time_ms(event.time_ms),
+            event_time_source: event.time_source,
             risk: rule.risk,
             dedup_key,
             context: Value::Object(context),
@@ -488,7 +489,7 @@ fn verdicts<'r>(
 
 fn verdict(rule: &Rule, event: &Event, scope: Option<Scope<'_>>) -> Verdict {
     let by_lane = scope.is_some_and(|s| s.lane.is_some());
-    let known = by_lane.then(|| rule.entity_key.lookup(&event.value).and_then(scalar_string));
+    let known = by_lane.then(|| rule.entity_key.lookup(&event.value).and_then(id_string));
     if let Some(id) = &known {
         if !Scope::admits_entity(scope, rule, id.as_deref()) {
             return Verdict::Elsewhere;
@@ -499,7 +500,7 @@ fn verdict(rule: &Rule, event: &Event, scope: Option<Scope<'_>>) -> Verdict {
     }
     let id = match known {
         Some(id) => id,
-        None => rule.entity_key.lookup(&event.value).and_then(scalar_string),
+        None => rule.entity_key.lookup(&event.value).and_then(id_string),
     };
     let Some(entity_id) = id else {
         return Verdict::Problem(format!("entity key field {} is absent or not a scalar", rule.entity_key));
@@ -580,7 +581,7 @@ pub const MAX_ID_BYTES: usize = 1024;
 fn dedup_key(rule: &Rule, entity_id: &str, event: &Value) -> Option<String> {
     match &rule.dedup_key {
         None => Some(entity_id.to_string()),
-        Some(p) => p.lookup(event).and_then(scalar_string).filter(|k| k.len() <= MAX_ID_BYTES),
+        Some(p) => p.lookup(event).and_then(id_string).filter(|k| k.len() <= MAX_ID_BYTES),
     }
 }
 
@@ -595,6 +596,7 @@ fn alert_id(rule: &Rule, entity_id: &str, event: &Event) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::TimeSource;
     use serde_json::json;
 
     fn rules(yaml: &str) -> Arc<Vec<Rule>> {
@@ -616,7 +618,7 @@ mod tests {
         );
         let mut cache = StateCache::new(Box::new(crate::state::MemoryStore::new()), 1000);
         let mut engine = Engine::new(rules(&v1));
-        let event = Event { value: json!({"u": "x"}), time_ms: 0, time_from_event: true };
+        let event = Event { value: json!({"u": "x"}), time_ms: 0, time_source: TimeSource::Event };
         let mut alerts = Vec::new();
         engine.process(&mut cache, &event, None, &mut alerts).unwrap();
         engine.process(&mut cache, &event, None, &mut alerts).unwrap();
@@ -641,7 +643,7 @@ mod tests {
                     json!({"u": format!("u{}", i % 7), "ip": format!("10.0.0.{}", i % 3)})
                 },
                 time_ms: i * 60_000,
-                time_from_event: true,
+                time_source: TimeSource::Event,
             })
             .collect();
         let engine = || {

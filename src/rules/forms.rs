@@ -79,10 +79,13 @@ pub(super) fn apply_form(
         Form::FirstSeen { field, ttl_ms } => first_seen(r, now, required_scalar(field, event)?, *ttl_ms),
         Form::Changed { fields, ttl_ms } => changed(r, key, event, fields, *ttl_ms)?,
         Form::Travel { lat, lon, city, ttl_ms, min_km, max_kmh } => {
-            let point = |p: &FieldPath| {
-                number(required(p, event)?).ok_or_else(|| Skip::Missing(format!("field {p} is not a number")))
+            // A coordinate outside its range is no more a place than text is.
+            let point = |p: &FieldPath, limit: f64| {
+                number(required(p, event)?)
+                    .filter(|x| x.abs() <= limit)
+                    .ok_or_else(|| Skip::Missing(format!("field {p} is not a number in [-{limit}, {limit}]")))
             };
-            let (lat_v, lon_v) = (point(lat)?, point(lon)?);
+            let (lat_v, lon_v) = (point(lat, 90.0)?, point(lon, 180.0)?);
             let city_v = city.as_ref().and_then(|c| c.lookup(&event.value)).cloned().unwrap_or(Value::Null);
             travel(r, key, now, (lat_v, lon_v, city_v), *ttl_ms, (*min_km, *max_kmh))?
         }

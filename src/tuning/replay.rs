@@ -5,7 +5,7 @@
 //! threshold needs.
 
 use crate::config::Config;
-use crate::event::now_ms;
+use crate::event::{now_ms, EventClock};
 use crate::pipeline::RunError;
 use crate::rules::{Engine, Form, Rule};
 use crate::scoring::Scorer;
@@ -109,12 +109,14 @@ pub fn replay(cfg: Config, input: &Path) -> Result<Report, RunError> {
     let io = |source| RunError::Io { what: "input", path: path.clone(), source };
     let mut reader = JsonLines::open_file(input, 0, 0, cfg.max_line_bytes).map_err(io)?;
     let (mut buf, mut alerts) = (Vec::new(), Vec::new());
+    let mut clock = EventClock::default();
     let mut report = Report { events: 0, invalid: 0, risk_alerts: 0, rules: Vec::new() };
     while let Some(info) = reader.next_line(&mut buf).map_err(io)? {
         match decode(&buf, &info, cfg.max_line_bytes, &cfg.event_time, now_ms()) {
             Decoded::Blank => continue,
             Decoded::Rejected { .. } => report.invalid += 1,
-            Decoded::Event(event) => {
+            Decoded::Event(mut event) => {
+                clock.settle(&mut event);
                 scorer.process(&mut engine, &mut cache, &event, None, &mut alerts)?;
                 report.risk_alerts +=
                     alerts.iter().filter(|a| a.rule_id == crate::scoring::RISK_RULE_ID).count() as u64;

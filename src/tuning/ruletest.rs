@@ -21,7 +21,7 @@
 
 use crate::alert::{Alert, EntityRef};
 use crate::config::Config;
-use crate::event::{format_time_ms, now_ms, parse_time_ms, EventTime};
+use crate::event::{format_time_ms, now_ms, parse_time_ms, EventClock, EventTime};
 use crate::rules::{Engine, Rule};
 use crate::scoring::{self, Scorer, ScoringConfig};
 use crate::state::{MemoryStore, Mutation, Record, StateCache, Store, WriteBatch};
@@ -218,11 +218,13 @@ fn run_case(
     let mut cache = StateCache::new(Box::new(store), usize::MAX);
     let mut alerts: Vec<Alert> = Vec::new();
     let mut now = i64::MIN;
+    let mut clock = EventClock::default();
     for (i, value) in events.into_iter().enumerate() {
         if !value.is_object() {
             return Err(format!("event {} is not a JSON object", i + 1));
         }
-        let event = event_time.event(value, now_ms());
+        let mut event = event_time.event(value, now_ms());
+        clock.settle(&mut event);
         now = now.max(event.time_ms);
         scorer.process(&mut engine, &mut cache, &event, None, &mut alerts).map_err(|e| e.to_string())?;
     }
