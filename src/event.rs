@@ -201,17 +201,34 @@ pub struct EventTime {
     max_future_ms: i64,
     /// A time before this cannot be true.
     min_ms: i64,
+    /// The out-of-orderness absorbed: events are held this long (in event
+    /// time, or of wall clock at most) and applied in event-time order.
+    max_delay: std::time::Duration,
 }
 
 /// `event_time.max_future` by default: five minutes of clock skew.
 pub const DEFAULT_MAX_FUTURE_MS: i64 = 5 * 60_000;
 /// `event_time.min` by default: 2000-01-01T00:00:00Z.
 pub const DEFAULT_MIN_MS: i64 = 946_684_800_000;
+/// `event_time.max_delay` by default: none, events are applied as they
+/// arrive (see the README's "Event-time order" for why, for now).
+pub const DEFAULT_MAX_DELAY: std::time::Duration = std::time::Duration::ZERO;
 
 impl EventTime {
     /// From field paths, in order of preference, with the default bounds.
     pub fn new(fields: Vec<FieldPath>) -> Self {
-        Self { fields, max_future_ms: DEFAULT_MAX_FUTURE_MS, min_ms: DEFAULT_MIN_MS }
+        Self { fields, max_future_ms: DEFAULT_MAX_FUTURE_MS, min_ms: DEFAULT_MIN_MS, max_delay: DEFAULT_MAX_DELAY }
+    }
+
+    /// With another out-of-orderness absorbed (zero: none, events are
+    /// applied as they arrive).
+    pub fn with_max_delay(self, max_delay: std::time::Duration) -> Self {
+        Self { max_delay, ..self }
+    }
+
+    /// The out-of-orderness absorbed.
+    pub fn max_delay(&self) -> std::time::Duration {
+        self.max_delay
     }
 
     /// With other bounds of a time that can be true.
@@ -247,6 +264,11 @@ impl EventClock {
     /// A clock that has seen `latest` (a resumed run's watermark), if any.
     pub fn new(latest: Option<i64>) -> Self {
         Self { latest }
+    }
+
+    /// The latest trusted event time seen.
+    pub fn latest(&self) -> Option<i64> {
+        self.latest
     }
 
     /// Settles an event's time: a trusted time moves the clock on; an

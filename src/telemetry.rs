@@ -27,6 +27,8 @@ pub struct Metrics {
     pub event_lag: Histogram,
     /// Events without a readable event time (ingest time used).
     pub event_time_missing: IntCounter,
+    /// Events held for ordering (`event_time.max_delay`), not applied yet.
+    pub events_held: IntGauge,
     /// Event times that cannot be true, by reason (`future`, `too_old`):
     /// the latest trusted time stood in.
     pub event_time_invalid: IntCounterVec,
@@ -172,6 +174,8 @@ impl Metrics {
                 &[],
             )
             .with_label_values::<&str>(&[]),
+            events_held: gauge(&r, "riskd_events_held", "Events held for event-time order, not applied yet.", &[])
+                .with_label_values::<&str>(&[]),
             event_time_invalid: counter(
                 &r,
                 "riskd_event_time_invalid_total",

@@ -3,7 +3,7 @@
 
 use super::spans::Section;
 use super::Stream;
-use crate::event::{parse_time_ms, EventTime, FieldPath, DEFAULT_MAX_FUTURE_MS, DEFAULT_MIN_MS};
+use crate::event::{parse_time_ms, EventTime, FieldPath, DEFAULT_MAX_DELAY, DEFAULT_MAX_FUTURE_MS, DEFAULT_MIN_MS};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -63,6 +63,15 @@ pub struct EventTimeFile {
     /// An event time before this (RFC 3339) cannot be true either.
     #[serde(default = "year_2000")]
     pub min: String,
+    /// Out-of-orderness absorbed: events are held up to this long (event
+    /// time, or wall clock) and applied in event-time order; `0s` applies
+    /// them as they arrive.
+    #[serde(default = "no_delay")]
+    pub max_delay: String,
+}
+
+fn no_delay() -> String {
+    "0s".into()
 }
 
 fn five_minutes() -> String {
@@ -129,5 +138,12 @@ pub(super) fn event_time(file: &EventTimeFile, err: &mut Section) -> EventTime {
             DEFAULT_MIN_MS
         }
     };
-    EventTime::new(fields).with_bounds(max_future_ms, min_ms)
+    let max_delay = match humantime::parse_duration(&file.max_delay) {
+        Ok(d) => d,
+        Err(e) => {
+            err.at("max_delay", format!("event_time.max_delay {:?}: {e}", file.max_delay));
+            DEFAULT_MAX_DELAY
+        }
+    };
+    EventTime::new(fields).with_bounds(max_future_ms, min_ms).with_max_delay(max_delay)
 }

@@ -3,14 +3,15 @@
 //! terminal.
 
 use super::job::{Job, JobSource, Origin, Settings};
+use super::order::{Pushed, Reorder};
 use super::outputs::{absolute, Outputs};
 use super::{io_err, RunError, RunOptions, Summary};
 use crate::config::{Config, Stream};
-use crate::event::{now_ms, Event};
+use crate::event::{now_ms, Event, TimeSource};
 use crate::shutdown::Shutdown;
 use crate::source::{decode, Decoded, JsonLines, LineInfo};
 use crate::state::Store;
-use crate::telemetry::Health;
+use crate::telemetry::{metrics, Health};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,8 +85,19 @@ fn start(
     Ok((job, reader, progress))
 }
 
-/// Reads, decodes and applies lines, `ahead` at a time, flushing as the
-/// settings say, until the input ends (or, following, until shutdown).
+/// A line read, held for ordering until its event time is released.
+struct Held {
+    /// Where the line starts, its number, and the latest trusted time
+    /// before it (where a restart reads it again from).
+    before: (u64, u64, Option<i64>),
+    info: LineInfo,
+    raw: Vec<u8>,
+    event: Event,
+}
+
+/// Reads, decodes and applies lines, `ahead` at a time, in event-time order
+/// within `event_time.max_delay`, flushing as the settings say, until the
+/// input ends (or, following, until shutdown).
 fn pump(
     job: &mut Job,
     reader: &mut JsonLines,
@@ -94,71 +106,122 @@ fn pump(
     progress: &Progress,
     shutdown: &Shutdown,
 ) -> Result<(), RunError> {
+    let start = job.position().clone();
+    // A resumed run reads again from the oldest event held at the last
+    // commit; up to where it had read, only the events held then are new.
+    let reread_to = start.read.map_or(start.offset, |(offset, _)| offset);
+    let released = start.released_ms;
+    let mut order: Reorder<Held> = Reorder::new(settings.event_time.max_delay(), released);
+    let (mut last_end, mut last_line) = (start.offset, start.line);
     let mut buf = Vec::new();
-    let mut arena = Vec::new();
-    let mut lines: Vec<(LineInfo, std::ops::Range<usize>, Decoded, i64)> = Vec::with_capacity(ahead);
+    let mut ready: Vec<Held> = Vec::with_capacity(ahead);
     let mut since_flush = 0u64;
     let mut last_flush = Instant::now();
+    let mut lines = 0u64;
+    let name = job.source_name().to_string();
     while !shutdown.is_triggered() {
         // A reloaded config is swapped in before the next lines (a channel poll: cheap).
         job.reload(&mut [])?;
-        arena.clear();
-        while lines.len() < ahead {
+        let mut read = 0;
+        while read < ahead {
             let next = if settings.follow { reader.next_complete_line(&mut buf) } else { reader.next_line(&mut buf) };
-            let Some(info) = next.map_err(io_err("input", job.source_name()))? else { break };
+            let Some(info) = next.map_err(io_err("input", &name))? else { break };
+            read += 1;
+            lines += 1;
+            let before = (last_end, last_line, job.trusted_time());
+            (last_end, last_line) = (info.end_offset, info.line);
             let ingest = now_ms();
             let decoded = decode(&buf, &info, settings.max_line_bytes, &settings.event_time, ingest);
-            let start = arena.len();
-            arena.extend_from_slice(&buf);
-            lines.push((info, start..arena.len(), decoded, ingest));
-        }
-        if lines.is_empty() {
-            if !settings.follow {
-                break;
-            }
-            // Following a file: commit what is pending once the interval is
-            // up, then wait for more lines.
-            if since_flush > 0 && last_flush.elapsed() >= settings.flush_interval {
-                job.flush(&[])?;
-                since_flush = 0;
-                last_flush = Instant::now();
-            }
-            progress.update(job.summary(), job.position().offset);
-            shutdown.sleep(Duration::from_millis(200));
-            continue;
-        }
-        if ahead > 1 {
-            let events: Vec<(&Event, _)> = lines
-                .iter()
-                .filter_map(|(_, _, d, _)| match d {
-                    Decoded::Event(e) => Some((e, None)),
+            let event = if info.end_offset <= reread_to {
+                match decoded {
+                    Decoded::Event(mut event) => {
+                        job.reread(&mut event);
+                        // Applied before the restart: at or before the released
+                        // time, or with no time of its own (applied as read).
+                        let applied =
+                            event.time_source == TimeSource::Ingest || released.is_some_and(|r| event.time_ms <= r);
+                        (!applied).then_some(event)
+                    }
+                    // Counted and set aside before the restart.
                     _ => None,
-                })
-                .collect();
+                }
+            } else {
+                job.admit(&Origin { source: &name, line: info.line }, &buf, decoded, ingest)?
+            };
+            let Some(event) = event else { continue };
+            let held = Held { before, info, raw: std::mem::take(&mut buf), event };
+            if held.event.time_source == TimeSource::Ingest {
+                // No time of its own to order by: applied as it is read.
+                ready.push(held);
+                continue;
+            }
+            let trusted = held.event.time_source == TimeSource::Event;
+            match order.push(held.event.time_ms, trusted, held, Instant::now()) {
+                Pushed::Held => {}
+                Pushed::Now { item, late } => {
+                    if late {
+                        job.late(&Origin { source: &name, line: item.info.line });
+                    }
+                    ready.push(item);
+                }
+            }
+            while let Some(item) = order.pop(Instant::now()) {
+                ready.push(item);
+            }
+        }
+        let ended = read == 0;
+        if ended && !settings.follow {
+            break;
+        }
+        while let Some(item) = order.pop(Instant::now()) {
+            ready.push(item);
+        }
+        if ahead > 1 && !ready.is_empty() {
+            let events: Vec<(&Event, _)> = ready.iter().map(|h| (&h.event, None)).collect();
             job.prefetch(&events)?;
         }
-        let name = job.source_name().to_string();
-        for (info, range, decoded, ingest) in lines.drain(..) {
-            job.line(&Origin { source: &name, line: info.line }, &arena[range], decoded, ingest)?;
-            // Only now is the line applied: the checkpoint may move past it.
-            job.advance(info.end_offset, info.line);
-            since_flush += 1;
-            // The clock is read every 1024 lines only: cheap, and often enough.
-            if since_flush % 1024 == 0 {
-                job.main().publish_metrics();
-                progress.update(job.summary(), job.position().offset);
-            }
-            if since_flush >= settings.flush_every_events
-                || (since_flush % 1024 == 0
-                    && (last_flush.elapsed() >= settings.flush_interval || job.main().cache.over_bounds()))
-            {
-                job.flush(&[])?;
-                since_flush = 0;
-                last_flush = Instant::now();
-            }
+        for h in ready.drain(..) {
+            job.apply(&Origin { source: &name, line: h.info.line }, &h.raw, &h.event)?;
+        }
+        since_flush += read as u64;
+        // The clock is read every 1024 lines only (and when idle): cheap, and often enough.
+        let tick = ended || lines % 1024 == 0;
+        if tick {
+            metrics().events_held.set(order.len() as i64);
+            job.main().publish_metrics();
+            progress.update(job.summary(), last_end);
+        }
+        let due = since_flush > 0
+            && (since_flush >= settings.flush_every_events
+                || (tick && (last_flush.elapsed() >= settings.flush_interval || job.main().cache.over_bounds())));
+        if due {
+            hold_position(job, &order, (last_end, last_line));
+            job.flush(&[])?;
+            since_flush = 0;
+            last_flush = Instant::now();
+        }
+        if ended {
+            // Following a file: wait for more lines.
+            progress.update(job.summary(), last_end);
+            shutdown.sleep(Duration::from_millis(200));
         }
     }
+    // The input has ended (or riskd stops): a file's held events are
+    // applied now; on shutdown they stay held, read again at the restart.
+    if !settings.follow && !shutdown.is_triggered() {
+        while let Some(h) = order.pop_any() {
+            job.apply(&Origin { source: &name, line: h.info.line }, &h.raw, &h.event)?;
+        }
+    }
+    hold_position(job, &order, (last_end, last_line));
     Ok(())
+}
+
+/// Sets the job's position from what is held (see [`Job::hold_position`]).
+fn hold_position(job: &mut Job, order: &Reorder<Held>, read: (u64, u64)) {
+    let oldest = order.items().map(|h| h.before).min_by_key(|b| b.0);
+    let before = oldest.unwrap_or((read.0, read.1, job.trusted_time()));
+    job.hold_position(before, read, order.released());
 }
 
 /// A progress bar on a terminal (nothing on a pipe): events/s, alerts, and

@@ -111,12 +111,19 @@ struct EventMetrics {
     invalid: IntCounter,
     too_large: IntCounter,
     incomplete: IntCounter,
+    late: IntCounter,
 }
 
 impl EventMetrics {
     fn new(source_kind: &str) -> Self {
         let c = |outcome| metrics().events.with_label_values(&[source_kind, outcome]);
-        Self { ok: c("ok"), invalid: c("invalid"), too_large: c("too_large"), incomplete: c("incomplete") }
+        Self {
+            ok: c("ok"),
+            invalid: c("invalid"),
+            too_large: c("too_large"),
+            incomplete: c("incomplete"),
+            late: c("late"),
+        }
     }
 }
 
@@ -167,8 +174,13 @@ impl Job {
             rules,
             scoring,
             outputs,
-            summary: Summary { resumed_after_line: source.position.line, ..Summary::default() },
-            clock: EventClock::new((source.position.watermark_ms > 0).then_some(source.position.watermark_ms)),
+            summary: Summary {
+                resumed_after_line: source.position.read.map_or(source.position.line, |(_, line)| line),
+                ..Summary::default()
+            },
+            clock: EventClock::new(
+                source.position.clock_ms.or((source.position.watermark_ms > 0).then_some(source.position.watermark_ms)),
+            ),
             counters: EventMetrics::new(source.kind),
             source,
             watermark: Access::Cached,
@@ -211,10 +223,32 @@ impl Job {
         &self.source.name
     }
 
-    /// A file's line is applied: the checkpoint may move past it.
-    pub(super) fn advance(&mut self, offset: u64, line: u64) {
-        self.source.position.offset = offset;
-        self.source.position.line = line;
+    /// Events are held for ordering: the checkpoint stands before the
+    /// oldest held (`before`: offset, line, and the trusted time then) and
+    /// records how far the input was `read` and the `released` time.
+    pub(super) fn hold_position(&mut self, before: (u64, u64, Option<i64>), read: (u64, u64), released: Option<i64>) {
+        let position = &mut self.source.position;
+        (position.offset, position.line, position.clock_ms) = before;
+        position.read = (read != (before.0, before.1)).then_some(read);
+        position.released_ms = released;
+    }
+
+    /// The latest trusted event time (what stands in for times that cannot be true).
+    pub(super) fn trusted_time(&self) -> Option<i64> {
+        self.clock.latest()
+    }
+
+    /// An event arrived after its time was released: it is applied at once,
+    /// out of order, counted and logged.
+    pub(super) fn late(&mut self, at: &Origin<'_>) {
+        self.counters.late.inc();
+        tracing::info!(source = at.source, line = at.line, "late event: applied out of event-time order");
+    }
+
+    /// An event read again after a restart, applied or held before: its
+    /// time is settled as the first time, nothing is counted.
+    pub(super) fn reread(&mut self, event: &mut Event) {
+        self.clock.settle(event);
     }
 
     /// Several processes write this store: the watermark is raised with an
@@ -350,16 +384,14 @@ impl Job {
         self.retry("load state", |job| job.main.prefetch(events))
     }
 
-    /// Applies one decoded line (`buf` is the line as read) to every rule;
-    /// the position is advanced by the caller.
-    pub(super) fn line(&mut self, at: &Origin<'_>, buf: &[u8], decoded: Decoded, ingest: i64) -> Result<(), RunError> {
-        let Some(event) = self.admit(at, buf, decoded, ingest)? else { return Ok(()) };
+    /// Applies an admitted event (`buf` is its line as read) to every rule.
+    pub(super) fn apply(&mut self, at: &Origin<'_>, buf: &[u8], event: &Event) -> Result<(), RunError> {
         // The engine loads every key before changing anything, so a store
         // failure leaves the event unapplied and it can be retried whole.
         let mut alerts = std::mem::take(&mut self.alerts);
         let outcome = self.retry("load state", |job| {
             alerts.clear();
-            job.main.process(&event, None, &mut alerts)
+            job.main.process(event, None, &mut alerts)
         });
         let result = match outcome {
             Ok(o) => self.emit(at, buf, o, &mut alerts),

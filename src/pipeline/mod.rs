@@ -19,6 +19,7 @@
 mod file;
 mod job;
 mod kafka;
+mod order;
 mod outputs;
 mod retry;
 
@@ -208,7 +209,7 @@ mod tests {
     fn config(dir: &Path, input: &Path) -> Config {
         let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules");
         let text = format!(
-            "[source]\npath = {:?}\n[sink]\npath = \"alerts.jsonl\"\n[store]\npath = \"s.redb\"\nflush_every_events = 97\n[rules]\npaths = [{:?}]\n[telemetry]\nlisten = \"\"\n",
+            "[source]\npath = {:?}\n[sink]\npath = \"alerts.jsonl\"\n[store]\npath = \"s.redb\"\nflush_every_events = 97\n[rules]\npaths = [{:?}]\n[telemetry]\nlisten = \"\"\n[event_time]\nmax_delay = \"1m\"\n",
             input.display().to_string(),
             rules.display().to_string()
         );
@@ -251,6 +252,13 @@ mod tests {
                 Health::new(),
             );
             assert!(crashed.is_err(), "crash at commit {crash_at} did not happen");
+            if crash_at > 1 {
+                // Events 100 ms apart, held a minute: the commit stood before held events.
+                let store = EmbeddedStore::open(&dir.join("s.redb")).unwrap();
+                let id = format!("file:{}", std::path::absolute(&input).unwrap().display());
+                let cp = store.checkpoint(&id).unwrap().unwrap();
+                assert!(cp.read.is_some_and(|(_, line)| line > cp.line), "events were held: {cp:?}");
+            }
             let resumed = run_blocking(config(&dir, &input), RunOptions::default(), stop.clone()).unwrap();
             // Commit 0 records where the outputs start; then one every 97 lines.
             assert_eq!(

@@ -232,6 +232,19 @@ pub struct Checkpoint {
     /// the router produced again after a restart is skipped by it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub upstream: BTreeMap<String, i64>,
+    /// With events held for ordering (`event_time.max_delay`): how far the
+    /// input was read (byte offset, line); `offset` and `line` then stand
+    /// before the oldest event held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read: Option<(u64, u64)>,
+    /// Every event read up to `read` at or before this event time has been
+    /// applied; those after it were held, and are read again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released_ms: Option<i64>,
+    /// The latest trusted event time when the oldest held event was read
+    /// (what stands in for times that cannot be true, read again from there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_ms: Option<i64>,
 }
 
 /// A change to one key. Borrowed from the cache: a flush copies nothing.
