@@ -95,6 +95,100 @@ struct Held {
     event: Event,
 }
 
+/// The reading side of a run: where it stands in the input, and the events
+/// held for ordering.
+struct Reading {
+    name: String,
+    order: Reorder<Held>,
+    /// A resumed run reads again from the oldest event held at the last
+    /// commit; up to here, only the events held then are new.
+    reread_to: u64,
+    /// The released time of the last commit.
+    released: Option<i64>,
+    /// Where the last line read ends, and its number.
+    last: (u64, u64),
+    buf: Vec<u8>,
+}
+
+impl Reading {
+    fn new(job: &Job, settings: &Settings) -> Self {
+        let start = job.position();
+        Self {
+            name: job.source_name().to_string(),
+            order: Reorder::new(settings.event_time.max_delay(), start.released_ms),
+            reread_to: start.read.map_or(start.offset, |(offset, _)| offset),
+            released: start.released_ms,
+            last: (start.offset, start.line),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Reads one line: an event is held, or put in `ready` when its time is
+    /// released (or it has none). False at the end of the input.
+    fn line(
+        &mut self,
+        job: &mut Job,
+        reader: &mut JsonLines,
+        settings: &Settings,
+        ready: &mut Vec<Held>,
+    ) -> Result<bool, RunError> {
+        let buf = &mut self.buf;
+        let next = if settings.follow { reader.next_complete_line(buf) } else { reader.next_line(buf) };
+        let Some(info) = next.map_err(io_err("input", &self.name))? else { return Ok(false) };
+        let before = (self.last.0, self.last.1, job.trusted_time());
+        self.last = (info.end_offset, info.line);
+        let ingest = now_ms();
+        let decoded = decode(buf, &info, settings.max_line_bytes, &settings.event_time, ingest);
+        let event = if info.end_offset <= self.reread_to {
+            match decoded {
+                Decoded::Event(mut event) => {
+                    job.reread(&mut event);
+                    // Applied before the restart: at or before the released
+                    // time, or with no time of its own (applied as read).
+                    let applied =
+                        event.time_source == TimeSource::Ingest || self.released.is_some_and(|r| event.time_ms <= r);
+                    (!applied).then_some(event)
+                }
+                // Counted and set aside before the restart.
+                _ => None,
+            }
+        } else {
+            job.admit(&Origin { source: &self.name, line: info.line }, buf, decoded, ingest)?
+        };
+        let Some(event) = event else { return Ok(true) };
+        // One allocation of the line's size: the read buffer keeps its capacity.
+        let held = Held { before, info, raw: buf.clone(), event };
+        if held.event.time_source == TimeSource::Ingest {
+            // No time of its own to order by: applied as it is read.
+            ready.push(held);
+            return Ok(true);
+        }
+        let trusted = held.event.time_source == TimeSource::Event;
+        let now = Instant::now();
+        match self.order.push(held.event.time_ms, trusted, held, now) {
+            Pushed::Now { item, late } => {
+                if late {
+                    job.late(&Origin { source: &self.name, line: item.info.line });
+                }
+                ready.push(item);
+            }
+            Pushed::Held => {
+                while let Some(item) = self.order.pop(now) {
+                    ready.push(item);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Moves the events now due to `ready`.
+    fn release(&mut self, ready: &mut Vec<Held>) {
+        while let Some(item) = self.order.pop(Instant::now()) {
+            ready.push(item);
+        }
+    }
+}
+
 /// Reads, decodes and applies lines, `ahead` at a time, in event-time order
 /// within `event_time.max_delay`, flushing as the settings say, until the
 /// input ends (or, following, until shutdown).
@@ -106,122 +200,69 @@ fn pump(
     progress: &Progress,
     shutdown: &Shutdown,
 ) -> Result<(), RunError> {
-    let start = job.position().clone();
-    // A resumed run reads again from the oldest event held at the last
-    // commit; up to where it had read, only the events held then are new.
-    let reread_to = start.read.map_or(start.offset, |(offset, _)| offset);
-    let released = start.released_ms;
-    let mut order: Reorder<Held> = Reorder::new(settings.event_time.max_delay(), released);
-    let (mut last_end, mut last_line) = (start.offset, start.line);
-    let mut buf = Vec::new();
+    let mut reading = Reading::new(job, settings);
     let mut ready: Vec<Held> = Vec::with_capacity(ahead);
     let mut since_flush = 0u64;
     let mut last_flush = Instant::now();
     let mut lines = 0u64;
-    let name = job.source_name().to_string();
     while !shutdown.is_triggered() {
         // A reloaded config is swapped in before the next lines (a channel poll: cheap).
         job.reload(&mut [])?;
         let mut read = 0;
-        while read < ahead {
-            let next = if settings.follow { reader.next_complete_line(&mut buf) } else { reader.next_line(&mut buf) };
-            let Some(info) = next.map_err(io_err("input", &name))? else { break };
+        while read < ahead && reading.line(job, reader, settings, &mut ready)? {
             read += 1;
-            lines += 1;
-            let before = (last_end, last_line, job.trusted_time());
-            (last_end, last_line) = (info.end_offset, info.line);
-            let ingest = now_ms();
-            let decoded = decode(&buf, &info, settings.max_line_bytes, &settings.event_time, ingest);
-            let event = if info.end_offset <= reread_to {
-                match decoded {
-                    Decoded::Event(mut event) => {
-                        job.reread(&mut event);
-                        // Applied before the restart: at or before the released
-                        // time, or with no time of its own (applied as read).
-                        let applied =
-                            event.time_source == TimeSource::Ingest || released.is_some_and(|r| event.time_ms <= r);
-                        (!applied).then_some(event)
-                    }
-                    // Counted and set aside before the restart.
-                    _ => None,
-                }
-            } else {
-                job.admit(&Origin { source: &name, line: info.line }, &buf, decoded, ingest)?
-            };
-            let Some(event) = event else { continue };
-            let held = Held { before, info, raw: std::mem::take(&mut buf), event };
-            if held.event.time_source == TimeSource::Ingest {
-                // No time of its own to order by: applied as it is read.
-                ready.push(held);
-                continue;
-            }
-            let trusted = held.event.time_source == TimeSource::Event;
-            match order.push(held.event.time_ms, trusted, held, Instant::now()) {
-                Pushed::Held => {}
-                Pushed::Now { item, late } => {
-                    if late {
-                        job.late(&Origin { source: &name, line: item.info.line });
-                    }
-                    ready.push(item);
-                }
-            }
-            while let Some(item) = order.pop(Instant::now()) {
-                ready.push(item);
-            }
         }
+        lines += read as u64;
         let ended = read == 0;
         if ended && !settings.follow {
             break;
         }
-        while let Some(item) = order.pop(Instant::now()) {
-            ready.push(item);
-        }
+        reading.release(&mut ready);
         if ahead > 1 && !ready.is_empty() {
             let events: Vec<(&Event, _)> = ready.iter().map(|h| (&h.event, None)).collect();
             job.prefetch(&events)?;
         }
         for h in ready.drain(..) {
-            job.apply(&Origin { source: &name, line: h.info.line }, &h.raw, &h.event)?;
+            job.apply(&Origin { source: &reading.name, line: h.info.line }, &h.raw, &h.event)?;
         }
         since_flush += read as u64;
         // The clock is read every 1024 lines only (and when idle): cheap, and often enough.
         let tick = ended || lines % 1024 == 0;
         if tick {
-            metrics().events_held.set(order.len() as i64);
+            metrics().events_held.set(reading.order.len() as i64);
             job.main().publish_metrics();
-            progress.update(job.summary(), last_end);
+            progress.update(job.summary(), reading.last.0);
         }
         let due = since_flush > 0
             && (since_flush >= settings.flush_every_events
                 || (tick && (last_flush.elapsed() >= settings.flush_interval || job.main().cache.over_bounds())));
         if due {
-            hold_position(job, &order, (last_end, last_line));
+            hold_position(job, &reading);
             job.flush(&[])?;
             since_flush = 0;
             last_flush = Instant::now();
         }
         if ended {
             // Following a file: wait for more lines.
-            progress.update(job.summary(), last_end);
             shutdown.sleep(Duration::from_millis(200));
         }
     }
     // The input has ended (or riskd stops): a file's held events are
     // applied now; on shutdown they stay held, read again at the restart.
     if !settings.follow && !shutdown.is_triggered() {
-        while let Some(h) = order.pop_any() {
-            job.apply(&Origin { source: &name, line: h.info.line }, &h.raw, &h.event)?;
+        while let Some(h) = reading.order.pop_any() {
+            job.apply(&Origin { source: &reading.name, line: h.info.line }, &h.raw, &h.event)?;
         }
     }
-    hold_position(job, &order, (last_end, last_line));
+    hold_position(job, &reading);
     Ok(())
 }
 
 /// Sets the job's position from what is held (see [`Job::hold_position`]).
-fn hold_position(job: &mut Job, order: &Reorder<Held>, read: (u64, u64)) {
-    let oldest = order.items().map(|h| h.before).min_by_key(|b| b.0);
-    let before = oldest.unwrap_or((read.0, read.1, job.trusted_time()));
-    job.hold_position(before, read, order.released());
+fn hold_position(job: &mut Job, reading: &Reading) {
+    let oldest = reading.order.items().map(|h| h.before).min_by_key(|b| b.0);
+    let before = oldest.unwrap_or((reading.last.0, reading.last.1, job.trusted_time()));
+    job.hold_position(before, reading.last, reading.order.released());
 }
 
 /// A progress bar on a terminal (nothing on a pipe): events/s, alerts, and
