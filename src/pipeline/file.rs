@@ -4,7 +4,7 @@
 
 use super::job::{Job, JobSource, Origin, Settings};
 use super::outputs::{absolute, Outputs};
-use super::{io_err, RunError, RunOptions, Summary};
+use super::{io_err, open_err, RunError, RunOptions, Summary};
 use crate::config::{Config, Stream};
 use crate::event::{now_ms, Event};
 use crate::shutdown::Shutdown;
@@ -65,7 +65,7 @@ fn start(
     let outputs = Outputs::open(cfg, &opts, &position)?;
     let reader = match input {
         Stream::File(p) => JsonLines::open_file(p, position.offset, position.line, cfg.max_line_bytes)
-            .map_err(io_err("input", &name))?,
+            .map_err(open_err("input", &name))?,
         Stream::Std => JsonLines::stdin(cfg.max_line_bytes),
     };
     health.set_source(None);
@@ -99,13 +99,21 @@ fn pump(
     let mut lines: Vec<(LineInfo, std::ops::Range<usize>, Decoded, i64)> = Vec::with_capacity(ahead);
     let mut since_flush = 0u64;
     let mut last_flush = Instant::now();
+    let name = job.source_name().to_string();
+    // A read that fails (an I/O error, say) is retried like a failing
+    // store: the reader goes on where the failed read left it.
+    let read_input = job.retry_policy();
     while !shutdown.is_triggered() {
         // A reloaded config is swapped in before the next lines (a channel poll: cheap).
         job.reload(&mut [])?;
         arena.clear();
         while lines.len() < ahead {
-            let next = if settings.follow { reader.next_complete_line(&mut buf) } else { reader.next_line(&mut buf) };
-            let Some(info) = next.map_err(io_err("input", job.source_name()))? else { break };
+            let next = read_input.run("read input", || {
+                let next =
+                    if settings.follow { reader.next_complete_line(&mut buf) } else { reader.next_line(&mut buf) };
+                next.map_err(io_err("input", &name))
+            });
+            let Some(info) = next? else { break };
             let ingest = now_ms();
             let decoded = decode(&buf, &info, settings.max_line_bytes, &settings.event_time, ingest);
             let start = arena.len();
@@ -137,7 +145,6 @@ fn pump(
                 .collect();
             job.prefetch(&events)?;
         }
-        let name = job.source_name().to_string();
         for (info, range, decoded, ingest) in lines.drain(..) {
             job.line(&Origin { source: &name, line: info.line }, &arena[range], decoded, ingest)?;
             // Only now is the line applied: the checkpoint may move past it.
@@ -148,7 +155,10 @@ fn pump(
                 job.main().publish_metrics();
                 progress.update(job.summary(), job.position().offset);
             }
+            // Alerts and dead letters wait in memory until a flush: flush
+            // early when they grow large.
             if since_flush >= settings.flush_every_events
+                || job.outputs_over_bounds()
                 || (since_flush % 1024 == 0
                     && (last_flush.elapsed() >= settings.flush_interval || job.main().cache.over_bounds()))
             {

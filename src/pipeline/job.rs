@@ -220,6 +220,11 @@ impl Job {
         self.watermark = Access::Direct;
     }
 
+    /// Whether more alerts and dead letters wait in memory than a flush should hold.
+    pub(super) fn outputs_over_bounds(&self) -> bool {
+        self.outputs.over_bounds()
+    }
+
     pub(super) fn add_producer(&mut self, producer: crate::sink::AlertProducer) {
         self.outputs.producer = Some(producer);
     }
@@ -237,8 +242,8 @@ impl Job {
         RetryPolicy { shutdown: self.shutdown.clone(), deadline: self.deadline, health: Arc::clone(&self.health) }
     }
 
-    /// Runs `f` until it succeeds, backing off while the store fails (and
-    /// reporting not-ready): events are never dropped. Gives up only on
+    /// Runs `f` until it succeeds, backing off while the store or an output
+    /// fails (and reporting not-ready): events are never dropped. Gives up only on
     /// shutdown or on an error a retry cannot mend.
     pub(super) fn retry<T>(
         &mut self,

@@ -374,6 +374,7 @@ impl KafkaJob {
             && (self.since_flush >= self.settings.flush_every_events
                 || self.last_flush.elapsed() >= self.settings.flush_interval
                 || self.job.main().cache.over_bounds()
+                || self.job.outputs_over_bounds()
                 || self.lanes.iter().any(|l| l.cache.over_bounds()))
     }
 }
