@@ -22,7 +22,8 @@
 //!   messages into events.
 //! - [`kafka`]: Kafka client settings and the client context shared by the
 //!   consumer, the router and the producers.
-//! - [`sink`]: JSON-lines outputs (alerts, dead letters); Kafka producers.
+//! - [`sink`]: JSON-lines outputs (alerts, dead letters), held until synced
+//!   so a failed sync is retried whole; Kafka producers.
 //! - [`pipeline`]: the main job, from a file or from Kafka, with its
 //!   checkpoints, retries and outputs.
 //! - [`route`]: `riskd route`, re-keying raw Kafka events by entity.

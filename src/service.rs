@@ -101,7 +101,7 @@ async fn serve_http(
     health: &Arc<Health>,
     api: &Arc<Api>,
 ) -> Result<tokio::task::JoinHandle<()>, RunError> {
-    crate::http::serve(addr, Arc::clone(health), Arc::clone(api)).await.map_err(|source| RunError::Io {
+    crate::http::serve(addr, Arc::clone(health), Arc::clone(api)).await.map_err(|source| RunError::Open {
         what: "telemetry endpoint",
         path: addr.to_string(),
         source,

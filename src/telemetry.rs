@@ -402,6 +402,7 @@ pub struct Health {
     // std Mutex: held for a string copy only, never across an await.
     source_problem: Mutex<Option<String>>,
     store_problem: Mutex<Option<String>>,
+    output_problem: Mutex<Option<String>>,
     sink_problem: Mutex<Option<String>>,
 }
 
@@ -435,6 +436,14 @@ impl Health {
         self.publish();
     }
 
+    /// The output files (alerts, dead letters) take lines (`None`) or not, and why.
+    pub fn set_output(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.output_problem.lock() {
+            *p = problem;
+        }
+        self.publish();
+    }
+
     /// The alerts topic takes alerts (`None`) or not, and why.
     pub fn set_sink(&self, problem: Option<String>) {
         if let Ok(mut p) = self.sink_problem.lock() {
@@ -449,9 +458,12 @@ impl Health {
         if !self.rules_loaded.load(Ordering::Relaxed) {
             reasons.push("rules not loaded".to_string());
         }
-        for (what, m) in
-            [("source", &self.source_problem), ("store", &self.store_problem), ("alerts", &self.sink_problem)]
-        {
+        for (what, m) in [
+            ("source", &self.source_problem),
+            ("store", &self.store_problem),
+            ("output", &self.output_problem),
+            ("alerts", &self.sink_problem),
+        ] {
             if let Some(p) = m.lock().ok().and_then(|p| p.clone()) {
                 reasons.push(format!("{what}: {p}"));
             }
@@ -509,5 +521,8 @@ mod tests {
         assert_eq!(h.readiness(), (true, vec![]));
         h.set_store(Some("timed out".into()));
         assert_eq!(h.readiness(), (false, vec!["store: timed out".into()]));
+        h.set_output(Some("alerts file a: No space left on device".into()));
+        h.set_store(None);
+        assert_eq!(h.readiness(), (false, vec!["output: alerts file a: No space left on device".into()]));
     }
 }

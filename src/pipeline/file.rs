@@ -5,7 +5,8 @@
 use super::job::{Job, JobSource, Origin, Settings};
 use super::order::{Pushed, Reorder};
 use super::outputs::{absolute, Outputs};
-use super::{io_err, RunError, RunOptions, Summary};
+use super::retry::RetryPolicy;
+use super::{io_err, open_err, RunError, RunOptions, Summary};
 use crate::config::{Config, Stream};
 use crate::event::{now_ms, Event, TimeSource};
 use crate::shutdown::Shutdown;
@@ -66,7 +67,7 @@ fn start(
     let outputs = Outputs::open(cfg, &opts, &position)?;
     let reader = match input {
         Stream::File(p) => JsonLines::open_file(p, position.offset, position.line, cfg.max_line_bytes)
-            .map_err(io_err("input", &name))?,
+            .map_err(open_err("input", &name))?,
         Stream::Std => JsonLines::stdin(cfg.max_line_bytes),
     };
     health.set_source(None);
@@ -93,6 +94,8 @@ struct Held {
     info: LineInfo,
     raw: Vec<u8>,
     event: Event,
+    /// Read after its time was released.
+    late: bool,
 }
 
 /// The reading side of a run: where it stands in the input, and the events
@@ -108,6 +111,8 @@ struct Reading {
     /// Where the last line read ends, and its number.
     last: (u64, u64),
     buf: Vec<u8>,
+    /// How a failing read is retried.
+    read_input: RetryPolicy,
 }
 
 impl Reading {
@@ -120,6 +125,7 @@ impl Reading {
             released: start.released_ms,
             last: (start.offset, start.line),
             buf: Vec::new(),
+            read_input: job.retry_policy(),
         }
     }
 
@@ -133,8 +139,13 @@ impl Reading {
         ready: &mut Vec<Held>,
     ) -> Result<bool, RunError> {
         let buf = &mut self.buf;
-        let next = if settings.follow { reader.next_complete_line(buf) } else { reader.next_line(buf) };
-        let Some(info) = next.map_err(io_err("input", &self.name))? else { return Ok(false) };
+        // A read that fails (an I/O error, say) is retried like a failing
+        // store: the reader goes on where the failed read left it.
+        let next = self.read_input.run("read input", || {
+            let next = if settings.follow { reader.next_complete_line(buf) } else { reader.next_line(buf) };
+            next.map_err(io_err("input", &self.name))
+        });
+        let Some(info) = next? else { return Ok(false) };
         let before = (self.last.0, self.last.1, job.trusted_time());
         self.last = (info.end_offset, info.line);
         let ingest = now_ms();
@@ -157,7 +168,7 @@ impl Reading {
         };
         let Some(event) = event else { return Ok(true) };
         // One allocation of the line's size: the read buffer keeps its capacity.
-        let held = Held { before, info, raw: buf.clone(), event };
+        let held = Held { before, info, raw: buf.clone(), event, late: false };
         if held.event.time_source == TimeSource::Ingest {
             // No time of its own to order by: applied as it is read.
             ready.push(held);
@@ -166,9 +177,10 @@ impl Reading {
         let trusted = held.event.time_source == TimeSource::Event;
         let now = Instant::now();
         match self.order.push(held.event.time_ms, trusted, held, now) {
-            Pushed::Now { item, late } => {
+            Pushed::Now { mut item, late } => {
                 if late {
                     job.late(&Origin { source: &self.name, line: item.info.line });
+                    item.late = true;
                 }
                 ready.push(item);
             }
@@ -223,7 +235,7 @@ fn pump(
             job.prefetch(&events)?;
         }
         for h in ready.drain(..) {
-            job.apply(&Origin { source: &reading.name, line: h.info.line }, &h.raw, &h.event)?;
+            job.apply(&Origin { source: &reading.name, line: h.info.line }, &h.raw, &h.event, h.late)?;
         }
         since_flush += read as u64;
         // The clock is read every 1024 lines only (and when idle): cheap, and often enough.
@@ -233,8 +245,11 @@ fn pump(
             job.main().publish_metrics();
             progress.update(job.summary(), reading.last.0);
         }
+        // Alerts and dead letters wait in memory until a flush: flush early
+        // when they grow large.
         let due = since_flush > 0
             && (since_flush >= settings.flush_every_events
+                || job.outputs_over_bounds()
                 || (tick && (last_flush.elapsed() >= settings.flush_interval || job.main().cache.over_bounds())));
         if due {
             hold_position(job, &reading);
@@ -251,7 +266,7 @@ fn pump(
     // applied now; on shutdown they stay held, read again at the restart.
     if !settings.follow && !shutdown.is_triggered() {
         while let Some(h) = reading.order.pop_any() {
-            job.apply(&Origin { source: &reading.name, line: h.info.line }, &h.raw, &h.event)?;
+            job.apply(&Origin { source: &reading.name, line: h.info.line }, &h.raw, &h.event, h.late)?;
         }
     }
     hold_position(job, &reading);

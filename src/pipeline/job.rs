@@ -239,9 +239,8 @@ impl Job {
     }
 
     /// An event arrived after its time was released: it is applied at once,
-    /// out of order, counted and logged.
+    /// out of order (and counted `late` then), and logged.
     pub(super) fn late(&mut self, at: &Origin<'_>) {
-        self.counters.late.inc();
         tracing::info!(source = at.source, line = at.line, "late event: applied out of event-time order");
     }
 
@@ -255,6 +254,11 @@ impl Job {
     /// atomic update rather than cached.
     pub(super) fn share_watermark(&mut self) {
         self.watermark = Access::Direct;
+    }
+
+    /// Whether more alerts and dead letters wait in memory than a flush should hold.
+    pub(super) fn outputs_over_bounds(&self) -> bool {
+        self.outputs.over_bounds()
     }
 
     pub(super) fn add_producer(&mut self, producer: crate::sink::AlertProducer) {
@@ -274,8 +278,8 @@ impl Job {
         RetryPolicy { shutdown: self.shutdown.clone(), deadline: self.deadline, health: Arc::clone(&self.health) }
     }
 
-    /// Runs `f` until it succeeds, backing off while the store fails (and
-    /// reporting not-ready): events are never dropped. Gives up only on
+    /// Runs `f` until it succeeds, backing off while the store or an output
+    /// fails (and reporting not-ready): events are never dropped. Gives up only on
     /// shutdown or on an error a retry cannot mend.
     pub(super) fn retry<T>(
         &mut self,
@@ -385,7 +389,7 @@ impl Job {
     }
 
     /// Applies an admitted event (`buf` is its line as read) to every rule.
-    pub(super) fn apply(&mut self, at: &Origin<'_>, buf: &[u8], event: &Event) -> Result<(), RunError> {
+    pub(super) fn apply(&mut self, at: &Origin<'_>, buf: &[u8], event: &Event, late: bool) -> Result<(), RunError> {
         // The engine loads every key before changing anything, so a store
         // failure leaves the event unapplied and it can be retried whole.
         let mut alerts = std::mem::take(&mut self.alerts);
@@ -394,7 +398,7 @@ impl Job {
             job.main.process(event, None, &mut alerts)
         });
         let result = match outcome {
-            Ok(o) => self.emit(at, buf, o, &mut alerts),
+            Ok(o) => self.emit(at, buf, o, &mut alerts, late),
             Err(e) => Err(e),
         };
         alerts.clear();
@@ -445,14 +449,16 @@ impl Job {
         Ok(Some(event))
     }
 
-    /// Writes an applied event's alerts, counts it, and sets it aside as
-    /// incomplete when a rule had to skip it.
+    /// Writes an applied event's alerts, counts it (`late` when it came
+    /// after its time was released), and sets it aside as incomplete when a
+    /// rule had to skip it.
     pub(super) fn emit(
         &mut self,
         at: &Origin<'_>,
         buf: &[u8],
         outcome: Outcome,
         alerts: &mut Vec<Alert>,
+        late: bool,
     ) -> Result<(), RunError> {
         let m = metrics();
         self.summary.suppressed += u64::from(outcome.suppressed);
@@ -464,7 +470,7 @@ impl Job {
             self.summary.risk_alerts += u64::from(alert.rule_id == crate::scoring::RISK_RULE_ID);
         }
         if outcome.problems.is_empty() {
-            self.counters.ok.inc();
+            if late { &self.counters.late } else { &self.counters.ok }.inc();
         } else {
             self.summary.incomplete += 1;
             self.counters.incomplete.inc();

@@ -352,7 +352,7 @@ impl KafkaJob {
         }
         for ((it, event), (outcome, mut alerts)) in items.into_iter().zip(&events).zip(outcomes) {
             if event.is_some() {
-                self.job.emit(&Origin { source: &it.id, line: it.offset }, it.payload, outcome, &mut alerts)?;
+                self.job.emit(&Origin { source: &it.id, line: it.offset }, it.payload, outcome, &mut alerts, false)?;
             }
             // Applied: the partition's position moves past it.
             let watermark = self.job.position().watermark_ms;
@@ -374,6 +374,7 @@ impl KafkaJob {
             && (self.since_flush >= self.settings.flush_every_events
                 || self.last_flush.elapsed() >= self.settings.flush_interval
                 || self.job.main().cache.over_bounds()
+                || self.job.outputs_over_bounds()
                 || self.lanes.iter().any(|l| l.cache.over_bounds()))
     }
 }

@@ -13,7 +13,7 @@
 //!   outputs, admitting an event and emitting its alerts, flushing.
 //! - [`file`]: the file or stdin loop (read ahead, progress bar).
 //! - [`kafka`]: the Kafka loop: partitions, lanes, rebalances, offsets.
-//! - [`retry`]: how store failures are waited out.
+//! - [`retry`]: how transient failures (store, outputs, input) are waited out.
 //! - [`outputs`]: the alert and dead-letter files and the alerts topic.
 
 mod file;
@@ -91,8 +91,20 @@ impl fmt::Display for Summary {
 /// Why a run stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// A file could not be read or written.
-    #[error("{what} {path}: {source}")]
+    /// A file (or the telemetry address) could not be opened at start:
+    /// permanent, nothing is read until the operator fixes it.
+    #[error("cannot open the {what} {path}: {source}: {}; fix it and start riskd again: it resumes from its last checkpoint", open_advice(source))]
+    Open {
+        /// Which: input, alerts file, dead-letter file, telemetry endpoint.
+        what: &'static str,
+        /// Its path (or address).
+        path: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A file failed while the job ran (reading the input, writing or
+    /// syncing an output): retried unless [`io_transient`] says it cannot pass.
+    #[error("{what} {path}: {source}{}", run_advice(source))]
     Io {
         /// Which file: input, alerts, dead letters.
         what: &'static str,
@@ -113,15 +125,25 @@ pub enum RunError {
     /// The processing thread panicked (a bug).
     #[error("processing task failed: {0}")]
     Task(String),
+    /// Asked to stop while retrying a transient failure: the work retried
+    /// was given up, uncommitted, as a crash would leave it.
+    #[error("stopped on request while retrying {what} ({cause}); nothing was committed since the last checkpoint, and the next start resumes from it")]
+    Stopped {
+        /// What was being retried: `flush`, `load state`, `read input`.
+        what: String,
+        /// The last failure.
+        cause: Box<RunError>,
+    },
 }
 
 impl RunError {
     /// Whether a later try may succeed (the store or broker unreachable,
-    /// throttled or slow): the job then backs off, reports not-ready and
-    /// tries again rather than stopping.
+    /// throttled or slow, a local file failing during a run): the job then
+    /// backs off, reports not-ready and tries again rather than stopping.
     pub fn is_transient(&self) -> bool {
         match self {
             RunError::State(e) => e.is_transient(),
+            RunError::Io { source, .. } => io_transient(source),
             _ => false,
         }
     }
@@ -132,14 +154,65 @@ impl RunError {
             RunError::State(StateError::Request(r)) => ("store", r.code.clone()),
             RunError::State(_) => ("store", "backend".into()),
             RunError::Kafka(_) => ("kafka", "client".into()),
-            RunError::Io { source, .. } => ("output", format!("{:?}", source.kind())),
+            RunError::Io { what: "input", source, .. } | RunError::Open { what: "input", source, .. } => {
+                ("input", format!("{:?}", source.kind()))
+            }
+            RunError::Io { source, .. } | RunError::Open { source, .. } => ("output", format!("{:?}", source.kind())),
+            RunError::Stopped { cause, .. } => cause.fault(),
             RunError::Config(_) | RunError::Task(_) => ("job", "internal".into()),
         }
     }
 }
 
+/// Whether a local file operation that failed during a run may succeed
+/// later — the one place local I/O is classified. Permanent only when the
+/// error says it will last: whatever read standard output has gone
+/// (`EPIPE`), the file is at its size limit (`EFBIG`), the path cannot be
+/// written at an offset (`ESPIPE`). A full disk or quota, an I/O error, a
+/// read-only or frozen file system, `EPERM`/`EACCES` on a file already
+/// open, `EAGAIN`, `EINTR` and anything unknown are waited out. (A file
+/// that cannot be opened at start is [`RunError::Open`]: permanent.)
+pub fn io_transient(e: &io::Error) -> bool {
+    !matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::FileTooLarge | io::ErrorKind::NotSeekable)
+}
+
+/// What to do about a file that cannot be opened.
+fn open_advice(e: &io::Error) -> &'static str {
+    use io::ErrorKind as K;
+    match e.kind() {
+        K::PermissionDenied => "give the user riskd runs as the right to create and write it and its folder",
+        K::NotFound => "check the path",
+        K::IsADirectory => "the path is a folder: name a file",
+        K::NotADirectory => "a part of the path is a file, not a folder",
+        K::ReadOnlyFilesystem => "its file system is mounted read-only",
+        K::StorageFull | K::QuotaExceeded => "free space on its file system",
+        K::AddrInUse | K::AddrNotAvailable => "choose another [telemetry] listen address",
+        K::InvalidInput => "point the config at the right file",
+        _ => "check the path and its file system",
+    }
+}
+
+/// What to do about a file that failed for good during a run (nothing for
+/// a failure that is retried).
+fn run_advice(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::BrokenPipe => {
+            ": whatever read riskd's output has gone; start riskd again with a reader (it resumes from its last checkpoint)"
+        }
+        io::ErrorKind::FileTooLarge => {
+            ": the file is at the largest size its file system (or RLIMIT_FSIZE) allows; move it aside or raise the limit, then start riskd again"
+        }
+        io::ErrorKind::NotSeekable => ": riskd needs a regular file here (`-` for standard output)",
+        _ => "",
+    }
+}
+
 fn io_err<'a>(what: &'static str, path: &'a str) -> impl FnOnce(io::Error) -> RunError + 'a {
     move |source| RunError::Io { what, path: path.to_string(), source }
+}
+
+fn open_err<'a>(what: &'static str, path: &'a str) -> impl FnOnce(io::Error) -> RunError + 'a {
+    move |source| RunError::Open { what, path: path.to_string(), source }
 }
 
 /// Runs the main job on a given store (tests hand in stores that fail):
@@ -222,6 +295,33 @@ mod tests {
         let mut state = Vec::new();
         crate::state::export(&store, &mut state).unwrap();
         (std::fs::read_to_string(dir.join("alerts.jsonl")).unwrap(), String::from_utf8(state).unwrap())
+    }
+
+    #[test]
+    fn local_io_is_transient_during_a_run_unless_it_says_it_will_last() {
+        use io::ErrorKind as K;
+        let during = |e: io::Error| RunError::Io { what: "alerts file", path: "a.jsonl".into(), source: e };
+        for kind in [K::StorageFull, K::QuotaExceeded, K::ReadOnlyFilesystem, K::PermissionDenied, K::Interrupted] {
+            assert!(during(kind.into()).is_transient(), "{kind:?}");
+        }
+        for errno in [5, 11, 28, 30, 122] {
+            // EIO, EAGAIN, ENOSPC, EROFS, EDQUOT
+            assert!(during(io::Error::from_raw_os_error(errno)).is_transient(), "errno {errno}");
+        }
+        for kind in [K::BrokenPipe, K::FileTooLarge, K::NotSeekable] {
+            assert!(!during(kind.into()).is_transient(), "{kind:?}");
+        }
+        let pipe = during(K::BrokenPipe.into()).to_string();
+        assert!(pipe.contains("whatever read riskd's output has gone"), "{pipe}");
+        // At start, a file that cannot be opened stops the job, saying what to do.
+        let open = RunError::Open { what: "dead-letter file", path: "d".into(), source: K::IsADirectory.into() };
+        assert!(!open.is_transient());
+        assert!(open.to_string().starts_with("cannot open the dead-letter file d: "), "{open}");
+        assert!(open.to_string().contains("the path is a folder: name a file; fix it and start riskd again"), "{open}");
+        assert_eq!(open.fault(), ("output", "IsADirectory".to_string()));
+        let stopped = RunError::Stopped { what: "flush".into(), cause: Box::new(during(K::StorageFull.into())) };
+        assert!(!stopped.is_transient());
+        assert_eq!(stopped.fault(), ("output", "StorageFull".to_string()));
     }
 
     #[test]

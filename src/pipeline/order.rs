@@ -101,7 +101,8 @@ impl<T> Reorder<T> {
             self.release_to(seen.saturating_sub(self.max_delay_ms));
         }
         if let Some(r) = self.released.filter(|r| time <= *r) {
-            return Pushed::Now { item, late: time < r };
+            // Without a delay nothing is held, so nothing is late.
+            return Pushed::Now { item, late: time < r && self.max_delay_ms > 0 };
         }
         self.seq += 1;
         self.held.push(Reverse(Held { time, seq: self.seq, since: now, item }));

@@ -1,5 +1,6 @@
-//! Waiting out a failing store: retried with backoff, reporting not-ready,
-//! never skipping an event.
+//! Waiting out a transient failure (the store, an output file or topic,
+//! the input): retried with backoff, reporting not-ready, never skipping
+//! an event.
 
 use super::RunError;
 use crate::shutdown::Shutdown;
@@ -28,11 +29,13 @@ impl RetryPolicy {
     /// on any other error.
     pub(super) fn run<T>(&self, what: &str, mut f: impl FnMut() -> Result<T, RunError>) -> Result<T, RunError> {
         let mut wait = RETRY_FIRST;
-        let mut failing = None;
+        // Every component that failed meanwhile (a flush may find its
+        // outputs failing, then its store): each is reported fine again.
+        let mut failing: Vec<&'static str> = Vec::new();
         loop {
             let e = match f() {
                 Ok(v) => {
-                    if let Some(component) = failing {
+                    for component in failing {
                         tracing::info!(what, component, "reachable again");
                         self.report(component, None);
                     }
@@ -49,9 +52,13 @@ impl RetryPolicy {
             faults.with_label_values(&[component, &kind, "retried"]).inc();
             tracing::warn!(what, component, kind, error = %e, retry_in_ms = wait.as_millis() as u64, "failed; retrying");
             self.report(component, Some(e.to_string()));
-            failing = Some(component);
+            if !failing.contains(&component) {
+                failing.push(component);
+            }
             match self.deadline {
-                None if !self.shutdown.sleep(wait) => return Err(e),
+                None if !self.shutdown.sleep(wait) => {
+                    return Err(RunError::Stopped { what: what.to_string(), cause: Box::new(e) })
+                }
                 None => {}
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
@@ -65,10 +72,12 @@ impl RetryPolicy {
         }
     }
 
-    /// Readiness: the store, or the outputs (files and the alerts topic).
+    /// Readiness: the store, the output files, the input, or the alerts topic.
     fn report(&self, component: &str, problem: Option<String>) {
         match component {
             "store" => self.health.set_store(problem),
+            "output" => self.health.set_output(problem),
+            "input" => self.health.set_source(problem),
             _ => self.health.set_sink(problem),
         }
     }

@@ -30,6 +30,9 @@ pub struct JsonLines {
     max: usize,
     offset: u64,
     line: u64,
+    /// A read failed part-way through a line: where that line starts and
+    /// how long it is so far (its first bytes are in the caller's buffer).
+    partial: Option<(u64, usize)>,
 }
 
 enum Input {
@@ -79,12 +82,14 @@ impl JsonLines {
     }
 
     fn new(inner: Input, offset: u64, line: u64, max: usize) -> Self {
-        Self { inner, max, offset, line }
+        Self { inner, max, offset, line, partial: None }
     }
 
     /// Reads the next line into `buf` (cleared first, newline and a trailing
     /// `\r` removed); `None` at the end of input. A last line without a
-    /// newline counts as a line.
+    /// newline counts as a line. After an error, calling again with the
+    /// same `buf` goes on with the line where the failed read left it, so
+    /// a failing read can be retried without losing or repeating a byte.
     pub fn next_line(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<LineInfo>> {
         self.read_line(buf, false)
     }
@@ -97,19 +102,31 @@ impl JsonLines {
     }
 
     fn read_line(&mut self, buf: &mut Vec<u8>, complete_only: bool) -> io::Result<Option<LineInfo>> {
-        let start = self.offset;
-        buf.clear();
-        let mut len = 0usize;
-        let mut consumed_any = false;
+        let (start, mut len) = self.partial.take().unwrap_or_else(|| {
+            buf.clear();
+            (self.offset, 0)
+        });
+        let mut consumed_any = self.offset > start;
         loop {
-            let avail = self.inner.fill_buf()?;
+            let avail = match self.inner.fill_buf() {
+                Ok(avail) => avail,
+                Err(e) => {
+                    if consumed_any {
+                        self.partial = Some((start, len));
+                    }
+                    return Err(e);
+                }
+            };
             if avail.is_empty() {
                 if !consumed_any {
                     return Ok(None);
                 }
                 if complete_only {
                     if let Input::File(r) = &mut self.inner {
-                        r.seek(SeekFrom::Start(start))?;
+                        if let Err(e) = r.seek(SeekFrom::Start(start)) {
+                            self.partial = Some((start, len));
+                            return Err(e);
+                        }
                         self.offset = start;
                         buf.clear();
                         return Ok(None);
@@ -167,6 +184,45 @@ mod tests {
         assert_eq!(got[2], ("".into(), LineInfo { line: 3, end_offset: 16, len: 0, too_large: false }));
         assert_eq!(got[3], ("last".into(), LineInfo { line: 4, end_offset: 20, len: 4, too_large: false }));
         assert_eq!(got.len(), 4);
+    }
+
+    /// Hands out `text` a few bytes at a time, failing once before each
+    /// of the offsets in `fail_at`.
+    struct Flaky {
+        text: &'static [u8],
+        at: usize,
+        fail_at: Vec<usize>,
+    }
+
+    impl Read for Flaky {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            if self.fail_at.first() == Some(&self.at) {
+                self.fail_at.remove(0);
+                return Err(io::Error::other("EIO, say"));
+            }
+            let next = self.fail_at.first().copied().unwrap_or(usize::MAX).min(self.at + 3).min(self.text.len());
+            let n = (next - self.at).min(out.len());
+            out[..n].copy_from_slice(&self.text[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_failed_read_is_retried_without_losing_or_repeating_a_byte() {
+        let text = b"first line\nsecond\n\nthird";
+        let mut r = JsonLines::from_reader(Flaky { text, at: 0, fail_at: vec![0, 4, 11, 15, 19] }, 100);
+        let (mut buf, mut got, mut errors) = (Vec::new(), Vec::new(), 0);
+        loop {
+            match r.next_line(&mut buf) {
+                Ok(Some(info)) => got.push((String::from_utf8_lossy(&buf).into_owned(), info.line, info.end_offset)),
+                Ok(None) => break,
+                Err(_) => errors += 1,
+            }
+        }
+        assert_eq!(errors, 5);
+        let want = [("first line", 1, 11), ("second", 2, 18), ("", 3, 19), ("third", 4, 24)];
+        assert_eq!(got, want.map(|(l, n, o)| (l.to_string(), n, o)));
     }
 
     #[test]

@@ -107,7 +107,11 @@ pub fn replay(cfg: Config, input: &Path) -> Result<Report, RunError> {
     engine.enable_stats();
     let path = input.display().to_string();
     let io = |source| RunError::Io { what: "input", path: path.clone(), source };
-    let mut reader = JsonLines::open_file(input, 0, 0, cfg.max_line_bytes).map_err(io)?;
+    let mut reader = JsonLines::open_file(input, 0, 0, cfg.max_line_bytes).map_err(|source| RunError::Open {
+        what: "input",
+        path: path.clone(),
+        source,
+    })?;
     let (mut buf, mut alerts) = (Vec::new(), Vec::new());
     let mut clock = EventClock::default();
     let mut report = Report { events: 0, invalid: 0, risk_alerts: 0, rules: Vec::new() };

@@ -2,6 +2,7 @@
 //! configs written into a temporary folder.
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod kafka;
 
 use std::net::{TcpListener, TcpStream};
