@@ -2,10 +2,13 @@
 //! configs written into a temporary folder.
 #![allow(dead_code)]
 
+pub mod dynamodb;
 pub mod faults;
+pub mod follow;
 pub mod kafka;
+pub mod proxy;
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -82,25 +85,16 @@ pub fn dynamodb_endpoint() -> String {
 /// store's protocol: each connection gets a connection of its own to
 /// DynamoDB Local, whose answers go back untouched, and `forward(client,
 /// server)` on a thread of its own, which passes the requests on (or not).
-/// Returns the proxy's endpoint.
+/// Returns the proxy's endpoint. (`proxy::FaultProxy` cuts or delays.)
 pub fn dynamodb_proxy(forward: impl Fn(TcpStream, TcpStream) + Clone + Send + 'static) -> String {
-    let upstream = dynamodb_endpoint().trim_start_matches("http://").trim_end_matches('/').to_string();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(client) = client else { return };
-            let Ok(server) = TcpStream::connect(&upstream) else { return };
-            let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut from_server, &mut to_client);
-                let _ = to_client.shutdown(std::net::Shutdown::Both);
-            });
-            let forward = forward.clone();
-            std::thread::spawn(move || forward(client, server));
-        }
-    });
-    endpoint
+    proxy::relay(&dynamodb_endpoint(), move |client: TcpStream, server: TcpStream| {
+        let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from_server, &mut to_client);
+            let _ = to_client.shutdown(std::net::Shutdown::Both);
+        });
+        forward(client, server)
+    })
 }
 
 /// The `[store]` lines of a DynamoDB store on a table no other test uses

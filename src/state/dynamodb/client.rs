@@ -7,6 +7,9 @@
 //! unprocessed keys or items are retried with exponential backoff and
 //! jitter (the SDK's own retries are off, so there is one retry policy);
 //! anything else fails the call, naming the key when one is at fault.
+//! Every request is bounded: 3 s to connect, 5 s an attempt, 10 s in all
+//! with its retries, so a store that stops answering is reported within
+//! seconds while a slow one (2 s a request) still gets its answers.
 
 use super::codec::{attr, item_key, key_item, Item};
 use super::{backend, DynamoConfig, STORE};
@@ -129,9 +132,24 @@ where
     Failure { code, message, transient }
 }
 
+/// How long a connection may take to open. DynamoDB opens one in
+/// milliseconds; an address that does not answer at all is given up on
+/// (and retried) after this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one attempt of a request may take, sending to last byte of the
+/// answer. An answer normally takes milliseconds, and a slow network (2 s a
+/// request) still gets its answers; a store that stopped answering
+/// (frozen, or the network dropping everything) is noticed after this.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one request may take in all, its attempts and the waits
+/// between them (waits for the request budget excluded). Past it the
+/// request fails as transient, and the job reports not-ready and backs off.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The retry schedule: exponential from 25 ms, capped at 1 s a wait, with
-/// jitter, 6 retries (about 1.6 s in all) before giving up. Longer outages
-/// are the job's to ride out: it backs off further and reports not-ready.
+/// jitter, 6 retries (about 1.6 s in all) before giving up, all within
+/// [`REQUEST_TIMEOUT`]. Longer outages are the job's to ride out: it backs
+/// off further and reports not-ready.
 fn backoff() -> ExponentialBackoff {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(25))
@@ -194,7 +212,8 @@ const THROTTLE_CODES: [&str; 3] =
     ["ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded"];
 
 /// Sends one request (built anew by `attempt` each time) within the request
-/// budget, retrying what is transient by [`transient`] or by `also`.
+/// budget, retrying what is transient by [`transient`] or by `also`, for
+/// [`REQUEST_TIMEOUT`] at most.
 pub(super) async fn send<T, E, F, Fut>(
     limits: &Limits,
     operation: &'static str,
@@ -208,13 +227,27 @@ where
 {
     let mut delays = backoff();
     let mut tries = 0u32;
+    // Time spent on this request: attempts and the waits between them.
+    let mut spent = Duration::ZERO;
     let m = metrics();
     loop {
         tries += 1;
         limits.acquire(operation).await;
         let start = std::time::Instant::now();
-        let result = attempt().await;
-        m.dynamodb_request_seconds.with_label_values(&[operation]).observe(start.elapsed().as_secs_f64());
+        // Each attempt is bounded by the SDK (connect, attempt timeouts);
+        // this bounds the last one by what is left of the request's time.
+        let result = tokio::time::timeout(REQUEST_TIMEOUT.saturating_sub(spent), attempt()).await;
+        let took = start.elapsed();
+        spent += took;
+        m.dynamodb_request_seconds.with_label_values(&[operation]).observe(took.as_secs_f64());
+        let Ok(result) = result else {
+            m.dynamodb_requests.with_label_values(&[operation, "error"]).inc();
+            return Err(Failure {
+                code: "Timeout".into(),
+                message: format!("no answer within {REQUEST_TIMEOUT:?} ({tries} tries)"),
+                transient: true,
+            });
+        };
         match result {
             Ok(out) => {
                 m.dynamodb_requests.with_label_values(&[operation, "ok"]).inc();
@@ -233,14 +266,16 @@ where
                     m.dynamodb_retries.with_label_values(&[operation]).inc();
                 }
                 match delays.next() {
-                    Some(delay) if retry => {
+                    Some(delay) if retry && spent + delay < REQUEST_TIMEOUT => {
                         tracing::debug!(operation, tries, error = %DisplayErrorContext(&e), delay_ms = delay.as_millis() as u64, "retrying");
                         tokio::time::sleep(delay).await;
+                        spent += delay;
                     }
                     _ => {
                         let mut f = failure(&e, retry);
                         if retry {
-                            f.message = format!("{} (gave up after {tries} tries)", f.message);
+                            f.message =
+                                format!("{} (gave up after {tries} tries in {:.1} s)", f.message, spent.as_secs_f64());
                         }
                         return Err(f);
                     }
@@ -449,10 +484,12 @@ impl Remote {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             // One retry policy, riskd's: it also covers unprocessed batch items.
             .retry_config(RetryConfig::disabled())
+            // The SDK makes one attempt per operation: both timeouts bound it.
             .timeout_config(
                 TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(3))
-                    .operation_attempt_timeout(Duration::from_secs(10))
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                    .operation_timeout(ATTEMPT_TIMEOUT)
                     .build(),
             );
         if let Some(region) = &cfg.region {
