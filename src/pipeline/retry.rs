@@ -8,9 +8,21 @@ use crate::telemetry::{metrics, Health};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Waits between retries of a failing store: doubling from 100 ms to 10 s.
+/// Waits between retries of a failing store: doubling from 100 ms to 10 s,
+/// with jitter (so that instances failing together do not retry together).
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(10);
+
+fn backoff() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(RETRY_FIRST)
+        .with_max_delay(RETRY_MAX)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
 
 /// How store failures are retried: with backoff, reporting not-ready,
 /// until shutdown (or, when set, until the deadline).
@@ -28,7 +40,7 @@ impl RetryPolicy {
     /// reason a retry can mend. Gives up on shutdown, past the deadline, or
     /// on any other error.
     pub(super) fn run<T>(&self, what: &str, mut f: impl FnMut() -> Result<T, RunError>) -> Result<T, RunError> {
-        let mut wait = RETRY_FIRST;
+        let mut delays = backoff();
         // Every component that failed meanwhile (a flush may find its
         // outputs failing, then its store): each is reported fine again.
         let mut failing: Vec<&'static str> = Vec::new();
@@ -50,6 +62,7 @@ impl RetryPolicy {
                 return Err(e);
             }
             faults.with_label_values(&[component, &kind, "retried"]).inc();
+            let wait = delays.next().unwrap_or(RETRY_MAX).min(RETRY_MAX);
             tracing::warn!(what, component, kind, error = %e, retry_in_ms = wait.as_millis() as u64, "failed; retrying");
             self.report(component, Some(e.to_string()));
             if !failing.contains(&component) {
@@ -68,7 +81,6 @@ impl RetryPolicy {
                     std::thread::sleep(wait.min(left));
                 }
             }
-            wait = (wait * 2).min(RETRY_MAX);
         }
     }
 
