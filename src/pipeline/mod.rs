@@ -106,7 +106,7 @@ pub enum RunError {
     /// The config cannot run as it is.
     #[error("{0}")]
     Config(String),
-    /// A Kafka client failed for good.
+    /// A Kafka client failed (transient or not: see [`crate::kafka::classify`]).
     #[error(transparent)]
     Kafka(#[from] crate::kafka::KafkaFailure),
     /// The processing thread panicked (a bug).
@@ -121,6 +121,7 @@ impl RunError {
     pub fn is_transient(&self) -> bool {
         match self {
             RunError::State(e) => e.is_transient(),
+            RunError::Kafka(k) => k.transient,
             _ => false,
         }
     }
@@ -130,7 +131,7 @@ impl RunError {
         match self {
             RunError::State(StateError::Request(r)) => ("store", r.code.clone()),
             RunError::State(_) => ("store", "backend".into()),
-            RunError::Kafka(_) => ("kafka", "client".into()),
+            RunError::Kafka(k) => ("kafka", k.kind.clone()),
             RunError::Io { source, .. } => ("output", format!("{:?}", source.kind())),
             RunError::Config(_) | RunError::Task(_) => ("job", "internal".into()),
         }

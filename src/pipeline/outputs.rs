@@ -65,10 +65,17 @@ impl Outputs {
         Ok(lens)
     }
 
+    /// Writes an alert to the alerts file (or stdout).
     pub(super) fn alert(&mut self, alert: &Alert) -> Result<(), RunError> {
         if let Some(sink) = &mut self.alerts {
             sink.write(alert).map_err(io_err("alerts", "output"))?;
         }
+        Ok(())
+    }
+
+    /// Queues an alert for the alerts topic (when there is one); a failure
+    /// leaves it unqueued, so it can be tried again.
+    pub(super) fn produce(&self, alert: &Alert) -> Result<(), RunError> {
         if let Some(producer) = &self.producer {
             producer.send(alert)?;
         }

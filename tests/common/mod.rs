@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod kafka_faults;
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
