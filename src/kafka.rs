@@ -14,8 +14,8 @@ use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::types::RDKafkaErrorCode;
 
-/// A Kafka client failed in a way riskd cannot ride out (bad settings,
-/// authentication, a topic it may not create).
+/// A Kafka client failed: what riskd was doing, librdkafka's message, and
+/// what the failure means, classified once here ([`classify`]).
 #[derive(Debug, thiserror::Error)]
 #[error("kafka: {what}: {message}")]
 pub struct KafkaFailure {
@@ -23,13 +23,125 @@ pub struct KafkaFailure {
     pub what: String,
     /// librdkafka's message.
     pub message: String,
+    /// A bounded label for metrics and logs: librdkafka's error code
+    /// (`AllBrokersDown`, `Fatal`, …) or the kind of failure (`config`).
+    pub kind: String,
+    /// A later try may succeed (brokers unreachable, a timeout, a leader
+    /// moving): the job backs off and retries. Otherwise it stops, naming
+    /// the cause (bad settings, authentication, a fatal producer error).
+    pub transient: bool,
 }
 
 impl KafkaFailure {
-    /// Wraps a client error.
-    pub fn new(what: impl Into<String>, e: impl std::fmt::Display) -> Self {
-        Self { what: what.into(), message: e.to_string() }
+    /// A client error, classified by [`classify`].
+    pub fn of(what: impl Into<String>, e: &KafkaError) -> Self {
+        let (kind, transient) = classify(e);
+        Self { what: what.into(), message: e.to_string(), kind, transient }
     }
+
+    /// A failure known to be for good: a retry would fail the same way
+    /// (bad settings, a value riskd cannot encode, a fatal client error).
+    pub fn permanent(what: impl Into<String>, kind: impl Into<String>, e: impl std::fmt::Display) -> Self {
+        Self { what: what.into(), message: e.to_string(), kind: kind.into(), transient: false }
+    }
+
+    /// A failure a later try may mend.
+    pub fn transient(what: impl Into<String>, kind: impl Into<String>, e: impl std::fmt::Display) -> Self {
+        Self { what: what.into(), message: e.to_string(), kind: kind.into(), transient: true }
+    }
+
+    /// An error code (a topic's result, a delivery report), classified by
+    /// [`code_is_permanent`].
+    pub fn of_code(what: impl Into<String>, code: RDKafkaErrorCode) -> Self {
+        Self {
+            what: what.into(),
+            message: code.to_string(),
+            kind: format!("{code:?}"),
+            transient: !code_is_permanent(code),
+        }
+    }
+}
+
+/// What a client error means: its bounded kind label, and whether a later
+/// try may succeed. Anything not positively known to be permanent is
+/// transient: a broker that is away, slow, moving a leader or electing a
+/// coordinator comes back. Permanent: the client's own settings
+/// (`ClientConfig`, `ClientCreation`, `Subscription`), a fatal error (the
+/// client instance is unusable: an idempotent producer fenced or out of
+/// sequence), and the codes of [`code_is_permanent`]. A transactional
+/// error says for itself (`is_fatal`, `is_retriable`, `txn_requires_abort`).
+pub fn classify(e: &KafkaError) -> (String, bool) {
+    match e {
+        KafkaError::ClientConfig(..) => ("ClientConfig".into(), false),
+        KafkaError::ClientCreation(_) => ("ClientCreation".into(), false),
+        KafkaError::Subscription(_) => ("Subscription".into(), false),
+        KafkaError::Nul(_) => ("Nul".into(), false),
+        KafkaError::AdminOpCreation(_) => ("AdminOpCreation".into(), false),
+        KafkaError::MessageConsumptionFatal(code) => (format!("{code:?}"), false),
+        KafkaError::AdminOp(code) => (format!("{code:?}"), !code_is_permanent(*code)),
+        KafkaError::Transaction(t) => {
+            let code = t.code();
+            let transient = !t.is_fatal() && !t.txn_requires_abort() && (t.is_retriable() || !code_is_permanent(code));
+            (format!("{code:?}"), transient)
+        }
+        other => match other.rdkafka_error_code() {
+            Some(code) => (format!("{code:?}"), !code_is_permanent(code)),
+            // Canceled, a seek or pause that failed, no message: nothing
+            // says it is for good.
+            None => ("other".into(), true),
+        },
+    }
+}
+
+/// The error codes that no retry mends: a fatal client error, credentials
+/// and permissions, a request or setting the broker will never accept, a
+/// message too large for it, an idempotent producer fenced or out of
+/// sequence (librdkafka raises those as fatal when it cannot recover), and
+/// a topic that does not exist or is not a valid name.
+pub fn code_is_permanent(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::Fatal
+            | C::Fenced
+            | C::Authentication
+            | C::SaslAuthenticationFailed
+            | C::TopicAuthorizationFailed
+            | C::GroupAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::TransactionalIdAuthorizationFailed
+            | C::UnsupportedSASLMechanism
+            | C::IllegalSASLState
+            | C::InvalidArgument
+            | C::InvalidConfig
+            | C::InvalidRequest
+            | C::InvalidRequiredAcks
+            | C::InvalidGroupId
+            | C::InvalidSessionTimeout
+            | C::InvalidTopic
+            | C::InvalidPartitions
+            | C::InvalidReplicationFactor
+            | C::InvalidReplicaAssignment
+            | C::UnknownTopic
+            | C::UnsupportedVersion
+            | C::UnsupportedFeature
+            | C::UnsupportedCompressionType
+            | C::UnsupportedForMessageFormat
+            | C::MessageSizeTooLarge
+            | C::MessageBatchTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidRecord
+            | C::PolicyViolation
+            | C::ProducerFenced
+            | C::InvalidProducerEpoch
+            | C::InvalidProducerIdMapping
+            | C::OutOfOrderSequenceNumber
+            | C::TopicDeletionDisabled
+            | C::GroupMaxSizeReached
+            | C::FencedInstanceId
+            | C::KeySerialization
+            | C::ValueSerialization
+    )
 }
 
 /// Settings common to every client: the brokers, then the configured
@@ -203,20 +315,22 @@ pub fn ensure_topics(k: &KafkaConfig, topics: &[String], partitions: i32) -> Res
         return Ok(());
     }
     let admin: AdminClient<DefaultClientContext> =
-        client_config(k).create().map_err(|e| KafkaFailure::new("creating an admin client", e))?;
+        client_config(k).create().map_err(|e| KafkaFailure::of("creating an admin client", &e))?;
     let new: Vec<NewTopic<'_>> =
         topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1))).collect();
     let opts = AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(30)));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| KafkaFailure::new("starting a runtime for the admin client", e))?;
-    let results = rt.block_on(admin.create_topics(&new, &opts)).map_err(|e| KafkaFailure::new("creating topics", e))?;
+        .map_err(|e| KafkaFailure::permanent("starting a runtime for the admin client", "runtime", e))?;
+    let results = rt
+        .block_on(admin.create_topics(&new, &opts))
+        .map_err(|e| KafkaFailure::of(format!("creating topics {topics:?}"), &e))?;
     for r in results {
         match r {
             Ok(t) => tracing::info!(topic = %t, partitions, "created topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, code)) => return Err(KafkaFailure::new(format!("creating topic {t}"), code)),
+            Err((t, code)) => return Err(KafkaFailure::of_code(format!("creating topic {t}"), code)),
         }
     }
     Ok(())
@@ -235,3 +349,69 @@ pub const UPSTREAM_HEADER: &str = "riskd-upstream";
 
 /// A consumer that needs nothing beyond riskd's logs and metrics (the router's).
 impl ConsumerContext for Context<()> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::types::RDKafkaConfRes;
+
+    fn transient(e: KafkaError) -> bool {
+        classify(&e).1
+    }
+
+    #[test]
+    fn brokers_away_slow_or_moving_are_transient() {
+        for code in [
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::Resolve,
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::OperationTimedOut,
+            RDKafkaErrorCode::RequestTimedOut,
+            RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::NotEnoughReplicas,
+            RDKafkaErrorCode::KafkaStorageError,
+            RDKafkaErrorCode::CoordinatorNotAvailable,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::QueueFull,
+        ] {
+            assert!(transient(KafkaError::MessageProduction(code)), "{code:?}");
+            assert!(transient(KafkaError::Global(code)), "{code:?}");
+        }
+        assert!(transient(KafkaError::Canceled), "nothing says it is for good");
+        let admin = KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut);
+        assert_eq!(classify(&admin), ("OperationTimedOut".to_string(), true));
+        let (kind, _) = classify(&KafkaError::Global(RDKafkaErrorCode::AllBrokersDown));
+        assert_eq!(kind, "AllBrokersDown");
+    }
+
+    #[test]
+    fn settings_credentials_and_fatal_errors_are_permanent() {
+        for code in [
+            RDKafkaErrorCode::Fatal,
+            RDKafkaErrorCode::SaslAuthenticationFailed,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::ProducerFenced,
+            RDKafkaErrorCode::OutOfOrderSequenceNumber,
+            RDKafkaErrorCode::UnknownTopic,
+            RDKafkaErrorCode::InvalidArgument,
+        ] {
+            assert!(!transient(KafkaError::MessageProduction(code)), "{code:?}");
+        }
+        let bad = KafkaError::ClientConfig(RDKafkaConfRes::RD_KAFKA_CONF_INVALID, "bad".into(), "k".into(), "v".into());
+        assert_eq!(classify(&bad), ("ClientConfig".to_string(), false));
+        assert!(!transient(KafkaError::ClientCreation("no".into())));
+        assert!(!transient(KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::Fatal)));
+    }
+
+    #[test]
+    fn a_failure_carries_its_class_into_the_job() {
+        let down = KafkaFailure::of("producing", &KafkaError::Global(RDKafkaErrorCode::AllBrokersDown));
+        assert!(down.transient);
+        let e = crate::pipeline::RunError::from(down);
+        assert!(e.is_transient());
+        let refused = KafkaFailure::of_code("producing", RDKafkaErrorCode::TopicAuthorizationFailed);
+        assert!(!crate::pipeline::RunError::from(refused).is_transient());
+    }
+}

@@ -87,9 +87,9 @@ pub fn run(cfg: &Config, stop: &Shutdown, health: &Arc<Health>) -> Result<RouteS
     let group = format!("{}.route", k.group_id);
     let consumer: RouterConsumer = consumer_config(k, &group)
         .create_with_context(Context { watch: () })
-        .map_err(|e| KafkaFailure::new("creating the router's consumer", e))?;
+        .map_err(|e| KafkaFailure::of("creating the router's consumer", &e))?;
     let names: Vec<&str> = k.topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&names).map_err(|e| KafkaFailure::new(format!("subscribing to {names:?}"), e))?;
+    consumer.subscribe(&names).map_err(|e| KafkaFailure::of(format!("subscribing to {names:?}"), &e))?;
     health.set_source(None);
     tracing::info!(topics = ?names, group, routed = ?routed, "routing");
     let mut summary = RouteSummary::default();
@@ -159,12 +159,12 @@ fn commit(
     health: &Health,
 ) -> Result<(), RunError> {
     producer.flush(stop, &|problem| health.set_sink(problem))?;
-    let held = consumer.assignment().map_err(|e| KafkaFailure::new("reading the assignment", e))?;
+    let held = consumer.assignment().map_err(|e| KafkaFailure::of("reading the assignment", &e))?;
     let mut tpl = TopicPartitionList::new();
     for ((topic, partition), offset) in std::mem::take(positions) {
         if held.find_partition(&topic, partition).is_some() {
             tpl.add_partition_offset(&topic, partition, Offset::Offset(offset))
-                .map_err(|e| KafkaFailure::new("listing offsets", e))?;
+                .map_err(|e| KafkaFailure::of("listing offsets", &e))?;
         }
     }
     // A failed commit: messages are routed again, and scorers skip them.

@@ -466,6 +466,9 @@ impl Job {
             tracing::info!(rule = %alert.rule_id, entity_type = %alert.entity.type_, alert_id = %alert.alert_id, "alert");
             m.alerts.with_label_values(&[alert.rule_id.as_str(), alert.severity.as_str()]).inc();
             self.outputs.alert(&alert)?;
+            if self.outputs.producer.is_some() {
+                self.retry("produce alert", |job| job.outputs.produce(&alert))?;
+            }
             self.summary.alerts += 1;
             self.summary.risk_alerts += u64::from(alert.rule_id == crate::scoring::RISK_RULE_ID);
         }

@@ -122,7 +122,7 @@ impl ConsumerContext for Context<Ctx> {
                 metrics().kafka_rebalances.with_label_values(&["assign"]).inc();
                 kj.assign(consumer, tpl, &this.health);
                 if let Err(e) = consumer.assign(tpl) {
-                    kj.fail(KafkaFailure::new("taking the assigned partitions", e).into());
+                    kj.fail(KafkaFailure::of("taking the assigned partitions", &e).into());
                 }
                 this.scoring.store(kj.failure.is_none() && kj.paused.is_none(), Ordering::Relaxed);
             }
@@ -131,8 +131,14 @@ impl ConsumerContext for Context<Ctx> {
                 if other != RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
                     tracing::error!(error = ?other, "rebalance failed; giving the partitions up");
                 }
-                kj.revoke(consumer);
+                // Not scoring from here until the group assigns partitions
+                // again (the flush below may wait for the brokers).
                 this.scoring.store(false, Ordering::Relaxed);
+                this.health.set_source(Some(format!(
+                    "consumer group {:?} is rebalancing: partitions revoked ({other:?}), waiting for an assignment",
+                    kj.kafka.group_id
+                )));
+                kj.revoke(consumer);
                 if let Err(e) = consumer.unassign() {
                     tracing::warn!(error = %e, "unassign failed");
                 }
@@ -184,7 +190,7 @@ impl KafkaJob {
             }
             if let Some((topic, partition)) = split_id(id) {
                 tpl.add_partition_offset(topic, partition, Offset::Offset(cp.offset as i64))
-                    .map_err(|e| KafkaFailure::new("listing offsets", e))?;
+                    .map_err(|e| KafkaFailure::of("listing offsets", &e))?;
             }
         }
         commit_offsets(consumer, &tpl, mode);
@@ -230,7 +236,7 @@ impl KafkaJob {
             match found {
                 Ok(Some(cp)) => {
                     if let Err(e) = tpl.set_partition_offset(topic, *partition, Offset::Offset(cp.offset as i64)) {
-                        self.fail(KafkaFailure::new(format!("starting {id} at its checkpoint"), e).into());
+                        self.fail(KafkaFailure::of(format!("starting {id} at its checkpoint"), &e).into());
                     }
                     self.partitions.insert(id, cp);
                 }
@@ -510,9 +516,10 @@ pub(super) fn run(
         tracing::warn!("{w}");
     }
     let topics = subscribed_topics(&cfg, &k);
+    health.set_source(Some(format!("connecting to the Kafka brokers {}", k.bootstrap_servers)));
     let consumer = start(&cfg, opts, store, &topics, shutdown.clone(), Arc::clone(&health))?;
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&names).map_err(|e| KafkaFailure::new(format!("subscribing to {names:?}"), e))?;
+    consumer.subscribe(&names).map_err(|e| KafkaFailure::of(format!("subscribing to {names:?}"), &e))?;
     health.set_source(Some(format!("waiting for partitions of {names:?} from group {:?}", k.group_id)));
     tracing::info!(topics = ?names, group = %k.group_id, "consuming");
     let shared = Arc::clone(&consumer.context().watch.shared);
@@ -592,7 +599,10 @@ fn start(
     };
     let mut job = Job::new(cfg, opts.reloads, store, outputs, source, (shutdown, Arc::clone(&health)));
     if let Some(topic) = &k.alerts_topic {
-        ensure_topics(&k, std::slice::from_ref(topic), k.route_partitions)?;
+        // Brokers away at start: waited for (not ready, saying why).
+        job.retry("creating the alerts topic", |_| {
+            Ok(ensure_topics(&k, std::slice::from_ref(topic), k.route_partitions)?)
+        })?;
         job.add_producer(AlertProducer::new(&k, topic)?);
     }
     let lanes: Vec<Lane> = match &shared {
@@ -632,7 +642,7 @@ fn start(
     };
     Ok(consumer_config(&k, &k.group_id)
         .create_with_context(Context { watch: ctx })
-        .map_err(|e| KafkaFailure::new("creating the consumer", e))?)
+        .map_err(|e| KafkaFailure::of("creating the consumer", &e))?)
 }
 
 /// Polls batches and applies them until shutdown or a failure.

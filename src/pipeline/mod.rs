@@ -119,7 +119,7 @@ pub enum RunError {
     /// The config cannot run as it is.
     #[error("{0}")]
     Config(String),
-    /// A Kafka client failed for good.
+    /// A Kafka client failed (transient or not: see [`crate::kafka::classify`]).
     #[error(transparent)]
     Kafka(#[from] crate::kafka::KafkaFailure),
     /// The processing thread panicked (a bug).
@@ -144,6 +144,7 @@ impl RunError {
         match self {
             RunError::State(e) => e.is_transient(),
             RunError::Io { source, .. } => io_transient(source),
+            RunError::Kafka(k) => k.transient,
             _ => false,
         }
     }
@@ -153,7 +154,7 @@ impl RunError {
         match self {
             RunError::State(StateError::Request(r)) => ("store", r.code.clone()),
             RunError::State(_) => ("store", "backend".into()),
-            RunError::Kafka(_) => ("kafka", "client".into()),
+            RunError::Kafka(k) => ("kafka", k.kind.clone()),
             RunError::Io { what: "input", source, .. } | RunError::Open { what: "input", source, .. } => {
                 ("input", format!("{:?}", source.kind()))
             }

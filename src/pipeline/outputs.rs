@@ -98,10 +98,17 @@ impl Outputs {
         pending(&self.alerts) + pending(&self.dead) > PENDING_MAX
     }
 
+    /// Writes an alert to the alerts file (or stdout).
     pub(super) fn alert(&mut self, alert: &Alert) -> Result<(), RunError> {
         if let Some(out) = &mut self.alerts {
             out.write(alert)?;
         }
+        Ok(())
+    }
+
+    /// Queues an alert for the alerts topic (when there is one); a failure
+    /// leaves it unqueued, so it can be tried again.
+    pub(super) fn produce(&self, alert: &Alert) -> Result<(), RunError> {
         if let Some(producer) = &self.producer {
             producer.send(alert)?;
         }

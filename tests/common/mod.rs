@@ -6,6 +6,7 @@ pub mod dynamodb;
 pub mod faults;
 pub mod follow;
 pub mod kafka;
+pub mod kafka_faults;
 pub mod proxy;
 
 use std::net::TcpStream;
