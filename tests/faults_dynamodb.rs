@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::dynamodb::DynamoLocal;
+use common::dynamodb::{send_signal, DynamoLocal};
 use common::follow::{append, Following};
 use common::proxy::{Fault, FaultProxy};
 use common::*;
@@ -223,16 +223,18 @@ fn dynamodb_frozen_for_30_s_then_thawed() {
     // proxy that only passes requests on sees it first). The flush's
     // writes wait, unanswered, in the frozen store's sockets; riskd gives
     // up on them, abandons the flush and tries it again.
-    let dynamodb = Arc::new(DynamoLocal::start(free_port(), None));
+    let dynamodb = DynamoLocal::start(free_port(), None);
     let proxy = FaultProxy::start(&dynamodb.endpoint(), 0);
     let store = store_at(&proxy.endpoint);
     // None: not yet; Some(false): armed; Some(true): frozen.
     let freeze = Arc::new(std::sync::Mutex::new(None::<bool>));
-    let (hook_freeze, jvm) = (Arc::clone(&freeze), Arc::clone(&dynamodb));
+    // The proxy's thread outlives the test: it holds the JVM's pid, not the
+    // JVM, which is killed at the end.
+    let (hook_freeze, jvm) = (Arc::clone(&freeze), dynamodb.pid());
     proxy.before_request(move |request| {
         let mut freeze = hook_freeze.lock().unwrap();
         if *freeze == Some(false) && request.windows(14).any(|w| w == b"BatchWriteItem") {
-            jvm.signal("STOP");
+            send_signal(jvm, "STOP");
             *freeze = Some(true);
         }
     });
@@ -255,6 +257,7 @@ fn dynamodb_frozen_for_30_s_then_thawed() {
     // (its requests time out), not wait on it for minutes.
     let (secs, _) = observed.not_ready.unwrap();
     assert!(secs < 25.0, "a frozen store is reported within seconds (after {secs:.1} s)");
+    dynamodb.kill();
 }
 
 #[test]

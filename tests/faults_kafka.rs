@@ -110,7 +110,11 @@ fn broker_frozen_30_s_mid_stream_then_thawed() {
     let mut riskd = Riskd::spawn(&config, &s.dir.path().join("riskd.log"), listen);
     let watch = Watch::start(&[listen]);
     wait_applied(&riskd, half, Duration::from_secs(120));
-    // Mid-stream: alerts of the first half not acknowledged yet.
+    // Frozen while riskd is applying the second half: alerts of it are not
+    // acknowledged yet when the broker stops answering (frozen once riskd
+    // is idle, nothing is waited on, and it may rightly stay ready).
+    let second = produce(&broker.listen, &topic, &s.keyed[half..]);
+    wait_applied(&riskd, half + 100, Duration::from_secs(120));
     broker.freeze();
     let frozen = Instant::now();
     std::thread::sleep(FAULT);
@@ -118,7 +122,6 @@ fn broker_frozen_30_s_mid_stream_then_thawed() {
     let thawed = Instant::now();
     assert_reason("broker-frozen-30s", &watch.not_ready_reasons(0, frozen, thawed), &["broker"]);
     riskd.assert_running();
-    let second = produce(&broker.listen, &topic, &s.keyed[half..]);
     let resumed = watch.resumed_after(thawed, Duration::from_secs(120));
     wait_committed(&broker.listen, &group, &topic, &ends_of(&first, &second), Duration::from_secs(120));
     riskd.assert_running();

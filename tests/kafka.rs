@@ -6,45 +6,18 @@
 mod common;
 
 use common::kafka::*;
+use common::kafka_faults::{by_id, generated, keyed_by_user, okta_rules};
 use common::*;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const SCORING: &str = "[scoring.defaults]\nthreshold = 45\n";
-
-/// A folder with the Okta rules only: every rule keyed by the user, the key
-/// of the keyed topics below.
-fn okta_rules(dir: &Path) -> PathBuf {
-    let rules = dir.join("rules");
-    std::fs::create_dir_all(&rules).unwrap();
-    std::fs::copy(root().join("config/rules/okta.yaml"), rules.join("okta.yaml")).unwrap();
-    rules
-}
-
-/// A generated stream (CloudTrail and Okta, attacks planted), as lines.
-fn generated(events: u64) -> Vec<String> {
-    let out = riskd(&["generate", "--events", &events.to_string(), "--users", "200", "--attack-every", "300"]);
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect()
-}
-
-/// Each line keyed by its user (Okta's actor, CloudTrail's user name).
-fn keyed_by_user(lines: &[String]) -> Vec<(Option<String>, String)> {
-    lines
-        .iter()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            let key = v["actor"]["alternateId"].as_str().or(v["userIdentity"]["userName"].as_str()).map(String::from);
-            (key, l.clone())
-        })
-        .collect()
-}
 
 /// The alerts of a file run over `lines` with `rules` (memory store).
 fn file_run(dir: &Path, rules: &Path, lines: &[String]) -> Vec<Value> {
@@ -58,10 +31,6 @@ fn file_run(dir: &Path, rules: &Path, lines: &[String]) -> Vec<Value> {
     std::fs::write(&config, text).unwrap();
     run_ok(&config);
     alerts(&ref_dir)
-}
-
-fn by_id(alerts: impl IntoIterator<Item = Value>) -> BTreeMap<String, Value> {
-    alerts.into_iter().map(|a| (a["alert_id"].as_str().unwrap().to_string(), a)).collect()
 }
 
 fn spawn_run(config: &Path, log: &Path) -> Guard {

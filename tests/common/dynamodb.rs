@@ -18,6 +18,12 @@ pub fn answers(port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
 }
 
+/// Sends process `pid` a signal (`STOP`, `CONT`, …).
+pub fn send_signal(pid: u32, signal: &str) {
+    let sent = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().expect("kill runs");
+    assert!(sent.success(), "kill -{signal} {pid} failed");
+}
+
 /// A DynamoDB Local of the test's own (killed when dropped).
 pub struct DynamoLocal {
     java: Guard,
@@ -53,12 +59,15 @@ impl DynamoLocal {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The JVM's process id.
+    pub fn pid(&self) -> u32 {
+        self.java.0.id()
+    }
+
     /// Sends the JVM a signal: `STOP` freezes it (the kernel still accepts
     /// connections on its port, nothing answers them), `CONT` thaws it.
     pub fn signal(&self, signal: &str) {
-        let pid = self.java.0.id().to_string();
-        let sent = Command::new("kill").args([&format!("-{signal}"), &pid]).status().expect("kill runs");
-        assert!(sent.success(), "kill -{signal} {pid} failed");
+        send_signal(self.pid(), signal);
     }
 
     /// Kills it (SIGKILL) and waits until it is gone.
