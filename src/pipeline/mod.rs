@@ -12,6 +12,8 @@
 //! - [`job`]: what both inputs share: the engine and its cache, the
 //!   outputs, admitting an event and emitting its alerts, flushing.
 //! - [`file`]: the file or stdin loop (read ahead, progress bar).
+//! - [`order`]: events held and applied in event-time order
+//!   (`event_time.max_delay`).
 //! - [`kafka`]: the Kafka loop: partitions, lanes, rebalances, offsets.
 //! - [`retry`]: how transient failures (store, outputs, input) are waited out.
 //! - [`outputs`]: the alert and dead-letter files and the alerts topic.
