@@ -76,6 +76,44 @@ fn a_store_outage_is_ridden_out_without_losing_or_repeating_an_event() {
 }
 
 #[test]
+fn a_store_down_at_start_is_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let ddb_port = free_port();
+    let dynamodb = DynamoLocal::start(ddb_port, Some(dir.path()));
+    let lines = sample_lines();
+    let (first, rest) = lines.split_at(100);
+    let store = format!(
+        "kind = \"dynamodb\"\ntable = \"down_at_start\"\nregion = \"us-east-1\"\nendpoint_url = \"http://127.0.0.1:{ddb_port}\"\nttl = false\nflush_interval = \"200ms\""
+    );
+    let mut riskd = Following::start(dir.path(), first, &store);
+    // Stopped, then started again while the store is down, with more events.
+    let input = riskd.input.clone();
+    let stopped = riskd.restart(|| {
+        dynamodb.kill();
+        common::follow::append(&input, rest);
+    });
+    assert!(stopped.contains("riskd: events read 100,"), "{stopped}");
+    let mut reason = String::new();
+    wait_for("riskd to report the store not ready", Duration::from_secs(30), || match riskd.readyz() {
+        Some((503, body)) => {
+            reason = body;
+            reason.contains("store:")
+        }
+        _ => false,
+    });
+    assert!(reason.contains("store:"), "the reason names the store: {reason}");
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(riskd.running(), "riskd must wait for the store, not exit: {}", riskd.stderr());
+    let dynamodb = DynamoLocal::start(ddb_port, Some(dir.path()));
+    wait_for("riskd ready", Duration::from_secs(60), || riskd.ready() == Some(true));
+    wait_for("the other 110 events", Duration::from_secs(60), || riskd.counted() >= 110.0);
+    let stderr = riskd.stop();
+    assert!(stderr.contains("riskd: events read 110,"), "each event once: {stderr}");
+    assert_eq!(alert_ids(dir.path()), undisturbed_alert_ids(), "the same alerts as a run with no outage");
+    drop(dynamodb);
+}
+
+#[test]
 fn a_quiet_minute_on_dynamodb_is_not_an_outage() {
     let dir = tempfile::tempdir().unwrap();
     let lines = sample_lines();

@@ -58,8 +58,11 @@ fn start(
         Stream::File(p) => (p.display().to_string(), Some(format!("file:{}", absolute(p).display())), "file"),
         Stream::Std => ("stdin".to_string(), None, "stdin"),
     };
+    // The store may be down at start: its checkpoint is waited for like
+    // any transient fault (not ready, with the reason), not a reason to stop.
+    let policy = RetryPolicy { shutdown: shutdown.clone(), deadline: None, health: Arc::clone(&health) };
     let found = match &id {
-        Some(id) => store.checkpoint(id)?,
+        Some(id) => policy.run("load checkpoint", || Ok(store.checkpoint(id)?))?,
         None => None,
     };
     let first_run = found.is_none();

@@ -56,6 +56,22 @@ impl Following {
         following
     }
 
+    /// Stops riskd (SIGTERM), runs `between`, and starts it again on the
+    /// same config and port, without waiting for it to get ready; returns
+    /// what the stopped one wrote to stderr.
+    pub fn restart(&mut self, between: impl FnOnce()) -> String {
+        let pid = self.riskd.0.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        wait_for("riskd to stop", Duration::from_secs(30), || self.riskd.0.try_wait().ok().flatten().is_some());
+        let stderr = self.stderr();
+        between();
+        let c = self.config.display().to_string();
+        let child =
+            riskd_command(&["run", "--config", &c]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        self.riskd = Guard(child);
+        stderr
+    }
+
     /// `/readyz`: status and body, `None` when nothing answers.
     pub fn readyz(&self) -> Option<(u16, String)> {
         http_get(&format!("http://127.0.0.1:{}/readyz", self.port), None)
