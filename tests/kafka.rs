@@ -6,7 +6,7 @@
 mod common;
 
 use common::kafka::*;
-use common::kafka_faults::{by_id, generated, keyed_by_user, okta_rules};
+use common::kafka_faults::{by_id, generated, keyed_by_user, okta_rules, spawn_run};
 use common::*;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -31,17 +31,6 @@ fn file_run(dir: &Path, rules: &Path, lines: &[String]) -> Vec<Value> {
     std::fs::write(&config, text).unwrap();
     run_ok(&config);
     alerts(&ref_dir)
-}
-
-fn spawn_run(config: &Path, log: &Path) -> Guard {
-    let child = riskd_command(&["run", "--config", &config.display().to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .env("RUST_LOG", "info")
-        .spawn()
-        .unwrap();
-    Guard(child)
 }
 
 fn sigterm(child: &std::process::Child) {

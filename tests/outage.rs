@@ -32,16 +32,24 @@ fn alert_ids(dir: &Path) -> Vec<serde_json::Value> {
     alerts(dir).iter().map(|a| a["alert_id"].clone()).collect()
 }
 
+/// A DynamoDB Local of the test's own, keeping its data in `dir` (so it
+/// survives a restart), and the `[store]` section of `table` on it.
+fn own_dynamodb(dir: &Path, table: &str) -> (DynamoLocal, String) {
+    let dynamodb = DynamoLocal::start(free_port(), Some(dir));
+    let store = format!(
+        "kind = \"dynamodb\"\ntable = {table:?}\nregion = \"us-east-1\"\nendpoint_url = {:?}\nttl = false\nflush_interval = \"200ms\"",
+        dynamodb.endpoint()
+    );
+    (dynamodb, store)
+}
+
 #[test]
 fn a_store_outage_is_ridden_out_without_losing_or_repeating_an_event() {
     let dir = tempfile::tempdir().unwrap();
-    let ddb_port = free_port();
-    let dynamodb = DynamoLocal::start(ddb_port, Some(dir.path()));
+    let (dynamodb, store) = own_dynamodb(dir.path(), "outage");
+    let ddb_port = dynamodb.port;
     let lines = sample_lines();
     let (first, rest) = lines.split_at(100);
-    let store = format!(
-        "kind = \"dynamodb\"\ntable = \"outage\"\nregion = \"us-east-1\"\nendpoint_url = \"http://127.0.0.1:{ddb_port}\"\nttl = false\nflush_interval = \"200ms\""
-    );
     let mut riskd = Following::start(dir.path(), first, &store);
     std::thread::sleep(Duration::from_millis(500)); // let a flush commit them
 
@@ -78,13 +86,10 @@ fn a_store_outage_is_ridden_out_without_losing_or_repeating_an_event() {
 #[test]
 fn a_store_down_at_start_is_waited_for() {
     let dir = tempfile::tempdir().unwrap();
-    let ddb_port = free_port();
-    let dynamodb = DynamoLocal::start(ddb_port, Some(dir.path()));
+    let (dynamodb, store) = own_dynamodb(dir.path(), "down_at_start");
+    let ddb_port = dynamodb.port;
     let lines = sample_lines();
     let (first, rest) = lines.split_at(100);
-    let store = format!(
-        "kind = \"dynamodb\"\ntable = \"down_at_start\"\nregion = \"us-east-1\"\nendpoint_url = \"http://127.0.0.1:{ddb_port}\"\nttl = false\nflush_interval = \"200ms\""
-    );
     let mut riskd = Following::start(dir.path(), first, &store);
     // Stopped, then started again while the store is down, with more events.
     let input = riskd.input.clone();

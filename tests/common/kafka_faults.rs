@@ -286,16 +286,21 @@ pub struct Riskd {
     pub listen: u16,
 }
 
+/// `riskd run` on `config`, logging at info to the file `log`.
+pub fn spawn_run(config: &Path, log: &Path) -> Guard {
+    let child = riskd_command(&["run", "--config", &config.display().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .env("RUST_LOG", "info")
+        .spawn()
+        .unwrap();
+    Guard(child)
+}
+
 impl Riskd {
     pub fn spawn(config: &Path, log: &Path, listen: u16) -> Self {
-        let child = riskd_command(&["run", "--config", &config.display().to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .env("RUST_LOG", "info")
-            .spawn()
-            .unwrap();
-        let r = Riskd { process: Guard(child), log: log.to_path_buf(), listen };
+        let r = Riskd { process: spawn_run(config, log), log: log.to_path_buf(), listen };
         wait_for("the telemetry endpoint", Duration::from_secs(30), || http_get(&r.url("/readyz"), None).is_some());
         r
     }
