@@ -181,6 +181,7 @@ fn kafka_config(brokers: &str) -> riskd::config::KafkaConfig {
         route_partitions: PARTITIONS,
         alerts_topic: None,
         drain_timeout: Duration::from_secs(30),
+        max_idle: Duration::from_secs(2),
         lanes: 1,
         properties: Default::default(),
     }

@@ -308,6 +308,23 @@ fn log(level: RDKafkaLogLevel, fac: &str, message: &str) {
     }
 }
 
+/// Pauses (or resumes) fetching the partitions `(topic, partition)`: a
+/// partition far ahead in event time waits while another is caught up.
+pub fn set_paused<C: ConsumerContext>(consumer: &BaseConsumer<C>, partitions: &[(&str, i32)], pause: bool) {
+    if partitions.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition) in partitions {
+        tpl.add_partition(topic, *partition);
+    }
+    let done = if pause { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
+    match done {
+        Ok(()) => tracing::debug!(?partitions, pause, "partitions paused or resumed for alignment"),
+        Err(e) => tracing::warn!(error = %e, pause, "pausing or resuming partitions failed"),
+    }
+}
+
 /// Creates the topics that do not exist yet (`partitions` each); an
 /// existing topic is left as it is. Blocks.
 pub fn ensure_topics(k: &KafkaConfig, topics: &[String], partitions: i32) -> Result<(), KafkaFailure> {

@@ -9,6 +9,15 @@
 //! (most log pipelines key by nothing, or by source): without it, an
 //! entity's events are spread over partitions and instances.
 //!
+//! Order: the router takes the messages of the partitions it reads in
+//! event-time order ([`crate::pipeline::align`], waiting at most
+//! `kafka.max_idle` for a partition with nothing buffered), so with one
+//! router the routed topics hold each entity's events in event-time order
+//! whatever the raw partitioning. Several routers each order their own
+//! partitions: a routed partition then interleaves their streams, in order
+//! within the drift between them, which the scorers' `event_time.max_delay`
+//! absorbs.
+//!
 //! Delivery is at least once: offsets are committed after the broker has
 //! acknowledged what was produced from them. Every routed message carries
 //! its upstream place (`riskd-upstream: <topic>/<partition>/<offset>`), and
@@ -16,9 +25,11 @@
 //! repeats messages but never effects.
 
 use crate::config::{Config, KafkaConfig};
+use crate::event::TimeSource;
 use crate::kafka::{
-    commit_offsets, consumer_config, ensure_topics, record_error, Context, KafkaFailure, UPSTREAM_HEADER,
+    commit_offsets, consumer_config, ensure_topics, record_error, set_paused, Context, KafkaFailure, UPSTREAM_HEADER,
 };
+use crate::pipeline::align::{Align, Next, QUEUE_CAP};
 use crate::pipeline::RunError;
 use crate::shutdown::Shutdown;
 use crate::sink::KafkaProducer;
@@ -95,49 +106,32 @@ pub fn run(cfg: &Config, stop: &Shutdown, health: &Arc<Health>) -> Result<RouteS
     let mut summary = RouteSummary::default();
     // Next offset to commit per upstream partition, once acknowledged.
     let mut positions: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    let mut align: Align<(String, i32), Queued> = Align::new(k.max_idle, QUEUE_CAP);
     let mut last_flush = Instant::now();
     let mut pending = 0u64;
     while !stop.is_triggered() {
-        match consumer.poll(Duration::from_millis(200)) {
-            None => {}
-            Some(Err(e)) => {
-                record_error(&e, "poll");
-            }
-            Some(Ok(m)) => {
-                summary.read += 1;
-                pending += 1;
-                let payload = m.payload().unwrap_or(&[]);
-                let offset = m.offset().max(0) as u64;
-                match decode_message(payload, offset, cfg.max_line_bytes, &cfg.event_time, crate::event::now_ms()) {
-                    Decoded::Blank => {}
-                    Decoded::Rejected { reason, detail } => {
-                        summary.invalid += 1;
-                        metrics().dead_letters.with_label_values(&[reason]).inc();
-                        tracing::warn!(
-                            topic = m.topic(),
-                            partition = m.partition(),
-                            offset = m.offset(),
-                            reason,
-                            detail,
-                            "event set aside by the router"
-                        );
-                    }
-                    Decoded::Event(event) => {
-                        let targets = entities(cfg, &event.value);
-                        if targets.is_empty() {
-                            summary.unkeyed += 1;
-                        }
-                        let upstream = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
-                        for (entity_type, id) in targets {
-                            let headers = OwnedHeaders::new()
-                                .insert(Header { key: UPSTREAM_HEADER, value: Some(upstream.as_str()) });
-                            producer.send(&k.routed_topic(&entity_type), &id, payload, headers)?;
-                            summary.routed += 1;
-                        }
-                    }
-                }
-                positions.insert((m.topic().to_string(), m.partition()), m.offset() + 1);
-            }
+        let polled = poll_batch(&consumer);
+        follow_assignment(&consumer, &mut align);
+        let ingest = crate::event::now_ms();
+        for (key, offset, payload) in polled {
+            let line = u64::try_from(offset).unwrap_or(0);
+            let decoded = decode_message(&payload, line, cfg.max_line_bytes, &cfg.event_time, ingest);
+            let time = match &decoded {
+                Decoded::Event(e) if e.time_source == TimeSource::Event => Some(e.time_ms),
+                _ => None,
+            };
+            align.push(&key, time, Queued { offset, payload, decoded });
+        }
+        while let Next::Take((topic, partition), q) = align.next(Instant::now()) {
+            summary.read += 1;
+            pending += 1;
+            let next = q.offset + 1;
+            route_one(cfg, &producer, (&topic, partition), q, &mut summary)?;
+            positions.insert((topic, partition), next);
+        }
+        for (parts, pause) in [(align.take_to_pause(), true), (align.take_to_resume(), false)] {
+            let parts: Vec<(&str, i32)> = parts.iter().map(|(t, p)| (t.as_str(), *p)).collect();
+            set_paused(&consumer, &parts, pause);
         }
         if pending > 0 && (pending >= cfg.flush_every_events || last_flush.elapsed() >= cfg.flush_interval) {
             commit(&consumer, &producer, &mut positions, stop, health)?;
@@ -147,6 +141,78 @@ pub fn run(cfg: &Config, stop: &Shutdown, health: &Arc<Health>) -> Result<RouteS
     }
     commit(&consumer, &producer, &mut positions, stop, health)?;
     Ok(summary)
+}
+
+/// A raw message queued for alignment, decoded.
+struct Queued {
+    offset: i64,
+    payload: Vec<u8>,
+    decoded: Decoded,
+}
+
+/// Polls up to a batch of messages, copied out: `((topic, partition), offset, payload)`.
+fn poll_batch(consumer: &RouterConsumer) -> Vec<((String, i32), i64, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut wait = Duration::from_millis(200);
+    while out.len() < 1024 {
+        match consumer.poll(wait) {
+            None => break,
+            Some(Err(e)) => {
+                record_error(&e, "poll");
+                break;
+            }
+            Some(Ok(m)) => {
+                out.push(((m.topic().to_string(), m.partition()), m.offset(), m.payload().unwrap_or(&[]).to_vec()));
+            }
+        }
+        wait = Duration::ZERO;
+    }
+    out
+}
+
+/// The queues follow the assignment: partitions given are waited for,
+/// those taken away are dropped (their next owner routes them).
+fn follow_assignment(consumer: &RouterConsumer, align: &mut Align<(String, i32), Queued>) {
+    let Ok(held) = consumer.assignment() else { return };
+    let held: BTreeSet<(String, i32)> =
+        held.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+    align.retain(|k| held.contains(k));
+    let now = Instant::now();
+    for k in held {
+        align.add(k, now);
+    }
+}
+
+/// Produces one raw message to the routed topic of each of its entities.
+fn route_one(
+    cfg: &Config,
+    producer: &KafkaProducer,
+    (topic, partition): (&str, i32),
+    q: Queued,
+    summary: &mut RouteSummary,
+) -> Result<(), RunError> {
+    let k = cfg.kafka.as_ref().ok_or_else(|| RunError::Config("riskd route needs a [kafka] section".into()))?;
+    match q.decoded {
+        Decoded::Blank => {}
+        Decoded::Rejected { reason, detail } => {
+            summary.invalid += 1;
+            metrics().dead_letters.with_label_values(&[reason]).inc();
+            tracing::warn!(topic, partition, offset = q.offset, reason, detail, "event set aside by the router");
+        }
+        Decoded::Event(event) => {
+            let targets = entities(cfg, &event.value);
+            if targets.is_empty() {
+                summary.unkeyed += 1;
+            }
+            let upstream = format!("{topic}/{partition}/{}", q.offset);
+            for (entity_type, id) in targets {
+                let headers = OwnedHeaders::new().insert(Header { key: UPSTREAM_HEADER, value: Some(upstream.as_str()) });
+                producer.send(&k.routed_topic(&entity_type), &id, &q.payload, headers)?;
+                summary.routed += 1;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Waits for the broker to acknowledge what was produced, then commits the

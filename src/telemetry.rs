@@ -29,6 +29,8 @@ pub struct Metrics {
     pub event_time_missing: IntCounter,
     /// Events held for ordering (`event_time.max_delay`), not applied yet.
     pub events_held: IntGauge,
+    /// Wall clock less the released event time (what is applied up to).
+    pub watermark_lag: prometheus::Gauge,
     /// Event times that cannot be true, by reason (`future`, `too_old`):
     /// the latest trusted time stood in.
     pub event_time_invalid: IntCounterVec,
@@ -93,6 +95,12 @@ pub struct Metrics {
     pub kafka_rebalances: IntCounterVec,
     /// Partitions this process holds.
     pub kafka_partitions: IntGauge,
+    /// Messages queued for cross-partition alignment, not taken yet.
+    pub kafka_queued: IntGauge,
+    /// Times the other partitions waited for one with nothing buffered, by topic.
+    pub kafka_waits: IntCounterVec,
+    /// Time the other partitions spent waiting so.
+    pub kafka_wait_seconds: prometheus::Counter,
     /// Messages produced (alerts, routed events), by topic kind and outcome.
     pub kafka_produced: IntCounterVec,
     /// Errors the Kafka client reported (broker down, authentication…), by code.
@@ -126,6 +134,12 @@ fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    g
+}
+
+fn float(r: &Registry, name: &str, help: &str) -> prometheus::Gauge {
+    let g = prometheus::Gauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
     r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
     g
 }
@@ -176,6 +190,11 @@ impl Metrics {
             .with_label_values::<&str>(&[]),
             events_held: gauge(&r, "riskd_events_held", "Events held for event-time order, not applied yet.", &[])
                 .with_label_values::<&str>(&[]),
+            watermark_lag: float(
+                &r,
+                "riskd_watermark_lag_seconds",
+                "Wall clock less the event time up to which events are applied (event_time.max_delay and lag).",
+            ),
             event_time_invalid: counter(
                 &r,
                 "riskd_event_time_invalid_total",
@@ -326,6 +345,28 @@ impl Metrics {
             ),
             kafka_partitions: gauge(&r, "riskd_kafka_partitions", "Partitions this process holds.", &[])
                 .with_label_values::<&str>(&[]),
+            kafka_queued: gauge(
+                &r,
+                "riskd_kafka_queued_messages",
+                "Messages queued for cross-partition event-time alignment, not taken yet.",
+                &[],
+            )
+            .with_label_values::<&str>(&[]),
+            kafka_waits: counter(
+                &r,
+                "riskd_kafka_partition_waits_total",
+                "Times the other partitions waited (up to kafka.max_idle) for one with nothing buffered, by topic.",
+                &["topic"],
+            ),
+            kafka_wait_seconds: {
+                let c = prometheus::Counter::new(
+                    "riskd_kafka_partition_wait_seconds_total",
+                    "Time the other partitions spent waiting for one with nothing buffered.",
+                )
+                .unwrap_or_else(|e| panic!("metric riskd_kafka_partition_wait_seconds_total: {e}"));
+                r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric: {e}"));
+                c
+            },
             kafka_produced: counter(
                 &r,
                 "riskd_kafka_produced_total",

@@ -42,6 +42,10 @@ pub struct KafkaFile {
     /// Longest wait to flush and commit on a rebalance or at shutdown.
     #[serde(default = "default_drain")]
     pub drain_timeout: String,
+    /// Longest wall-clock wait for a partition with nothing buffered before
+    /// the others go on without it (cross-partition event-time alignment).
+    #[serde(default = "default_max_idle")]
+    pub max_idle: String,
     /// Lanes applying events in parallel, entities spread over them by
     /// hash (default: the number of CPUs less one, at least one).
     #[serde(default)]
@@ -66,6 +70,9 @@ fn default_partitions() -> i32 {
 }
 fn default_drain() -> String {
     "30s".into()
+}
+fn default_max_idle() -> String {
+    "2s".into()
 }
 
 /// What `riskd run` reads from Kafka.
@@ -99,6 +106,8 @@ pub struct KafkaConfig {
     pub alerts_topic: Option<String>,
     /// Drain timeout.
     pub drain_timeout: Duration,
+    /// Longest wait for a partition with nothing buffered (alignment).
+    pub max_idle: Duration,
     /// Parallel lanes in one process.
     pub lanes: usize,
     /// librdkafka properties, environment references resolved. Values may
@@ -156,6 +165,10 @@ pub(super) fn build(file: &KafkaFile, entity_types: &[&str], err: &mut Section) 
             Duration::from_secs(30)
         }
     };
+    let max_idle = humantime::parse_duration(&file.max_idle).unwrap_or_else(|e| {
+        err.at("max_idle", format!("kafka.max_idle {:?}: {e} (a duration, e.g. 2s; 0s never waits)", file.max_idle));
+        Duration::from_secs(2)
+    });
     if file.lanes == Some(0) {
         err.at("lanes", "kafka.lanes must be at least 1".into());
     }
@@ -181,6 +194,7 @@ pub(super) fn build(file: &KafkaFile, entity_types: &[&str], err: &mut Section) 
         route_partitions: file.route_partitions,
         alerts_topic: file.alerts_topic.clone(),
         drain_timeout,
+        max_idle,
         lanes,
         properties: properties(file, err),
     }

@@ -245,6 +245,9 @@ fn pump(
         let tick = ended || lines % 1024 == 0;
         if tick {
             metrics().events_held.set(reading.order.len() as i64);
+            if let Some(released) = reading.order.released() {
+                metrics().watermark_lag.set((now_ms() - released) as f64 / 1000.0);
+            }
             job.main().publish_metrics();
             progress.update(job.summary(), reading.last.0);
         }

@@ -1,6 +1,18 @@
 //! The main job reading Kafka: one consumer in the group, the partitions
-//! it holds applied in offset order, a checkpoint per partition.
+//! it holds merged in event-time order, a checkpoint per partition.
 //!
+//! - **Event-time order.** Messages wait in a queue per partition
+//!   ([`super::align`]): the next taken is the head with the smallest event
+//!   time, a partition with nothing buffered being waited for at most
+//!   `kafka.max_idle`. What is taken is held ([`super::order`]) and applied
+//!   in event-time order once `event_time.max_delay` has passed it.
+//! - **Checkpoints with events held.** A partition's checkpoint stands
+//!   before its oldest event held (`offset`), records how far it was taken
+//!   (`read`) and the released time: a restart reads from `offset` again,
+//!   skips what was applied (at or before the released time, no time of
+//!   its own, set aside) and holds the rest again. Until every partition
+//!   has been read again that far, nothing is released, so a checkpoint
+//!   written meanwhile stays exact.
 //! - **Offsets after effects.** Each partition's position (the next offset
 //!   to apply) is a checkpoint in the store, `kafka:<topic>:<partition>`,
 //!   committed in the same batch as the state it covers. Offsets are
@@ -24,15 +36,17 @@
 //! The rebalance callback runs inside `poll`, on the job's thread; the job
 //! sits behind a mutex that the poll loop never holds while polling.
 
+use super::align::{Align, Next, QUEUE_CAP};
 use super::job::{Job, JobSource, Lane, Origin, Settings};
+use super::order::{Pushed, Reorder};
 use super::outputs::Outputs;
 use super::retry::RetryPolicy;
 use super::{RunError, RunOptions, Summary};
 use crate::alert::Alert;
 use crate::config::{Config, Consume, KafkaConfig};
-use crate::event::{now_ms, Event};
+use crate::event::{now_ms, Event, TimeSource};
 use crate::kafka::{
-    commit_offsets, consumer_config, ensure_topics, partition_id, record_error, Context, KafkaFailure, Watch,
+    commit_offsets, consumer_config, ensure_topics, partition_id, record_error, set_paused, Context, KafkaFailure, Watch,
     UPSTREAM_HEADER,
 };
 use crate::rules::{Outcome, Scope};
@@ -53,6 +67,65 @@ use std::time::{Duration, Instant};
 /// Messages read (and whose state is loaded in one batch) at a time.
 const READ_AHEAD: usize = 1024;
 
+/// A wait on one partition longer than this is a `/readyz` reason.
+const LONG_WAIT: Duration = Duration::from_secs(1);
+
+/// A partition held.
+struct Partition {
+    /// What the next flush commits; `offset` is where a restart reads from.
+    cp: Checkpoint,
+    /// Next offset to queue (lower ones are redeliveries).
+    queued: u64,
+    /// Next offset to take from the queue.
+    taken: u64,
+    /// A resumed partition is read again up to here: of those messages,
+    /// only the events held at the commit (after `resumed`) are applied.
+    reread_to: u64,
+    resumed: Option<i64>,
+    /// Routed: upstream positions met while reading again.
+    reread_seen: BTreeMap<String, i64>,
+}
+
+impl Partition {
+    fn new(cp: Checkpoint) -> Self {
+        let reread_to = cp.read.map_or(cp.offset, |(offset, _)| offset);
+        Self {
+            queued: cp.offset,
+            taken: cp.offset,
+            reread_to,
+            resumed: cp.released_ms,
+            reread_seen: BTreeMap::new(),
+            cp,
+        }
+    }
+
+    fn rereading(&self) -> bool {
+        self.taken < self.reread_to
+    }
+}
+
+/// A message queued for alignment, decoded.
+struct Msg {
+    offset: u64,
+    payload: Vec<u8>,
+    /// Routed: the entity type and id it is for.
+    entity: Option<(String, String)>,
+    /// Routed: its upstream partition and offset.
+    upstream: Option<(String, i64)>,
+    decoded: Decoded,
+    ingest: i64,
+}
+
+/// An event taken: held for order, then applied.
+struct Ready {
+    id: String,
+    offset: u64,
+    payload: Vec<u8>,
+    entity: Option<(String, String)>,
+    event: Event,
+    late: bool,
+}
+
 /// The job and what the rebalance callback needs beside it.
 struct KafkaJob {
     job: Job,
@@ -60,10 +133,16 @@ struct KafkaJob {
     /// keys of its own entities; the job's own lane then only flushes
     /// (their changes are moved into its cache first).
     lanes: Vec<Lane>,
-    /// The position of each partition held, by source id, and which moved
-    /// since the last flush.
-    partitions: BTreeMap<String, Checkpoint>,
+    /// Each partition held, by source id, and which moved since the last flush.
+    partitions: BTreeMap<String, Partition>,
     moved: BTreeSet<String>,
+    /// Messages queued per partition, taken in event-time order.
+    align: Align<String, Msg>,
+    /// Events taken, held until their time is released.
+    order: Reorder<Ready>,
+    /// The partition the others wait for, since when, and whether that is
+    /// a `/readyz` reason yet.
+    waiting: Option<(String, Instant, bool)>,
     kafka: KafkaConfig,
     /// The topics subscribed to.
     topics: Vec<String>,
@@ -164,8 +243,9 @@ impl KafkaJob {
             lane.publish_metrics();
             self.job.main().cache.absorb(&mut lane.cache);
         }
+        self.settle_positions();
         let moved: Vec<(String, Checkpoint)> =
-            self.moved.iter().filter_map(|id| self.partitions.get(id).map(|cp| (id.clone(), cp.clone()))).collect();
+            self.moved.iter().filter_map(|id| self.partitions.get(id).map(|p| (id.clone(), p.cp.clone()))).collect();
         self.job.flush(&moved)?;
         self.moved.clear();
         if !self.lanes.is_empty() {
@@ -184,7 +264,8 @@ impl KafkaJob {
         self.since_flush = 0;
         self.last_flush = Instant::now();
         let mut tpl = TopicPartitionList::new();
-        for (id, cp) in &self.partitions {
+        for (id, p) in &self.partitions {
+            let cp = &p.cp;
             if cp.offset == 0 {
                 continue;
             }
@@ -214,6 +295,10 @@ impl KafkaJob {
             }
         }
         let n = self.partitions.len();
+        // What was queued or held is handed back: not applied, and read
+        // again (from the checkpoint just committed) by the next owner.
+        self.align.retain(|_| false);
+        self.order.retain(|_| false);
         self.partitions.clear();
         self.moved.clear();
         self.job.main().cache.forget();
@@ -238,10 +323,13 @@ impl KafkaJob {
                     if let Err(e) = tpl.set_partition_offset(topic, *partition, Offset::Offset(cp.offset as i64)) {
                         self.fail(KafkaFailure::of(format!("starting {id} at its checkpoint"), &e).into());
                     }
-                    self.partitions.insert(id, cp);
+                    self.order.resume_at(cp.released_ms);
+                    self.align.add(id.clone(), Instant::now());
+                    self.partitions.insert(id, Partition::new(cp));
                 }
                 Ok(None) => {
-                    self.partitions.insert(id, Checkpoint::default());
+                    self.align.add(id.clone(), Instant::now());
+                    self.partitions.insert(id, Partition::new(Checkpoint::default()));
                 }
                 Err(e) => self.fail(e),
             }
@@ -278,76 +366,251 @@ impl KafkaJob {
         health.set_source(None);
     }
 
-    /// The messages of a batch to apply: those of partitions held, at or
-    /// past their positions (and, routed, not a copy already applied).
-    fn items<'m>(&self, batch: &'m [BorrowedMessage<'m>]) -> Vec<Item<'m>> {
+    /// Queues the messages of a batch, decoded (in parallel), on their
+    /// partitions: those held, past what was queued already.
+    fn intake(&mut self, batch: &[BorrowedMessage<'_>]) {
+        if self.paused.is_some() {
+            return;
+        }
         let routed = self.kafka.consume == Consume::Routed;
-        let mut items = Vec::with_capacity(batch.len());
+        let mut msgs = Vec::with_capacity(batch.len());
         for m in batch {
             let id = partition_id(m.topic(), m.partition());
-            let Some(pos) = self.partitions.get(&id) else { continue };
-            let offset = m.offset();
-            if offset < 0 || (offset as u64) < pos.offset {
+            let Some(p) = self.partitions.get_mut(&id) else { continue };
+            let Ok(offset) = u64::try_from(m.offset()) else { continue };
+            if offset < p.queued {
                 metrics().kafka_skipped.with_label_values(&[m.topic()]).inc();
                 continue;
             }
-            let upstream = if routed { upstream_of(m) } else { None };
-            let repeat = upstream.as_ref().is_some_and(|(k, o)| pos.upstream.get(k).is_some_and(|seen| seen >= o));
-            if repeat {
-                metrics().kafka_skipped.with_label_values(&[m.topic()]).inc();
-            }
+            p.queued = offset + 1;
             let entity = routed.then(|| {
                 let entity_type = m.topic().strip_prefix(self.kafka.route_prefix.as_str()).unwrap_or(m.topic());
                 let entity_id = m.key().and_then(|k| std::str::from_utf8(k).ok()).unwrap_or("");
-                (entity_type, entity_id)
+                (entity_type.to_string(), entity_id.to_string())
             });
-            items.push(Item {
-                id,
-                offset: offset as u64,
-                payload: m.payload().unwrap_or(&[]),
-                entity,
-                upstream,
-                repeat,
-            });
-        }
-        items
-    }
-
-    /// Applies a batch of messages: payloads are decoded in parallel; then each lane
-    /// applies, in message order, the events of its entities; then, in
-    /// message order again, alerts are written and positions move.
-    fn apply(&mut self, batch: &[BorrowedMessage<'_>]) -> Result<(), RunError> {
-        if self.paused.is_some() {
-            return Ok(());
-        }
-        let items = self.items(batch);
-        if items.is_empty() {
-            return Ok(());
+            let upstream = if routed { upstream_of(m) } else { None };
+            msgs.push((id, m.payload().unwrap_or(&[]), offset, entity, upstream));
         }
         let ingest = now_ms();
-        let lanes = self.lanes.len().max(1);
-        let decoded = parallel_map(&items, lanes, |it| {
-            if it.repeat {
-                return Decoded::Blank;
-            }
+        let (max_bytes, event_time) = (self.settings.max_line_bytes, &self.settings.event_time);
+        let decoded = parallel_map(&msgs, self.lanes.len().max(1), |(_, payload, offset, entity, _)| {
             // A routed message names its entity in its key: without one, no rule could apply it.
-            if it.entity.is_some_and(|(_, id)| id.is_empty()) {
+            if entity.as_ref().is_some_and(|(_, id)| id.is_empty()) {
                 let detail = "a message on a routed topic has no UTF-8 key (the entity id)".to_string();
                 return Decoded::Rejected { reason: "no_key", detail };
             }
-            decode_message(it.payload, it.offset, self.settings.max_line_bytes, &self.settings.event_time, ingest)
+            decode_message(payload, *offset, max_bytes, event_time, ingest)
         });
-        let mut events = Vec::with_capacity(items.len());
-        for (it, d) in items.iter().zip(decoded) {
-            events.push(self.job.admit(&Origin { source: &it.id, line: it.offset }, it.payload, d, ingest)?);
+        for ((id, payload, offset, entity, upstream), decoded) in msgs.into_iter().zip(decoded) {
+            let time = match &decoded {
+                Decoded::Event(e) if e.time_source == TimeSource::Event => Some(e.time_ms),
+                _ => None,
+            };
+            let msg = Msg { offset, payload: payload.to_vec(), entity, upstream, decoded, ingest };
+            self.align.push(&id, time, msg);
+        }
+    }
+
+    /// Takes queued messages in event-time order (while no partition is
+    /// waited for) and holds their events; returns the events due.
+    fn take(&mut self, health: &Health) -> Result<Vec<Ready>, RunError> {
+        let mut ready = Vec::new();
+        let now = Instant::now();
+        loop {
+            match self.align.next(now) {
+                Next::Take(id, msg) => {
+                    self.end_wait(health);
+                    if let Some(r) = self.settle(id, msg)? {
+                        self.hold(r, now, &mut ready);
+                    }
+                }
+                Next::Wait(id) => {
+                    self.wait_on(id, now, health);
+                    break;
+                }
+                Next::Empty => {
+                    self.end_wait(health);
+                    break;
+                }
+            }
+        }
+        // Nothing is released until every partition resumed has been read
+        // again as far as it was (see the module's notes).
+        let rereading = self.partitions.values().any(Partition::rereading);
+        self.order.freeze(rereading);
+        while let Some(r) = self.order.pop(now) {
+            ready.push(r);
+        }
+        metrics().events_held.set(self.order.len() as i64);
+        metrics().kafka_queued.set(self.align.len() as i64);
+        if let Some(released) = self.order.released() {
+            metrics().watermark_lag.set((now_ms() - released) as f64 / 1000.0);
+        }
+        Ok(ready)
+    }
+
+    /// A message taken from its queue: its event to hold, if it is one to
+    /// apply (not set aside, not a copy, not applied before a restart).
+    fn settle(&mut self, id: String, msg: Msg) -> Result<Option<Ready>, RunError> {
+        let Some(p) = self.partitions.get_mut(&id) else { return Ok(None) };
+        let rereading = msg.offset < p.reread_to;
+        p.taken = msg.offset + 1;
+        self.moved.insert(id.clone());
+        self.since_flush += 1;
+        if let Some((k, o)) = &msg.upstream {
+            let seen = if rereading { &mut p.reread_seen } else { &mut p.cp.upstream };
+            if seen.get(k).is_some_and(|s| s >= o) {
+                // A copy the router produced again.
+                if let Some((topic, _)) = split_id(&id) {
+                    metrics().kafka_skipped.with_label_values(&[topic]).inc();
+                }
+                return Ok(None);
+            }
+            seen.insert(k.clone(), *o);
+        }
+        let event = if rereading {
+            match msg.decoded {
+                Decoded::Event(mut event) => {
+                    self.job.reread(&mut event);
+                    // Applied before the restart: at or before the released
+                    // time, or with no time of its own (applied as read).
+                    let resumed = p.resumed;
+                    let applied =
+                        event.time_source == TimeSource::Ingest || resumed.is_some_and(|r| event.time_ms <= r);
+                    (!applied).then_some(event)
+                }
+                // Counted and set aside before the restart.
+                _ => None,
+            }
+        } else {
+            let origin = Origin { source: &id, line: msg.offset };
+            self.job.admit(&origin, &msg.payload, msg.decoded, msg.ingest)?
+        };
+        Ok(event.map(|event| Ready {
+            id,
+            offset: msg.offset,
+            payload: msg.payload,
+            entity: msg.entity,
+            event,
+            late: false,
+        }))
+    }
+
+    /// Holds an event for order, or puts it in `ready` when it is due.
+    fn hold(&mut self, r: Ready, now: Instant, ready: &mut Vec<Ready>) {
+        if r.event.time_source == TimeSource::Ingest {
+            // No time of its own to order by: applied as it is taken.
+            ready.push(r);
+            return;
+        }
+        let trusted = r.event.time_source == TimeSource::Event;
+        match self.order.push(r.event.time_ms, trusted, r, now) {
+            Pushed::Now { mut item, late } => {
+                if late {
+                    self.job.late(&Origin { source: &item.id, line: item.offset });
+                    item.late = true;
+                }
+                ready.push(item);
+            }
+            Pushed::Held => {
+                while let Some(item) = self.order.pop(now) {
+                    ready.push(item);
+                }
+            }
+        }
+    }
+
+    /// The others wait for partition `id`: counted, and a `/readyz` reason
+    /// once it lasts.
+    fn wait_on(&mut self, id: String, now: Instant, health: &Health) {
+        match &mut self.waiting {
+            Some((waited, since, reported)) if *waited == id => {
+                if !*reported && now.saturating_duration_since(*since) >= LONG_WAIT {
+                    *reported = true;
+                    health.set_source(Some(format!(
+                        "waiting up to kafka.max_idle ({:?}) for partition {id}: nothing buffered, and it may hold \
+                         earlier events than the other partitions",
+                        self.kafka.max_idle
+                    )));
+                }
+            }
+            _ => {
+                self.end_wait(health);
+                if let Some((topic, _)) = split_id(&id) {
+                    metrics().kafka_waits.with_label_values(&[topic]).inc();
+                }
+                self.waiting = Some((id, now, false));
+            }
+        }
+    }
+
+    fn end_wait(&mut self, health: &Health) {
+        if let Some((_, since, reported)) = self.waiting.take() {
+            metrics().kafka_wait_seconds.inc_by(since.elapsed().as_secs_f64());
+            if reported && self.paused.is_none() {
+                health.set_source(None);
+            }
+        }
+    }
+
+    /// At a clean stop: the events held are applied (when no partition is
+    /// still being read again; else they are handed back).
+    fn release_all(&mut self) -> Result<(), RunError> {
+        if self.partitions.values().any(Partition::rereading) {
+            return Ok(());
+        }
+        let mut ready = Vec::new();
+        while let Some(r) = self.order.pop_any() {
+            ready.push(r);
+        }
+        self.apply(ready)
+    }
+
+    /// Sets each moved partition's checkpoint from what is held: before its
+    /// oldest event held, with how far it was taken and the released time.
+    /// A partition still being read again keeps its checkpoint (nothing
+    /// was released meanwhile).
+    fn settle_positions(&mut self) {
+        let mut oldest: BTreeMap<&str, u64> = BTreeMap::new();
+        for r in self.order.items() {
+            let o = oldest.entry(r.id.as_str()).or_insert(r.offset);
+            *o = (*o).min(r.offset);
+        }
+        let released = self.order.released();
+        let watermark = self.job.position().watermark_ms;
+        for id in &self.moved {
+            let Some(p) = self.partitions.get_mut(id) else { continue };
+            if p.rereading() {
+                continue;
+            }
+            let cp = &mut p.cp;
+            match oldest.get(id.as_str()) {
+                Some(&o) => (cp.offset, cp.read) = (o, Some((p.taken, p.taken))),
+                None => (cp.offset, cp.read) = (p.taken, None),
+            }
+            cp.line = cp.offset;
+            cp.released_ms = released;
+            cp.watermark_ms = cp.watermark_ms.max(watermark);
+        }
+    }
+
+    /// Applies events in order: each lane applies, in order, the events of
+    /// its entities; then, in order again, alerts are written.
+    fn apply(&mut self, ready: Vec<Ready>) -> Result<(), RunError> {
+        if ready.is_empty() {
+            return Ok(());
+        }
+        for r in &ready {
+            // A held event applied moves its partition's checkpoint.
+            self.moved.insert(r.id.clone());
         }
         let policy = self.job.retry_policy();
         let lanes = match self.lanes.as_mut_slice() {
             [] => std::slice::from_mut(self.job.main()),
             lanes => lanes,
         };
-        let per_lane = evaluate(lanes, &items, &events, &policy)?;
-        let mut outcomes: Vec<(Outcome, Vec<Alert>)> = items.iter().map(|_| Default::default()).collect();
+        let per_lane = evaluate(lanes, &ready, &policy)?;
+        let mut outcomes: Vec<(Outcome, Vec<Alert>)> = ready.iter().map(|_| Default::default()).collect();
         for (i, outcome, alerts) in per_lane.into_iter().flatten() {
             let (o, a) = &mut outcomes[i];
             o.matched += outcome.matched;
@@ -356,21 +619,8 @@ impl KafkaJob {
             o.problems.extend(outcome.problems);
             a.extend(alerts);
         }
-        for ((it, event), (outcome, mut alerts)) in items.into_iter().zip(&events).zip(outcomes) {
-            if event.is_some() {
-                self.job.emit(&Origin { source: &it.id, line: it.offset }, it.payload, outcome, &mut alerts, false)?;
-            }
-            // Applied: the partition's position moves past it.
-            let watermark = self.job.position().watermark_ms;
-            if let Some(pos) = self.partitions.get_mut(&it.id) {
-                pos.offset = it.offset + 1;
-                pos.watermark_ms = pos.watermark_ms.max(watermark);
-                if let Some((k, o)) = it.upstream {
-                    pos.upstream.insert(k, o);
-                }
-            }
-            self.moved.insert(it.id);
-            self.since_flush += 1;
+        for (r, (outcome, mut alerts)) in ready.iter().zip(outcomes) {
+            self.job.emit(&Origin { source: &r.id, line: r.offset }, &r.payload, outcome, &mut alerts, r.late)?;
         }
         Ok(())
     }
@@ -385,20 +635,6 @@ impl KafkaJob {
     }
 }
 
-/// A message to apply.
-struct Item<'m> {
-    /// Its partition's source id.
-    id: String,
-    offset: u64,
-    payload: &'m [u8],
-    /// Routed: the entity it is for.
-    entity: Option<(&'m str, &'m str)>,
-    /// Routed: its upstream partition and offset.
-    upstream: Option<(String, i64)>,
-    /// Routed: a copy of a message already applied.
-    repeat: bool,
-}
-
 /// What a lane did with one message (by index): the events it applied
 /// that matched a rule.
 type LaneResults = Vec<(usize, Outcome, Vec<Alert>)>;
@@ -406,26 +642,21 @@ type LaneResults = Vec<(usize, Outcome, Vec<Alert>)>;
 /// Each engine (lane) applies, in order, the events of its own entities.
 /// Several lanes run on threads of their own; a store failure is retried
 /// in the lane (events of a lane are never skipped or applied twice).
-fn evaluate(
-    engines: &mut [Lane],
-    items: &[Item<'_>],
-    events: &[Option<Event>],
-    policy: &RetryPolicy,
-) -> Result<Vec<LaneResults>, RunError> {
+fn evaluate(engines: &mut [Lane], ready: &[Ready], policy: &RetryPolicy) -> Result<Vec<LaneResults>, RunError> {
     let lanes = engines.len();
     let run_lane = |lane: usize, engine: &mut Lane| -> Result<LaneResults, RunError> {
         let scope = |i: usize| {
-            let s = Scope { entity: items[i].entity, lane: (lanes > 1).then_some((lane, lanes)) };
+            let entity = ready[i].entity.as_ref().map(|(t, id)| (t.as_str(), id.as_str()));
+            let s = Scope { entity, lane: (lanes > 1).then_some((lane, lanes)) };
             (s != Scope::default()).then_some(s)
         };
         if engine.cache.store().batched_reads() {
             let wanted: Vec<(&Event, Option<Scope<'_>>)> =
-                events.iter().enumerate().filter_map(|(i, e)| e.as_ref().map(|e| (e, scope(i)))).collect();
+                ready.iter().enumerate().map(|(i, r)| (&r.event, scope(i))).collect();
             policy.run("load state", || engine.prefetch(&wanted))?;
         }
         let mut out = Vec::new();
-        for (i, event) in events.iter().enumerate() {
-            let Some(event) = event else { continue };
+        for (i, event) in ready.iter().map(|r| &r.event).enumerate() {
             let mut alerts = Vec::new();
             let outcome = policy.run("load state", || {
                 alerts.clear();
@@ -459,6 +690,14 @@ fn parallel_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) ->
             items.chunks(chunk).map(|c| s.spawn(move || c.iter().map(f).collect::<Vec<R>>())).collect();
         handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
     })
+}
+
+/// Pauses the partitions whose queue is full, resumes those drained.
+fn pause_and_resume(consumer: &ScoringConsumer, align: &mut Align<String, Msg>) {
+    for (ids, pause) in [(align.take_to_pause(), true), (align.take_to_resume(), false)] {
+        let parts: Vec<(&str, i32)> = ids.iter().filter_map(|id| split_id(id)).collect();
+        set_paused(consumer, &parts, pause);
+    }
 }
 
 /// `kafka:<topic>:<partition>` back into its parts.
@@ -535,7 +774,7 @@ pub(super) fn run(
             None => {
                 // Draining: commit what is applied, within the drain timeout.
                 kj.job.set_deadline(Some(Instant::now() + k.drain_timeout));
-                kj.flush_and_commit(&consumer, CommitMode::Sync)
+                kj.release_all().and_then(|()| kj.flush_and_commit(&consumer, CommitMode::Sync))
             }
         };
         match drained {
@@ -623,6 +862,9 @@ fn start(
         lanes,
         partitions: BTreeMap::new(),
         moved: BTreeSet::new(),
+        align: Align::new(k.max_idle, QUEUE_CAP),
+        order: Reorder::new(cfg.event_time.max_delay(), None),
+        waiting: None,
         kafka: k.clone(),
         topics: topics.to_vec(),
         local_store,
@@ -688,7 +930,11 @@ fn pump(
         }
         let kj = &mut *kj;
         kj.job.reload(&mut kj.lanes)?;
-        kj.apply(&batch)?;
+        kj.intake(&batch);
+        batch.clear();
+        let ready = kj.take(health)?;
+        kj.apply(ready)?;
+        pause_and_resume(consumer, &mut kj.align);
         if kj.flush_due() {
             kj.flush_and_commit(consumer, CommitMode::Async)?;
         }

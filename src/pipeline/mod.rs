@@ -14,10 +14,13 @@
 //! - [`file`]: the file or stdin loop (read ahead, progress bar).
 //! - [`order`]: events held and applied in event-time order
 //!   (`event_time.max_delay`).
+//! - [`align`]: records of several partitions taken in event-time order
+//!   (`kafka.max_idle`), for the Kafka job and `riskd route`.
 //! - [`kafka`]: the Kafka loop: partitions, lanes, rebalances, offsets.
 //! - [`retry`]: how transient failures (store, outputs, input) are waited out.
 //! - [`outputs`]: the alert and dead-letter files and the alerts topic.
 
+pub(crate) mod align;
 mod file;
 mod job;
 mod kafka;

@@ -61,6 +61,8 @@ pub(super) struct Reorder<T> {
     max_seen: Option<i64>,
     /// Every event at or before this time has been released.
     released: Option<i64>,
+    /// Nothing is released (a restart is still reading again what it held).
+    frozen: bool,
 }
 
 impl<T> Reorder<T> {
@@ -74,7 +76,36 @@ impl<T> Reorder<T> {
             seq: 0,
             max_seen: None,
             released,
+            frozen: false,
         }
+    }
+
+    /// A resumed source's released time: everything at or before it was
+    /// applied (the released time only grows).
+    pub(super) fn resume_at(&mut self, released: Option<i64>) {
+        if let Some(r) = released {
+            self.release_to(r);
+        }
+    }
+
+    /// While frozen, the released time stands still and nothing is popped:
+    /// what a checkpoint records then stays exactly true.
+    pub(super) fn freeze(&mut self, frozen: bool) {
+        self.frozen = frozen;
+        self.catch_up();
+    }
+
+    /// The released time follows the largest time seen, less the delay.
+    fn catch_up(&mut self) {
+        if let (Some(seen), false) = (self.max_seen, self.frozen) {
+            self.release_to(seen.saturating_sub(self.max_delay_ms));
+        }
+    }
+
+    /// Keeps only the held items `keep` says (the rest are handed back:
+    /// not applied, read again by whoever reads their source next).
+    pub(super) fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        self.held.retain(|Reverse(h)| keep(&h.item));
     }
 
     /// Every event at or before this time has been released.
@@ -96,9 +127,8 @@ impl<T> Reorder<T> {
     /// (read from the event, and possible) move the released time on.
     pub(super) fn push(&mut self, time: i64, trusted: bool, item: T, now: Instant) -> Pushed<T> {
         if trusted {
-            let seen = self.max_seen.map_or(time, |m| m.max(time));
-            self.max_seen = Some(seen);
-            self.release_to(seen.saturating_sub(self.max_delay_ms));
+            self.max_seen = Some(self.max_seen.map_or(time, |m| m.max(time)));
+            self.catch_up();
         }
         if let Some(r) = self.released.filter(|r| time <= *r) {
             // Without a delay nothing is held, so nothing is late.
@@ -117,6 +147,9 @@ impl<T> Reorder<T> {
     /// time, or held `max_delay` of wall clock (the released time moves up
     /// to it).
     pub(super) fn pop(&mut self, now: Instant) -> Option<T> {
+        if self.frozen {
+            return None;
+        }
         let Reverse(next) = self.held.peek()?;
         let due = self.released.is_some_and(|r| next.time <= r);
         if !due && now.saturating_duration_since(next.since) < self.max_wait {
@@ -138,6 +171,20 @@ impl<T> Reorder<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frozen_buffer_releases_nothing_until_thawed() {
+        let mut r = Reorder::new(Duration::from_millis(10), Some(50));
+        let now = Instant::now();
+        r.freeze(true);
+        assert_eq!(r.push(100, true, 'a', now), Pushed::Held);
+        assert_eq!(r.push(40, true, 'b', now), Pushed::Now { item: 'b', late: true });
+        assert_eq!(r.pop(now + Duration::from_secs(1)), None);
+        assert_eq!(r.released(), Some(50));
+        r.freeze(false);
+        assert_eq!(r.released(), Some(90));
+        assert_eq!(r.pop(now + Duration::from_secs(1)), Some('a'));
+    }
 
     /// Events (time, id) pushed in `order`, applied as the buffer says,
     /// the rest at the end.
