@@ -13,6 +13,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::types::RDKafkaErrorCode;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 
 /// A Kafka client failed: what riskd was doing, librdkafka's message, and
 /// what the failure means, classified once here ([`classify`]).
@@ -202,9 +204,45 @@ pub trait Watch: Send + Sync {
     fn brokers_down(&self, reason: &str) {
         let _ = reason;
     }
+    /// Where partition ends are kept, if the owner wants them.
+    fn ends(&self) -> Option<&Ends> {
+        None
+    }
 }
 
 impl Watch for () {}
+
+/// The end (high watermark) of each partition read, as librdkafka's
+/// statistics last reported it: a partition with nothing buffered is
+/// either at its end (nothing to wait for) or behind it (its next
+/// messages are being fetched, and may be earlier in event time).
+#[derive(Default)]
+pub struct Ends(Mutex<BTreeMap<(String, i32), i64>>);
+
+impl Ends {
+    /// The last end reported of `topic`/`partition`.
+    pub fn get(&self, topic: &str, partition: i32) -> Option<i64> {
+        let ends = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        ends.get(&(topic.to_string(), partition)).copied()
+    }
+
+    fn record(&self, stats: &Statistics) {
+        let mut ends = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (topic, t) in &stats.topics {
+            for (id, p) in &t.partitions {
+                if *id >= 0 && p.hi_offset >= 0 {
+                    ends.insert((topic.clone(), *id), p.hi_offset);
+                }
+            }
+        }
+    }
+}
+
+impl Watch for Ends {
+    fn ends(&self) -> Option<&Ends> {
+        Some(self)
+    }
+}
 
 /// The context of every riskd client: librdkafka's log lines go to riskd's
 /// log, its statistics and errors to metrics, broker reachability to `W`.
@@ -221,6 +259,9 @@ impl<W: Watch> ClientContext for Context<W> {
     }
     fn stats(&self, stats: Statistics) {
         record_stats(&stats);
+        if let Some(ends) = self.watch.ends() {
+            ends.record(&stats);
+        }
         if stats.brokers.values().any(|b| b.state == "UP") {
             self.watch.brokers_up();
         }
@@ -364,8 +405,10 @@ pub const ALERT_ID_HEADER: &str = "alert_id";
 /// `<topic>/<partition>/<offset>`.
 pub const UPSTREAM_HEADER: &str = "riskd-upstream";
 
-/// A consumer that needs nothing beyond riskd's logs and metrics (the router's).
+/// A consumer that needs nothing beyond riskd's logs and metrics.
 impl ConsumerContext for Context<()> {}
+/// The router's consumer: logs, metrics and where its partitions end.
+impl ConsumerContext for Context<Ends> {}
 
 #[cfg(test)]
 mod tests {

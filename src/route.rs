@@ -27,7 +27,7 @@
 use crate::config::{Config, KafkaConfig};
 use crate::event::TimeSource;
 use crate::kafka::{
-    commit_offsets, consumer_config, ensure_topics, record_error, set_paused, Context, KafkaFailure, UPSTREAM_HEADER,
+    commit_offsets, consumer_config, ensure_topics, record_error, set_paused, Context, Ends, KafkaFailure, UPSTREAM_HEADER,
 };
 use crate::pipeline::align::{Align, Next, QUEUE_CAP};
 use crate::pipeline::RunError;
@@ -79,7 +79,7 @@ pub fn entities(cfg: &Config, event: &serde_json::Value) -> BTreeSet<(String, St
 }
 
 /// The router's consumer: riskd's logs and metrics, nothing more.
-type RouterConsumer = BaseConsumer<Context<()>>;
+type RouterConsumer = BaseConsumer<Context<Ends>>;
 
 /// Runs the router until shutdown.
 pub fn run(cfg: &Config, stop: &Shutdown, health: &Arc<Health>) -> Result<RouteSummary, RunError> {
@@ -97,7 +97,7 @@ pub fn run(cfg: &Config, stop: &Shutdown, health: &Arc<Health>) -> Result<RouteS
     crate::kafka::register_series(&k.topics, Some("routed"));
     let group = format!("{}.route", k.group_id);
     let consumer: RouterConsumer = consumer_config(k, &group)
-        .create_with_context(Context { watch: () })
+        .create_with_context(Context { watch: Ends::default() })
         .map_err(|e| KafkaFailure::of("creating the router's consumer", &e))?;
     let names: Vec<&str> = k.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names).map_err(|e| KafkaFailure::of(format!("subscribing to {names:?}"), &e))?;
@@ -107,13 +107,16 @@ pub fn run(cfg: &Config, stop: &Shutdown, health: &Arc<Health>) -> Result<RouteS
     // Next offset to commit per upstream partition, once acknowledged.
     let mut positions: BTreeMap<(String, i32), i64> = BTreeMap::new();
     let mut align: Align<(String, i32), Queued> = Align::new(k.max_idle, QUEUE_CAP);
+    let mut queued: BTreeMap<(String, i32), i64> = BTreeMap::new();
     let mut last_flush = Instant::now();
     let mut pending = 0u64;
     while !stop.is_triggered() {
         let polled = poll_batch(&consumer);
-        follow_assignment(&consumer, &mut align);
+        // Partitions given in this poll are queued before their messages.
+        follow_assignment(&consumer, &mut align, &mut queued);
         let ingest = crate::event::now_ms();
         for (key, offset, payload) in polled {
+            queued.insert(key.clone(), offset + 1);
             let line = u64::try_from(offset).unwrap_or(0);
             let decoded = decode_message(&payload, line, cfg.max_line_bytes, &cfg.event_time, ingest);
             let time = match &decoded {
@@ -170,16 +173,28 @@ fn poll_batch(consumer: &RouterConsumer) -> Vec<((String, i32), i64, Vec<u8>)> {
     out
 }
 
-/// The queues follow the assignment: partitions given are waited for,
-/// those taken away are dropped (their next owner routes them).
-fn follow_assignment(consumer: &RouterConsumer, align: &mut Align<(String, i32), Queued>) {
+/// The queues follow the assignment: partitions given are waited for
+/// (unless at their end), those taken away are dropped (their next owner
+/// routes them). `queued` is the next offset queued per partition.
+fn follow_assignment(
+    consumer: &RouterConsumer,
+    align: &mut Align<(String, i32), Queued>,
+    queued: &mut BTreeMap<(String, i32), i64>,
+) {
     let Ok(held) = consumer.assignment() else { return };
     let held: BTreeSet<(String, i32)> =
         held.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
     align.retain(|k| held.contains(k));
+    queued.retain(|k, _| held.contains(k));
     let now = Instant::now();
+    let ends = &consumer.context().watch;
     for k in held {
-        align.add(k, now);
+        let at_end = match (queued.get(&k), ends.get(&k.0, k.1)) {
+            (Some(q), Some(end)) => *q >= end,
+            _ => false,
+        };
+        align.add(k.clone(), now);
+        align.set_at_end(&k, at_end);
     }
 }
 

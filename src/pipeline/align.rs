@@ -4,10 +4,10 @@
 //! Each partition's records wait in a queue of their own, in offset order.
 //! The next record taken is the head with the smallest event time (ties to
 //! the first partition in key order). While a partition has nothing
-//! buffered, the others wait for it — it may hold the smallest time still
-//! to come — but at most `max_idle` of wall clock since it ran dry; past
-//! that they go on without it (an idle partition, or one at its end,
-//! never holds the rest back longer). A partition's queue past `cap` asks
+//! buffered and is not known to be at its end, the others wait for it —
+//! it may hold the smallest time still to come — but at most `max_idle` of
+//! wall clock since it ran dry; past that they go on without it (an idle
+//! partition never holds the rest back longer). A partition's queue past `cap` asks
 //! to be paused, and to be resumed once it has drained to half of it, so
 //! a partition ahead in event time does not fill memory while another is
 //! waited for.
@@ -38,6 +38,8 @@ struct Part<T> {
     last: i64,
     /// When the queue last ran dry.
     dry_since: Instant,
+    /// Known to be at its end: with nothing buffered, not waited for.
+    at_end: bool,
     paused: bool,
 }
 
@@ -58,7 +60,13 @@ impl<K: Ord + Clone, T> Align<K, T> {
 
     /// A partition now read (it is waited for from `now`).
     pub(crate) fn add(&mut self, key: K, now: Instant) {
-        self.parts.entry(key).or_insert(Part { queue: VecDeque::new(), last: i64::MIN, dry_since: now, paused: false });
+        self.parts.entry(key).or_insert(Part {
+            queue: VecDeque::new(),
+            last: i64::MIN,
+            dry_since: now,
+            at_end: false,
+            paused: false,
+        });
     }
 
     /// Partitions no longer read: their records are dropped (not applied,
@@ -72,6 +80,14 @@ impl<K: Ord + Clone, T> Align<K, T> {
             }
             kept
         });
+    }
+
+    /// Whether partition `key` is known to be at its end (everything the
+    /// broker holds was queued): then it is not waited for.
+    pub(crate) fn set_at_end(&mut self, key: &K, at_end: bool) {
+        if let Some(p) = self.parts.get_mut(key) {
+            p.at_end = at_end;
+        }
     }
 
     /// Records buffered over all partitions.
@@ -95,7 +111,7 @@ impl<K: Ord + Clone, T> Align<K, T> {
         let mut waited: Option<&K> = None;
         for (k, p) in &self.parts {
             match p.queue.front() {
-                None if waited.is_none() && now.saturating_duration_since(p.dry_since) < self.max_idle => {
+                None if waited.is_none() && !p.at_end && now.saturating_duration_since(p.dry_since) < self.max_idle => {
                     waited = Some(k);
                 }
                 None => {}
@@ -192,6 +208,13 @@ mod tests {
         a.push(&0, Some(10), 1);
         assert_eq!(a.next(start), Next::Wait(1));
         assert_eq!(a.next(start + Duration::from_millis(50)), Next::Take(0, 1));
+        // Known to be at its end: not waited for.
+        let mut e = Align::new(Duration::from_secs(60), 100);
+        e.add(0, start);
+        e.add(1, start);
+        e.push(&0, Some(10), 1);
+        e.set_at_end(&1, true);
+        assert_eq!(e.next(start), Next::Take(0, 1));
         // Zero never waits.
         let mut z = Align::new(Duration::ZERO, 100);
         z.add(0, start);

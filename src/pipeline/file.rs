@@ -151,6 +151,7 @@ impl Reading {
         let Some(info) = next? else { return Ok(false) };
         let before = (self.last.0, self.last.1, job.trusted_time());
         self.last = (info.end_offset, info.line);
+        self.order.freeze(self.last.0 < self.reread_to);
         let ingest = now_ms();
         let decoded = decode(buf, &info, settings.max_line_bytes, &settings.event_time, ingest);
         let event = if info.end_offset <= self.reread_to {
@@ -194,6 +195,12 @@ impl Reading {
             }
         }
         Ok(true)
+    }
+
+    /// Still reading again what the last run held: nothing is released
+    /// meanwhile, so the checkpoint it left stays exact until then.
+    fn rereading(&self) -> bool {
+        self.last.0 < self.reread_to
     }
 
     /// Moves the events now due to `ready`.
@@ -268,9 +275,10 @@ fn pump(
             shutdown.sleep(Duration::from_millis(200));
         }
     }
-    // The input has ended (or riskd stops): a file's held events are
-    // applied now; on shutdown they stay held, read again at the restart.
-    if !settings.follow && !shutdown.is_triggered() {
+    // The input has ended, or riskd stops cleanly: the events held are
+    // applied now (a restart then finds nothing held). Only a stop while
+    // still reading again what the last run held leaves them to the next.
+    if !reading.rereading() {
         while let Some(h) = reading.order.pop_any() {
             job.apply(&Origin { source: &reading.name, line: h.info.line }, &h.raw, &h.event, h.late)?;
         }
@@ -281,6 +289,10 @@ fn pump(
 
 /// Sets the job's position from what is held (see [`Job::hold_position`]).
 fn hold_position(job: &mut Job, reading: &Reading) {
+    if reading.rereading() {
+        // Nothing was released since the restart: its checkpoint stands.
+        return;
+    }
     let oldest = reading.order.items().map(|h| h.before).min_by_key(|b| b.0);
     let before = oldest.unwrap_or((reading.last.0, reading.last.1, job.trusted_time()));
     job.hold_position(before, reading.last, reading.order.released());

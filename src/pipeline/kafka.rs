@@ -46,7 +46,7 @@ use crate::alert::Alert;
 use crate::config::{Config, Consume, KafkaConfig};
 use crate::event::{now_ms, Event, TimeSource};
 use crate::kafka::{
-    commit_offsets, consumer_config, ensure_topics, partition_id, record_error, set_paused, Context, KafkaFailure, Watch,
+    commit_offsets, consumer_config, ensure_topics, partition_id, record_error, set_paused, Context, Ends, KafkaFailure, Watch,
     UPSTREAM_HEADER,
 };
 use crate::rules::{Outcome, Scope};
@@ -169,6 +169,8 @@ struct Ctx {
     brokers_down: AtomicBool,
     /// Partitions are held and being scored (readiness, once brokers answer again).
     scoring: AtomicBool,
+    /// Where the partitions end (alignment waits only for one behind).
+    ends: Ends,
 }
 
 fn lock(m: &Mutex<KafkaJob>) -> MutexGuard<'_, KafkaJob> {
@@ -186,6 +188,9 @@ impl Watch for Ctx {
     fn brokers_down(&self, reason: &str) {
         self.brokers_down.store(true, Ordering::Relaxed);
         self.health.set_source(Some(format!("kafka brokers unreachable: {reason}")));
+    }
+    fn ends(&self) -> Option<&Ends> {
+        Some(&self.ends)
     }
 }
 
@@ -413,9 +418,13 @@ impl KafkaJob {
 
     /// Takes queued messages in event-time order (while no partition is
     /// waited for) and holds their events; returns the events due.
-    fn take(&mut self, health: &Health) -> Result<Vec<Ready>, RunError> {
+    fn take(&mut self, health: &Health, ends: &Ends) -> Result<Vec<Ready>, RunError> {
         let mut ready = Vec::new();
         let now = Instant::now();
+        for (id, p) in &self.partitions {
+            let end = split_id(id).and_then(|(topic, partition)| ends.get(topic, partition));
+            self.align.set_at_end(id, end.is_some_and(|end| i64::try_from(p.queued).is_ok_and(|q| q >= end)));
+        }
         loop {
             match self.align.next(now) {
                 Next::Take(id, msg) => {
@@ -881,6 +890,7 @@ fn start(
         health,
         brokers_down: AtomicBool::new(false),
         scoring: AtomicBool::new(false),
+        ends: Ends::default(),
     };
     Ok(consumer_config(&k, &k.group_id)
         .create_with_context(Context { watch: ctx })
@@ -932,7 +942,7 @@ fn pump(
         kj.job.reload(&mut kj.lanes)?;
         kj.intake(&batch);
         batch.clear();
-        let ready = kj.take(health)?;
+        let ready = kj.take(health, &consumer.context().watch.ends)?;
         kj.apply(ready)?;
         pause_and_resume(consumer, &mut kj.align);
         if kj.flush_due() {
