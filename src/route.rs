@@ -27,7 +27,8 @@
 use crate::config::{Config, KafkaConfig};
 use crate::event::TimeSource;
 use crate::kafka::{
-    commit_offsets, consumer_config, ensure_topics, record_error, set_paused, Context, Ends, KafkaFailure, UPSTREAM_HEADER,
+    commit_offsets, consumer_config, ensure_topics, record_error, set_paused, Context, Ends, KafkaFailure,
+    UPSTREAM_HEADER,
 };
 use crate::pipeline::align::{Align, Next, QUEUE_CAP};
 use crate::pipeline::RunError;
@@ -221,7 +222,8 @@ fn route_one(
             }
             let upstream = format!("{topic}/{partition}/{}", q.offset);
             for (entity_type, id) in targets {
-                let headers = OwnedHeaders::new().insert(Header { key: UPSTREAM_HEADER, value: Some(upstream.as_str()) });
+                let headers =
+                    OwnedHeaders::new().insert(Header { key: UPSTREAM_HEADER, value: Some(upstream.as_str()) });
                 producer.send(&k.routed_topic(&entity_type), &id, &q.payload, headers)?;
                 summary.routed += 1;
             }

@@ -46,8 +46,8 @@ use crate::alert::Alert;
 use crate::config::{Config, Consume, KafkaConfig};
 use crate::event::{now_ms, Event, TimeSource};
 use crate::kafka::{
-    commit_offsets, consumer_config, ensure_topics, partition_id, record_error, set_paused, Context, Ends, KafkaFailure, Watch,
-    UPSTREAM_HEADER,
+    commit_offsets, consumer_config, ensure_topics, partition_id, record_error, set_paused, Context, Ends,
+    KafkaFailure, Watch, UPSTREAM_HEADER,
 };
 use crate::rules::{Outcome, Scope};
 use crate::shutdown::Shutdown;
