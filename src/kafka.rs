@@ -307,6 +307,7 @@ pub fn register_series(topics: &[String], producing: Option<&str>) {
     }
     for t in topics {
         m.kafka_skipped.with_label_values(&[t.as_str()]);
+        m.kafka_waits.with_label_values(&[t.as_str()]);
     }
 }
 

@@ -5,7 +5,10 @@
 //! waited `max_delay` of wall clock (a quiet stream is not held back
 //! forever: the released time then moves up to it). Ties go in arrival
 //! order. An event whose time the released time has already reached is
-//! applied at once (and counted late when it is behind it).
+//! applied at once, and counted late when an event later than it was
+//! applied before it (out of order). One behind the released time but
+//! before everything applied so far — the released time was moved on by
+//! an event far ahead, still held — is applied in order: not late.
 //!
 //! The released time only grows, and every held event is later than it, so
 //! what has been applied is exactly the events read whose time is at or
@@ -47,7 +50,7 @@ impl<T> Ord for Held<T> {
 pub(super) enum Pushed<T> {
     /// Held until its time is released.
     Held,
-    /// Its time is already released: apply it now (`late`: behind it).
+    /// Its time is already released: apply it now (`late`: after a later one).
     Now { item: T, late: bool },
 }
 
@@ -63,6 +66,8 @@ pub(super) struct Reorder<T> {
     released: Option<i64>,
     /// Nothing is released (a restart is still reading again what it held).
     frozen: bool,
+    /// The latest time of the events given out so far.
+    applied: Option<i64>,
 }
 
 impl<T> Reorder<T> {
@@ -77,6 +82,7 @@ impl<T> Reorder<T> {
             max_seen: None,
             released,
             frozen: false,
+            applied: None,
         }
     }
 
@@ -130,13 +136,20 @@ impl<T> Reorder<T> {
             self.max_seen = Some(self.max_seen.map_or(time, |m| m.max(time)));
             self.catch_up();
         }
-        if let Some(r) = self.released.filter(|r| time <= *r) {
-            // Without a delay nothing is held, so nothing is late.
-            return Pushed::Now { item, late: time < r && self.max_delay_ms > 0 };
+        if self.released.is_some_and(|r| time <= r) {
+            // Late only when something later was given out before it
+            // (without a delay nothing is held, so nothing is late).
+            let late = self.applied.is_some_and(|a| time < a) && self.max_delay_ms > 0;
+            self.gave(time);
+            return Pushed::Now { item, late };
         }
         self.seq += 1;
         self.held.push(Reverse(Held { time, seq: self.seq, since: now, item }));
         Pushed::Held
+    }
+
+    fn gave(&mut self, time: i64) {
+        self.applied = Some(self.applied.map_or(time, |a| a.max(time)));
     }
 
     fn release_to(&mut self, time: i64) {
@@ -155,15 +168,14 @@ impl<T> Reorder<T> {
         if !due && now.saturating_duration_since(next.since) < self.max_wait {
             return None;
         }
-        let Reverse(next) = self.held.pop()?;
-        self.release_to(next.time);
-        Some(next.item)
+        self.pop_any()
     }
 
     /// The next event held, whatever its time (the input has ended).
     pub(super) fn pop_any(&mut self) -> Option<T> {
         let Reverse(next) = self.held.pop()?;
         self.release_to(next.time);
+        self.gave(next.time);
         Some(next.item)
     }
 }
@@ -178,7 +190,8 @@ mod tests {
         let now = Instant::now();
         r.freeze(true);
         assert_eq!(r.push(100, true, 'a', now), Pushed::Held);
-        assert_eq!(r.push(40, true, 'b', now), Pushed::Now { item: 'b', late: true });
+        assert_eq!(r.push(40, true, 'b', now), Pushed::Now { item: 'b', late: false });
+        assert_eq!(r.push(30, true, 'c', now), Pushed::Now { item: 'c', late: true }, "after 40");
         assert_eq!(r.pop(now + Duration::from_secs(1)), None);
         assert_eq!(r.released(), Some(50));
         r.freeze(false);
@@ -213,6 +226,19 @@ mod tests {
         assert_eq!(applied(30, &shuffled), vec![1, 2, 3, 4, 5, 6, 7, 8]);
         // Ties go in arrival order.
         assert_eq!(applied(30, &[(10, 1), (10, 2), (5, 0), (10, 3)]), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn one_event_far_ahead_does_not_make_the_rest_late() {
+        let mut r = Reorder::new(Duration::from_millis(5), None);
+        let now = Instant::now();
+        assert_eq!(r.push(10, true, 'a', now), Pushed::Held);
+        assert_eq!(r.push(600, true, 'z', now), Pushed::Held);
+        assert_eq!(r.pop(now), Some('a'));
+        assert_eq!(r.push(11, true, 'b', now), Pushed::Now { item: 'b', late: false });
+        assert_eq!(r.push(12, true, 'c', now), Pushed::Now { item: 'c', late: false });
+        assert_eq!(r.push(11, true, 'd', now), Pushed::Now { item: 'd', late: true }, "after c");
+        assert_eq!(r.pop(now), None, "z waits for its time");
     }
 
     #[test]
