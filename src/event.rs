@@ -210,10 +210,10 @@ pub struct EventTime {
 pub const DEFAULT_MAX_FUTURE_MS: i64 = 5 * 60_000;
 /// `event_time.min` by default: 2000-01-01T00:00:00Z.
 pub const DEFAULT_MIN_MS: i64 = 946_684_800_000;
-/// `event_time.max_delay` by default: five seconds, the jitter of log
-/// shippers' batches and of partitions read side by side, for at most five
-/// seconds more before an alert (see the README's "Event-time order").
-pub const DEFAULT_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
+/// `event_time.max_delay` by default: none, events are applied in the
+/// order taken (across partitions, event-time order already; see the
+/// README's "Event-time order" for why).
+pub const DEFAULT_MAX_DELAY: std::time::Duration = std::time::Duration::ZERO;
 
 impl EventTime {
     /// From field paths, in order of preference, with the default bounds.

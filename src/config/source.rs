@@ -66,12 +66,12 @@ pub struct EventTimeFile {
     /// Out-of-orderness absorbed: events are held up to this long (event
     /// time, or wall clock) and applied in event-time order; `0s` applies
     /// them as they arrive.
-    #[serde(default = "five_seconds")]
+    #[serde(default = "no_delay")]
     pub max_delay: String,
 }
 
-fn five_seconds() -> String {
-    "5s".into()
+fn no_delay() -> String {
+    "0s".into()
 }
 
 fn five_minutes() -> String {

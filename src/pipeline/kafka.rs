@@ -635,7 +635,8 @@ impl KafkaJob {
     }
 
     fn flush_due(&mut self) -> bool {
-        self.since_flush > 0
+        // Held events applied later (by wall clock) move positions too.
+        !self.moved.is_empty()
             && (self.since_flush >= self.settings.flush_every_events
                 || self.last_flush.elapsed() >= self.settings.flush_interval
                 || self.job.main().cache.over_bounds()

@@ -24,7 +24,7 @@ pub(crate) mod align;
 mod file;
 mod job;
 mod kafka;
-mod order;
+pub(crate) mod order;
 mod outputs;
 mod retry;
 

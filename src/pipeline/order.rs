@@ -16,6 +16,7 @@
 //! read, how far the input was read, and the released time lets a restart
 //! re-read the held events and skip the rest.
 
+use crate::event::{Event, TimeSource};
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
@@ -177,6 +178,45 @@ impl<T> Reorder<T> {
         self.release_to(next.time);
         self.gave(next.time);
         Some(next.item)
+    }
+}
+
+/// Recorded events put in the order `riskd run` applies them, for `riskd
+/// replay` and `riskd test`: held for `max_delay` of event time (a
+/// recording has no wall clock to wait on), events without a time of their
+/// own as they come.
+pub(crate) struct Sequencer {
+    order: Reorder<Event>,
+    now: Instant,
+}
+
+impl Sequencer {
+    pub(crate) fn new(max_delay: Duration) -> Self {
+        Self { order: Reorder::new(max_delay, None), now: Instant::now() }
+    }
+
+    /// Takes an event (its time settled); those now due go to `out`, in order.
+    pub(crate) fn push(&mut self, event: Event, out: &mut Vec<Event>) {
+        if event.time_source == TimeSource::Ingest {
+            out.push(event);
+            return;
+        }
+        let trusted = event.time_source == TimeSource::Event;
+        match self.order.push(event.time_ms, trusted, event, self.now) {
+            Pushed::Now { item, .. } => out.push(item),
+            Pushed::Held => {
+                while let Some(e) = self.order.pop(self.now) {
+                    out.push(e);
+                }
+            }
+        }
+    }
+
+    /// The recording has ended: every event held goes to `out`, in order.
+    pub(crate) fn finish(&mut self, out: &mut Vec<Event>) {
+        while let Some(e) = self.order.pop_any() {
+            out.push(e);
+        }
     }
 }
 

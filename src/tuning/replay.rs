@@ -6,6 +6,7 @@
 
 use crate::config::Config;
 use crate::event::{now_ms, EventClock};
+use crate::pipeline::order::Sequencer;
 use crate::pipeline::RunError;
 use crate::rules::{Engine, Form, Rule};
 use crate::scoring::Scorer;
@@ -112,22 +113,33 @@ pub fn replay(cfg: Config, input: &Path) -> Result<Report, RunError> {
         path: path.clone(),
         source,
     })?;
-    let (mut buf, mut alerts) = (Vec::new(), Vec::new());
+    let (mut buf, mut alerts, mut due) = (Vec::new(), Vec::new(), Vec::new());
     let mut clock = EventClock::default();
+    // In the order `riskd run` applies them: event-time order within `event_time.max_delay`.
+    let mut order = Sequencer::new(cfg.event_time.max_delay());
     let mut report = Report { events: 0, invalid: 0, risk_alerts: 0, rules: Vec::new() };
-    while let Some(info) = reader.next_line(&mut buf).map_err(io)? {
-        match decode(&buf, &info, cfg.max_line_bytes, &cfg.event_time, now_ms()) {
-            Decoded::Blank => continue,
-            Decoded::Rejected { .. } => report.invalid += 1,
-            Decoded::Event(mut event) => {
-                clock.settle(&mut event);
-                scorer.process(&mut engine, &mut cache, &event, None, &mut alerts)?;
-                report.risk_alerts +=
-                    alerts.iter().filter(|a| a.rule_id == crate::scoring::RISK_RULE_ID).count() as u64;
-                alerts.clear();
+    let mut ended = false;
+    while !ended {
+        match reader.next_line(&mut buf).map_err(io)? {
+            None => {
+                order.finish(&mut due);
+                ended = true;
             }
+            Some(info) => match decode(&buf, &info, cfg.max_line_bytes, &cfg.event_time, now_ms()) {
+                Decoded::Blank => continue,
+                Decoded::Rejected { .. } => report.invalid += 1,
+                Decoded::Event(mut event) => {
+                    clock.settle(&mut event);
+                    order.push(event, &mut due);
+                }
+            },
         }
-        report.events += 1;
+        for event in due.drain(..) {
+            scorer.process(&mut engine, &mut cache, &event, None, &mut alerts)?;
+            report.risk_alerts += alerts.iter().filter(|a| a.rule_id == crate::scoring::RISK_RULE_ID).count() as u64;
+            alerts.clear();
+            report.events += 1;
+        }
     }
     let stats = engine.stats().unwrap_or_default();
     report.rules = rules

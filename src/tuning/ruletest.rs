@@ -22,6 +22,7 @@
 use crate::alert::{Alert, EntityRef};
 use crate::config::Config;
 use crate::event::{format_time_ms, now_ms, parse_time_ms, EventClock, EventTime};
+use crate::pipeline::order::Sequencer;
 use crate::rules::{Engine, Rule};
 use crate::scoring::{self, Scorer, ScoringConfig};
 use crate::state::{MemoryStore, Mutation, Record, StateCache, Store, WriteBatch};
@@ -219,6 +220,9 @@ fn run_case(
     let mut alerts: Vec<Alert> = Vec::new();
     let mut now = i64::MIN;
     let mut clock = EventClock::default();
+    // In the order `riskd run` applies them: event-time order within `event_time.max_delay`.
+    let mut order = Sequencer::new(event_time.max_delay());
+    let mut due = Vec::new();
     for (i, value) in events.into_iter().enumerate() {
         if !value.is_object() {
             return Err(format!("event {} is not a JSON object", i + 1));
@@ -226,7 +230,11 @@ fn run_case(
         let mut event = event_time.event(value, now_ms());
         clock.settle(&mut event);
         now = now.max(event.time_ms);
-        scorer.process(&mut engine, &mut cache, &event, None, &mut alerts).map_err(|e| e.to_string())?;
+        order.push(event, &mut due);
+    }
+    order.finish(&mut due);
+    for event in &due {
+        scorer.process(&mut engine, &mut cache, event, None, &mut alerts).map_err(|e| e.to_string())?;
     }
     Ok(check(&mut cache, scoring, &case.expect, &alerts, now))
 }
