@@ -46,25 +46,44 @@ pub fn create_topic(brokers: &str, name: &str, partitions: i32) {
 /// Produces `(key, payload)` messages in order; returns how many landed
 /// on each partition (the end offset of each, for a fresh topic).
 pub fn produce(brokers: &str, topic: &str, messages: &[(Option<String>, String)]) -> BTreeMap<i32, i64> {
+    let partitions = partition_count(brokers, topic);
+    // The partition is chosen here (murmur2 is the Java client's; any
+    // stable hash keeps a key on one partition), so counts are known.
+    let placed = messages.iter().map(|(key, payload)| {
+        let partition = match key {
+            Some(k) => (fnv(k.as_bytes()) % partitions as u64) as i32,
+            None => 0,
+        };
+        (partition, key.as_deref(), payload.as_str())
+    });
+    send(brokers, topic, placed)
+}
+
+/// Produces un-keyed `(partition, payload)` messages in order, each to the
+/// partition it names; returns how many landed on each partition.
+pub fn produce_to(brokers: &str, topic: &str, messages: &[(i32, String)]) -> BTreeMap<i32, i64> {
+    send(brokers, topic, messages.iter().map(|(partition, payload)| (*partition, None, payload.as_str())))
+}
+
+/// Sends `(partition, key, payload)` messages in order and waits until the
+/// broker has acknowledged them all; counts them by partition.
+fn send<'a>(
+    brokers: &str,
+    topic: &str,
+    messages: impl Iterator<Item = (i32, Option<&'a str>, &'a str)>,
+) -> BTreeMap<i32, i64> {
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .create()
         .expect("producer");
-    let partitions = partition_count(brokers, topic);
     let mut counts = BTreeMap::new();
-    for (key, payload) in messages {
-        // The partition is chosen here (murmur2 is the Java client's; any
-        // stable hash keeps a key on one partition), so counts are known.
-        let partition = match key {
-            Some(k) => (fnv(k.as_bytes()) % partitions as u64) as i32,
-            None => 0,
-        };
+    for (partition, key, payload) in messages {
         *counts.entry(partition).or_insert(0i64) += 1;
-        let mut record = BaseRecord::to(topic).payload(payload.as_str()).partition(partition);
+        let mut record = BaseRecord::to(topic).payload(payload).partition(partition);
         if let Some(k) = key {
-            record = record.key(k.as_str());
+            record = record.key(k);
         }
         let mut record = record;
         loop {

@@ -288,7 +288,12 @@ pub struct Riskd {
 
 /// `riskd run` on `config`, logging at info to the file `log`.
 pub fn spawn_run(config: &Path, log: &Path) -> Guard {
-    let child = riskd_command(&["run", "--config", &config.display().to_string()])
+    spawn_riskd("run", config, log)
+}
+
+/// `riskd COMMAND` (`run`, `route`) on `config`, logging at info to the file `log`.
+pub fn spawn_riskd(command: &str, config: &Path, log: &Path) -> Guard {
+    let child = riskd_command(&[command, "--config", &config.display().to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
@@ -300,7 +305,16 @@ pub fn spawn_run(config: &Path, log: &Path) -> Guard {
 
 impl Riskd {
     pub fn spawn(config: &Path, log: &Path, listen: u16) -> Self {
-        let r = Riskd { process: spawn_run(config, log), log: log.to_path_buf(), listen };
+        Self::spawn_command("run", config, log, listen)
+    }
+
+    /// `riskd route` on `config`, its telemetry on `listen`.
+    pub fn spawn_route(config: &Path, log: &Path, listen: u16) -> Self {
+        Self::spawn_command("route", config, log, listen)
+    }
+
+    fn spawn_command(command: &str, config: &Path, log: &Path, listen: u16) -> Self {
+        let r = Riskd { process: spawn_riskd(command, config, log), log: log.to_path_buf(), listen };
         wait_for("the telemetry endpoint", Duration::from_secs(30), || http_get(&r.url("/readyz"), None).is_some());
         r
     }
