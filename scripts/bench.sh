@@ -3,7 +3,8 @@
 #   scripts/bench.sh throughput   main job vs parse-only, embedded store (1 M events)
 #   scripts/bench.sh dynamodb     DynamoDB requests per 1,000 events and events/s, on DynamoDB Local
 #   scripts/bench.sh kafka        events/s from a broker through the rules to the alerts topic, vs a bare consume
-#   scripts/bench.sh              all three
+#   scripts/bench.sh order        the file job with the event-time buffer off and on (events/s, peak memory)
+#   scripts/bench.sh              all four
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -25,4 +26,41 @@ if [ "$what" = kafka ] || [ "$what" = all ]; then
   install_tansu
   start_tansu
   cargo bench --bench kafka
+fi
+if [ "$what" = order ] || [ "$what" = all ]; then
+  # Same run, alternating: event_time.max_delay 0s (off, the default), 5s
+  # and 1m, 3 rounds, on the same generated events; events/s and peak
+  # memory (max RSS, /usr/bin/time).
+  cargo build --release --quiet
+  bin=$root/target/release/riskd
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  events=${RISKD_BENCH_EVENTS:-1000000}
+  "$bin" generate --events "$events" --users 10000 > "$work/events.jsonl"
+  for round in 1 2 3; do
+    for delay in 0s 5s 1m; do
+      d="$work/$delay-$round"; mkdir -p "$d"
+      cat > "$d/riskd.toml" <<TOML
+[source]
+path = "$work/events.jsonl"
+[sink]
+path = "alerts.jsonl"
+[store]
+kind = "embedded"
+path = "state.redb"
+flush_every_events = 100000
+flush_interval = "2s"
+[rules]
+paths = ["$root/config/rules"]
+[telemetry]
+listen = ""
+[event_time]
+max_delay = "$delay"
+TOML
+      start=$(date +%s.%N)
+      (cd "$d" && /usr/bin/time -f "%M" -o rss "$bin" run --config riskd.toml 2> summary.txt)
+      secs=$(echo "$(date +%s.%N) - $start" | bc)
+      echo "round $round max_delay=$delay: $(echo "$events / $secs" | bc) events/s, max RSS $(( $(cat "$d/rss") / 1024 )) MiB; $(tail -1 "$d/summary.txt")"
+    done
+  done
 fi

@@ -15,7 +15,9 @@
 mod common;
 
 use common::kafka::*;
-use common::kafka_faults::{by_id, generated, kafka_config, keyed_by_user, keyed_topic, undisturbed, Riskd};
+use common::kafka_faults::{
+    by_id, generated, kafka_config, keyed_by_user, keyed_topic, undisturbed, wait_applied, Riskd,
+};
 use common::*;
 use riskd::event::{format_time_ms, parse_time_ms};
 use serde_json::Value;
@@ -366,4 +368,45 @@ fn a_kill_with_events_held_then_a_restart_equals_the_file_run() {
 
     assert_file_run_alerts(&alerts_topic, &expected, true);
     assert!(export_state(&config) == expected_state, "the final state of the file run: held events applied once");
+}
+
+/// A partition with nothing buffered, whose end is not known yet
+/// (librdkafka's statistics, set here to a minute, have not reported it),
+/// holds the others back — at most `kafka.max_idle` — and says so: a
+/// `/readyz` reason naming it, and `riskd_kafka_partition_waits_total`.
+/// Past `max_idle` the others go on without it and riskd is ready again.
+#[test]
+fn a_partition_waited_for_holds_the_others_at_most_max_idle_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (topic, alerts_topic, group) = (unique("events"), unique("alerts"), unique("riskd"));
+    create_topic(&brokers(), &topic, 2);
+    let lines: Vec<(i32, String)> = sorted_stream(200, 100).into_iter().map(|l| (0, l)).collect();
+    produce_to(&brokers(), &topic, &lines);
+    let listen = free_port();
+    let kafka = keyed_topic(&group, &topic, &alerts_topic, "max_idle = \"12s\"");
+    let slow_statistics = [("[kafka.properties]", "[kafka.properties]\n\"statistics.interval.ms\" = \"60000\"")];
+    let config =
+        kafka_config(&dir.path().join("run"), &shipped_rules(), &kafka, EMBEDDED, &brokers(), listen, &slow_statistics);
+    let mut riskd = Riskd::spawn(&config, &dir.path().join("riskd.log"), listen);
+    let started = Instant::now();
+
+    let mut reason = None;
+    wait_for("a /readyz reason naming the partition waited for", Duration::from_secs(12), || {
+        reason = http_get(&riskd.url("/readyz"), None).filter(|(status, body)| {
+            *status == 503 && body.contains("kafka.max_idle") && body.contains(&format!("kafka:{topic}:1"))
+        });
+        reason.is_some()
+    });
+    assert_eq!(riskd.events(), 0.0, "nothing is applied while partition 1 is waited for: {reason:?}");
+    let waits = riskd.metric(&format!("riskd_kafka_partition_waits_total{{topic=\"{topic}\"}}"));
+    assert!(waits.is_some_and(|w| w >= 1.0), "the wait is counted: {waits:?}");
+
+    wait_applied(&riskd, lines.len(), Duration::from_secs(60));
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(10), "partition 0 went on only after max_idle: {waited:?}");
+    wait_for("ready again", Duration::from_secs(10), || {
+        http_get(&riskd.url("/readyz"), None).is_some_and(|(status, _)| status == 200)
+    });
+    riskd.assert_running();
+    riskd.stop_ok();
 }

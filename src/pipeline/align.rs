@@ -119,10 +119,11 @@ impl<K: Ord + Clone, T> Align<K, T> {
                 Some(_) => {}
             }
         }
+        // Nothing buffered anywhere: nothing is held back either.
+        let Some((k, _)) = best else { return Next::Empty };
         if let Some(k) = waited {
             return Next::Wait(k.clone());
         }
-        let Some((k, _)) = best else { return Next::Empty };
         let k = k.clone();
         let Some(p) = self.parts.get_mut(&k) else { return Next::Empty };
         let Some((_, item)) = p.queue.pop_front() else { return Next::Empty };
@@ -195,7 +196,7 @@ mod tests {
         assert_eq!(taken, vec![1, 2, 3, 4, 44]);
         assert_eq!(next, Next::Wait(1), "partition 1 ran dry: it may still hold a time before 500");
         let (taken, next) = drain(&mut a, now + Duration::from_secs(1));
-        assert_eq!((taken, next), (vec![5], Next::Wait(0)));
+        assert_eq!((taken, next), (vec![5], Next::Empty), "nothing buffered: nothing held back");
         assert_eq!(a.len(), 0);
     }
 

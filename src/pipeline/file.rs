@@ -244,8 +244,10 @@ fn pump(
             let events: Vec<(&Event, _)> = ready.iter().map(|h| (&h.event, None)).collect();
             job.prefetch(&events)?;
         }
-        // Events released by wall clock (none read) are flushed too.
-        since_flush += ready.len() as u64;
+        if read == 0 {
+            // Events released by wall clock while no line came: flushed too.
+            since_flush += ready.len() as u64;
+        }
         for h in ready.drain(..) {
             job.apply(&Origin { source: &reading.name, line: h.info.line }, &h.raw, &h.event, h.late)?;
         }
