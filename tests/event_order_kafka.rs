@@ -4,9 +4,9 @@
 //! whose head has the smallest event time, waiting at most `kafka.max_idle`
 //! for one with nothing buffered, and `riskd run` holds events within
 //! `event_time.max_delay`. So a backfill spread over partitions, routed and
-//! scored by instances one of which is killed, routers scaled out, and a kill
-//! with events held all give the alerts (and state) of one file run over the
-//! same events, time-sorted.
+//! scored by instances one of which is killed, routers scaled out, a kill
+//! with events held, and a rebalance with events held all give the alerts
+//! (and state) of one file run over the same events, time-sorted.
 //!
 //! The streams are generated, sorted by time and given distinct times (see
 //! [`sorted_stream`]): a file run and any event-time order then apply the
@@ -16,7 +16,7 @@ mod common;
 
 use common::kafka::*;
 use common::kafka_faults::{
-    by_id, generated, kafka_config, keyed_by_user, keyed_topic, undisturbed, wait_applied, Riskd,
+    by_id, generated, kafka_config, keyed_by_user, keyed_topic, okta_rules, undisturbed, wait_applied, Riskd,
 };
 use common::*;
 use riskd::event::{format_time_ms, parse_time_ms};
@@ -368,6 +368,129 @@ fn a_kill_with_events_held_then_a_restart_equals_the_file_run() {
 
     assert_file_run_alerts(&alerts_topic, &expected, true);
     assert!(export_state(&config) == expected_state, "the final state of the file run: held events applied once");
+}
+
+/// Two instances in one group on a topic keyed by user, on one DynamoDB
+/// table, events 10 ms apart and `max_delay = "10s"`. A starts alone on a
+/// backfill of a third of the stream and holds its last ~1,000 events when B
+/// joins, the rest being produced live: the group rebalances, A flushes,
+/// commits each partition at its checkpoint (before its oldest event held)
+/// and hands the held events back; each partition's next owner (A again, or
+/// B) reads them again from there, skips what A applied and holds the rest.
+///
+/// The Okta rules only, not the shipped rules: each is keyed by user, the
+/// topic key, so every entity's events are all in one partition, in event-
+/// time order, applied by one instance at a time. Which instance applies a
+/// partition, and how the partitions interleave, then changes no alert and
+/// no state value: the file run's alerts and state are exactly what a
+/// correct hand-over must give. (The shipped rules keyed by principal, role
+/// and IP would each see only their instance's partitions of a raw topic;
+/// routed, `riskd route` in front would be a second moving part, and the
+/// scorers would still hand back what they hold in the same way.)
+#[test]
+fn a_rebalance_with_events_held_hands_them_back_and_equals_the_file_run() {
+    const REVOKE: &str = "riskd_kafka_rebalances_total{kind=\"revoke\"}";
+    let dir = tempfile::tempdir().unwrap();
+    let rules = okta_rules(dir.path());
+    let lines = sorted_stream(10_000, 10);
+    let (expected, expected_state) = undisturbed(dir.path(), &rules, &lines, &dynamodb_store_section("ttl = false"));
+    let fired = rules_of(expected.values());
+    assert_eq!(fired.len(), 3, "both Okta rules and entity risk alert in the file run: {fired:?}");
+
+    let (topic, alerts_topic, group) = (unique("events"), unique("alerts"), unique("riskd"));
+    create_topic(&brokers(), &topic, 4);
+    let keyed = keyed_by_user(&lines);
+    let (backfill, live) = keyed.split_at(keyed.len() / 3);
+    let first = produce(&brokers(), &topic, backfill);
+    let kafka = keyed_topic(&group, &topic, &alerts_topic, MAX_IDLE);
+    let store = dynamodb_store_section("ttl = false");
+    let mk = |name: &str| {
+        let listen = free_port();
+        (config(&dir.path().join(name), &rules, &kafka, &store, "10s", listen), listen)
+    };
+    let ((a_cfg, a_port), (b_cfg, b_port)) = (mk("a"), mk("b"));
+    assert!(riskd(&["store", "init", "--config", &a_cfg.display().to_string()]).status.success());
+    let mut a = Riskd::spawn(&a_cfg, &dir.path().join("a.log"), a_port);
+
+    // A alone has applied and committed part of the backfill, and holds the rest.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let held_when_b_starts = loop {
+        a.assert_running();
+        let held = a.metric("riskd_events_held").unwrap_or(0.0);
+        let done = committed(&brokers(), &group, &topic);
+        if held > 0.0 && !done.is_empty() {
+            break held;
+        }
+        assert!(done != first, "A applied and committed the whole backfill without holding an event");
+        assert!(Instant::now() < deadline, "A held no event within 60 s (riskd_events_held {held}): {}", a.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let revokes_before = a.metric(REVOKE).unwrap_or(0.0);
+
+    // The rest, live: 250 events (2.5 s of event time) every 250 ms, so
+    // that the released time runs ahead of wall clock and A goes on holding
+    // some 1,000 events while B joins.
+    let producer = {
+        let (topic, live) = (topic.clone(), live.to_vec());
+        std::thread::spawn(move || {
+            for slice in live.chunks(250) {
+                produce(&brokers(), &topic, slice);
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        })
+    };
+    // B joins; A's events held at its last look before its revoke.
+    let (mut b, held_at_revoke) = std::thread::scope(|s| {
+        let watch = s.spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut last = None;
+            loop {
+                let held = a.metric("riskd_events_held");
+                if a.metric(REVOKE).unwrap_or(0.0) > revokes_before {
+                    return last;
+                }
+                last = held;
+                assert!(Instant::now() < deadline, "A's partitions were not revoked within 60 s of B starting");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let b = Riskd::spawn(&b_cfg, &dir.path().join("b.log"), b_port);
+        (b, watch.join().unwrap())
+    });
+    assert!(a.metric(REVOKE).unwrap_or(0.0) >= 1.0, "A's partitions were revoked when B joined");
+    assert!(
+        held_at_revoke.is_some_and(|h| h > 0.0),
+        "A held events right before its partitions were revoked: {held_at_revoke:?} (when B started: \
+         {held_when_b_starts})"
+    );
+    wait_for("both instances holding partitions after the rebalance", Duration::from_secs(60), || {
+        let holds = |r: &Riskd| r.metric("riskd_kafka_partitions").unwrap_or(0.0) > 0.0;
+        holds(&a) && holds(&b)
+    });
+    producer.join().unwrap();
+    wait_consumed(
+        &group,
+        std::slice::from_ref(&topic),
+        lines.len() as i64,
+        &mut [&mut a, &mut b],
+        Duration::from_secs(120),
+    );
+    // Every event applied once, by one of the two (handed back: not counted).
+    let late = |r: &Riskd| r.metric("riskd_events_total{outcome=\"late\",source=\"kafka\"}").unwrap_or(0.0);
+    let applied = [(a.events(), late(&a)), (b.events(), late(&b))];
+    a.stop_ok();
+    b.stop_ok();
+
+    eprintln!(
+        "held by A when B started {held_when_b_starts}, at its revoke {held_at_revoke:?}; applied (events, late) \
+         by A {:?}, by B {:?}",
+        applied[0], applied[1]
+    );
+    assert!(applied[1].0 + applied[1].1 > 0.0, "B applied part of the stream");
+    assert_file_run_alerts(&alerts_topic, &expected, true);
+    assert!(export_state(&a_cfg) == expected_state, "the final state of the file run: held events applied once");
+    let total: f64 = applied.iter().map(|(n, late)| n + late).sum();
+    assert_eq!(total, lines.len() as f64, "each event applied once, by A or by B");
 }
 
 /// A partition with nothing buffered, whose end is not known yet
