@@ -86,13 +86,18 @@ fn main() {
     if cpus > 1 {
         lane_counts.push(cpus);
     }
-    let mut runs: Vec<(usize, &str)> = lane_counts.into_iter().map(|l| (l, "0s")).collect();
-    runs.extend([(1, "5s"), (1, "1m")]);
-    for (lanes, delay) in runs {
+    // (lanes, event_time.max_delay, kafka.max_idle): the defaults, more
+    // lanes, alignment waiting for nothing, the buffer on.
+    let mut runs: Vec<(usize, &str, &str)> = lane_counts.into_iter().map(|l| (l, "0s", "2s")).collect();
+    runs.extend([(1, "0s", "0s"), (1, "5s", "2s"), (1, "1m", "2s")]);
+    if std::env::var("RISKD_BENCH_QUICK").is_ok() {
+        runs = vec![(1, "0s", "2s"), (1, "0s", "0s")];
+    }
+    for (lanes, delay, idle) in runs {
         let run = Run { brokers: &brokers, topic: &topic, alerts: &alerts, run_id: &run_id, dir: dir.path(), root };
-        let scored = run.riskd(lanes, delay, events);
+        let scored = run.riskd(lanes, delay, idle, events);
         println!(
-            "riskd, {lanes} lane(s), max_delay {delay}: {scored:.0} events/s = {:.0}% of a bare consume, {:.0}% of consume + parse",
+            "riskd, {lanes} lane(s), max_delay {delay}, max_idle {idle}: {scored:.0} events/s = {:.0}% of a bare consume, {:.0}% of consume + parse",
             100.0 * scored / bare,
             100.0 * scored / parse
         );
@@ -135,14 +140,14 @@ impl Run<'_> {
     /// Runs riskd on the topic until it has applied `events` (less the
     /// last 1,000, which a buffer may hold for its delay of wall clock);
     /// its events/s.
-    fn riskd(&self, lanes: usize, delay: &str, events: u64) -> f64 {
+    fn riskd(&self, lanes: usize, delay: &str, idle: &str, events: u64) -> f64 {
         let Run { brokers, topic, alerts, run_id, dir, root } = self;
-        let name = format!("{lanes}-{}", delay.replace(' ', ""));
+        let name = format!("{lanes}-{delay}-{idle}");
         let config = dir.join(format!("riskd-{name}.toml"));
         std::fs::write(
             &config,
             format!(
-                "[source]\nkind = \"kafka\"\n[store]\nkind = \"embedded\"\npath = \"riskd-{name}.redb\"\n[rules]\npaths = [{:?}]\n[telemetry]\nlisten = \"\"\n[event_time]\nmax_delay = {delay:?}\n[kafka]\nbootstrap_servers = {brokers:?}\ngroup_id = \"bench-riskd-{name}-{run_id}\"\ntopics = [{topic:?}]\nkeyed_by = \"user\"\nalerts_topic = {alerts:?}\nlanes = {lanes}\n[kafka.properties]\n\"session.timeout.ms\" = \"3000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
+                "[source]\nkind = \"kafka\"\n[store]\nkind = \"embedded\"\npath = \"riskd-{name}.redb\"\n[rules]\npaths = [{:?}]\n[telemetry]\nlisten = \"\"\n[event_time]\nmax_delay = {delay:?}\n[kafka]\nbootstrap_servers = {brokers:?}\ngroup_id = \"bench-riskd-{name}-{run_id}\"\ntopics = [{topic:?}]\nkeyed_by = \"user\"\nalerts_topic = {alerts:?}\nlanes = {lanes}\nmax_idle = {idle:?}\n[kafka.properties]\n\"session.timeout.ms\" = \"3000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
                 root.join("config/rules").display().to_string()
             ),
         )
@@ -169,11 +174,17 @@ impl Run<'_> {
             std::thread::sleep(Duration::from_millis(5));
         }
         let secs = t0.map_or(1e-9, |t| t.elapsed().as_secs_f64());
+        let m = riskd::telemetry::metrics();
+        println!(
+            "riskd, {lanes} lane(s), max_delay {delay}, max_idle {idle}: waited on a partition {:.2} s in all, {} times",
+            m.kafka_wait_seconds.get(),
+            m.kafka_waits.with_label_values(&[topic]).get()
+        );
         let drain = Instant::now();
         stop.trigger();
         let summary = job.join().expect("job thread").expect("run");
         println!(
-            "riskd, {lanes} lane(s), max_delay {delay}: {} events, {} alerts produced; drained in {:.2} s",
+            "riskd, {lanes} lane(s), max_delay {delay}, max_idle {idle}: {} events, {} alerts produced; drained in {:.2} s",
             summary.read,
             summary.alerts,
             drain.elapsed().as_secs_f64()

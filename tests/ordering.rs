@@ -1,6 +1,7 @@
 //! The same events give the same alerts and state whatever their arrival
 //! order, within `event_time.max_delay`: a stream whose every event is
-//! displaced by less than the delay is scored as the sorted stream is.
+//! displaced by less than the delay is scored as the sorted stream is, by
+//! `riskd run` and by `riskd replay`.
 
 mod common;
 
@@ -50,6 +51,22 @@ fn displaced(sorted: &[String], max_delay_ms: u64, seed: u64) -> Vec<String> {
 
 /// Scores `lines` with `event_time` settings; the alerts (as written) and the state.
 fn score(dir: &Path, lines: &[String], event_time: &str) -> (Vec<serde_json::Value>, String) {
+    let config = write_scoring_config(dir, lines, event_time);
+    run_ok(&config);
+    (alerts(dir), export_state(&config))
+}
+
+/// `riskd replay` of `lines` with `event_time` settings: its JSON report.
+fn replay(dir: &Path, lines: &[String], event_time: &str) -> serde_json::Value {
+    let config = write_scoring_config(dir, lines, event_time);
+    let (config, input) = (config.display().to_string(), dir.join("events.jsonl").display().to_string());
+    let out = riskd(&["replay", "--config", &config, "--input", &input, "--format", "json"]);
+    assert!(out.status.success(), "riskd replay: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `lines` as the input of a config with `event_time` settings.
+fn write_scoring_config(dir: &Path, lines: &[String], event_time: &str) -> std::path::PathBuf {
     let input = dir.join("events.jsonl");
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let config = write_config(dir, &input, "", "");
@@ -59,8 +76,7 @@ fn score(dir: &Path, lines: &[String], event_time: &str) -> (Vec<serde_json::Val
         + event_time
         + "\n[scoring.defaults]\nthreshold = 40\n";
     std::fs::write(&config, text).unwrap();
-    run_ok(&config);
-    (alerts(dir), export_state(&config))
+    config
 }
 
 #[test]
@@ -85,6 +101,12 @@ fn a_stream_displaced_within_the_delay_scores_as_the_sorted_one() {
         let (got_alerts, got_state) = score(&dir, &lines, "max_delay = \"30s\"");
         assert!(got_alerts == want_alerts, "seed {seed}: the alerts differ from the sorted stream's");
         assert!(got_state == want_state, "seed {seed}: the state differs from the sorted stream's");
+        // `riskd replay` applies events in the same order as `riskd run`.
+        let sorted_report =
+            replay(&work.path().join(format!("replay-sorted{seed}")).tap_mkdir(), &sorted, "max_delay = \"30s\"");
+        let displaced_report =
+            replay(&work.path().join(format!("replay{seed}")).tap_mkdir(), &lines, "max_delay = \"30s\"");
+        assert_eq!(displaced_report, sorted_report, "seed {seed}: riskd replay differs from the sorted stream's");
         // Without the buffer the same stream gives other alerts: the test can fail.
         let dir = work.path().join(format!("seed{seed}-unordered")).tap_mkdir();
         unordered_differs |= score(&dir, &lines, "max_delay = \"0s\"").0 != want_alerts;
