@@ -109,6 +109,8 @@ pub fn run(cfg: &Config, stop: &Shutdown, health: &Arc<Health>) -> Result<RouteS
     let mut positions: BTreeMap<(String, i32), i64> = BTreeMap::new();
     let mut align: Align<(String, i32), Queued> = Align::new(k.max_idle, QUEUE_CAP);
     let mut queued: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    // The partition the others wait for, and since when (metrics).
+    let mut waiting: Option<((String, i32), Instant)> = None;
     let mut last_flush = Instant::now();
     let mut pending = 0u64;
     while !stop.is_triggered() {
@@ -126,13 +128,32 @@ pub fn run(cfg: &Config, stop: &Shutdown, health: &Arc<Health>) -> Result<RouteS
             };
             align.push(&key, time, Queued { offset, payload, decoded });
         }
-        while let Next::Take((topic, partition), q) = align.next(Instant::now()) {
-            summary.read += 1;
-            pending += 1;
-            let next = q.offset + 1;
-            route_one(cfg, &producer, (&topic, partition), q, &mut summary)?;
-            positions.insert((topic, partition), next);
+        loop {
+            match align.next(Instant::now()) {
+                Next::Take((topic, partition), q) => {
+                    if let Some((_, since)) = waiting.take() {
+                        metrics().kafka_wait_seconds.inc_by(since.elapsed().as_secs_f64());
+                    }
+                    summary.read += 1;
+                    pending += 1;
+                    let next = q.offset + 1;
+                    route_one(cfg, &producer, (&topic, partition), q, &mut summary)?;
+                    positions.insert((topic, partition), next);
+                }
+                Next::Wait(key) => {
+                    if waiting.as_ref().is_none_or(|(k, _)| *k != key) {
+                        if let Some((_, since)) = waiting.take() {
+                            metrics().kafka_wait_seconds.inc_by(since.elapsed().as_secs_f64());
+                        }
+                        metrics().kafka_waits.with_label_values(&[key.0.as_str()]).inc();
+                        waiting = Some((key, Instant::now()));
+                    }
+                    break;
+                }
+                Next::Empty => break,
+            }
         }
+        metrics().kafka_queued.set(align.len() as i64);
         for (parts, pause) in [(align.take_to_pause(), true), (align.take_to_resume(), false)] {
             let parts: Vec<(&str, i32)> = parts.iter().map(|(t, p)| (t.as_str(), *p)).collect();
             set_paused(&consumer, &parts, pause);
