@@ -60,7 +60,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -171,6 +171,9 @@ struct Ctx {
     scoring: AtomicBool,
     /// Where the partitions end (alignment waits only for one behind).
     ends: Ends,
+    /// Rebalances so far: a message polled before one belongs to the old
+    /// assignment (the queues it would join were handed back).
+    rebalances: AtomicU64,
 }
 
 fn lock(m: &Mutex<KafkaJob>) -> MutexGuard<'_, KafkaJob> {
@@ -200,6 +203,7 @@ type ScoringConsumer = BaseConsumer<Context<Ctx>>;
 impl ConsumerContext for Context<Ctx> {
     fn rebalance(&self, consumer: &ScoringConsumer, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         let this = &self.watch;
+        this.rebalances.fetch_add(1, Ordering::Relaxed);
         let mut kj = lock(&this.shared);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
@@ -892,6 +896,7 @@ fn start(
         brokers_down: AtomicBool::new(false),
         scoring: AtomicBool::new(false),
         ends: Ends::default(),
+        rebalances: AtomicU64::new(0),
     };
     Ok(consumer_config(&k, &k.group_id)
         .create_with_context(Context { watch: ctx })
@@ -918,8 +923,19 @@ fn pump(
     while !shutdown.is_triggered() {
         batch.clear();
         let mut wait = Duration::from_millis(200);
+        let rebalances = &consumer.context().watch.rebalances;
+        let mut seen = rebalances.load(Ordering::Relaxed);
         while batch.len() < ahead {
-            match consumer.poll(wait) {
+            let polled = consumer.poll(wait);
+            let now = rebalances.load(Ordering::Relaxed);
+            if now != seen {
+                // A rebalance ran inside this poll: what was polled before
+                // it is read again from the checkpoints (queuing it after
+                // the handed-back queues would skip them).
+                batch.clear();
+                seen = now;
+            }
+            match polled {
                 None => break,
                 Some(Ok(m)) => batch.push(m),
                 Some(Err(e)) => {
