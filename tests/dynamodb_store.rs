@@ -610,16 +610,49 @@ fn units(bytes: usize, per: usize) -> f64 {
     bytes.div_ceil(per).max(1) as f64
 }
 
-#[test]
-fn capacity_units_counted_are_what_dynamodbs_size_rules_give() {
-    if !alone("capacity_units_counted_are_what_dynamodbs_size_rules_give") {
-        return;
-    }
-    let (mut store, cfg) = fresh();
+/// A proxy in front of DynamoDB Local that takes `ConsumedCapacity` out
+/// of every answer, as a service that does not report it would: riskd
+/// must then count its own estimate.
+fn without_consumed_capacity() -> String {
+    common::proxy::relay(&dynamodb_endpoint(), |client: TcpStream, server: TcpStream| {
+        let (mut from_client, mut to_server) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from_client, &mut to_server);
+            let _ = to_server.shutdown(Shutdown::Both);
+        });
+        let (mut from_server, mut to_client) = (BufReader::new(server), client);
+        while let Some(answer) = common::proxy::read_message(&mut from_server) {
+            let end = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let mut body: serde_json::Value = serde_json::from_slice(&answer[end..]).unwrap_or_default();
+            if let Some(fields) = body.as_object_mut() {
+                fields.remove("ConsumedCapacity");
+            }
+            let body = serde_json::to_vec(&body).unwrap();
+            // The head without its length and checksum, which no longer hold.
+            let head: String = String::from_utf8_lossy(&answer[..end - 2])
+                .split_inclusive("\r\n")
+                .filter(|l| {
+                    let name = l.split(':').next().unwrap_or_default().to_ascii_lowercase();
+                    name != "content-length" && name != "x-amz-crc32"
+                })
+                .collect();
+            let head = format!("{head}Content-Length: {}\r\n\r\n", body.len());
+            if to_client.write_all(head.as_bytes()).and_then(|_| to_client.write_all(&body)).is_err() {
+                return;
+            }
+        }
+        let _ = to_client.shutdown(Shutdown::Both);
+    })
+}
+
+/// Runs the store on `endpoint` through a known set of reads and writes,
+/// on a fresh table; returns the units each operation costs by DynamoDB's
+/// size rules, computed from the items as stored.
+fn a_known_workload(endpoint: String) -> Vec<(&'static str, &'static str, f64)> {
+    let cfg = DynamoConfig { endpoint_url: Some(endpoint), ..test_config() };
+    init_table(&cfg).unwrap();
+    let mut store = DynamoStore::open(&cfg).unwrap();
     let table = Table::of(&cfg.table);
-    let counted = |kind: &str, op: &str, source: &str| {
-        metrics().dynamodb_capacity_units.with_label_values(&[kind, op, source]).get()
-    };
     // Far from the unit boundaries: a counter (under 1 KB), a set of about
     // 1.5 KB (2 write units, 1 read unit), a dictionary of about 4.5 KB (5
     // write units, 2 read units).
@@ -672,18 +705,43 @@ fn capacity_units_counted_are_what_dynamodbs_size_rules_give() {
     // A scan is billed by the sum of the sizes of the items it reads (its
     // filter, which drops the marker, applies after), rounded up once.
     let scan = units(sizes.iter().sum::<usize>() + size_by_the_rules(&marker), 4096);
-    let expected = [
+    assert_eq!((writes, reads, scan), (1.0 + 2.0 + 5.0, 4.0 + 1.0 + 1.0 + 2.0 + 1.0, 2.0), "the sizes chosen");
+    vec![
         ("read", "BatchGetItem", reads),
         ("read", "Scan", scan),
         ("write", "BatchWriteItem", writes),
         ("write", "PutItem", units(size_by_the_rules(&marker), 1024) + units(sizes[3], 1024)),
         ("write", "DeleteItem", 0.0),
         ("write", "TransactWriteItems", 0.0),
-    ];
-    assert_eq!((writes, reads, scan), (1.0 + 2.0 + 5.0, 4.0 + 1.0 + 1.0 + 2.0 + 1.0, 2.0), "the sizes chosen");
-    for (kind, op, units) in expected {
+    ]
+}
+
+#[test]
+fn capacity_units_counted_are_what_dynamodbs_size_rules_give() {
+    if !alone("capacity_units_counted_are_what_dynamodbs_size_rules_give") {
+        return;
+    }
+    let counted = |kind: &str, op: &str, source: &str| {
+        metrics().dynamodb_capacity_units.with_label_values(&[kind, op, source]).get()
+    };
+    // DynamoDB Local reports what every request consumed: nothing is estimated.
+    for (kind, op, units) in a_known_workload(dynamodb_endpoint()) {
         assert_eq!(counted(kind, op, "dynamodb"), units, "{kind} units of {op}, as DynamoDB Local reports them");
-        // DynamoDB Local reports what every request consumed: nothing is estimated.
         assert_eq!(counted(kind, op, "estimate"), 0.0, "{kind} units of {op} estimated");
     }
+    // Answers without it: riskd's estimate, the same figures.
+    let reported: Vec<f64> = capacity_series().iter().map(|(k, o)| counted(k, o, "dynamodb")).collect();
+    for (kind, op, units) in a_known_workload(without_consumed_capacity()) {
+        assert_eq!(counted(kind, op, "estimate"), units, "{kind} units of {op}, as riskd estimates them");
+    }
+    let after: Vec<f64> = capacity_series().iter().map(|(k, o)| counted(k, o, "dynamodb")).collect();
+    assert_eq!(after, reported, "nothing reported through the proxy");
+}
+
+/// Every (kind, operation) series of the capacity metric.
+fn capacity_series() -> Vec<(&'static str, &'static str)> {
+    [("read", "BatchGetItem"), ("read", "Scan")]
+        .into_iter()
+        .chain(["BatchWriteItem", "PutItem", "DeleteItem", "TransactWriteItems"].map(|op| ("write", op)))
+        .collect()
 }
