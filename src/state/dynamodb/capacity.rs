@@ -111,7 +111,7 @@ pub(super) fn reported<'a>(consumed: impl IntoIterator<Item = &'a ConsumedCapaci
 
 /// Whether `operation` consumes read units (else write units).
 fn kind(operation: &str) -> &'static str {
-    if matches!(operation, "BatchGetItem" | "Scan" | "GetItem") {
+    if matches!(operation, "BatchGetItem" | "Scan") {
         "read"
     } else {
         "write"

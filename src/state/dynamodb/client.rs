@@ -10,6 +10,7 @@
 //! Every request is bounded: 3 s to connect, 5 s an attempt, 10 s in all
 //! with its retries, so a store that stops answering is reported within
 //! seconds while a slow one (2 s a request) still gets its answers.
+//! Every request asks what it consumed, and counts it (`capacity`).
 
 use super::capacity;
 use super::codec::{attr, item_key, key_item, Item};
