@@ -5,8 +5,13 @@
 //! changes it) through the five shipped rules with the write-back cache
 //! (`cached` consistency), then the first 20 k of them
 //! (`RISKD_BENCH_DIRECT_EVENTS`) with every rule in `direct` consistency,
-//! reporting events/s and DynamoDB requests per 1,000 events for both,
-//! counted by riskd's own request metric.
+//! reporting events/s, DynamoDB requests per 1,000 events and read and
+//! write capacity units per 1,000 events for both, counted by riskd's own
+//! request and capacity metrics (units as DynamoDB Local reports them, or
+//! riskd's estimate where it reports none). DynamoDB Local reports 0 units
+//! for a key BatchGetItem does not find, where AWS bills 1: on the fresh
+//! table of each run most reads are such, so read units here understate
+//! AWS's bill (by up to one unit per key read).
 //!
 //! DynamoDB Local answers in well under a millisecond, which flatters direct
 //! mode (one request at a time). `RISKD_BENCH_LATENCY_MS=N` puts a proxy in
@@ -25,6 +30,17 @@ fn requests() -> f64 {
         .iter()
         .flat_map(|op| ["ok", "throttled", "error"].map(|o| m.dynamodb_requests.with_label_values(&[op, o]).get()))
         .sum::<u64>() as f64
+}
+
+/// Capacity units of `kind` (`read`, `write`) consumed so far, reported and estimated.
+fn units(kind: &str) -> f64 {
+    let m = riskd::telemetry::metrics();
+    ["BatchGetItem", "BatchWriteItem", "TransactWriteItems", "Scan", "PutItem", "DeleteItem"]
+        .iter()
+        .flat_map(|op| {
+            ["dynamodb", "estimate"].map(|s| m.dynamodb_capacity_units.with_label_values(&[kind, op, s]).get())
+        })
+        .sum()
 }
 
 /// A proxy to `upstream` holding each HTTP request `latency` before passing
@@ -135,19 +151,23 @@ fn main() {
         let cfg = Config::load(&config).expect("valid config");
         riskd::state::init_store(&cfg.store).expect("create the table");
         let before = requests();
+        let (reads_before, writes_before) = (units("read"), units("write"));
         let flush_before = riskd::telemetry::metrics().flush_seconds.get_sample_sum();
         let start = Instant::now();
         let summary = run_blocking(cfg, RunOptions::default(), riskd::shutdown::Shutdown::new()).expect("run");
         let secs = start.elapsed().as_secs_f64();
         let sent = requests() - before;
+        let (reads, writes) = (units("read") - reads_before, units("write") - writes_before);
         let rate = summary.read as f64 / secs;
         rates.push(rate);
         let flushing = riskd::telemetry::metrics().flush_seconds.get_sample_sum() - flush_before;
         println!(
-            "{mode}: {} events, {} alerts in {secs:.1} s ({flushing:.1} s flushing) = {rate:.0} events/s; {sent:.0} DynamoDB requests = {:.1} per 1,000 events",
+            "{mode}: {} events, {} alerts in {secs:.1} s ({flushing:.1} s flushing) = {rate:.0} events/s; {sent:.0} DynamoDB requests = {:.1} per 1,000 events; capacity units per 1,000 events: {:.1} read, {:.1} write",
             summary.read,
             summary.alerts,
-            1000.0 * sent / summary.read as f64
+            1000.0 * sent / summary.read as f64,
+            1000.0 * reads / summary.read as f64,
+            1000.0 * writes / summary.read as f64
         );
     }
     println!("cached is {:.0}x the events/s of direct", rates[0] / rates[1]);

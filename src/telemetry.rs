@@ -78,6 +78,10 @@ pub struct Metrics {
     pub dynamodb_throttles: IntCounterVec,
     /// DynamoDB requests retried, by operation.
     pub dynamodb_retries: IntCounterVec,
+    /// DynamoDB capacity units consumed, by kind (`read`, `write`),
+    /// operation and source (`dynamodb`: as the answer reported;
+    /// `estimate`: riskd's own count by DynamoDB's size rules).
+    pub dynamodb_capacity_units: prometheus::CounterVec,
     /// Requests that waited for the rate limiter, by kind (`read`, `write`).
     pub rate_limiter_waits: IntCounterVec,
     /// Time spent waiting for the rate limiter, by kind.
@@ -303,6 +307,19 @@ impl Metrics {
             ),
             dynamodb_throttles: counter(&r, "riskd_dynamodb_throttles_total", "DynamoDB requests throttled.", &["op"]),
             dynamodb_retries: counter(&r, "riskd_dynamodb_retries_total", "DynamoDB requests retried.", &["op"]),
+            dynamodb_capacity_units: {
+                let name = "riskd_dynamodb_capacity_units_total";
+                let c = prometheus::CounterVec::new(
+                    Opts::new(
+                        name,
+                        "DynamoDB capacity units consumed, by kind, operation and source (dynamodb: reported; estimate: by its size rules).",
+                    ),
+                    &["kind", "op", "source"],
+                )
+                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+                r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+                c
+            },
             rate_limiter_waits: counter(
                 &r,
                 "riskd_rate_limiter_waits_total",

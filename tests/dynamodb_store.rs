@@ -562,3 +562,186 @@ fn init_is_idempotent_and_check_says_what_is_wrong() {
     assert_eq!(check_table(&off).unwrap(), Vec::<String>::new());
     assert_eq!(init_table(&bare).unwrap()[1], "enabled TTL on expiresAt");
 }
+
+/// Runs the test `name` again, alone in a process of its own (this test
+/// binary, `--exact`), so that the process-wide metrics move by what it does
+/// only; true when this is that process, where the test does its work.
+fn alone(name: &str) -> bool {
+    if std::env::var("RISKD_TEST_ALONE").is_ok_and(|n| n == name) {
+        return true;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env("RISKD_TEST_ALONE", name)
+        .output()
+        .unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.contains("1 passed"), "{name}, run alone, failed:\n{said}");
+    false
+}
+
+/// An item's size by DynamoDB's documented rules (names and values in
+/// UTF-8 bytes, a number 1 byte per two significant digits plus 1, a set
+/// its members), written here again for the types riskd stores, apart
+/// from riskd's own code.
+fn size_by_the_rules(item: &Item) -> usize {
+    let number = |text: &str| {
+        let digits: String = text.chars().filter(char::is_ascii_digit).collect();
+        digits.trim_matches('0').len().div_ceil(2) + 1
+    };
+    item.iter()
+        .map(|(name, value)| {
+            name.len()
+                + match value {
+                    AttributeValue::S(v) => v.len(),
+                    AttributeValue::N(v) => number(v),
+                    AttributeValue::Ss(v) => v.iter().map(String::len).sum(),
+                    AttributeValue::Bool(_) => 1,
+                    other => panic!("riskd does not store {other:?}"),
+                }
+        })
+        .sum()
+}
+
+/// Units by the rules: per started KB written, per started 4 KB read
+/// strongly consistent, 1 at least.
+fn units(bytes: usize, per: usize) -> f64 {
+    bytes.div_ceil(per).max(1) as f64
+}
+
+/// A proxy in front of DynamoDB Local that takes `ConsumedCapacity` out
+/// of every answer, as a service that does not report it would: riskd
+/// must then count its own estimate.
+fn without_consumed_capacity() -> String {
+    common::proxy::relay(&dynamodb_endpoint(), |client: TcpStream, server: TcpStream| {
+        let (mut from_client, mut to_server) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from_client, &mut to_server);
+            let _ = to_server.shutdown(Shutdown::Both);
+        });
+        let (mut from_server, mut to_client) = (BufReader::new(server), client);
+        while let Some(answer) = common::proxy::read_message(&mut from_server) {
+            let end = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let mut body: serde_json::Value = serde_json::from_slice(&answer[end..]).unwrap_or_default();
+            if let Some(fields) = body.as_object_mut() {
+                fields.remove("ConsumedCapacity");
+            }
+            let body = serde_json::to_vec(&body).unwrap();
+            // The head without its length and checksum, which no longer hold.
+            let head: String = String::from_utf8_lossy(&answer[..end - 2])
+                .split_inclusive("\r\n")
+                .filter(|l| {
+                    let name = l.split(':').next().unwrap_or_default().to_ascii_lowercase();
+                    name != "content-length" && name != "x-amz-crc32"
+                })
+                .collect();
+            let head = format!("{head}Content-Length: {}\r\n\r\n", body.len());
+            if to_client.write_all(head.as_bytes()).and_then(|_| to_client.write_all(&body)).is_err() {
+                return;
+            }
+        }
+        let _ = to_client.shutdown(Shutdown::Both);
+    })
+}
+
+/// Runs the store on `endpoint` through a known set of reads and writes,
+/// on a fresh table; returns the units each operation costs by DynamoDB's
+/// size rules, computed from the items as stored.
+fn a_known_workload(endpoint: String) -> Vec<(&'static str, &'static str, f64)> {
+    let cfg = DynamoConfig { endpoint_url: Some(endpoint), ..test_config() };
+    init_table(&cfg).unwrap();
+    let mut store = DynamoStore::open(&cfg).unwrap();
+    let table = Table::of(&cfg.table);
+    // Far from the unit boundaries: a counter (under 1 KB), a set of about
+    // 1.5 KB (2 write units, 1 read unit), a dictionary of about 4.5 KB (5
+    // write units, 2 read units).
+    let small = Record { count: 42, ..Record::default() };
+    let set = Record { set: (0..30).map(|i| format!("{i:02}-{}", "s".repeat(46))).collect(), ..Record::default() };
+    let big = Record { dict: dict(json!({ "v": "d".repeat(4_500) })), ..Record::default() };
+    let keys = ["cost/small", "cost/set", "cost/big"];
+    let all = [&keys[..], &["cost/direct"]].concat();
+    // Every key starts as a small item Panther wrote: DynamoDB bills a read
+    // of a key not stored as 1 unit, DynamoDB Local as 0; reads of items
+    // stored are billed alike (and each write below makes its item larger,
+    // so what it replaces does not change its cost).
+    let panther: Vec<Item> = all.iter().map(|k| item([("key", s(k)), ("intCount", n("1"))])).collect();
+    for it in &panther {
+        table.put(it.clone());
+    }
+    assert_eq!(store.get_many(&keys).unwrap().iter().filter(|r| r.is_some()).count(), 3);
+    // One flush without a checkpoint: one BatchWriteItem, then its marker alone (PutItem).
+    store
+        .apply(WriteBatch {
+            mutations: vec![
+                (keys[0], Mutation::Put(&small)),
+                (keys[1], Mutation::Put(&set)),
+                (keys[2], Mutation::Put(&big)),
+            ],
+            checkpoints: Vec::new(),
+        })
+        .unwrap();
+    // A direct update: a read, then a conditional PutItem.
+    store
+        .update("cost/direct", 0, &mut |r| {
+            r.count += 7;
+            true
+        })
+        .unwrap();
+    // Reads of what is stored now, then a scan of it all.
+    assert_eq!(store.get_many(&all).unwrap().iter().filter(|r| r.is_some()).count(), 4);
+    let mut scanned = 0;
+    store.scan("", &mut |_, _| scanned += 1).unwrap();
+    assert_eq!(scanned, 4);
+
+    let stored: Vec<Item> = all.iter().map(|k| table.get(k).unwrap()).collect();
+    let marker = table.get(&format!("riskd/flush/{}", table.run_of(keys[0]))).unwrap();
+    let sizes: Vec<usize> = stored.iter().map(size_by_the_rules).collect();
+    assert!(sizes[1] > 1_300 && sizes[1] < 1_800 && sizes[2] > 4_300 && sizes[2] < 4_900, "sizes {sizes:?}");
+    let writes = units(sizes[0], 1024) + units(sizes[1], 1024) + units(sizes[2], 1024);
+    // The first reads (three keys, then the update's), then the last.
+    let reads: f64 = panther.iter().map(|it| units(size_by_the_rules(it), 4096)).sum::<f64>()
+        + sizes.iter().map(|&b| units(b, 4096)).sum::<f64>();
+    // A scan is billed by the sum of the sizes of the items it reads (its
+    // filter, which drops the marker, applies after), rounded up once.
+    let scan = units(sizes.iter().sum::<usize>() + size_by_the_rules(&marker), 4096);
+    assert_eq!((writes, reads, scan), (1.0 + 2.0 + 5.0, 4.0 + 1.0 + 1.0 + 2.0 + 1.0, 2.0), "the sizes chosen");
+    vec![
+        ("read", "BatchGetItem", reads),
+        ("read", "Scan", scan),
+        ("write", "BatchWriteItem", writes),
+        ("write", "PutItem", units(size_by_the_rules(&marker), 1024) + units(sizes[3], 1024)),
+        ("write", "DeleteItem", 0.0),
+        ("write", "TransactWriteItems", 0.0),
+    ]
+}
+
+#[test]
+fn capacity_units_counted_are_what_dynamodbs_size_rules_give() {
+    if !alone("capacity_units_counted_are_what_dynamodbs_size_rules_give") {
+        return;
+    }
+    let counted = |kind: &str, op: &str, source: &str| {
+        metrics().dynamodb_capacity_units.with_label_values(&[kind, op, source]).get()
+    };
+    // DynamoDB Local reports what every request consumed: nothing is estimated.
+    for (kind, op, units) in a_known_workload(dynamodb_endpoint()) {
+        assert_eq!(counted(kind, op, "dynamodb"), units, "{kind} units of {op}, as DynamoDB Local reports them");
+        assert_eq!(counted(kind, op, "estimate"), 0.0, "{kind} units of {op} estimated");
+    }
+    // Answers without it: riskd's estimate, the same figures.
+    let reported: Vec<f64> = capacity_series().iter().map(|(k, o)| counted(k, o, "dynamodb")).collect();
+    for (kind, op, units) in a_known_workload(without_consumed_capacity()) {
+        assert_eq!(counted(kind, op, "estimate"), units, "{kind} units of {op}, as riskd estimates them");
+    }
+    let after: Vec<f64> = capacity_series().iter().map(|(k, o)| counted(k, o, "dynamodb")).collect();
+    assert_eq!(after, reported, "nothing reported through the proxy");
+}
+
+/// Every (kind, operation) series of the capacity metric.
+fn capacity_series() -> Vec<(&'static str, &'static str)> {
+    [("read", "BatchGetItem"), ("read", "Scan")]
+        .into_iter()
+        .chain(["BatchWriteItem", "PutItem", "DeleteItem", "TransactWriteItems"].map(|op| ("write", op)))
+        .collect()
+}

@@ -2,13 +2,14 @@
 //! TTL), `riskd store check` (what is wrong with it) and `riskd store
 //! prune` (delete the commit markers no item needs).
 
+use super::capacity;
 use super::client::{never, send, Remote};
 use super::codec::{attr, integer, item_key, key_item, marker_key, FlushId, MARKER_PREFIX};
 use super::{backend, DynamoConfig};
 use crate::state::{Result, StateError};
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TableDescription,
-    TableStatus, TimeToLiveSpecification, TimeToLiveStatus,
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnConsumedCapacity,
+    ScalarAttributeType, TableDescription, TableStatus, TimeToLiveSpecification, TimeToLiveStatus,
 };
 use std::collections::HashSet;
 use std::time::Duration;
@@ -70,14 +71,19 @@ pub fn prune_markers(cfg: &DynamoConfig, idle: Duration) -> Result<Vec<String>> 
                         .set_key(Some(key_item(&key)))
                         .condition_expression(format!("{} = :seq", attr::COMMITTED_SEQ))
                         .expression_attribute_values(":seq", seq.clone())
+                        .return_consumed_capacity(ReturnConsumedCapacity::Total)
                         .send()
                 },
                 never,
             ))
-            .map(|_| true);
+            .map(|out| capacity::count("DeleteItem", capacity::reported(out.consumed_capacity()), || 1.0));
         match gone {
             Ok(_) => deleted += 1,
-            Err(f) if f.code == "ConditionalCheckFailedException" => moved += 1,
+            Err(f) if f.code == "ConditionalCheckFailedException" => {
+                // A failed condition is billed too.
+                capacity::count("DeleteItem", None, || 1.0);
+                moved += 1
+            }
             Err(f) => return Err(f.into_error("DeleteItem", &remote.table, Some(&key))),
         }
     }

@@ -10,7 +10,9 @@
 //! Every request is bounded: 3 s to connect, 5 s an attempt, 10 s in all
 //! with its retries, so a store that stops answering is reported within
 //! seconds while a slow one (2 s a request) still gets its answers.
+//! Every request asks what it consumed, and counts it (`capacity`).
 
+use super::capacity;
 use super::codec::{attr, item_key, key_item, Item};
 use super::{backend, DynamoConfig, STORE};
 use crate::state::{RequestFailure, Result, StateError};
@@ -23,7 +25,9 @@ use aws_sdk_dynamodb::config::Region;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::scan::builders::ScanFluentBuilder;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, Put, TransactWriteItem, WriteRequest};
+use aws_sdk_dynamodb::types::{
+    AttributeValue, KeysAndAttributes, Put, ReturnConsumedCapacity, TransactWriteItem, WriteRequest,
+};
 use aws_sdk_dynamodb::Client;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use std::collections::HashMap;
@@ -179,6 +183,7 @@ impl Limits {
             m.dynamodb_throttles.with_label_values(&[op]);
             m.dynamodb_retries.with_label_values(&[op]);
         }
+        capacity::register();
         for kind in ["read", "write"] {
             m.rate_limiter_waits.with_label_values(&[kind]);
             m.rate_limiter_wait_seconds.with_label_values(&[kind]);
@@ -331,14 +336,24 @@ async fn get_keys(client: &Client, limits: &Limits, table: &str, keys: &[String]
         let mut out = send(
             limits,
             "BatchGetItem",
-            || client.batch_get_item().request_items(table, request.clone()).send(),
+            || {
+                client
+                    .batch_get_item()
+                    .request_items(table, request.clone())
+                    .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                    .send()
+            },
             never,
         )
         .await?;
-        if let Some(items) = out.responses.as_mut().and_then(|r| r.remove(table)) {
-            found.extend(items);
-        }
-        let left = out.unprocessed_keys.and_then(|mut u| u.remove(table)).map(|k| k.keys).unwrap_or_default();
+        let items = out.responses.as_mut().and_then(|r| r.remove(table)).unwrap_or_default();
+        let left = out.unprocessed_keys.take().and_then(|mut u| u.remove(table)).map(|k| k.keys).unwrap_or_default();
+        // Keys left unprocessed were not read, nor billed.
+        let not_found = pending.len().saturating_sub(left.len() + items.len());
+        capacity::count("BatchGetItem", capacity::reported(out.consumed_capacity()), || {
+            capacity::batch_get_units(&items, not_found)
+        });
+        found.extend(items);
         if left.is_empty() {
             return Ok(found);
         }
@@ -384,11 +399,21 @@ async fn write_requests(
         let mut out = send(
             limits,
             "BatchWriteItem",
-            || client.batch_write_item().request_items(table, pending.clone()).send(),
+            || {
+                client
+                    .batch_write_item()
+                    .request_items(table, pending.clone())
+                    .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                    .send()
+            },
             never,
         )
         .await?;
         let left = out.unprocessed_items.take().and_then(|mut u| u.remove(table)).unwrap_or_default();
+        // What is left unprocessed was not written, nor billed.
+        capacity::count("BatchWriteItem", capacity::reported(out.consumed_capacity()), || {
+            capacity::batch_write_units(&pending) - capacity::batch_write_units(&left)
+        });
         if left.is_empty() {
             return Ok(());
         }
@@ -541,15 +566,26 @@ impl Remote {
 
     /// Puts one item.
     pub(super) fn put(&self, key: &str, item: Item) -> Result<()> {
-        self.rt
+        let out = self
+            .rt
             .block_on(send(
                 &self.limits,
                 "PutItem",
-                || self.client.put_item().table_name(&self.table).set_item(Some(item.clone())).send(),
+                || {
+                    self.client
+                        .put_item()
+                        .table_name(&self.table)
+                        .set_item(Some(item.clone()))
+                        .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                        .send()
+                },
                 never,
             ))
-            .map(|_| ())
-            .map_err(|f| f.into_error("PutItem", &self.table, Some(key)))
+            .map_err(|f| f.into_error("PutItem", &self.table, Some(key)))?;
+        capacity::count("PutItem", capacity::reported(out.consumed_capacity()), || {
+            capacity::write_units(capacity::item_size(&item))
+        });
+        Ok(())
     }
 
     /// Puts `item` (or deletes the key, when `None`) only if the stored
@@ -568,6 +604,8 @@ impl Remote {
             ),
         };
         let operation = if item.is_some() { "PutItem" } else { "DeleteItem" };
+        // A failed condition is billed too (the answer does not say how much).
+        let estimate = item.as_ref().map_or(1.0, |it| capacity::write_units(capacity::item_size(it)));
         let sent = match item {
             Some(item) => self
                 .rt
@@ -582,11 +620,12 @@ impl Remote {
                             .condition_expression(&condition)
                             .set_expression_attribute_names(names.clone())
                             .set_expression_attribute_values(values.clone())
+                            .return_consumed_capacity(ReturnConsumedCapacity::Total)
                             .send()
                     },
                     never,
                 ))
-                .map(|_| ()),
+                .map(|out| capacity::reported(out.consumed_capacity())),
             None => self
                 .rt
                 .block_on(send(
@@ -600,21 +639,29 @@ impl Remote {
                             .condition_expression(&condition)
                             .set_expression_attribute_names(names.clone())
                             .set_expression_attribute_values(values.clone())
+                            .return_consumed_capacity(ReturnConsumedCapacity::Total)
                             .send()
                     },
                     never,
                 ))
-                .map(|_| ()),
+                .map(|out| capacity::reported(out.consumed_capacity())),
         };
         match sent {
-            Ok(()) => Ok(true),
-            Err(f) if f.code == "ConditionalCheckFailedException" => Ok(false),
+            Ok(reported) => {
+                capacity::count(operation, reported, || estimate);
+                Ok(true)
+            }
+            Err(f) if f.code == "ConditionalCheckFailedException" => {
+                capacity::count(operation, None, || estimate);
+                Ok(false)
+            }
             Err(f) => Err(f.into_error(operation, &self.table, Some(key))),
         }
     }
 
     /// Puts the items in one transaction.
     pub(super) fn transact_put(&self, items: Vec<Item>) -> Result<()> {
+        let sizes: Vec<usize> = items.iter().map(capacity::item_size).collect();
         let mut writes = Vec::new();
         for item in items {
             let put = Put::builder()
@@ -624,15 +671,26 @@ impl Remote {
                 .map_err(|e| backend(e.to_string()))?;
             writes.push(TransactWriteItem::builder().put(put).build());
         }
-        self.rt
+        let out = self
+            .rt
             .block_on(send(
                 &self.limits,
                 "TransactWriteItems",
-                || self.client.transact_write_items().set_transact_items(Some(writes.clone())).send(),
+                || {
+                    self.client
+                        .transact_write_items()
+                        .set_transact_items(Some(writes.clone()))
+                        .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                        .send()
+                },
                 transaction_transient,
             ))
-            .map(|_| ())
-            .map_err(|f| f.into_error("TransactWriteItems", &self.table, None))
+            .map_err(|f| f.into_error("TransactWriteItems", &self.table, None))?;
+        // A write in a transaction costs twice its units.
+        capacity::count("TransactWriteItems", capacity::reported(out.consumed_capacity()), || {
+            sizes.iter().map(|&bytes| 2.0 * capacity::write_units(bytes)).sum()
+        });
+        Ok(())
     }
 
     /// Every item a strongly consistent Scan returns, page after page;
@@ -646,15 +704,24 @@ impl Remote {
                     &self.limits,
                     "Scan",
                     || {
-                        let req = self.client.scan().table_name(&self.table).consistent_read(true);
+                        let req = self
+                            .client
+                            .scan()
+                            .table_name(&self.table)
+                            .consistent_read(true)
+                            .return_consumed_capacity(ReturnConsumedCapacity::Total);
                         shape(req).set_exclusive_start_key(start.clone()).send()
                     },
                     never,
                 )
                 .await
                 .map_err(|f| f.into_error("Scan", &self.table, None))?;
+                let page = out.items.unwrap_or_default();
+                capacity::count("Scan", capacity::reported(out.consumed_capacity.as_ref()), || {
+                    capacity::scan_units(&page)
+                });
                 start = out.last_evaluated_key.filter(|k| !k.is_empty());
-                items.extend(out.items.unwrap_or_default());
+                items.extend(page);
                 if start.is_none() {
                     return Ok(items);
                 }

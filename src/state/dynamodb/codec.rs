@@ -83,24 +83,9 @@ pub(super) fn stamp(item: &mut Item, key: &str, flush: &str, prev: Option<&Recor
     Ok(())
 }
 
-/// DynamoDB's measure of an item: attribute names plus values, in bytes
-/// (numbers counted by their digits, a little over the real cost).
-fn item_bytes(item: &Item) -> usize {
-    item.iter()
-        .map(|(name, value)| {
-            name.len()
-                + match value {
-                    AttributeValue::S(s) | AttributeValue::N(s) => s.len(),
-                    AttributeValue::Ss(v) => v.iter().map(String::len).sum(),
-                    _ => 1,
-                }
-        })
-        .sum()
-}
-
 /// Fails with [`StateError::ItemTooLarge`] for an item over DynamoDB's limit.
 pub(super) fn check_item_size(key: &str, item: &Item) -> Result<()> {
-    let bytes = item_bytes(item);
+    let bytes = super::capacity::item_size(item);
     if bytes > MAX_ITEM_BYTES {
         return Err(StateError::ItemTooLarge { store: STORE, key: key.to_string(), bytes, limit: MAX_ITEM_BYTES });
     }

@@ -73,9 +73,11 @@
 //! Here: the store and its [`Store`] implementation. `codec`: items ↔
 //! records, the attribute names and key helpers. `commit`: the flush and
 //! commit protocol above, reads of committed versions included. `client`:
-//! requests. `admin`: `riskd store init`, `check` and `prune`.
+//! requests. `capacity`: what requests cost, by DynamoDB's size rules and
+//! its answers. `admin`: `riskd store init`, `check` and `prune`.
 
 mod admin;
+mod capacity;
 mod client;
 mod codec;
 mod commit;
