@@ -70,6 +70,26 @@ pub struct StateCache {
     lookups: (u64, u64),
     /// Flushes so far (the clock of least-recently-used eviction).
     epoch: u32,
+    /// `store.expiry_granule`: see [`keeps_expiry`].
+    expiry_granule: f64,
+    /// Writes avoided by the granule, not yet published to the metrics.
+    avoided: u64,
+}
+
+/// Whether an expiry refresh at event time `now_ms` to `new_at` keeps the
+/// live record's expiry `old_at` instead (so the record, and whether it is
+/// dirty, do not change): when it would move the expiry forward by less
+/// than `granule` times the lifetime being applied (`new_at - now_ms`).
+///
+/// Only forward moves are kept, so a kept expiry is earlier than the strict
+/// one by less than one granule, never later. The answer depends on event
+/// time and the record only (never on when the cache flushed), so a replay
+/// from a checkpoint decides the same; `granule` 0 never keeps.
+pub fn keeps_expiry(old_at: Option<i64>, new_at: i64, now_ms: i64, granule: f64) -> bool {
+    let Some(old_at) = old_at else { return false };
+    let forward = new_at.saturating_sub(old_at);
+    let lifetime = new_at.saturating_sub(now_ms);
+    granule > 0.0 && old_at > now_ms && forward >= 0 && (forward as f64) < granule * lifetime as f64
 }
 
 impl StateCache {
@@ -84,7 +104,33 @@ impl StateCache {
     /// early when [`over_bounds`](Self::over_bounds), and a flush that leaves
     /// the cache over a bound evicts the least recently used clean entries.
     pub fn with_bounds(store: Box<dyn Store>, max_entries: usize, max_bytes: usize) -> Self {
-        Self { store, entries: HashMap::new(), max_entries, max_bytes, bytes: 0, lookups: (0, 0), epoch: 0 }
+        Self {
+            store,
+            entries: HashMap::new(),
+            max_entries,
+            max_bytes,
+            bytes: 0,
+            lookups: (0, 0),
+            epoch: 0,
+            expiry_granule: 0.0,
+            avoided: 0,
+        }
+    }
+
+    /// Sets `store.expiry_granule` (0, the default here, applies expiries strictly).
+    pub fn with_expiry_granule(mut self, granule: f64) -> Self {
+        self.expiry_granule = granule;
+        self
+    }
+
+    /// `store.expiry_granule`, for expiry refreshes made inside [`update`](Self::update).
+    pub fn expiry_granule(&self) -> f64 {
+        self.expiry_granule
+    }
+
+    /// Counts a write avoided by the granule (published with the lookups).
+    pub fn note_expiry_kept(&mut self) {
+        self.avoided += 1;
     }
 
     /// Whether the cache holds more than its bounds allow (flush, then it evicts).
@@ -300,6 +346,12 @@ impl StateCache {
             Expiry::At(at) => at,
             Expiry::After(ms) => now_ms.saturating_add(ms),
         };
+        let granule = self.expiry_granule;
+        let old = self.read(key, now_ms)?.and_then(|r| r.expires_at_ms);
+        if keeps_expiry(old, at, now_ms, granule) {
+            self.avoided += 1;
+            return Ok(());
+        }
         self.write(key, now_ms)?.expires_at_ms = Some(at);
         Ok(())
     }
@@ -411,7 +463,9 @@ impl StateCache {
         let m = metrics();
         m.cache_lookups.with_label_values(&["hit"]).inc_by(self.lookups.0);
         m.cache_lookups.with_label_values(&["miss"]).inc_by(self.lookups.1);
+        m.state_writes_avoided.with_label_values(&["expiry_granule"]).inc_by(self.avoided);
         self.lookups = (0, 0);
+        self.avoided = 0;
     }
 }
 
@@ -503,6 +557,44 @@ mod tests {
         assert_eq!(c.get_counter("k", H).unwrap(), 0, "expired at exactly expiresAt");
         assert_eq!(c.increment_counter("k", 1, H).unwrap(), 1, "starts again from the increment");
         assert_eq!(c.expires_at("k", H).unwrap(), None, "old expiry is gone with the old value");
+    }
+
+    #[test]
+    fn a_refresh_within_the_granule_leaves_the_key_clean() {
+        let flushed = |c: &mut StateCache| c.flush(&[]).unwrap();
+        let mut c = cache().with_expiry_granule(0.01);
+        c.increment_counter("k", 1, 0).unwrap();
+        c.set_key_expiration("k", Expiry::After(H), 0).unwrap();
+        assert_eq!(flushed(&mut c), 1);
+        // 1% of an hour is 36 s: a refresh 35 s later keeps the old expiry.
+        c.set_key_expiration("k", Expiry::After(H), 35_999).unwrap();
+        assert_eq!((c.dirty_keys(), c.expires_at("k", 35_999).unwrap()), (0, Some(H)));
+        // Absolute: 1% of the distance from the event time.
+        c.set_key_expiration("k", Expiry::At(H + 35_000), 1_000).unwrap();
+        assert_eq!(c.dirty_keys(), 0);
+        // A move of one granule or more is written.
+        c.set_key_expiration("k", Expiry::After(H), 36_000).unwrap();
+        assert_eq!((c.dirty_keys(), c.expires_at("k", 36_000).unwrap()), (1, Some(H + 36_000)));
+        assert_eq!(flushed(&mut c), 1);
+        // An earlier expiry is always written: a kept expiry is never later than strict.
+        c.set_key_expiration("k", Expiry::After(H), 35_000).unwrap();
+        assert_eq!((c.dirty_keys(), c.expires_at("k", 35_000).unwrap()), (1, Some(H + 35_000)));
+        assert_eq!(flushed(&mut c), 1);
+        // An expired key starts afresh, whatever the granule.
+        c.set_key_expiration("k", Expiry::After(H), 2 * H).unwrap();
+        assert_eq!(c.dirty_keys(), 1);
+    }
+
+    #[test]
+    fn granule_zero_writes_every_refresh() {
+        let mut c = cache().with_expiry_granule(0.0);
+        c.set_key_expiration("k", Expiry::After(H), 0).unwrap();
+        c.flush(&[]).unwrap();
+        c.set_key_expiration("k", Expiry::After(H), 1).unwrap();
+        assert_eq!((c.dirty_keys(), c.expires_at("k", 1).unwrap()), (1, Some(H + 1)));
+        assert!(!keeps_expiry(Some(H), H + 1, 1, 0.0));
+        assert!(keeps_expiry(Some(H), H + 1, 1, 0.01));
+        assert!(!keeps_expiry(None, H + 1, 1, 0.01), "nothing to keep");
     }
 
     #[test]
