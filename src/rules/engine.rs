@@ -696,18 +696,18 @@ mod tests {
         let mut cache = StateCache::new(Box::new(crate::state::MemoryStore::new()), 1000).with_expiry_granule(0.01);
         let mut engine = Engine::new(rules(yaml));
         let mut alerts = Vec::new();
-        engine.process(&mut cache, &at("a", 0), None, &mut alerts).unwrap();
+        engine.process(&mut cache, &at("a", 1), None, &mut alerts).unwrap();
         cache.flush(&[]).unwrap();
-        // 1% of 100 s is 1 s: a known value 999 ms later keeps the expiry.
+        // 1% of 100 s is a 1 s step: a known value within the step keeps the expiry.
         engine.process(&mut cache, &at("a", 999), None, &mut alerts).unwrap();
-        assert_eq!((cache.dirty_keys(), cache.expires_at("fs/user/x", 999).unwrap()), (0, Some(100_000)));
+        assert_eq!((cache.dirty_keys(), cache.expires_at("fs/user/x", 999).unwrap()), (0, Some(101_000)));
         // A new value is a change (and fires, writing its dedup window too), granule or not.
         engine.process(&mut cache, &at("b", 999), None, &mut alerts).unwrap();
         assert_eq!(alerts.len(), 1);
-        assert_eq!(cache.expires_at("fs/user/x", 999).unwrap(), Some(100_999));
+        assert_eq!(cache.expires_at("fs/user/x", 999).unwrap(), Some(101_000));
         cache.flush(&[]).unwrap();
-        // A known value a granule later pushes the expiry.
+        // A known value in the next step pushes the expiry one step on.
         engine.process(&mut cache, &at("a", 1_999), None, &mut alerts).unwrap();
-        assert_eq!((cache.dirty_keys(), cache.expires_at("fs/user/x", 1_999).unwrap()), (1, Some(101_999)));
+        assert_eq!((cache.dirty_keys(), cache.expires_at("fs/user/x", 1_999).unwrap()), (1, Some(102_000)));
     }
 }

@@ -4,7 +4,7 @@
 
 use super::{Form, OnFire, Rule};
 use crate::event::{format_time_ms, parse_time_ms, scalar_string, Event, FieldPath};
-use crate::state::{check_dict_size, keeps_expiry, Record, StateError};
+use crate::state::{check_dict_size, granular_expiry, Record, StateError};
 use serde_json::{json, Map, Value};
 
 /// Alerts never list more values of a set than this.
@@ -161,10 +161,10 @@ fn first_seen(
     (granule, kept): (f64, &mut bool),
 ) -> Option<Decision> {
     let known = r.set.len();
-    let new_at = now.saturating_add(ttl_ms);
-    if r.set.contains(&value) && keeps_expiry(r.expires_at_ms, new_at, now, granule) {
-        // A known value whose refresh moves the expiry by less than the
-        // granule: the record stays as it is (and clean).
+    let new_at = granular_expiry(now.saturating_add(ttl_ms), now, granule);
+    if r.set.contains(&value) && r.expires_at_ms == Some(new_at) {
+        // A known value whose refresh falls in the stored expiry's step
+        // (`store.expiry_granule`): the record stays as it is (and clean).
         *kept = true;
         return None;
     }

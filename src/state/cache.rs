@@ -70,26 +70,26 @@ pub struct StateCache {
     lookups: (u64, u64),
     /// Flushes so far (the clock of least-recently-used eviction).
     epoch: u32,
-    /// `store.expiry_granule`: see [`keeps_expiry`].
+    /// `store.expiry_granule`: see [`granular_expiry`].
     expiry_granule: f64,
     /// Writes avoided by the granule, not yet published to the metrics.
     avoided: u64,
 }
 
-/// Whether an expiry refresh at event time `now_ms` to `new_at` keeps the
-/// live record's expiry `old_at` instead (so the record, and whether it is
-/// dirty, do not change): when it would move the expiry forward by less
-/// than `granule` times the lifetime being applied (`new_at - now_ms`).
-///
-/// Only forward moves are kept, so a kept expiry is earlier than the strict
-/// one by less than one granule, never later. The answer depends on event
-/// time and the record only (never on when the cache flushed), so a replay
-/// from a checkpoint decides the same; `granule` 0 never keeps.
-pub fn keeps_expiry(old_at: Option<i64>, new_at: i64, now_ms: i64, granule: f64) -> bool {
-    let Some(old_at) = old_at else { return false };
-    let forward = new_at.saturating_sub(old_at);
-    let lifetime = new_at.saturating_sub(now_ms);
-    granule > 0.0 && old_at > now_ms && forward >= 0 && (forward as f64) < granule * lifetime as f64
+/// The expiry stored for a refresh at event time `now_ms` to `at`: `at`
+/// rounded up to a multiple of `granule` times the lifetime being applied
+/// (`at - now_ms`: the `ttl`, or the distance to an absolute expiry). Every
+/// refresh within one step stores the same expiry, so the record does not
+/// change and is not written again; an expiry is at most one granule later
+/// than the strict one, never earlier (nothing is forgotten early). Only
+/// event time and the refresh decide it, never when the cache flushed, so
+/// a replay stores the same; `granule` 0 stores `at`.
+pub fn granular_expiry(at: i64, now_ms: i64, granule: f64) -> i64 {
+    let step = (granule * at.saturating_sub(now_ms) as f64) as i64;
+    if step <= 1 {
+        return at;
+    }
+    at.div_euclid(step).saturating_add(i64::from(at.rem_euclid(step) != 0)).saturating_mul(step)
 }
 
 impl StateCache {
@@ -346,9 +346,10 @@ impl StateCache {
             Expiry::At(at) => at,
             Expiry::After(ms) => now_ms.saturating_add(ms),
         };
-        let granule = self.expiry_granule;
+        let at = granular_expiry(at, now_ms, self.expiry_granule);
         let old = self.read(key, now_ms)?.and_then(|r| r.expires_at_ms);
-        if keeps_expiry(old, at, now_ms, granule) {
+        if old == Some(at) {
+            // The same step as stored: nothing changes, nothing is written.
             self.avoided += 1;
             return Ok(());
         }
@@ -563,25 +564,21 @@ mod tests {
     fn a_refresh_within_the_granule_leaves_the_key_clean() {
         let flushed = |c: &mut StateCache| c.flush(&[]).unwrap();
         let mut c = cache().with_expiry_granule(0.01);
+        // 1% of an hour is a 36 s step: expiries are rounded up to one.
         c.increment_counter("k", 1, 0).unwrap();
-        c.set_key_expiration("k", Expiry::After(H), 0).unwrap();
+        c.set_key_expiration("k", Expiry::After(H), 1).unwrap();
+        assert_eq!(c.expires_at("k", 1).unwrap(), Some(H + 36_000), "up to one step later, never earlier");
         assert_eq!(flushed(&mut c), 1);
-        // 1% of an hour is 36 s: a refresh 35 s later keeps the old expiry.
+        // Refreshes within the same step store the same expiry: nothing is written.
         c.set_key_expiration("k", Expiry::After(H), 35_999).unwrap();
-        assert_eq!((c.dirty_keys(), c.expires_at("k", 35_999).unwrap()), (0, Some(H)));
-        // Absolute: 1% of the distance from the event time.
-        c.set_key_expiration("k", Expiry::At(H + 35_000), 1_000).unwrap();
-        assert_eq!(c.dirty_keys(), 0);
-        // A move of one granule or more is written.
         c.set_key_expiration("k", Expiry::After(H), 36_000).unwrap();
-        assert_eq!((c.dirty_keys(), c.expires_at("k", 36_000).unwrap()), (1, Some(H + 36_000)));
+        assert_eq!((c.dirty_keys(), c.expires_at("k", 36_000).unwrap()), (0, Some(H + 36_000)));
+        // The next step is written.
+        c.set_key_expiration("k", Expiry::After(H), 36_001).unwrap();
+        assert_eq!((c.dirty_keys(), c.expires_at("k", 36_001).unwrap()), (1, Some(H + 72_000)));
         assert_eq!(flushed(&mut c), 1);
-        // An earlier expiry is always written: a kept expiry is never later than strict.
-        c.set_key_expiration("k", Expiry::After(H), 35_000).unwrap();
-        assert_eq!((c.dirty_keys(), c.expires_at("k", 35_000).unwrap()), (1, Some(H + 35_000)));
-        assert_eq!(flushed(&mut c), 1);
-        // An expired key starts afresh, whatever the granule.
-        c.set_key_expiration("k", Expiry::After(H), 2 * H).unwrap();
+        // An expired key starts afresh.
+        c.set_key_expiration("k", Expiry::After(H), 3 * H).unwrap();
         assert_eq!(c.dirty_keys(), 1);
     }
 
@@ -592,9 +589,9 @@ mod tests {
         c.flush(&[]).unwrap();
         c.set_key_expiration("k", Expiry::After(H), 1).unwrap();
         assert_eq!((c.dirty_keys(), c.expires_at("k", 1).unwrap()), (1, Some(H + 1)));
-        assert!(!keeps_expiry(Some(H), H + 1, 1, 0.0));
-        assert!(keeps_expiry(Some(H), H + 1, 1, 0.01));
-        assert!(!keeps_expiry(None, H + 1, 1, 0.01), "nothing to keep");
+        assert_eq!(granular_expiry(H + 1, 1, 0.0), H + 1);
+        assert_eq!(granular_expiry(H + 1, 1, 0.01), H + 36_000);
+        assert_eq!(granular_expiry(H + 36_000, 36_000, 0.01), H + 36_000, "on a step: kept");
     }
 
     #[test]
