@@ -64,6 +64,9 @@ pub struct Metrics {
     pub cache_bytes: IntGauge,
     /// Clean entries dropped from the cache to honour its bound.
     pub cache_evictions: IntCounter,
+    /// Changes that left a key clean, so it was not written, by reason
+    /// (`expiry_granule`: an expiry refresh within `store.expiry_granule`).
+    pub state_writes_avoided: IntCounterVec,
     /// Flushes (state + checkpoint commits), by outcome.
     pub flushes: IntCounterVec,
     /// Keys written per flush.
@@ -281,6 +284,12 @@ impl Metrics {
                 &[],
             )
             .with_label_values::<&str>(&[]),
+            state_writes_avoided: counter(
+                &r,
+                "riskd_state_writes_avoided_total",
+                "State changes that left a key clean (not written), by reason.",
+                &["reason"],
+            ),
             flushes: counter(&r, "riskd_flushes_total", "State and checkpoint commits, by outcome.", &["outcome"]),
             flush_keys: histogram(&r, "riskd_flush_keys", "Keys written per flush.", &[], buckets(1.0, 4.0, 12))
                 .with_label_values::<&str>(&[]),

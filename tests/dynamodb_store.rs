@@ -745,3 +745,47 @@ fn capacity_series() -> Vec<(&'static str, &'static str)> {
         .chain(["BatchWriteItem", "PutItem", "DeleteItem", "TransactWriteItems"].map(|op| ("write", op)))
         .collect()
 }
+
+/// Write capacity units (reported and estimated) consumed so far.
+fn write_units() -> f64 {
+    capacity_series()
+        .iter()
+        .filter(|(kind, _)| *kind == "write")
+        .flat_map(|(k, o)| {
+            ["dynamodb", "estimate"].map(|s| metrics().dynamodb_capacity_units.with_label_values(&[k, o, s]).get())
+        })
+        .sum()
+}
+
+#[test]
+fn the_expiry_granule_saves_write_units_and_changes_no_alert() {
+    if !alone("the_expiry_granule_saves_write_units_and_changes_no_alert") {
+        return;
+    }
+    use riskd::pipeline::{run_blocking, RunOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let events = 20_000u64;
+    let spec = riskd::generate::Spec { events, users: 500, attack_every: 300, ..Default::default() };
+    riskd::generate::write_stream(&spec, &mut std::fs::File::create(&input).unwrap()).unwrap();
+    let avoided = || metrics().state_writes_avoided.with_label_values(&["expiry_granule"]).get();
+    let mut runs = Vec::new();
+    for granule in ["0.01", "0"] {
+        let run_dir = dir.path().join(format!("granule-{granule}"));
+        std::fs::create_dir(&run_dir).unwrap();
+        let store = format!("ttl = false\nflush_every_events = 700\nexpiry_granule = {granule}");
+        let config = common::write_dynamodb_config(&run_dir, &input, "", &store);
+        let cfg = riskd::config::Config::load(&config).unwrap();
+        let (units_before, avoided_before) = (write_units(), avoided());
+        let summary = run_blocking(cfg, RunOptions::default(), riskd::shutdown::Shutdown::new()).unwrap();
+        assert_eq!(summary.read, events);
+        let per_1000 = 1000.0 * (write_units() - units_before) / events as f64;
+        println!("expiry_granule = {granule}: {per_1000:.1} write units per 1,000 events");
+        runs.push((per_1000, avoided() - avoided_before, std::fs::read(run_dir.join("alerts.jsonl")).unwrap()));
+    }
+    let (with, without) = (&runs[0], &runs[1]);
+    assert!(with.0 < without.0, "write units per 1,000 events: {} with the granule, {} without", with.0, without.0);
+    assert!(with.1 > 0 && without.1 == 0, "writes avoided: {} with, {} without", with.1, without.1);
+    assert!(!with.2.is_empty());
+    assert!(with.2 == without.2, "the granule changed the alerts");
+}

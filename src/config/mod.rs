@@ -159,6 +159,9 @@ pub struct Config {
     pub cache_max_entries: usize,
     /// Cache bound, bytes.
     pub cache_max_bytes: usize,
+    /// `store.expiry_granule`: expiry refreshes smaller than this fraction
+    /// of the lifetime keep the old expiry and are not written.
+    pub expiry_granule: f64,
     /// Delete stored records expired this long before the watermark (event
     /// time); `None`: never.
     pub purge_after: Option<std::time::Duration>,
@@ -243,6 +246,7 @@ impl Config {
             flush_interval: store.flush_interval,
             cache_max_entries: store.cache_max_entries,
             cache_max_bytes: store.cache_max_bytes,
+            expiry_granule: store.expiry_granule,
             purge_after: store.purge_after,
             event_time,
             rules: std::sync::Arc::new(rules),

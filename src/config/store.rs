@@ -57,6 +57,16 @@ pub struct StoreFile {
     /// itself.)
     #[serde(default)]
     pub purge_after: Option<String>,
+    /// A refresh that moves a live key's expiry forward by less than this
+    /// fraction of the lifetime it applies (`ttl`, or the distance from the
+    /// event time to an absolute expiry) keeps the old expiry and leaves the
+    /// key unwritten; in [0, 0.5], default 0.01; 0 applies every refresh.
+    #[serde(default = "one_percent")]
+    pub expiry_granule: f64,
+}
+
+fn one_percent() -> f64 {
+    0.01
 }
 
 fn embedded() -> String {
@@ -89,6 +99,8 @@ pub(super) struct Store {
     pub cache_max_bytes: usize,
     /// Purge of expired records; `None`: never.
     pub purge_after: Option<Duration>,
+    /// Expiry refreshes smaller than this fraction of the lifetime are not written.
+    pub expiry_granule: f64,
 }
 
 /// Validates `[store]`; relative paths are taken from `base`.
@@ -124,8 +136,21 @@ pub(super) fn build(file: &StoreFile, base: &Path, err: &mut Section) -> Store {
             }
         },
     };
+    let expiry_granule = if (0.0..=0.5).contains(&file.expiry_granule) {
+        file.expiry_granule
+    } else {
+        err.at(
+            "expiry_granule",
+            format!(
+                "store.expiry_granule {} is not a fraction of the lifetime in [0, 0.5], e.g. 0.01 (0 turns it off)",
+                file.expiry_granule
+            ),
+        );
+        0.0
+    };
     Store {
         kind,
+        expiry_granule,
         flush_every_events: file.flush_every_events,
         flush_interval,
         cache_max_entries: file.cache_max_entries,
@@ -242,6 +267,12 @@ mod tests {
         let errors = load_text("[store]\nkind = \"embedded\"\ntable = \"t-1\"\nttl = true\n").unwrap_err();
         assert_eq!(errors.0.len(), 2, "{errors}");
         assert!(errors.to_string().contains("store.table does not apply to store.kind = \"embedded\""), "{errors}");
+        let errors = load_text("[store]\nkind = \"memory\"\nexpiry_granule = 0.9\n").unwrap_err();
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        assert_eq!(errors.0[0].line, Some(3), "{errors}");
+        assert!(errors.to_string().contains("store.expiry_granule 0.9 is not a fraction"), "{errors}");
+        assert_eq!(load_text("[store]\nkind = \"memory\"\n").unwrap().expiry_granule, 0.01);
+        assert_eq!(load_text("[store]\nkind = \"memory\"\nexpiry_granule = 0\n").unwrap().expiry_granule, 0.0);
         let errors = load_text("[store]\nkind = \"cassandra\"\n").unwrap_err();
         assert!(errors.to_string().contains("not one of embedded, dynamodb, memory"), "{errors}");
     }

@@ -168,7 +168,8 @@ impl Job {
     ) -> Self {
         let rules = Arc::clone(&cfg.rules);
         let scoring = Arc::new(cfg.scoring.clone());
-        let cache = StateCache::with_bounds(store, cfg.cache_max_entries, cfg.cache_max_bytes);
+        let cache = StateCache::with_bounds(store, cfg.cache_max_entries, cfg.cache_max_bytes)
+            .with_expiry_granule(cfg.expiry_granule);
         Job {
             main: Lane::new(&rules, &scoring, cache),
             rules,

@@ -863,7 +863,10 @@ fn start(
         Some(shared) => (0..lanes)
             .map(|_| {
                 let bounds = (cfg.cache_max_entries / lanes, cfg.cache_max_bytes / lanes);
-                job.lane(StateCache::with_bounds(Box::new(shared.clone()), bounds.0, bounds.1))
+                job.lane(
+                    StateCache::with_bounds(Box::new(shared.clone()), bounds.0, bounds.1)
+                        .with_expiry_granule(cfg.expiry_granule),
+                )
             })
             .collect(),
     };

@@ -394,14 +394,20 @@ impl Engine {
         let key = self.key.as_str();
         let mut reached = None;
         let access = self.access[rule_index];
+        let granule = cache.expiry_granule();
+        let mut kept = false;
         let result = if matches!(rule.form, Form::Stateless) {
-            apply_form(&mut Record::default(), rule, key, event, &mut reached)
+            apply_form(&mut Record::default(), rule, key, event, &mut reached, (granule, &mut kept))
         } else {
             let mut result = Ok(None);
             let stored = cache.update(access.state, key, event.time_ms, &mut |r| {
-                result = apply_form(r, rule, key, event, &mut reached);
-                result.is_ok()
+                kept = false;
+                result = apply_form(r, rule, key, event, &mut reached, (granule, &mut kept));
+                result.is_ok() && !kept
             });
+            if kept {
+                cache.note_expiry_kept();
+            }
             stored.map_err(Skip::State).and(result)
         };
         if let (Some(stats), Some(v)) = (self.stats.as_mut(), reached) {
@@ -677,5 +683,31 @@ mod tests {
         assert!(alerts_one.len() > 20);
         assert_eq!(ids(&alerts_lanes), ids(&alerts_one));
         assert_eq!(problems_lanes, problems_one, "an event lacking the entity field is reported once, by lane 0");
+    }
+
+    #[test]
+    fn first_seen_re_seeing_a_known_value_within_the_granule_writes_nothing() {
+        let yaml = "id: fs\ntitle: t\nseverity: LOW\nentity: {type: user, key: u}\nmatch: 'true'\nstate: {first_seen: {field: ip, ttl: 100s}}\n";
+        let at = |ip: &str, time_ms: i64| Event {
+            value: json!({"u": "x", "ip": ip}),
+            time_ms,
+            time_source: TimeSource::Event,
+        };
+        let mut cache = StateCache::new(Box::new(crate::state::MemoryStore::new()), 1000).with_expiry_granule(0.01);
+        let mut engine = Engine::new(rules(yaml));
+        let mut alerts = Vec::new();
+        engine.process(&mut cache, &at("a", 1), None, &mut alerts).unwrap();
+        cache.flush(&[]).unwrap();
+        // 1% of 100 s is a 1 s step: a known value within the step keeps the expiry.
+        engine.process(&mut cache, &at("a", 999), None, &mut alerts).unwrap();
+        assert_eq!((cache.dirty_keys(), cache.expires_at("fs/user/x", 999).unwrap()), (0, Some(101_000)));
+        // A new value is a change (and fires, writing its dedup window too), granule or not.
+        engine.process(&mut cache, &at("b", 999), None, &mut alerts).unwrap();
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(cache.expires_at("fs/user/x", 999).unwrap(), Some(101_000));
+        cache.flush(&[]).unwrap();
+        // A known value in the next step pushes the expiry one step on.
+        engine.process(&mut cache, &at("a", 1_999), None, &mut alerts).unwrap();
+        assert_eq!((cache.dirty_keys(), cache.expires_at("fs/user/x", 1_999).unwrap()), (1, Some(102_000)));
     }
 }

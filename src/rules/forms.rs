@@ -4,7 +4,7 @@
 
 use super::{Form, OnFire, Rule};
 use crate::event::{format_time_ms, parse_time_ms, scalar_string, Event, FieldPath};
-use crate::state::{check_dict_size, Record, StateError};
+use crate::state::{check_dict_size, granular_expiry, Record, StateError};
 use serde_json::{json, Map, Value};
 
 /// Alerts never list more values of a set than this.
@@ -60,13 +60,15 @@ fn round1(x: f64) -> Value {
 
 /// Applies the rule's state form to the entity's record and decides whether
 /// it fires; `reached` is the value a `count` or `distinct` rule reached
-/// (for replay figures).
+/// (for replay figures). `kept` is set when the form changed nothing
+/// because an expiry refresh fell within `granule` (`store.expiry_granule`).
 pub(super) fn apply_form(
     r: &mut Record,
     rule: &Rule,
     key: &str,
     event: &Event,
     reached: &mut Option<i64>,
+    (granule, kept): (f64, &mut bool),
 ) -> Result<Option<Decision>, Skip> {
     let now = event.time_ms;
     Ok(match &rule.form {
@@ -76,7 +78,9 @@ pub(super) fn apply_form(
             let value = required_scalar(field, event)?;
             distinct(r, now, value, *window_ms, *threshold, *on_fire, reached)
         }
-        Form::FirstSeen { field, ttl_ms } => first_seen(r, now, required_scalar(field, event)?, *ttl_ms),
+        Form::FirstSeen { field, ttl_ms } => {
+            first_seen(r, now, required_scalar(field, event)?, *ttl_ms, (granule, kept))
+        }
         Form::Changed { fields, ttl_ms } => changed(r, key, event, fields, *ttl_ms)?,
         Form::Travel { lat, lon, city, ttl_ms, min_km, max_kmh } => {
             // A coordinate outside its range is no more a place than text is.
@@ -149,8 +153,21 @@ fn distinct(
 }
 
 /// `first_seen`: fires on a value the set does not hold (once it holds any).
-fn first_seen(r: &mut Record, now: i64, value: String, ttl_ms: i64) -> Option<Decision> {
+fn first_seen(
+    r: &mut Record,
+    now: i64,
+    value: String,
+    ttl_ms: i64,
+    (granule, kept): (f64, &mut bool),
+) -> Option<Decision> {
     let known = r.set.len();
+    let new_at = granular_expiry(now.saturating_add(ttl_ms), now, granule);
+    if r.set.contains(&value) && r.expires_at_ms == Some(new_at) {
+        // A known value whose refresh falls in the stored expiry's step
+        // (`store.expiry_granule`): the record stays as it is (and clean).
+        *kept = true;
+        return None;
+    }
     let fire = known > 0 && !r.set.contains(&value);
     let decision = fire.then(|| {
         let listed: Vec<&String> = r.set.iter().take(MAX_LISTED_VALUES).collect();
@@ -162,7 +179,7 @@ fn first_seen(r: &mut Record, now: i64, value: String, ttl_ms: i64) -> Option<De
     });
     r.set.insert(value);
     // Every matching event keeps the set for another ttl.
-    r.expires_at_ms = Some(now.saturating_add(ttl_ms));
+    r.expires_at_ms = Some(new_at);
     decision
 }
 

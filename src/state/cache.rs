@@ -70,6 +70,26 @@ pub struct StateCache {
     lookups: (u64, u64),
     /// Flushes so far (the clock of least-recently-used eviction).
     epoch: u32,
+    /// `store.expiry_granule`: see [`granular_expiry`].
+    expiry_granule: f64,
+    /// Writes avoided by the granule, not yet published to the metrics.
+    avoided: u64,
+}
+
+/// The expiry stored for a refresh at event time `now_ms` to `at`: `at`
+/// rounded up to a multiple of `granule` times the lifetime being applied
+/// (`at - now_ms`: the `ttl`, or the distance to an absolute expiry). Every
+/// refresh within one step stores the same expiry, so the record does not
+/// change and is not written again; an expiry is at most one granule later
+/// than the strict one, never earlier (nothing is forgotten early). Only
+/// event time and the refresh decide it, never when the cache flushed, so
+/// a replay stores the same; `granule` 0 stores `at`.
+pub fn granular_expiry(at: i64, now_ms: i64, granule: f64) -> i64 {
+    let step = (granule * at.saturating_sub(now_ms) as f64) as i64;
+    if step <= 1 {
+        return at;
+    }
+    at.div_euclid(step).saturating_add(i64::from(at.rem_euclid(step) != 0)).saturating_mul(step)
 }
 
 impl StateCache {
@@ -84,7 +104,33 @@ impl StateCache {
     /// early when [`over_bounds`](Self::over_bounds), and a flush that leaves
     /// the cache over a bound evicts the least recently used clean entries.
     pub fn with_bounds(store: Box<dyn Store>, max_entries: usize, max_bytes: usize) -> Self {
-        Self { store, entries: HashMap::new(), max_entries, max_bytes, bytes: 0, lookups: (0, 0), epoch: 0 }
+        Self {
+            store,
+            entries: HashMap::new(),
+            max_entries,
+            max_bytes,
+            bytes: 0,
+            lookups: (0, 0),
+            epoch: 0,
+            expiry_granule: 0.0,
+            avoided: 0,
+        }
+    }
+
+    /// Sets `store.expiry_granule` (0, the default here, applies expiries strictly).
+    pub fn with_expiry_granule(mut self, granule: f64) -> Self {
+        self.expiry_granule = granule;
+        self
+    }
+
+    /// `store.expiry_granule`, for expiry refreshes made inside [`update`](Self::update).
+    pub fn expiry_granule(&self) -> f64 {
+        self.expiry_granule
+    }
+
+    /// Counts a write avoided by the granule (published with the lookups).
+    pub fn note_expiry_kept(&mut self) {
+        self.avoided += 1;
     }
 
     /// Whether the cache holds more than its bounds allow (flush, then it evicts).
@@ -300,6 +346,13 @@ impl StateCache {
             Expiry::At(at) => at,
             Expiry::After(ms) => now_ms.saturating_add(ms),
         };
+        let at = granular_expiry(at, now_ms, self.expiry_granule);
+        let old = self.read(key, now_ms)?.and_then(|r| r.expires_at_ms);
+        if old == Some(at) {
+            // The same step as stored: nothing changes, nothing is written.
+            self.avoided += 1;
+            return Ok(());
+        }
         self.write(key, now_ms)?.expires_at_ms = Some(at);
         Ok(())
     }
@@ -411,7 +464,9 @@ impl StateCache {
         let m = metrics();
         m.cache_lookups.with_label_values(&["hit"]).inc_by(self.lookups.0);
         m.cache_lookups.with_label_values(&["miss"]).inc_by(self.lookups.1);
+        m.state_writes_avoided.with_label_values(&["expiry_granule"]).inc_by(self.avoided);
         self.lookups = (0, 0);
+        self.avoided = 0;
     }
 }
 
@@ -503,6 +558,40 @@ mod tests {
         assert_eq!(c.get_counter("k", H).unwrap(), 0, "expired at exactly expiresAt");
         assert_eq!(c.increment_counter("k", 1, H).unwrap(), 1, "starts again from the increment");
         assert_eq!(c.expires_at("k", H).unwrap(), None, "old expiry is gone with the old value");
+    }
+
+    #[test]
+    fn a_refresh_within_the_granule_leaves_the_key_clean() {
+        let flushed = |c: &mut StateCache| c.flush(&[]).unwrap();
+        let mut c = cache().with_expiry_granule(0.01);
+        // 1% of an hour is a 36 s step: expiries are rounded up to one.
+        c.increment_counter("k", 1, 0).unwrap();
+        c.set_key_expiration("k", Expiry::After(H), 1).unwrap();
+        assert_eq!(c.expires_at("k", 1).unwrap(), Some(H + 36_000), "up to one step later, never earlier");
+        assert_eq!(flushed(&mut c), 1);
+        // Refreshes within the same step store the same expiry: nothing is written.
+        c.set_key_expiration("k", Expiry::After(H), 35_999).unwrap();
+        c.set_key_expiration("k", Expiry::After(H), 36_000).unwrap();
+        assert_eq!((c.dirty_keys(), c.expires_at("k", 36_000).unwrap()), (0, Some(H + 36_000)));
+        // The next step is written.
+        c.set_key_expiration("k", Expiry::After(H), 36_001).unwrap();
+        assert_eq!((c.dirty_keys(), c.expires_at("k", 36_001).unwrap()), (1, Some(H + 72_000)));
+        assert_eq!(flushed(&mut c), 1);
+        // An expired key starts afresh.
+        c.set_key_expiration("k", Expiry::After(H), 3 * H).unwrap();
+        assert_eq!(c.dirty_keys(), 1);
+    }
+
+    #[test]
+    fn granule_zero_writes_every_refresh() {
+        let mut c = cache().with_expiry_granule(0.0);
+        c.set_key_expiration("k", Expiry::After(H), 0).unwrap();
+        c.flush(&[]).unwrap();
+        c.set_key_expiration("k", Expiry::After(H), 1).unwrap();
+        assert_eq!((c.dirty_keys(), c.expires_at("k", 1).unwrap()), (1, Some(H + 1)));
+        assert_eq!(granular_expiry(H + 1, 1, 0.0), H + 1);
+        assert_eq!(granular_expiry(H + 1, 1, 0.01), H + 36_000);
+        assert_eq!(granular_expiry(H + 36_000, 36_000, 0.01), H + 36_000, "on a step: kept");
     }
 
     #[test]

@@ -19,7 +19,7 @@ mod memory;
 mod open;
 mod shared;
 
-pub use cache::{check_dict_size, Access, Expiry, StateCache};
+pub use cache::{check_dict_size, granular_expiry, Access, Expiry, StateCache};
 pub use dynamodb::{DynamoConfig, DynamoStore};
 pub use embedded::EmbeddedStore;
 pub use instrumented::Instrumented;
