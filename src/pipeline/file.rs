@@ -3,7 +3,7 @@
 //! terminal.
 
 use super::job::{Job, JobSource, Origin, Settings};
-use super::order::{Pushed, Reorder};
+use super::order::Reorder;
 use super::outputs::{absolute, Outputs};
 use super::retry::RetryPolicy;
 use super::{io_err, open_err, RunError, RunOptions, Summary};
@@ -172,26 +172,12 @@ impl Reading {
         };
         let Some(event) = event else { return Ok(true) };
         // One allocation of the line's size: the read buffer keeps its capacity.
+        let (time, source) = (event.time_ms, event.time_source);
         let held = Held { before, info, raw: buf.clone(), event, late: false };
-        if held.event.time_source == TimeSource::Ingest {
-            // No time of its own to order by: applied as it is read.
-            ready.push(held);
-            return Ok(true);
-        }
-        let trusted = held.event.time_source == TimeSource::Event;
-        let now = Instant::now();
-        match self.order.push(held.event.time_ms, trusted, held, now) {
-            Pushed::Now { mut item, late } => {
-                if late {
-                    job.late(&Origin { source: &self.name, line: item.info.line });
-                    item.late = true;
-                }
-                ready.push(item);
-            }
-            Pushed::Held => {
-                while let Some(item) = self.order.pop(now) {
-                    ready.push(item);
-                }
+        if self.order.take_into(time, source, held, Instant::now(), ready) {
+            if let Some(item) = ready.last_mut() {
+                job.late(&Origin { source: &self.name, line: item.info.line });
+                item.late = true;
             }
         }
         Ok(true)

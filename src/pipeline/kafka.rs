@@ -38,7 +38,7 @@
 
 use super::align::{Align, Next, QUEUE_CAP};
 use super::job::{Job, JobSource, Lane, Origin, Settings};
-use super::order::{Pushed, Reorder};
+use super::order::Reorder;
 use super::outputs::Outputs;
 use super::retry::RetryPolicy;
 use super::{RunError, RunOptions, Summary};
@@ -511,24 +511,11 @@ impl KafkaJob {
 
     /// Holds an event for order, or puts it in `ready` when it is due.
     fn hold(&mut self, r: Ready, now: Instant, ready: &mut Vec<Ready>) {
-        if r.event.time_source == TimeSource::Ingest {
-            // No time of its own to order by: applied as it is taken.
-            ready.push(r);
-            return;
-        }
-        let trusted = r.event.time_source == TimeSource::Event;
-        match self.order.push(r.event.time_ms, trusted, r, now) {
-            Pushed::Now { mut item, late } => {
-                if late {
-                    self.job.late(&Origin { source: &item.id, line: item.offset });
-                    item.late = true;
-                }
-                ready.push(item);
-            }
-            Pushed::Held => {
-                while let Some(item) = self.order.pop(now) {
-                    ready.push(item);
-                }
+        let (time, source) = (r.event.time_ms, r.event.time_source);
+        if self.order.take_into(time, source, r, now, ready) {
+            if let Some(item) = ready.last_mut() {
+                self.job.late(&Origin { source: &item.id, line: item.offset });
+                item.late = true;
             }
         }
     }

@@ -149,6 +149,29 @@ impl<T> Reorder<T> {
         Pushed::Held
     }
 
+    /// Takes an event whose time is `time`, read from `source`: what is
+    /// due now goes to `out`, in order (one with no time of its own at
+    /// once). True when the event itself was applied at once and late: it
+    /// is then the last of `out`.
+    pub(super) fn take_into(&mut self, time: i64, source: TimeSource, item: T, now: Instant, out: &mut Vec<T>) -> bool {
+        if source == TimeSource::Ingest {
+            out.push(item);
+            return false;
+        }
+        match self.push(time, source == TimeSource::Event, item, now) {
+            Pushed::Now { item, late } => {
+                out.push(item);
+                late
+            }
+            Pushed::Held => {
+                while let Some(item) = self.pop(now) {
+                    out.push(item);
+                }
+                false
+            }
+        }
+    }
+
     fn gave(&mut self, time: i64) {
         self.applied = Some(self.applied.map_or(time, |a| a.max(time)));
     }
@@ -197,19 +220,8 @@ impl Sequencer {
 
     /// Takes an event (its time settled); those now due go to `out`, in order.
     pub(crate) fn push(&mut self, event: Event, out: &mut Vec<Event>) {
-        if event.time_source == TimeSource::Ingest {
-            out.push(event);
-            return;
-        }
-        let trusted = event.time_source == TimeSource::Event;
-        match self.order.push(event.time_ms, trusted, event, self.now) {
-            Pushed::Now { item, .. } => out.push(item),
-            Pushed::Held => {
-                while let Some(e) = self.order.pop(self.now) {
-                    out.push(e);
-                }
-            }
-        }
+        let (time, source) = (event.time_ms, event.time_source);
+        self.order.take_into(time, source, event, self.now, out);
     }
 
     /// The recording has ended: every event held goes to `out`, in order.
