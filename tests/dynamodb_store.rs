@@ -13,7 +13,7 @@ use aws_sdk_dynamodb::types::{
 };
 use common::{dynamodb_endpoint, dynamodb_proxy};
 use riskd::state::dynamodb::{check_table, init_table, prune_markers};
-use riskd::state::{Checkpoint, DynamoConfig, DynamoStore, Mutation, Record, StateError, Store, WriteBatch};
+use riskd::state::{Checkpoint, DynamoConfig, DynamoStore, Layout, Mutation, Record, StateError, Store, WriteBatch};
 use riskd::telemetry::metrics;
 use serde_json::json;
 use std::collections::HashMap;
@@ -35,6 +35,7 @@ fn test_config() -> DynamoConfig {
         remember_versions: 10_000,
         read_requests_per_second: None,
         write_requests_per_second: None,
+        layout: Layout::Key,
     }
 }
 
@@ -788,4 +789,206 @@ fn the_expiry_granule_saves_write_units_and_changes_no_alert() {
     assert!(with.1 > 0 && without.1 == 0, "writes avoided: {} with, {} without", with.1, without.1);
     assert!(!with.2.is_empty());
     assert!(with.2 == without.2, "the granule changed the alerts");
+}
+
+#[test]
+fn the_entity_layout_writes_fewer_units_and_changes_no_alert() {
+    if !alone("the_entity_layout_writes_fewer_units_and_changes_no_alert") {
+        return;
+    }
+    use riskd::pipeline::{run_blocking, RunOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let events = 20_000u64;
+    let spec = riskd::generate::Spec { events, users: 500, attack_every: 300, ..Default::default() };
+    riskd::generate::write_stream(&spec, &mut std::fs::File::create(&input).unwrap()).unwrap();
+    let mut runs = Vec::new();
+    for layout in ["entity", "key"] {
+        let run_dir = dir.path().join(layout);
+        std::fs::create_dir(&run_dir).unwrap();
+        let store = format!("ttl = false\nflush_every_events = 700\nlayout = \"{layout}\"");
+        let config = common::write_dynamodb_config(&run_dir, &input, "", &store);
+        let cfg = riskd::config::Config::load(&config).unwrap();
+        let before = write_units();
+        let summary = run_blocking(cfg, RunOptions::default(), riskd::shutdown::Shutdown::new()).unwrap();
+        assert_eq!(summary.read, events);
+        let per_1000 = 1000.0 * (write_units() - before) / events as f64;
+        println!("layout = {layout}: {per_1000:.1} write units per 1,000 events");
+        // What the state says of the last entity alerted, read back by a new process.
+        let alerts = std::fs::read_to_string(run_dir.join("alerts.jsonl")).unwrap();
+        let last: serde_json::Value = serde_json::from_str(alerts.lines().last().unwrap()).unwrap();
+        let (kind, id) = (last["entity"]["type"].as_str().unwrap(), last["entity"]["id"].as_str().unwrap());
+        let out = common::riskd(&["entity", kind, id, "--config", &config.display().to_string()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let entity = String::from_utf8_lossy(&out.stdout).into_owned();
+        runs.push((per_1000, std::fs::read(run_dir.join("alerts.jsonl")).unwrap(), entity));
+    }
+    let (entity, key) = (&runs[0], &runs[1]);
+    assert!(entity.0 < 0.75 * key.0, "write units per 1,000 events: {} by entity, {} by key", entity.0, key.0);
+    assert!(!entity.1.is_empty());
+    assert!(entity.1 == key.1, "the layout changed the alerts");
+    assert_eq!(entity.2, key.2, "the layout changed what riskd entity reads");
+}
+
+/// The entity layout (`store.layout = "entity"`): the same behaviour as
+/// the per-key layout, one item per entity.
+mod entity_layout {
+    use super::*;
+
+    fn config() -> DynamoConfig {
+        DynamoConfig { layout: Layout::Entity, ..test_config() }
+    }
+
+    fn fresh_entity() -> (DynamoStore, DynamoConfig) {
+        let cfg = config();
+        init_table(&cfg).unwrap();
+        (DynamoStore::open(&cfg).unwrap(), cfg)
+    }
+
+    riskd::shared_store_tests!(fresh_entity());
+
+    /// Every item of the table, by key.
+    fn items(table: &Table) -> std::collections::BTreeMap<String, Item> {
+        let scan = table.client.scan().table_name(&table.name).consistent_read(true).send();
+        let out = table.rt.block_on(scan).unwrap();
+        out.items.unwrap_or_default().into_iter().map(|it| (it["key"].as_s().unwrap().clone(), it)).collect()
+    }
+
+    #[test]
+    fn an_entity_is_one_item_and_a_crash_mid_flush_reads_as_the_last_committed_flush() {
+        let (_, cfg) = fresh_entity();
+        let proxy = CommitCutter::start();
+        let mut store = DynamoStore::open(&proxy.config(&cfg)).unwrap();
+        let v1 = Record { count: 1, expires_at_ms: Some(5_000), ..Record::default() };
+        let v2 = Record { count: 2, set: ["new".into()].into(), ..Record::default() };
+        let cp1 = Checkpoint { offset: 100, line: 1, ..Checkpoint::default() };
+        let cp2 = Checkpoint { offset: 200, line: 2, ..Checkpoint::default() };
+        let keys = ["r1/user/a", "r2/user/a", "riskd/risk/user/a", "r1/user/gone", "r1/user/new"];
+        store
+            .apply(WriteBatch {
+                mutations: vec![
+                    (keys[0], Mutation::Put(&v1)),
+                    (keys[1], Mutation::Put(&v1)),
+                    (keys[3], Mutation::Put(&v1)),
+                    ("riskd/dedup/r1/a", Mutation::Put(&v1)),
+                ],
+                checkpoints: vec![("src", &cp1)],
+            })
+            .unwrap();
+        let table = Table::of(&cfg.table);
+        let stored: Vec<String> = items(&table).into_keys().filter(|k| !k.starts_with("riskd/flush/")).collect();
+        assert_eq!(
+            stored,
+            vec!["riskd/checkpoint/src", "riskd/dedup/r1/a", "riskd/entity/user/a", "riskd/entity/user/gone"],
+            "one item per entity; dedup windows are items of their own"
+        );
+        let flush2 = || WriteBatch {
+            mutations: vec![
+                (keys[0], Mutation::Put(&v2)),
+                (keys[1], Mutation::Delete),
+                (keys[2], Mutation::Put(&v2)),
+                (keys[3], Mutation::Delete),
+                (keys[4], Mutation::Put(&v2)),
+            ],
+            checkpoints: vec![("src", &cp2)],
+        };
+        // The items of flush 2 are written, then the process dies before the commit.
+        proxy.refuse.store(true, Ordering::SeqCst);
+        assert!(store.apply(flush2()).is_err());
+        assert!(table.get("riskd/entity/user/new").is_some(), "the new item is in the table");
+
+        let before = vec![Some(v1.clone()), Some(v1.clone()), None, Some(v1.clone()), None];
+        let mut restarted = DynamoStore::open(&cfg).unwrap();
+        assert_eq!(restarted.get_many(&keys).unwrap(), before);
+        assert_eq!(restarted.checkpoint("src").unwrap(), Some(cp1.clone()));
+        let mut exported = Vec::new();
+        restarted.scan("r1/", &mut |k, r| exported.push((k.to_string(), r.clone()))).unwrap();
+        assert_eq!(exported, vec![(keys[0].into(), v1.clone()), (keys[3].into(), v1.clone())]);
+        // The crashed store itself reads the same once its connection is back.
+        proxy.refuse.store(false, Ordering::SeqCst);
+        assert_eq!(store.get_many(&keys).unwrap(), before);
+
+        // The replay applies flush 2 again, and it commits; an entity whose
+        // parts all went leaves no item.
+        restarted.apply(flush2()).unwrap();
+        let later = DynamoStore::open(&cfg).unwrap();
+        assert_eq!(later.get_many(&keys).unwrap(), vec![Some(v2.clone()), None, Some(v2.clone()), None, Some(v2)]);
+        assert_eq!(later.checkpoint("src").unwrap(), Some(cp2));
+        assert!(table.get("riskd/entity/user/gone").is_none());
+        // The item expires with its last part: the risk part has no expiry.
+        let a = table.get("riskd/entity/user/a").unwrap();
+        assert!(!a.contains_key("expiresAt"), "{a:?}");
+    }
+
+    #[test]
+    fn a_part_too_large_for_the_item_spills_to_an_item_of_its_own_and_back() {
+        let (_, cfg) = fresh_entity();
+        let proxy = CommitCutter::start();
+        let mut store = DynamoStore::open(&proxy.config(&cfg)).unwrap();
+        let big = |n: usize| Record {
+            set: (0..n).map(|i| format!("{i:06}-{}", "v".repeat(40))).collect(),
+            expires_at_ms: Some(9_000),
+            ..Record::default()
+        };
+        let small = Record { count: 3, ..Record::default() };
+        // Twenty parts of 30 KB: 600 KB for one entity, over the 400 KB item limit.
+        let names: Vec<String> = (0..20).map(|i| format!("r{i:02}/ip/1.2.3.4")).collect();
+        let part = big(650);
+        let mut mutations: Vec<(&str, Mutation<'_>)> =
+            names.iter().map(|k| (k.as_str(), Mutation::Put(&part))).collect();
+        let huge = big(2_000);
+        mutations.push(("huge/ip/1.2.3.4", Mutation::Put(&huge)));
+        mutations.push(("small/ip/1.2.3.4", Mutation::Put(&small)));
+        store.apply(WriteBatch { mutations, checkpoints: Vec::new() }).unwrap();
+        let table = Table::of(&cfg.table);
+        let entity = table.get("riskd/entity/ip/1.2.3.4").unwrap();
+        assert!(size_by_the_rules(&entity) < 400 * 1024, "{} bytes", size_by_the_rules(&entity));
+        assert!(table.get("huge/ip/1.2.3.4").is_some(), "the part over the spill size has an item of its own");
+        let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
+        all.extend(["huge/ip/1.2.3.4", "small/ip/1.2.3.4"]);
+        let reader = DynamoStore::open(&cfg).unwrap();
+        let got = reader.get_many(&all).unwrap();
+        assert!(got[..20].iter().all(|r| r.as_ref() == Some(&part)));
+        assert_eq!((got[20].as_ref(), got[21].as_ref()), (Some(&huge), Some(&small)));
+        let mut scanned = 0;
+        reader.scan("", &mut |_, _| scanned += 1).unwrap();
+        assert_eq!(scanned, 22);
+
+        // The huge part shrinks back inline, in a flush that does not commit:
+        // the spilled version stays what is read.
+        proxy.refuse.store(true, Ordering::SeqCst);
+        let shrunk = big(2);
+        let batch =
+            || WriteBatch { mutations: vec![("huge/ip/1.2.3.4", Mutation::Put(&shrunk))], checkpoints: Vec::new() };
+        assert!(store.apply(batch()).is_err());
+        let restarted = DynamoStore::open(&cfg).unwrap();
+        assert_eq!(restarted.get_many(&["huge/ip/1.2.3.4"]).unwrap(), vec![Some(huge.clone())]);
+        proxy.refuse.store(false, Ordering::SeqCst);
+        let mut again = DynamoStore::open(&cfg).unwrap();
+        assert_eq!(again.get_many(&all[..]).unwrap()[20], Some(huge));
+        again.apply(batch()).unwrap();
+        assert!(table.get("huge/ip/1.2.3.4").is_none(), "back inline, its own item is gone");
+        let later = DynamoStore::open(&cfg).unwrap();
+        assert_eq!(later.get_many(&["huge/ip/1.2.3.4", "small/ip/1.2.3.4"]).unwrap(), vec![Some(shrunk), Some(small)]);
+    }
+
+    #[test]
+    fn direct_rules_are_refused_with_this_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("rules");
+        std::fs::create_dir(&rules).unwrap();
+        std::fs::write(
+            rules.join("r.yaml"),
+            "id: shared_count\ntitle: t\nseverity: LOW\nentity: {type: user, key: u}\nmatch: 'true'\nconsistency: direct\nstate:\n  count: {window: 1h, threshold: 3}\n",
+        )
+        .unwrap();
+        let path = dir.path().join("riskd.toml");
+        std::fs::write(&path, "[store]\nkind = \"dynamodb\"\nlayout = \"entity\"\n").unwrap();
+        let errors = riskd::config::Config::load(&path).unwrap_err().to_string();
+        assert!(errors.contains("riskd.toml:3"), "{errors}");
+        assert!(errors.contains("rule shared_count uses consistency: direct"), "{errors}");
+        std::fs::write(&path, "[store]\nkind = \"dynamodb\"\nlayout = \"rows\"\n").unwrap();
+        let errors = riskd::config::Config::load(&path).unwrap_err().to_string();
+        assert!(errors.contains("store.layout \"rows\" is not one of key, entity"), "{errors}");
+    }
 }

@@ -228,6 +228,20 @@ impl Config {
                 Some(_) => {}
             }
         }
+        if let StoreKind::DynamoDb(d) = &store.kind {
+            let direct: Vec<&str> = rules.iter().filter(|r| r.direct).map(|r| r.id.as_str()).collect();
+            if d.layout == crate::state::Layout::Entity && !direct.is_empty() {
+                report.section("store").at(
+                    "layout",
+                    format!(
+                        "store.layout = \"entity\" keeps each entity's state in one item with one writer, but rule{} {} {} consistency: direct (keys written by several processes): use store.layout = \"key\"",
+                        if direct.len() == 1 { "" } else { "s" },
+                        direct.join(", "),
+                        if direct.len() == 1 { "uses" } else { "use" }
+                    ),
+                );
+            }
+        }
         if !report.errors.is_empty() {
             return Err(ConfigErrors(report.errors));
         }

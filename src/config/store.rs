@@ -2,7 +2,7 @@
 //! elsewhere), and how often the job flushes to it.
 
 use super::spans::Section;
-use crate::state::dynamodb::{DynamoConfig, DEFAULT_TABLE};
+use crate::state::dynamodb::{DynamoConfig, Layout, DEFAULT_TABLE};
 use crate::state::StoreKind;
 use serde::Deserialize;
 use std::path::Path;
@@ -38,6 +38,10 @@ pub struct StoreFile {
     /// DynamoDB write requests (BatchWriteItem, TransactWriteItems, …) per second at most; no limit when absent.
     #[serde(default)]
     pub write_requests_per_second: Option<u32>,
+    /// DynamoDB: `key` (one item per key, Panther's layout) or `entity`
+    /// (one item per entity, holding each rule's state and its risk).
+    #[serde(default)]
+    pub layout: Option<String>,
     /// State and checkpoint are flushed after this many events…
     #[serde(default = "hundred_thousand")]
     pub flush_every_events: u64,
@@ -168,6 +172,7 @@ fn store_kind(file: &StoreFile, base: &Path, err: &mut Section) -> StoreKind {
         ("ttl", file.ttl.is_some()),
         ("read_requests_per_second", file.read_requests_per_second.is_some()),
         ("write_requests_per_second", file.write_requests_per_second.is_some()),
+        ("layout", file.layout.is_some()),
     ];
     let mut not_here = |kind: &str, keys: &[(&str, bool)]| {
         for (key, set) in keys {
@@ -223,7 +228,16 @@ fn dynamo_config(file: &StoreFile, err: &mut Section) -> DynamoConfig {
             err.at(key, format!("store.{key} must be at least 1 (leave it out for no limit)"));
         }
     }
+    let layout = match file.layout.as_deref() {
+        None | Some("key") => Layout::Key,
+        Some("entity") => Layout::Entity,
+        Some(other) => {
+            err.at("layout", format!("store.layout {other:?} is not one of key, entity"));
+            Layout::Key
+        }
+    };
     DynamoConfig {
+        layout,
         table,
         region: file.region.clone(),
         endpoint_url: file.endpoint_url.clone(),

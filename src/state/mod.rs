@@ -20,7 +20,7 @@ mod open;
 mod shared;
 
 pub use cache::{check_dict_size, granular_expiry, Access, Expiry, StateCache};
-pub use dynamodb::{DynamoConfig, DynamoStore};
+pub use dynamodb::{DynamoConfig, DynamoStore, Layout};
 pub use embedded::EmbeddedStore;
 pub use instrumented::Instrumented;
 pub use memory::MemoryStore;
@@ -365,6 +365,11 @@ pub mod store_tests {
                 $crate::state::store_tests::update_is_read_modify_write_on_live_values(&mut store);
             }
             #[test]
+            fn shared_entity_shaped_keys() {
+                let (mut store, _keep) = $make;
+                $crate::state::store_tests::entity_shaped_keys(&mut store);
+            }
+            #[test]
             fn shared_put_replaces_the_whole_record() {
                 let (mut store, _keep) = $make;
                 $crate::state::store_tests::put_replaces_the_whole_record(&mut store);
@@ -521,6 +526,44 @@ pub mod store_tests {
         assert_eq!(keys(store, "m/").len(), 260);
         apply(store, records.iter().take(100).map(|(k, _)| (k.as_str(), Mutation::Delete)).collect());
         assert_eq!(keys(store, "m/").len(), 160);
+    }
+
+    /// Keys of rule state and risk (`<ns>/<type>/<id>`,
+    /// `riskd/risk/<type>/<id>`), which a store may keep together per
+    /// entity, behave as any other key: changing or removing one leaves the
+    /// others of its entity, and scans see each under its own key.
+    pub fn entity_shaped_keys(store: &mut dyn Store) {
+        let rec = |n| Record { count: n, expires_at_ms: (n % 2 == 0).then_some(n * 1000), ..Record::default() };
+        let (a1, a2, a3, b1, d) = (rec(1), rec(2), rec(3), rec(4), rec(5));
+        let arn = "r1/role/arn:aws:iam::1:role/x";
+        apply(
+            store,
+            vec![
+                put("r1/user/a", &a1),
+                put("r2/user/a", &a2),
+                put("riskd/risk/user/a", &a3),
+                put("r1/user/b", &b1),
+                put("riskd/dedup/r1/a", &d),
+                put(arn, &a1),
+            ],
+        );
+        let wanted = ["r1/user/a", "r2/user/a", "riskd/risk/user/a", "r1/user/b", "riskd/dedup/r1/a", "r2/user/b", arn];
+        let want = |v: [Option<&Record>; 7]| v.map(|r| r.cloned()).to_vec();
+        assert_eq!(
+            store.get_many(&wanted).unwrap(),
+            want([Some(&a1), Some(&a2), Some(&a3), Some(&b1), Some(&d), None, Some(&a1)])
+        );
+        assert_eq!(keys(store, "r1/"), vec![arn, "r1/user/a", "r1/user/b"]);
+        assert_eq!(keys(store, "riskd/"), vec!["riskd/dedup/r1/a", "riskd/risk/user/a"]);
+        assert_eq!(keys(store, "r2/user/a"), vec!["r2/user/a"]);
+        apply(store, vec![put("r2/user/a", &b1), ("r1/user/a", Mutation::Delete)]);
+        assert_eq!(
+            store.get_many(&["r1/user/a", "r2/user/a", "riskd/risk/user/a"]).unwrap(),
+            vec![None, Some(b1.clone()), Some(a3.clone())]
+        );
+        apply(store, vec![("r2/user/a", Mutation::Delete), ("riskd/risk/user/a", Mutation::Delete)]);
+        assert_eq!(keys(store, ""), vec![arn, "r1/user/b", "riskd/dedup/r1/a"]);
+        assert_eq!(store.get_many(&["r2/user/a", "r1/user/b"]).unwrap(), vec![None, Some(b1)]);
     }
 
     /// A put replaces every value of the record, not just those it sets.

@@ -22,6 +22,8 @@ pub(super) mod attr {
     pub const COMMITTED_SEQ: &str = "riskdCommittedSeq";
     pub const COMMITTED_AT: &str = "riskdCommittedAt";
     pub const VERSION: &str = "riskdVersion";
+    pub const PARTS: &str = "riskdParts";
+    pub const UNDO: &str = "riskdUndo";
 }
 
 /// Where the checkpoint of each input is: `riskd/checkpoint/<source>`.
@@ -49,7 +51,7 @@ pub(super) fn item_key(item: &Item) -> Option<&str> {
 }
 
 /// Whole seconds at or after `ms`: `expiresAt` never falls before the expiry.
-fn ceil_seconds(ms: i64) -> i64 {
+pub(super) fn ceil_seconds(ms: i64) -> i64 {
     ms.div_euclid(1000) + i64::from(ms.rem_euclid(1000) != 0)
 }
 

@@ -4,9 +4,9 @@
 
 use super::codec::{
     attr, check_item_size, check_key, checkpoint_item, decode, integer, item_key, key_item, marker_key,
-    record_attributes, stamp, Item, Stored, MARKER_PREFIX,
+    record_attributes, stamp, FlushId, Item, Stored, MARKER_PREFIX,
 };
-use super::{backend, DynamoStore, STORE};
+use super::{backend, entity, DynamoStore, Layout, STORE};
 use crate::state::{Mutation, Record, RequestFailure, Result, StateError, WriteBatch};
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, WriteRequest};
 use std::collections::{HashMap, HashSet};
@@ -20,7 +20,7 @@ pub(super) fn new_run() -> String {
 }
 
 /// A request that puts `item`.
-fn put_request(item: Item) -> Result<WriteRequest> {
+pub(super) fn put_request(item: Item) -> Result<WriteRequest> {
     let put = PutRequest::builder().set_item(Some(item)).build().map_err(|e| backend(e.to_string()))?;
     Ok(WriteRequest::builder().put_request(put).build())
 }
@@ -31,8 +31,43 @@ fn delete_request(key: &str) -> Result<WriteRequest> {
     Ok(WriteRequest::builder().delete_request(delete).build())
 }
 
+/// The request that writes `mutation` of `key` as an item of its own in
+/// flush `flush`, over its committed version `prev`; `None` when the item
+/// already holds it. A tombstone's key is added to `tombstones`.
+pub(super) fn own_item_write(
+    key: &str,
+    mutation: Mutation<'_>,
+    prev: Option<&Record>,
+    flush: &str,
+    tombstones: &mut Vec<String>,
+) -> Result<Option<WriteRequest>> {
+    check_key(key)?;
+    let request = match mutation {
+        // The key already holds exactly this: nothing to write.
+        Mutation::Put(record) if prev == Some(record) => return Ok(None),
+        Mutation::Put(record) => {
+            let mut item = record_attributes(key, record)?;
+            stamp(&mut item, key, flush, prev)?;
+            check_item_size(key, &item)?;
+            put_request(item)?
+        }
+        // Nothing committed to keep: a plain delete (which also removes any
+        // half-written item of a crashed flush).
+        Mutation::Delete if prev.is_none() => delete_request(key)?,
+        Mutation::Delete => {
+            let mut item = key_item(key);
+            item.insert(attr::DELETED.into(), AttributeValue::Bool(true));
+            stamp(&mut item, key, flush, prev)?;
+            check_item_size(key, &item)?;
+            tombstones.push(key.to_string());
+            put_request(item)?
+        }
+    };
+    Ok(Some(request))
+}
+
 /// What a flush writes.
-struct FlushWrites {
+pub(super) struct FlushWrites {
     /// One request per key that changes, with the key.
     writes: Vec<(String, WriteRequest)>,
     /// The keys whose requests write tombstones, removed after the commit.
@@ -42,11 +77,10 @@ struct FlushWrites {
 impl DynamoStore {
     /// Learns the committed flush numbers of the runs that wrote `stored`
     /// items, where what is known does not already commit them.
-    pub(super) fn learn_commits<'a>(&self, stored: impl Iterator<Item = &'a Stored>) -> Result<()> {
+    pub(super) fn learn_commits<'a>(&self, flushes: impl Iterator<Item = &'a FlushId>) -> Result<()> {
         let unknown: HashSet<String> = {
             let committed = self.committed.borrow();
-            stored
-                .filter_map(|s| s.flush.as_ref())
+            flushes
                 .filter(|f| f.run != self.run && committed.get(&f.run).is_none_or(|c| f.seq > *c))
                 .map(|f| marker_key(&f.run))
                 .collect()
@@ -69,13 +103,17 @@ impl DynamoStore {
         Ok(())
     }
 
+    /// Whether a flush is known to have committed (learn it first).
+    pub(super) fn is_committed(&self, flush: &FlushId) -> bool {
+        self.committed.borrow().get(&flush.run).is_some_and(|c| flush.seq <= *c)
+    }
+
     /// The committed version of a stored item.
     pub(super) fn resolve(&self, stored: Stored) -> Option<Record> {
         let Some(flush) = &stored.flush else {
             return Some(stored.record);
         };
-        let done = self.committed.borrow().get(&flush.run).is_some_and(|c| flush.seq <= *c);
-        match (done, stored.deleted) {
+        match (self.is_committed(flush), stored.deleted) {
             (true, true) => None,
             (true, false) => Some(stored.record),
             (false, _) => stored.prev,
@@ -97,7 +135,7 @@ impl DynamoStore {
             .iter()
             .map(|k| Ok((*k, items.get(*k).map(|item| decode(k, item)).transpose()?)))
             .collect::<Result<_>>()?;
-        self.learn_commits(stored.iter().filter_map(|(_, s)| s.as_ref()))?;
+        self.learn_commits(stored.iter().filter_map(|(_, s)| s.as_ref()?.flush.as_ref()))?;
         Ok(stored.into_iter().map(|(k, s)| (k.to_string(), s.and_then(|s| self.resolve(s)))).collect())
     }
 
@@ -115,6 +153,7 @@ impl DynamoStore {
     /// a new run so that nothing of the failed flush can ever commit.
     pub(super) fn abandon_run(&mut self) {
         self.versions.borrow_mut().clear();
+        self.entities.borrow_mut().clear();
         self.run = new_run();
         self.seq = 0;
         self.committed.borrow_mut().insert(self.run.clone(), 0);
@@ -123,16 +162,23 @@ impl DynamoStore {
     /// Writes a batch as flush `<run>:<seq+1>` and commits it (see the
     /// module documentation); on error the caller abandons the run.
     pub(super) fn apply_flush(&mut self, batch: &WriteBatch<'_>) -> Result<()> {
+        // In the entity layout, the keys that are parts of entities go to
+        // their entity's item; the others are items of their own.
+        let (own, parts) = match self.layout {
+            Layout::Key => (batch.mutations.clone(), Default::default()),
+            Layout::Entity => entity::split(&batch.mutations),
+        };
         let missing: Vec<&str> = {
             let versions = self.versions.borrow();
-            batch.mutations.iter().map(|(k, _)| *k).filter(|k| !versions.contains_key(*k)).collect()
+            own.iter().map(|(k, _)| *k).filter(|k| !versions.contains_key(*k)).collect()
         };
         // Keys the store has forgotten: read now (remembering them could
         // evict others this flush needs, so they are used from here).
         let fetched = if missing.is_empty() { HashMap::new() } else { self.read_committed(&missing)? };
         let seq = self.seq + 1;
         let flush = format!("{}:{seq}", self.run);
-        let FlushWrites { writes, tombstones } = self.flush_writes(batch, &fetched, &flush)?;
+        let FlushWrites { mut writes, mut tombstones } = self.flush_writes(&own, &fetched, &flush)?;
+        let entities = self.entity_writes(&parts, &flush, &mut writes, &mut tombstones)?;
         let wrote = !writes.is_empty();
         if wrote {
             self.remote.write(writes)?;
@@ -142,7 +188,8 @@ impl DynamoStore {
             self.seq = seq;
             self.committed.borrow_mut().insert(self.run.clone(), seq);
         }
-        self.remember_flush(batch);
+        self.remember_flush(&own);
+        self.remember_entities(entities);
         if !tombstones.is_empty() {
             self.remove_tombstones(tombstones);
         }
@@ -154,40 +201,19 @@ impl DynamoStore {
     /// store remembers; and the keys written as tombstones.
     fn flush_writes(
         &self,
-        batch: &WriteBatch<'_>,
+        mutations: &[(&str, Mutation<'_>)],
         fetched: &HashMap<String, Option<Record>>,
         flush: &str,
     ) -> Result<FlushWrites> {
         let mut writes = Vec::new();
         let mut tombstones = Vec::new();
         let versions = self.versions.borrow();
-        for (key, mutation) in &batch.mutations {
-            check_key(key)?;
+        for (key, mutation) in mutations {
             let prev = match fetched.get(*key) {
                 Some(read) => read.as_ref(),
                 None => versions.get(*key).and_then(Option::as_ref),
             };
-            let request = match mutation {
-                // The key already holds exactly this: nothing to write.
-                Mutation::Put(record) if prev == Some(*record) => continue,
-                Mutation::Put(record) => {
-                    let mut item = record_attributes(key, record)?;
-                    stamp(&mut item, key, flush, prev)?;
-                    check_item_size(key, &item)?;
-                    put_request(item)?
-                }
-                // Nothing committed to keep: a plain delete (which also
-                // removes any half-written item of a crashed flush).
-                Mutation::Delete if prev.is_none() => delete_request(key)?,
-                Mutation::Delete => {
-                    let mut item = key_item(key);
-                    item.insert(attr::DELETED.into(), AttributeValue::Bool(true));
-                    stamp(&mut item, key, flush, prev)?;
-                    check_item_size(key, &item)?;
-                    tombstones.push(key.to_string());
-                    put_request(item)?
-                }
-            };
+            let Some(request) = own_item_write(key, *mutation, prev, flush, &mut tombstones)? else { continue };
             writes.push((key.to_string(), request));
         }
         Ok(FlushWrites { writes, tombstones })
@@ -232,9 +258,9 @@ impl DynamoStore {
     }
 
     /// Remembers the batch's values as the keys' committed versions.
-    fn remember_flush(&self, batch: &WriteBatch<'_>) {
+    fn remember_flush(&self, mutations: &[(&str, Mutation<'_>)]) {
         let mut versions = self.versions.borrow_mut();
-        for (key, mutation) in &batch.mutations {
+        for (key, mutation) in mutations {
             let now = match mutation {
                 Mutation::Put(record) => Some((*record).clone()),
                 Mutation::Delete => None,

@@ -13,6 +13,11 @@
 //! while it agrees with `expiresAt`; an item Panther wrote, or whose
 //! `expiresAt` Panther changed, is read by its `expiresAt`.
 //!
+//! That is the per-key layout (`store.layout = "key"`). The entity layout
+//! (`"entity"`, see `entity`) keeps every rule's state and the risk of one
+//! entity as parts of one item, `riskd/entity/<type>/<id>`, so a flush
+//! writes one item per entity it changed; Panther's helpers cannot read it.
+//!
 //! Two kinds of items are riskd's own and never visited by [`Store::scan`]
 //! (they carry `riskdMeta`): the checkpoint of each input,
 //! `riskd/checkpoint/<source>`, and the commit marker of each run of a
@@ -73,7 +78,7 @@
 //! Here: the store and its [`Store`] implementation. `codec`: items ↔
 //! records, the attribute names and key helpers. `commit`: the flush and
 //! commit protocol above, reads of committed versions included. `client`:
-//! requests. `capacity`: what requests cost, by DynamoDB's size rules and
+//! requests. `entity`: the entity layout. `capacity`: what requests cost, by DynamoDB's size rules and
 //! its answers. `admin`: `riskd store init`, `check` and `prune`.
 
 mod admin;
@@ -81,6 +86,7 @@ mod capacity;
 mod client;
 mod codec;
 mod commit;
+mod entity;
 
 pub use admin::{check_table, init_table, prune_markers};
 
@@ -121,6 +127,30 @@ pub struct DynamoConfig {
     pub read_requests_per_second: Option<u32>,
     /// Write requests per second at most; no limit when `None`.
     pub write_requests_per_second: Option<u32>,
+    /// How records map to items.
+    pub layout: Layout,
+}
+
+/// How records map to items (`store.layout`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Layout {
+    /// One item per key, Panther's layout: Panther's helpers read riskd's
+    /// values and riskd reads theirs.
+    #[default]
+    Key,
+    /// One item per entity, holding each rule's state and its risk (see
+    /// `entity.rs`): a flush writes one item per entity it changed.
+    Entity,
+}
+
+impl Layout {
+    /// Its name in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Key => "key",
+            Layout::Entity => "entity",
+        }
+    }
 }
 
 impl DynamoConfig {
@@ -134,6 +164,7 @@ impl DynamoConfig {
             remember_versions: 1_000_000,
             read_requests_per_second: None,
             write_requests_per_second: None,
+            layout: Layout::Key,
         }
     }
 }
@@ -162,8 +193,12 @@ pub struct DynamoStore {
     committed: RefCell<HashMap<String, u64>>,
     /// Last committed version per key, as read or written (`None`: absent).
     versions: RefCell<HashMap<String, Option<Record>>>,
-    /// How many versions `versions` holds before it is cleared.
+    /// Entity layout: each entity's committed version, as read or written.
+    entities: RefCell<HashMap<String, entity::Known>>,
+    /// How many versions `versions` (and entities `entities`) holds before it is cleared.
     remember_versions: usize,
+    /// How records map to items.
+    layout: Layout,
 }
 
 impl DynamoStore {
@@ -178,7 +213,9 @@ impl DynamoStore {
             run,
             seq: 0,
             versions: RefCell::new(HashMap::new()),
+            entities: RefCell::new(HashMap::new()),
             remember_versions: cfg.remember_versions,
+            layout: cfg.layout,
         })
     }
 
@@ -194,9 +231,27 @@ impl Store for DynamoStore {
     }
 
     fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Record>>> {
-        let mut resolved = self.read_committed(keys)?;
+        if self.layout == Layout::Key {
+            let resolved = self.read_committed(keys)?;
+            self.remember(&resolved);
+            return Ok(keys.iter().map(|k| resolved.get(*k).and_then(|r| r.clone())).collect());
+        }
+        let (own, parts): (Vec<&str>, Vec<&str>) = keys.iter().partition(|k| entity::place(k).is_none());
+        let resolved = if own.is_empty() { HashMap::new() } else { self.read_committed(&own)? };
         self.remember(&resolved);
-        Ok(keys.iter().map(|k| resolved.get_mut(*k).and_then(|r| r.clone())).collect())
+        let mut entities: Vec<&str> = parts.iter().filter_map(|k| entity::place(k)).map(|(e, _)| e).collect();
+        entities.sort_unstable();
+        entities.dedup();
+        let known = if entities.is_empty() { HashMap::new() } else { self.read_entities(&entities)? };
+        let found = keys
+            .iter()
+            .map(|k| match entity::place(k) {
+                Some((e, name)) => known.get(e).and_then(|k| k.records.get(name)).cloned(),
+                None => resolved.get(*k).and_then(|r| r.clone()),
+            })
+            .collect();
+        self.remember_entities(known);
+        Ok(found)
     }
 
     fn apply(&mut self, batch: WriteBatch<'_>) -> Result<()> {
@@ -219,6 +274,7 @@ impl Store for DynamoStore {
 
     fn forget(&mut self) {
         self.versions.borrow_mut().clear();
+        self.entities.borrow_mut().clear();
     }
 
     /// Optimistic concurrency: read the item (committed version) and its
@@ -227,6 +283,14 @@ impl Store for DynamoStore {
     /// flush id: they are committed as soon as they are written.
     fn update(&mut self, key: &str, now_ms: i64, f: &mut dyn FnMut(&mut Record) -> bool) -> Result<()> {
         check_key(key)?;
+        if self.layout == Layout::Entity && entity::place(key).is_some() {
+            // The config refuses `consistency: direct` rules with this layout.
+            return Err(StateError::BadKey {
+                store: STORE,
+                key: key.to_string(),
+                message: "a part of an entity item (store.layout = \"entity\") has one writer: direct updates need store.layout = \"key\"".into(),
+            });
+        }
         for _ in 0..64 {
             let item = self.remote.fetch(&[key])?.remove(key);
             let version = match &item {
@@ -240,7 +304,7 @@ impl Store for DynamoStore {
                 None => None,
                 Some(it) => {
                     let stored = decode(key, it)?;
-                    self.learn_commits(std::iter::once(&stored))?;
+                    self.learn_commits(stored.flush.iter())?;
                     self.resolve(stored)
                 }
             };
@@ -277,6 +341,14 @@ impl Store for DynamoStore {
     fn scan(&self, prefix: &str, visit: &mut dyn FnMut(&str, &Record)) -> Result<()> {
         // riskd's own items (checkpoints, markers) are filtered out by the table.
         let mut filter = format!("attribute_not_exists({})", attr::META);
+        if self.layout == Layout::Entity {
+            // Entity items hold keys of every prefix: the filter is ours.
+            let items = self.remote.scan_all(|req| req.filter_expression(&filter))?;
+            for (key, record) in &self.scanned_records(&items, prefix)? {
+                visit(key, record);
+            }
+            return Ok(());
+        }
         if !prefix.is_empty() {
             filter.push_str(" AND begins_with(#k, :p)");
         }
@@ -293,7 +365,7 @@ impl Store for DynamoStore {
             let Some(key) = item_key(item) else { continue };
             stored.push((key.to_string(), decode(key, item)?));
         }
-        self.learn_commits(stored.iter().map(|(_, s)| s))?;
+        self.learn_commits(stored.iter().filter_map(|(_, s)| s.flush.as_ref()))?;
         // Scan order is the table's hash order: sort to give key order.
         let records: BTreeMap<String, Record> =
             stored.into_iter().filter_map(|(k, s)| self.resolve(s).map(|r| (k, r))).collect();
