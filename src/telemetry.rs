@@ -73,6 +73,8 @@ pub struct Metrics {
     pub flush_keys: Histogram,
     /// Duration of a flush, outputs sync included.
     pub flush_seconds: Histogram,
+    /// Seconds between flushes the job aims at now.
+    pub flush_gap: prometheus::Gauge,
     /// DynamoDB requests, by operation and outcome (`ok`, `throttled`, `error`).
     pub dynamodb_requests: IntCounterVec,
     /// DynamoDB request latency, by operation.
@@ -301,6 +303,11 @@ impl Metrics {
                 buckets(1e-4, 3.0, 12),
             )
             .with_label_values::<&str>(&[]),
+            flush_gap: float(
+                &r,
+                "riskd_flush_gap_seconds",
+                "Seconds between flushes the job aims at now: store.flush_interval, stretched by store.max_write_units_per_second.",
+            ),
             dynamodb_requests: counter(
                 &r,
                 "riskd_dynamodb_requests_total",

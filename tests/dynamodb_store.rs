@@ -130,7 +130,7 @@ fn dict(v: serde_json::Value) -> Option<serde_json::Map<String, serde_json::Valu
 
 /// A proxy in front of DynamoDB Local that, while `refuse` is set, cuts
 /// every connection that sends a commit (TransactWriteItems, or PutItem
-/// for a marker alone) before the request reaches the table: a flush's
+/// of a marker or checkpoint alone) before the request reaches the table: a flush's
 /// items land and its commit never does, as when riskd dies between them.
 struct CommitCutter {
     endpoint: String,
@@ -153,12 +153,24 @@ impl CommitCutter {
 
 /// Forwards HTTP/1.1 requests (each with a Content-Length) one at a time;
 /// cuts the connection at a commit while `refuse` is set.
-fn forward_requests(client: TcpStream, mut server: TcpStream, refuse: &AtomicBool) {
-    const COMMITS: [&str; 2] = ["DynamoDB_20120810.TransactWriteItems", "DynamoDB_20120810.PutItem"];
+fn forward_requests(client: TcpStream, server: TcpStream, refuse: &AtomicBool) {
+    // A marker or checkpoint alone is a PutItem too, as are a flush's items:
+    // those carry `riskdMeta`.
+    forward_each(client, server, |head, body| {
+        let commit = head.contains("DynamoDB_20120810.TransactWriteItems")
+            || (head.contains("DynamoDB_20120810.PutItem") && body.windows(9).any(|w| w == b"riskdMeta"));
+        !(commit && refuse.load(Ordering::SeqCst))
+    })
+}
+
+/// Forwards HTTP/1.1 requests (each with a Content-Length) one at a time,
+/// each once `pass` (given its head and body) says so; cuts the
+/// connection when it says no.
+fn forward_each(client: TcpStream, mut server: TcpStream, pass: impl Fn(&str, &[u8]) -> bool) {
     let mut client = BufReader::new(client);
     loop {
         let mut head = String::new();
-        let (mut length, mut commit) = (0, false);
+        let mut length = 0;
         loop {
             let mut line = String::new();
             if client.read_line(&mut line).unwrap_or(0) == 0 {
@@ -166,11 +178,9 @@ fn forward_requests(client: TcpStream, mut server: TcpStream, refuse: &AtomicBoo
                 return;
             }
             if let Some((name, value)) = line.split_once(':') {
-                let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
-                if name == "content-length" {
-                    length = value.parse().unwrap_or(0);
+                if name.trim().eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
                 }
-                commit |= name == "x-amz-target" && COMMITS.contains(&value);
             }
             head.push_str(&line);
             if line == "\r\n" {
@@ -181,7 +191,7 @@ fn forward_requests(client: TcpStream, mut server: TcpStream, refuse: &AtomicBoo
         if client.read_exact(&mut body).is_err() {
             return;
         }
-        if commit && refuse.load(Ordering::SeqCst) {
+        if !pass(&head, &body) {
             let _ = client.get_ref().shutdown(Shutdown::Both);
             let _ = server.shutdown(Shutdown::Both);
             return;
@@ -190,6 +200,46 @@ fn forward_requests(client: TcpStream, mut server: TcpStream, refuse: &AtomicBoo
             return;
         }
     }
+}
+
+#[test]
+fn a_write_delayed_past_its_timeout_cannot_undo_a_later_flush() {
+    // The first item write of an armed flush is held 8 s, past the 5 s an
+    // attempt may take: the store tries it again on another connection and
+    // goes on; the held request reaches the table after the next flush.
+    let (_, cfg) = fresh();
+    let armed = Arc::new(AtomicBool::new(false));
+    let landed = Arc::new(AtomicBool::new(false));
+    let (hook_armed, hook_landed) = (Arc::clone(&armed), Arc::clone(&landed));
+    let endpoint = dynamodb_proxy(move |client, server| {
+        let (armed, landed) = (Arc::clone(&hook_armed), Arc::clone(&hook_landed));
+        forward_each(client, server, move |head, body| {
+            let item = head.contains("DynamoDB_20120810.PutItem") && !body.windows(9).any(|w| w == b"riskdMeta");
+            if item && armed.swap(false, Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_secs(8));
+                landed.store(true, Ordering::SeqCst);
+            }
+            true
+        })
+    });
+    let mut store = DynamoStore::open(&DynamoConfig { endpoint_url: Some(endpoint), ..cfg.clone() }).unwrap();
+    let v1 = Record { count: 1, ..Record::default() };
+    let v2 = Record { count: 2, ..Record::default() };
+    let cp = |offset| Checkpoint { offset, ..Checkpoint::default() };
+    let (cp1, cp2) = (cp(1), cp(2));
+    armed.store(true, Ordering::SeqCst);
+    store.apply(WriteBatch { mutations: vec![("d/k", Mutation::Put(&v1))], checkpoints: vec![("src", &cp1)] }).unwrap();
+    assert!(!landed.load(Ordering::SeqCst), "the held write is still held");
+    store.apply(WriteBatch { mutations: vec![("d/k", Mutation::Put(&v2))], checkpoints: vec![("src", &cp2)] }).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !landed.load(Ordering::SeqCst) {
+        assert!(std::time::Instant::now() < deadline, "the held write was never sent");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let reader = DynamoStore::open(&cfg).unwrap();
+    assert_eq!(reader.get_many(&["d/k"]).unwrap(), vec![Some(v2)], "the delayed write changed nothing");
+    assert_eq!(reader.checkpoint("src").unwrap(), Some(cp2));
 }
 
 #[test]
@@ -516,10 +566,10 @@ fn a_write_that_fails_for_good_names_the_key() {
         })
         .unwrap_err();
     assert!(
-        matches!(&err, StateError::Request(r) if r.operation == "BatchWriteItem" && r.key.as_deref() == Some("w/1") && r.code == "ValidationException"),
+        matches!(&err, StateError::Request(r) if r.operation == "PutItem" && matches!(r.key.as_deref(), Some("w/1" | "w/2")) && r.code == "ValidationException"),
         "{err}"
     );
-    assert!(err.to_string().contains("(key \"w/1\")"), "{err}");
+    assert!(err.to_string().contains("(key \"w/"), "{err}");
 
     // Over DynamoDB's 2048-byte key limit.
     let long = "k".repeat(2049);
@@ -671,7 +721,7 @@ fn a_known_workload(endpoint: String) -> Vec<(&'static str, &'static str, f64)> 
         table.put(it.clone());
     }
     assert_eq!(store.get_many(&keys).unwrap().iter().filter(|r| r.is_some()).count(), 3);
-    // One flush without a checkpoint: one BatchWriteItem, then its marker alone (PutItem).
+    // One flush without a checkpoint: a PutItem per item, then its marker alone (PutItem).
     store
         .apply(WriteBatch {
             mutations: vec![
@@ -710,8 +760,7 @@ fn a_known_workload(endpoint: String) -> Vec<(&'static str, &'static str, f64)> 
     vec![
         ("read", "BatchGetItem", reads),
         ("read", "Scan", scan),
-        ("write", "BatchWriteItem", writes),
-        ("write", "PutItem", units(size_by_the_rules(&marker), 1024) + units(sizes[3], 1024)),
+        ("write", "PutItem", writes + units(size_by_the_rules(&marker), 1024) + units(sizes[3], 1024)),
         ("write", "DeleteItem", 0.0),
         ("write", "TransactWriteItems", 0.0),
     ]
@@ -743,7 +792,7 @@ fn capacity_units_counted_are_what_dynamodbs_size_rules_give() {
 fn capacity_series() -> Vec<(&'static str, &'static str)> {
     [("read", "BatchGetItem"), ("read", "Scan")]
         .into_iter()
-        .chain(["BatchWriteItem", "PutItem", "DeleteItem", "TransactWriteItems"].map(|op| ("write", op)))
+        .chain(["PutItem", "DeleteItem", "TransactWriteItems"].map(|op| ("write", op)))
         .collect()
 }
 
@@ -828,6 +877,39 @@ fn the_entity_layout_writes_fewer_units_and_changes_no_alert() {
     assert!(!entity.1.is_empty());
     assert!(entity.1 == key.1, "the layout changed the alerts");
     assert_eq!(entity.2, key.2, "the layout changed what riskd entity reads");
+}
+
+#[test]
+fn a_write_budget_stretches_flushes_and_changes_no_alert() {
+    if !alone("a_write_budget_stretches_flushes_and_changes_no_alert") {
+        return;
+    }
+    use riskd::pipeline::{run_blocking, RunOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let events = 20_000u64;
+    let spec = riskd::generate::Spec { events, users: 500, attack_every: 300, ..Default::default() };
+    riskd::generate::write_stream(&spec, &mut std::fs::File::create(&input).unwrap()).unwrap();
+    let flushes = || metrics().flushes.with_label_values(&["ok"]).get();
+    let mut runs = Vec::new();
+    for budget in ["", "max_write_units_per_second = 50"] {
+        let run_dir = dir.path().join(if budget.is_empty() { "none" } else { "budget" });
+        std::fs::create_dir(&run_dir).unwrap();
+        let store = format!("ttl = false\nflush_every_events = 700\n{budget}");
+        let config = common::write_dynamodb_config(&run_dir, &input, "", &store);
+        let cfg = riskd::config::Config::load(&config).unwrap();
+        let (units_before, flushes_before) = (write_units(), flushes());
+        let summary = run_blocking(cfg, RunOptions::default(), riskd::shutdown::Shutdown::new()).unwrap();
+        assert_eq!(summary.read, events);
+        let (units, flushed) = (write_units() - units_before, flushes() - flushes_before);
+        println!("{budget:?}: {flushed} flushes, {units} write units");
+        runs.push((flushed, units, std::fs::read(run_dir.join("alerts.jsonl")).unwrap()));
+    }
+    let (without, with) = (&runs[0], &runs[1]);
+    assert!(with.0 * 2 < without.0, "flushes: {} with the budget, {} without", with.0, without.0);
+    assert!(with.1 < without.1, "write units: {} with the budget, {} without", with.1, without.1);
+    assert!(!with.2.is_empty());
+    assert!(with.2 == without.2, "the budget changed the alerts");
 }
 
 /// The entity layout (`store.layout = "entity"`): the same behaviour as

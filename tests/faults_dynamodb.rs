@@ -233,7 +233,7 @@ fn dynamodb_frozen_for_30_s_then_thawed() {
     let (hook_freeze, jvm) = (Arc::clone(&freeze), dynamodb.pid());
     proxy.before_request(move |request| {
         let mut freeze = hook_freeze.lock().unwrap();
-        if *freeze == Some(false) && request.windows(14).any(|w| w == b"BatchWriteItem") {
+        if *freeze == Some(false) && request.windows(25).any(|w| w == b"DynamoDB_20120810.PutItem") {
             send_signal(jvm, "STOP");
             *freeze = Some(true);
         }

@@ -111,8 +111,8 @@ fn sigkill_then_resume(write_config: WriteConfig) {
 
 /// A TCP proxy in front of DynamoDB Local that SIGKILLs riskd at a chosen
 /// point of the protocol: after `commits` flushes have committed, when the
-/// `writes`-th BatchWriteItem of the next flush arrives (it is not
-/// forwarded). The flush's earlier chunks are in the table, its commit is
+/// `writes`-th item write (PutItem) of the next flush arrives (it is not
+/// forwarded). The flush's earlier items are in the table, its commit is
 /// not: exactly the crash the DynamoDB store must survive.
 struct KillingProxy {
     endpoint: String,
@@ -146,7 +146,7 @@ fn forward_requests(
     writes: usize,
 ) {
     const COMMIT: &[u8] = b"DynamoDB_20120810.TransactWriteItems";
-    const WRITE: &[u8] = b"DynamoDB_20120810.BatchWriteItem";
+    const WRITE: &[u8] = b"DynamoDB_20120810.PutItem";
     let mut buf = vec![0u8; 64 * 1024];
     let mut window: Vec<u8> = Vec::new();
     loop {
@@ -200,7 +200,7 @@ fn sigkill_between_a_flushs_writes_and_its_commit_on_dynamodb() {
     let ref_alerts = std::fs::read(reference.join("alerts.jsonl")).unwrap();
 
     // The killed run talks to DynamoDB through the proxy; its table is made directly.
-    let proxy = KillingProxy::start(8, 5);
+    let proxy = KillingProxy::start(8, 40);
     let killed = work.path().join("killed");
     std::fs::create_dir(&killed).unwrap();
     let direct = dynamodb_no_ttl(&killed, &input, "", "flush_every_events = 700");

@@ -159,6 +159,9 @@ pub struct Config {
     pub cache_max_entries: usize,
     /// Cache bound, bytes.
     pub cache_max_bytes: usize,
+    /// `store.max_write_units_per_second`: flushes are stretched to write
+    /// about this many units a second at most.
+    pub write_budget: Option<f64>,
     /// `store.expiry_granule`: expiry refreshes smaller than this fraction
     /// of the lifetime keep the old expiry and are not written.
     pub expiry_granule: f64,
@@ -261,6 +264,7 @@ impl Config {
             cache_max_entries: store.cache_max_entries,
             cache_max_bytes: store.cache_max_bytes,
             expiry_granule: store.expiry_granule,
+            write_budget: store.write_budget,
             purge_after: store.purge_after,
             event_time,
             rules: std::sync::Arc::new(rules),

@@ -38,6 +38,11 @@ pub struct StoreFile {
     /// DynamoDB write requests (BatchWriteItem, TransactWriteItems, …) per second at most; no limit when absent.
     #[serde(default)]
     pub write_requests_per_second: Option<u32>,
+    /// DynamoDB: write units a second the flushes aim to stay under; past
+    /// it, flushes come less often (so more changes coalesce) instead of
+    /// being throttled. No budget when absent.
+    #[serde(default)]
+    pub max_write_units_per_second: Option<f64>,
     /// DynamoDB: `key` (one item per key, Panther's layout) or `entity`
     /// (one item per entity, holding each rule's state and its risk).
     #[serde(default)]
@@ -105,6 +110,8 @@ pub(super) struct Store {
     pub purge_after: Option<Duration>,
     /// Expiry refreshes smaller than this fraction of the lifetime are not written.
     pub expiry_granule: f64,
+    /// Write units a second the flushes aim to stay under.
+    pub write_budget: Option<f64>,
 }
 
 /// Validates `[store]`; relative paths are taken from `base`.
@@ -152,8 +159,19 @@ pub(super) fn build(file: &StoreFile, base: &Path, err: &mut Section) -> Store {
         );
         0.0
     };
+    let write_budget = match file.max_write_units_per_second {
+        Some(v) if !(v.is_finite() && v > 0.0) => {
+            err.at(
+                "max_write_units_per_second",
+                format!("store.max_write_units_per_second {v} must be above 0 (leave it out for no budget)"),
+            );
+            None
+        }
+        v => v,
+    };
     Store {
         kind,
+        write_budget,
         expiry_granule,
         flush_every_events: file.flush_every_events,
         flush_interval,
@@ -173,6 +191,7 @@ fn store_kind(file: &StoreFile, base: &Path, err: &mut Section) -> StoreKind {
         ("read_requests_per_second", file.read_requests_per_second.is_some()),
         ("write_requests_per_second", file.write_requests_per_second.is_some()),
         ("layout", file.layout.is_some()),
+        ("max_write_units_per_second", file.max_write_units_per_second.is_some()),
     ];
     let mut not_here = |kind: &str, keys: &[(&str, bool)]| {
         for (key, set) in keys {

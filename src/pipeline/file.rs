@@ -211,7 +211,7 @@ fn pump(
     let mut reading = Reading::new(job, settings);
     let mut ready: Vec<Held> = Vec::with_capacity(ahead);
     let mut since_flush = 0u64;
-    let mut last_flush = Instant::now();
+    let mut pace = settings.pace();
     let mut lines = 0u64;
     while !shutdown.is_triggered() {
         // A reloaded config is swapped in before the next lines (a channel poll: cheap).
@@ -251,14 +251,14 @@ fn pump(
         // Alerts and dead letters wait in memory until a flush: flush early
         // when they grow large.
         let due = since_flush > 0
-            && (since_flush >= settings.flush_every_events
+            && (pace.due_by_events(since_flush)
                 || job.outputs_over_bounds()
-                || (tick && (last_flush.elapsed() >= settings.flush_interval || job.main().cache.over_bounds())));
+                || (tick && (pace.due(Instant::now(), since_flush) || job.main().cache.over_bounds())));
         if due {
             hold_position(job, &reading);
             job.flush(&[])?;
             since_flush = 0;
-            last_flush = Instant::now();
+            pace.flushed(Instant::now(), crate::state::dynamodb::write_units_total());
         }
         if ended {
             // Following a file: wait for more lines.

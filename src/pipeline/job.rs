@@ -31,6 +31,8 @@ pub(super) struct Settings {
     pub(super) flush_interval: Duration,
     /// Following a file: wait for more lines at its end.
     pub(super) follow: bool,
+    /// `store.max_write_units_per_second`.
+    pub(super) write_budget: Option<f64>,
 }
 
 impl Settings {
@@ -41,7 +43,14 @@ impl Settings {
             flush_every_events: cfg.flush_every_events,
             flush_interval: cfg.flush_interval,
             follow: cfg.follow,
+            write_budget: cfg.write_budget,
         }
+    }
+
+    /// The flush schedule these settings give, from now.
+    pub(super) fn pace(&self) -> super::pace::Pace {
+        let units = crate::state::dynamodb::write_units_total();
+        super::pace::Pace::new(self.flush_interval, self.flush_every_events, self.write_budget, Instant::now(), units)
     }
 }
 

@@ -40,6 +40,7 @@ use super::align::{Align, Next, QUEUE_CAP};
 use super::job::{Job, JobSource, Lane, Origin, Settings};
 use super::order::Reorder;
 use super::outputs::Outputs;
+use super::pace::Pace;
 use super::retry::RetryPolicy;
 use super::{RunError, RunOptions, Summary};
 use crate::alert::Alert;
@@ -159,7 +160,7 @@ struct KafkaJob {
     abandoned: bool,
     settings: Settings,
     since_flush: u64,
-    last_flush: Instant,
+    pace: Pace,
 }
 
 /// The consumer's part of its context: rebalances and readiness.
@@ -271,7 +272,7 @@ impl KafkaJob {
     fn flush_and_commit(&mut self, consumer: &ScoringConsumer, mode: CommitMode) -> Result<(), RunError> {
         self.flush()?;
         self.since_flush = 0;
-        self.last_flush = Instant::now();
+        self.pace.flushed(Instant::now(), crate::state::dynamodb::write_units_total());
         let mut tpl = TopicPartitionList::new();
         for (id, p) in &self.partitions {
             let cp = &p.cp;
@@ -345,7 +346,7 @@ impl KafkaJob {
         }
         self.job.set_deadline(None);
         // The flush interval counts from when scoring starts.
-        self.last_flush = Instant::now();
+        self.pace.restart(Instant::now());
         metrics().kafka_partitions.set(held.len() as i64);
         tracing::info!(partitions = ?held, "partitions assigned");
         if self.local_store {
@@ -628,8 +629,7 @@ impl KafkaJob {
     fn flush_due(&mut self) -> bool {
         // Held events applied later (by wall clock) move positions too.
         !self.moved.is_empty()
-            && (self.since_flush >= self.settings.flush_every_events
-                || self.last_flush.elapsed() >= self.settings.flush_interval
+            && (self.pace.due(Instant::now(), self.since_flush)
                 || self.job.main().cache.over_bounds()
                 || self.job.outputs_over_bounds()
                 || self.lanes.iter().any(|l| l.cache.over_bounds()))
@@ -876,9 +876,9 @@ fn start(
         paused: None,
         failure: None,
         abandoned: false,
+        pace: Settings::new(cfg).pace(),
         settings: Settings::new(cfg),
         since_flush: 0,
-        last_flush: Instant::now(),
     };
     let ctx = Ctx {
         shared: Arc::new(Mutex::new(kj)),

@@ -26,6 +26,7 @@ mod job;
 mod kafka;
 pub(crate) mod order;
 mod outputs;
+mod pace;
 mod retry;
 
 use crate::config::{Config, Stream};

@@ -25,11 +25,10 @@
 
 use super::codec::Item;
 use crate::telemetry::metrics;
-use aws_sdk_dynamodb::types::{AttributeValue, ConsumedCapacity, WriteRequest};
+use aws_sdk_dynamodb::types::{AttributeValue, ConsumedCapacity};
 
 /// The operations riskd sends that consume capacity.
-pub(super) const OPERATIONS: [&str; 6] =
-    ["BatchGetItem", "Scan", "BatchWriteItem", "PutItem", "DeleteItem", "TransactWriteItems"];
+pub(super) const OPERATIONS: [&str; 5] = ["BatchGetItem", "Scan", "PutItem", "DeleteItem", "TransactWriteItems"];
 
 /// Write units are per started KB, read units per started 4 KB.
 const WRITE_UNIT_BYTES: usize = 1024;
@@ -79,18 +78,6 @@ pub(super) fn read_units(bytes: usize) -> f64 {
     bytes.div_ceil(READ_UNIT_BYTES).max(1) as f64
 }
 
-/// Write units of a BatchWriteItem's `requests`: a put by its item's
-/// size, a delete 1 (the size of the item it deletes is not known).
-pub(super) fn batch_write_units(requests: &[WriteRequest]) -> f64 {
-    requests
-        .iter()
-        .map(|r| match r.put_request() {
-            Some(put) => write_units(item_size(put.item())),
-            None => 1.0,
-        })
-        .sum()
-}
-
 /// Read units of a strongly consistent BatchGetItem that found `items`
 /// and not `not_found` keys: each item by its size, each key not found 1
 /// (AWS bills a read of an item that does not exist as a read).
@@ -128,6 +115,19 @@ pub(super) fn count(operation: &'static str, reported: Option<f64>, estimate: im
     metrics().dynamodb_capacity_units.with_label_values(&[kind(operation), operation, source]).inc_by(units);
 }
 
+/// Write units counted so far, reported and estimated, by every store of
+/// this process.
+pub fn write_units_total() -> f64 {
+    let m = metrics();
+    OPERATIONS
+        .iter()
+        .filter(|op| kind(op) == "write")
+        .flat_map(|op| {
+            ["dynamodb", "estimate"].map(|s| m.dynamodb_capacity_units.with_label_values(&["write", op, s]).get())
+        })
+        .sum()
+}
+
 /// Starts every series at zero, so dashboards have them before the first request.
 pub(super) fn register() {
     let m = metrics();
@@ -142,7 +142,6 @@ pub(super) fn register() {
 mod tests {
     use super::*;
     use aws_sdk_dynamodb::primitives::Blob;
-    use aws_sdk_dynamodb::types::{DeleteRequest, PutRequest};
     use std::collections::HashMap;
 
     fn item<const N: usize>(attributes: [(&str, AttributeValue); N]) -> Item {
@@ -207,14 +206,7 @@ mod tests {
         // A batch read: each item found by its size (5 KB: 2 units), each key not found 1.
         let five_kb = item([("v", s(&"x".repeat(5 * 1024)))]);
         assert_eq!(batch_get_units(&[five_kb, three_kb.clone()], 3), 2.0 + 1.0 + 3.0);
-        // A batch write: each put by its size (3 KB: 3 units), a delete 1.
-        let put = |it: Item| {
-            WriteRequest::builder().put_request(PutRequest::builder().set_item(Some(it)).build().unwrap()).build()
-        };
-        let delete = WriteRequest::builder()
-            .delete_request(DeleteRequest::builder().set_key(Some(item([("key", s("k"))]))).build().unwrap())
-            .build();
-        assert_eq!(batch_write_units(&[put(three_kb), put(item([("key", s("k"))])), delete]), 3.0 + 1.0 + 1.0);
+        assert_eq!(write_units(item_size(&three_kb)), 3.0);
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Requests to DynamoDB: batching, retries, rate limits and error
 //! classification.
 //!
-//! `get_many` sends BatchGetItem (100 keys each), `apply` BatchWriteItem
-//! (25 items each), a few requests in flight at once, all reads strongly
-//! consistent. Throttling, 5xx answers, timeouts, connection failures and
+//! `get_many` sends BatchGetItem (100 keys each, a few requests in flight
+//! at once, strongly consistent); `apply` a conditional PutItem or
+//! DeleteItem per item (many in flight at once: DynamoDB bills per item
+//! either way, and BatchWriteItem takes no condition), then the commit. Throttling, 5xx answers, timeouts, connection failures and
 //! unprocessed keys or items are retried with exponential backoff and
 //! jitter (the SDK's own retries are off, so there is one retry policy);
 //! anything else fails the call, naming the key when one is at fault.
@@ -14,6 +15,7 @@
 
 use super::capacity;
 use super::codec::{attr, item_key, key_item, Item};
+use super::commit::{Stamp, Write};
 use super::{backend, DynamoConfig, STORE};
 use crate::state::{RequestFailure, Result, StateError};
 use crate::telemetry::metrics;
@@ -25,9 +27,7 @@ use aws_sdk_dynamodb::config::Region;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::scan::builders::ScanFluentBuilder;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::{
-    AttributeValue, KeysAndAttributes, Put, ReturnConsumedCapacity, TransactWriteItem, WriteRequest,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, Put, ReturnConsumedCapacity, TransactWriteItem};
 use aws_sdk_dynamodb::Client;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use std::collections::HashMap;
@@ -35,11 +35,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// DynamoDB's limits: keys per BatchGetItem, requests per BatchWriteItem.
+/// DynamoDB's limit: keys per BatchGetItem.
 const GET_BATCH: usize = 100;
-const WRITE_BATCH: usize = 25;
-/// Requests in flight at once for one `get_many` or `apply`.
+/// Read requests in flight at once for one `get_many`.
 const IN_FLIGHT: usize = 8;
+/// Item writes in flight at once for one flush: one item a request.
+const WRITES_IN_FLIGHT: usize = 64;
 
 /// A request that failed for good.
 #[derive(Debug)]
@@ -176,7 +177,7 @@ impl Limits {
     fn new(cfg: &DynamoConfig) -> Self {
         // Known series start at zero, so dashboards see them before the first throttle.
         let m = metrics();
-        for op in ["BatchGetItem", "BatchWriteItem", "TransactWriteItems", "Scan"] {
+        for op in ["BatchGetItem", "PutItem", "DeleteItem", "TransactWriteItems", "Scan"] {
             for outcome in ["ok", "throttled", "error"] {
                 m.dynamodb_requests.with_label_values(&[op, outcome]);
             }
@@ -387,51 +388,134 @@ async fn wait_for_leftovers(
     }
 }
 
-/// Writes up to 25 requests, retrying unprocessed ones.
-async fn write_requests(
-    client: &Client,
-    limits: &Limits,
-    table: &str,
-    mut pending: Vec<WriteRequest>,
-) -> Result<(), Failure> {
-    let mut delays = backoff();
-    loop {
-        let mut out = send(
-            limits,
-            "BatchWriteItem",
-            || {
-                client
-                    .batch_write_item()
-                    .request_items(table, pending.clone())
-                    .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                    .send()
-            },
-            never,
-        )
-        .await?;
-        let left = out.unprocessed_items.take().and_then(|mut u| u.remove(table)).unwrap_or_default();
-        // What is left unprocessed was not written, nor billed.
-        capacity::count("BatchWriteItem", capacity::reported(out.consumed_capacity()), || {
-            capacity::batch_write_units(&pending) - capacity::batch_write_units(&left)
-        });
-        if left.is_empty() {
-            return Ok(());
-        }
-        wait_for_leftovers(&mut delays, left.len(), pending.len(), "Items").await?;
-        pending = left;
+/// Condition names and values of a request.
+type Expression = (String, HashMap<String, String>, Option<HashMap<String, AttributeValue>>);
+
+/// What a checkpoint's put is conditioned on: the commit the store last
+/// saw there (`None`: no checkpoint yet), or this very commit (its retry).
+#[derive(Clone, Debug)]
+pub(super) struct CommitCondition {
+    /// The commit id the item holds now.
+    pub(super) over: Option<String>,
+    /// This commit's id.
+    pub(super) mine: String,
+}
+
+impl CommitCondition {
+    fn expression(&self) -> Expression {
+        let mut values = HashMap::from([(":mine".to_string(), AttributeValue::S(self.mine.clone()))]);
+        let mut names = HashMap::from([("#c".to_string(), attr::COMMIT.to_string())]);
+        let expression = match &self.over {
+            None => {
+                names.insert("#k".into(), attr::KEY.into());
+                "attribute_not_exists(#k) OR #c = :mine".to_string()
+            }
+            Some(id) => {
+                values.insert(":over".into(), AttributeValue::S(id.clone()));
+                "#c = :over OR #c = :mine".to_string()
+            }
+        };
+        (expression, names, Some(values))
     }
 }
 
-/// Writes one chunk (each request with its key), naming the key at fault
-/// when that fails.
-async fn write_chunk(
-    client: Client,
-    limits: Arc<Limits>,
-    table: String,
-    chunk: Vec<(String, WriteRequest)>,
-) -> Result<()> {
-    let (c, l, t) = (&client, &*limits, table.as_str());
-    naming_the_key("BatchWriteItem", t, chunk, move |requests| write_requests(c, l, t, requests)).await
+/// A condition's parts as the request builders take them.
+type ConditionParts = (Option<String>, Option<HashMap<String, String>>, Option<HashMap<String, AttributeValue>>);
+
+/// A condition's parts as the request builders take them.
+fn condition_parts(condition: Option<&CommitCondition>) -> ConditionParts {
+    match condition.map(CommitCondition::expression) {
+        Some((expression, names, values)) => (Some(expression), Some(names), values),
+        None => (None, None, None),
+    }
+}
+
+/// The condition of a flush's write (see [`Remote::write_items`]).
+fn write_condition(w: &Write) -> Expression {
+    let mut names = HashMap::from([("#f".to_string(), attr::FLUSH.to_string())]);
+    let mut values = HashMap::new();
+    let known = match &w.over {
+        Stamp::Unstamped => "attribute_not_exists(#f)".to_string(),
+        Stamp::Flush(f) => {
+            values.insert(":known".to_string(), AttributeValue::S(f.clone()));
+            "#f = :known".to_string()
+        }
+    };
+    let expression = if w.item.is_some() {
+        values.insert(":mine".to_string(), AttributeValue::S(w.flush.clone()));
+        format!("{known} OR #f = :mine")
+    } else {
+        // A delete that landed leaves nothing.
+        names.insert("#k".to_string(), attr::KEY.to_string());
+        format!("attribute_not_exists(#k) OR {known}")
+    };
+    (expression, names, (!values.is_empty()).then_some(values))
+}
+
+/// Sends one write of a flush (see [`Remote::write_items`]).
+async fn write_item(client: Client, limits: Arc<Limits>, table: String, w: Write) -> Result<()> {
+    let (expression, names, values) = write_condition(&w);
+    let conflict = |f: &Failure| f.code == "ConditionalCheckFailedException";
+    let (operation, sent, estimate) = match &w.item {
+        Some(item) => {
+            let estimate = capacity::write_units(capacity::item_size(item));
+            let sent = send(
+                &limits,
+                "PutItem",
+                || {
+                    client
+                        .put_item()
+                        .table_name(&table)
+                        .set_item(Some(item.clone()))
+                        .condition_expression(&expression)
+                        .set_expression_attribute_names(Some(names.clone()))
+                        .set_expression_attribute_values(values.clone())
+                        .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                        .send()
+                },
+                never,
+            )
+            .await
+            .map(|out| capacity::reported(out.consumed_capacity()));
+            ("PutItem", sent, estimate)
+        }
+        None => {
+            let sent = send(
+                &limits,
+                "DeleteItem",
+                || {
+                    client
+                        .delete_item()
+                        .table_name(&table)
+                        .set_key(Some(key_item(&w.key)))
+                        .condition_expression(&expression)
+                        .set_expression_attribute_names(Some(names.clone()))
+                        .set_expression_attribute_values(values.clone())
+                        .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                        .send()
+                },
+                never,
+            )
+            .await
+            .map(|out| capacity::reported(out.consumed_capacity()));
+            ("DeleteItem", sent, 1.0)
+        }
+    };
+    match sent {
+        Ok(reported) => {
+            capacity::count(operation, reported, || estimate);
+            Ok(())
+        }
+        Err(mut f) => {
+            if conflict(&f) {
+                // Billed, though the answer does not say how much.
+                capacity::count(operation, None, || estimate);
+                f.message = "the item changed since riskd read it (a delayed write landed, or another writer): the flush is tried again over what is there".into();
+                f.transient = true;
+            }
+            Err(f.into_error(operation, &table, Some(&w.key)))
+        }
+    }
 }
 
 /// Sends a chunk of a batch request, one part per key, with `send_parts`;
@@ -465,16 +549,17 @@ where
     }
 }
 
-/// Runs the futures with at most [`IN_FLIGHT`] at once; the first error
-/// wins (the others are dropped, which cancels them).
-async fn in_flight<T, F>(futures: Vec<F>) -> Result<Vec<T>>
+/// Runs the futures with at most `at_once` at once; the first error wins
+/// (the others are dropped, which cancels them: a write among them may
+/// still land, which its condition makes harmless).
+async fn in_flight<T, F>(futures: Vec<F>, at_once: usize) -> Result<Vec<T>>
 where
     T: Send + 'static,
     F: Future<Output = Result<T>> + Send + 'static,
 {
     let mut tasks = tokio::task::JoinSet::new();
     let mut waiting = futures.into_iter();
-    for f in waiting.by_ref().take(IN_FLIGHT) {
+    for f in waiting.by_ref().take(at_once) {
         tasks.spawn(f);
     }
     let mut out = Vec::new();
@@ -543,7 +628,7 @@ impl Remote {
                 get_chunk(self.client.clone(), Arc::clone(&self.limits), self.table.clone(), keys)
             })
             .collect();
-        let found = self.rt.block_on(in_flight(chunks))?;
+        let found = self.rt.block_on(in_flight(chunks, IN_FLIGHT))?;
         let mut by_key = HashMap::new();
         for item in found.into_iter().flatten() {
             if let Some(key) = item_key(&item) {
@@ -553,19 +638,9 @@ impl Remote {
         Ok(by_key)
     }
 
-    /// Writes the requests (each with its key, for messages), in chunks, a few at once.
-    pub(super) fn write(&self, requests: Vec<(String, WriteRequest)>) -> Result<()> {
-        let mut chunks = Vec::new();
-        let mut rest = requests.into_iter().peekable();
-        while rest.peek().is_some() {
-            let chunk: Vec<_> = rest.by_ref().take(WRITE_BATCH).collect();
-            chunks.push(write_chunk(self.client.clone(), Arc::clone(&self.limits), self.table.clone(), chunk));
-        }
-        self.rt.block_on(in_flight(chunks)).map(|_| ())
-    }
-
-    /// Puts one item.
-    pub(super) fn put(&self, key: &str, item: Item) -> Result<()> {
+    /// Puts one item, on `condition` when there is one.
+    pub(super) fn put(&self, key: &str, item: Item, condition: Option<&CommitCondition>) -> Result<()> {
+        let (expression, names, values) = condition_parts(condition);
         let out = self
             .rt
             .block_on(send(
@@ -576,6 +651,9 @@ impl Remote {
                         .put_item()
                         .table_name(&self.table)
                         .set_item(Some(item.clone()))
+                        .set_condition_expression(expression.clone())
+                        .set_expression_attribute_names(names.clone())
+                        .set_expression_attribute_values(values.clone())
                         .return_consumed_capacity(ReturnConsumedCapacity::Total)
                         .send()
                 },
@@ -586,6 +664,19 @@ impl Remote {
             capacity::write_units(capacity::item_size(&item))
         });
         Ok(())
+    }
+
+    /// Sends the writes of a flush, each a PutItem or DeleteItem on the
+    /// condition that its item is still stamped as the store knows it (or
+    /// already holds this write: the retry of a write that landed), many at
+    /// once. A failed condition fails the call as transient: the store then
+    /// reads what is there, and the flush is tried again.
+    pub(super) fn write_items(&self, writes: Vec<Write>) -> Result<()> {
+        let futures: Vec<_> = writes
+            .into_iter()
+            .map(|w| write_item(self.client.clone(), Arc::clone(&self.limits), self.table.clone(), w))
+            .collect();
+        self.rt.block_on(in_flight(futures, WRITES_IN_FLIGHT)).map(|_| ())
     }
 
     /// Puts `item` (or deletes the key, when `None`) only if the stored
@@ -659,14 +750,18 @@ impl Remote {
         }
     }
 
-    /// Puts the items in one transaction.
-    pub(super) fn transact_put(&self, items: Vec<Item>) -> Result<()> {
-        let sizes: Vec<usize> = items.iter().map(capacity::item_size).collect();
+    /// Puts the items in one transaction, each on its condition.
+    pub(super) fn transact_put(&self, items: Vec<(Item, Option<CommitCondition>)>) -> Result<()> {
+        let sizes: Vec<usize> = items.iter().map(|(item, _)| capacity::item_size(item)).collect();
         let mut writes = Vec::new();
-        for item in items {
+        for (item, condition) in items {
+            let (expression, names, values) = condition_parts(condition.as_ref());
             let put = Put::builder()
                 .table_name(&self.table)
                 .set_item(Some(item))
+                .set_condition_expression(expression)
+                .set_expression_attribute_names(names)
+                .set_expression_attribute_values(values)
                 .build()
                 .map_err(|e| backend(e.to_string()))?;
             writes.push(TransactWriteItem::builder().put(put).build());

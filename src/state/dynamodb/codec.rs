@@ -21,6 +21,7 @@ pub(super) mod attr {
     pub const CHECKPOINT: &str = "riskdCheckpoint";
     pub const COMMITTED_SEQ: &str = "riskdCommittedSeq";
     pub const COMMITTED_AT: &str = "riskdCommittedAt";
+    pub const COMMIT: &str = "riskdCommit";
     pub const VERSION: &str = "riskdVersion";
     pub const PARTS: &str = "riskdParts";
     pub const UNDO: &str = "riskdUndo";
@@ -123,13 +124,15 @@ pub(super) struct FlushId {
     pub(super) run: String,
     /// The run's flush number, from 1.
     pub(super) seq: u64,
+    /// As the item holds it.
+    pub(super) text: String,
 }
 
 impl FlushId {
     /// Reads `riskdFlush` of the item under `key`.
     pub(super) fn parse(key: &str, text: &str) -> Result<Self> {
         text.rsplit_once(':')
-            .and_then(|(run, seq)| Some(Self { run: run.to_string(), seq: seq.parse().ok()? }))
+            .and_then(|(run, seq)| Some(Self { run: run.to_string(), seq: seq.parse().ok()?, text: text.to_string() }))
             .filter(|f| !f.run.is_empty())
             .ok_or_else(|| corrupt(key, format!("{} {text:?} is not <run>:<seq>", attr::FLUSH)))
     }
@@ -259,7 +262,10 @@ mod tests {
         assert_eq!(ceil_seconds(0), 0);
         assert_eq!(ceil_seconds(-1), 0);
         assert_eq!(ceil_seconds(-1_000), -1);
-        assert_eq!(FlushId::parse("k", "abc:12").unwrap(), FlushId { run: "abc".into(), seq: 12 });
+        assert_eq!(
+            FlushId::parse("k", "abc:12").unwrap(),
+            FlushId { run: "abc".into(), seq: 12, text: "abc:12".into() }
+        );
         assert!(FlushId::parse("k", "abc").is_err());
         assert!(FlushId::parse("k", ":1").is_err());
     }

@@ -2,14 +2,23 @@
 //! flush's items stamped with their flush and previous versions, the
 //! commit that makes them count, and reading items as committed versions.
 
+use super::client::CommitCondition;
 use super::codec::{
-    attr, check_item_size, check_key, checkpoint_item, decode, integer, item_key, key_item, marker_key,
+    attr, check_item_size, check_key, checkpoint_item, checkpoint_key, decode, integer, item_key, key_item, marker_key,
     record_attributes, stamp, FlushId, Item, Stored, MARKER_PREFIX,
 };
 use super::{backend, entity, DynamoStore, Layout, STORE};
 use crate::state::{Mutation, Record, RequestFailure, Result, StateError, WriteBatch};
-use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, WriteRequest};
+use aws_sdk_dynamodb::types::AttributeValue;
 use std::collections::{HashMap, HashSet};
+
+/// The commit id a checkpoint item holds.
+pub(super) fn commit_of(item: &Item) -> Option<String> {
+    match item.get(attr::COMMIT) {
+        Some(AttributeValue::S(id)) => Some(id.clone()),
+        _ => None,
+    }
+}
 
 /// Items in one TransactWriteItems.
 const MAX_TRANSACT_ITEMS: usize = 100;
@@ -19,59 +28,104 @@ pub(super) fn new_run() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-/// A request that puts `item`.
-pub(super) fn put_request(item: Item) -> Result<WriteRequest> {
-    let put = PutRequest::builder().set_item(Some(item)).build().map_err(|e| backend(e.to_string()))?;
-    Ok(WriteRequest::builder().put_request(put).build())
+/// What the table holds under a key as far as the store knows, which
+/// every write there is conditioned on: a write that was delayed (a
+/// request that timed out, then landed after a later one) or a writer that
+/// came between finds the item changed, and fails instead of overwriting a
+/// newer version.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) enum Stamp {
+    /// No item, or one riskd did not write (no `riskdFlush`).
+    #[default]
+    Unstamped,
+    /// An item written by this flush.
+    Flush(String),
 }
 
-/// A request that deletes the item under `key`.
-fn delete_request(key: &str) -> Result<WriteRequest> {
-    let delete = DeleteRequest::builder().set_key(Some(key_item(key))).build().map_err(|e| backend(e.to_string()))?;
-    Ok(WriteRequest::builder().delete_request(delete).build())
+impl Stamp {
+    /// The stamp of an item as read.
+    pub(super) fn of(flush: Option<&FlushId>) -> Self {
+        flush.map_or(Stamp::Unstamped, |f| Stamp::Flush(f.text.clone()))
+    }
 }
 
-/// The request that writes `mutation` of `key` as an item of its own in
-/// flush `flush`, over its committed version `prev`; `None` when the item
-/// already holds it. A tombstone's key is added to `tombstones`.
+/// A key's committed version and the stamp of its item.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(super) struct Version {
+    /// The committed record (`None`: absent).
+    pub(super) record: Option<Record>,
+    /// What its item is stamped with.
+    pub(super) stamp: Stamp,
+}
+
+/// One item written by a flush, conditioned on what it replaces.
+#[derive(Clone, Debug)]
+pub(super) struct Write {
+    /// Its key.
+    pub(super) key: String,
+    /// The item to put; `None` deletes it.
+    pub(super) item: Option<Item>,
+    /// What the item must still be stamped with.
+    pub(super) over: Stamp,
+    /// The flush writing it (a retry of a put that landed finds it).
+    pub(super) flush: String,
+}
+
+impl Write {
+    /// The key's stamp once this write landed.
+    pub(super) fn stamp_after(&self) -> Stamp {
+        match self.item {
+            Some(_) => Stamp::Flush(self.flush.clone()),
+            None => Stamp::Unstamped,
+        }
+    }
+}
+
+/// The write of `mutation` of `key` as an item of its own in flush
+/// `flush`, over its committed version `prev`; `None` when the item already
+/// holds it. A tombstone's key is added to `tombstones`.
 pub(super) fn own_item_write(
     key: &str,
     mutation: Mutation<'_>,
-    prev: Option<&Record>,
+    prev: &Version,
     flush: &str,
     tombstones: &mut Vec<String>,
-) -> Result<Option<WriteRequest>> {
+) -> Result<Option<Write>> {
     check_key(key)?;
-    let request = match mutation {
+    let item = match mutation {
         // The key already holds exactly this: nothing to write.
-        Mutation::Put(record) if prev == Some(record) => return Ok(None),
+        Mutation::Put(record) if prev.record.as_ref() == Some(record) => return Ok(None),
         Mutation::Put(record) => {
             let mut item = record_attributes(key, record)?;
-            stamp(&mut item, key, flush, prev)?;
+            stamp(&mut item, key, flush, prev.record.as_ref())?;
             check_item_size(key, &item)?;
-            put_request(item)?
+            Some(item)
         }
-        // Nothing committed to keep: a plain delete (which also removes any
-        // half-written item of a crashed flush).
-        Mutation::Delete if prev.is_none() => delete_request(key)?,
+        // Nothing committed, nothing stored: nothing to do.
+        Mutation::Delete if prev.record.is_none() && prev.stamp == Stamp::Unstamped => return Ok(None),
+        // Nothing committed to keep: a plain delete (of the half-written
+        // item of a crashed flush).
+        Mutation::Delete if prev.record.is_none() => None,
         Mutation::Delete => {
             let mut item = key_item(key);
             item.insert(attr::DELETED.into(), AttributeValue::Bool(true));
-            stamp(&mut item, key, flush, prev)?;
+            stamp(&mut item, key, flush, prev.record.as_ref())?;
             check_item_size(key, &item)?;
             tombstones.push(key.to_string());
-            put_request(item)?
+            Some(item)
         }
     };
-    Ok(Some(request))
+    Ok(Some(Write { key: key.to_string(), item, over: prev.stamp.clone(), flush: flush.to_string() }))
 }
 
 /// What a flush writes.
-pub(super) struct FlushWrites {
-    /// One request per key that changes, with the key.
-    writes: Vec<(String, WriteRequest)>,
-    /// The keys whose requests write tombstones, removed after the commit.
+struct FlushWrites {
+    /// One write per key that changes.
+    writes: Vec<Write>,
+    /// The keys whose writes are tombstones, removed after the commit.
     tombstones: Vec<String>,
+    /// Each changed key's version once the flush committed.
+    after: Vec<(String, Version)>,
 }
 
 impl DynamoStore {
@@ -121,7 +175,7 @@ impl DynamoStore {
     }
 
     /// Reads `keys` (any order, repeats allowed) as committed versions.
-    pub(super) fn read_committed(&self, keys: &[&str]) -> Result<HashMap<String, Option<Record>>> {
+    pub(super) fn read_committed(&self, keys: &[&str]) -> Result<HashMap<String, Version>> {
         let mut unique: Vec<&str> = Vec::with_capacity(keys.len());
         let mut seen = HashSet::with_capacity(keys.len());
         for key in keys {
@@ -136,12 +190,18 @@ impl DynamoStore {
             .map(|k| Ok((*k, items.get(*k).map(|item| decode(k, item)).transpose()?)))
             .collect::<Result<_>>()?;
         self.learn_commits(stored.iter().filter_map(|(_, s)| s.as_ref()?.flush.as_ref()))?;
-        Ok(stored.into_iter().map(|(k, s)| (k.to_string(), s.and_then(|s| self.resolve(s)))).collect())
+        Ok(stored
+            .into_iter()
+            .map(|(k, s)| {
+                let stamp = Stamp::of(s.as_ref().and_then(|s| s.flush.as_ref()));
+                (k.to_string(), Version { record: s.and_then(|s| self.resolve(s)), stamp })
+            })
+            .collect())
     }
 
     /// Remembers committed versions for `riskdPrev`, forgetting all the
     /// others first when the bound would be passed.
-    pub(super) fn remember(&self, read: &HashMap<String, Option<Record>>) {
+    pub(super) fn remember(&self, read: &HashMap<String, Version>) {
         let mut versions = self.versions.borrow_mut();
         if versions.len() + read.len() > self.remember_versions {
             versions.clear();
@@ -154,6 +214,7 @@ impl DynamoStore {
     pub(super) fn abandon_run(&mut self) {
         self.versions.borrow_mut().clear();
         self.entities.borrow_mut().clear();
+        self.commits.borrow_mut().clear();
         self.run = new_run();
         self.seq = 0;
         self.committed.borrow_mut().insert(self.run.clone(), 0);
@@ -168,63 +229,89 @@ impl DynamoStore {
             Layout::Key => (batch.mutations.clone(), Default::default()),
             Layout::Entity => entity::split(&batch.mutations),
         };
-        let missing: Vec<&str> = {
-            let versions = self.versions.borrow();
-            own.iter().map(|(k, _)| *k).filter(|k| !versions.contains_key(*k)).collect()
-        };
-        // Keys the store has forgotten: read now (remembering them could
-        // evict others this flush needs, so they are used from here).
-        let fetched = if missing.is_empty() { HashMap::new() } else { self.read_committed(&missing)? };
         let seq = self.seq + 1;
         let flush = format!("{}:{seq}", self.run);
-        let FlushWrites { mut writes, mut tombstones } = self.flush_writes(&own, &fetched, &flush)?;
-        let entities = self.entity_writes(&parts, &flush, &mut writes, &mut tombstones)?;
+        let FlushWrites { mut writes, mut tombstones, mut after } = self.flush_writes(&own, &flush)?;
+        let entities = self.entity_writes(&parts, &flush, &mut writes, &mut tombstones, &mut after)?;
         let wrote = !writes.is_empty();
         if wrote {
-            self.remote.write(writes)?;
+            self.remote.write_items(writes)?;
         }
         self.commit(batch, &flush, seq, wrote)?;
         if wrote {
             self.seq = seq;
             self.committed.borrow_mut().insert(self.run.clone(), seq);
         }
-        self.remember_flush(&own);
+        self.remember_versions(after);
         self.remember_entities(entities);
         if !tombstones.is_empty() {
-            self.remove_tombstones(tombstones);
+            self.remove_tombstones(tombstones, &flush);
         }
         Ok(())
     }
 
-    /// The write requests of flush `flush` (each with its key), stamped with
-    /// the keys' previous committed versions from `fetched` or from what the
-    /// store remembers; and the keys written as tombstones.
-    fn flush_writes(
-        &self,
-        mutations: &[(&str, Mutation<'_>)],
-        fetched: &HashMap<String, Option<Record>>,
-        flush: &str,
-    ) -> Result<FlushWrites> {
-        let mut writes = Vec::new();
-        let mut tombstones = Vec::new();
+    /// The versions of `keys`, from what the store remembers or read now
+    /// (remembering them could evict others this flush needs, so they are
+    /// used from here).
+    pub(super) fn versions_of(&self, keys: &[&str]) -> Result<HashMap<String, Version>> {
+        let missing: Vec<&str> = {
+            let versions = self.versions.borrow();
+            keys.iter().copied().filter(|k| !versions.contains_key(*k)).collect()
+        };
+        let mut out = if missing.is_empty() { HashMap::new() } else { self.read_committed(&missing)? };
         let versions = self.versions.borrow();
-        for (key, mutation) in mutations {
-            let prev = match fetched.get(*key) {
-                Some(read) => read.as_ref(),
-                None => versions.get(*key).and_then(Option::as_ref),
-            };
-            let Some(request) = own_item_write(key, *mutation, prev, flush, &mut tombstones)? else { continue };
-            writes.push((key.to_string(), request));
+        for key in keys {
+            if let Some(v) = versions.get(*key) {
+                out.entry(key.to_string()).or_insert_with(|| v.clone());
+            }
         }
-        Ok(FlushWrites { writes, tombstones })
+        Ok(out)
+    }
+
+    /// The writes of flush `flush` for keys kept as items of their own,
+    /// stamped with the keys' previous committed versions.
+    fn flush_writes(&self, mutations: &[(&str, Mutation<'_>)], flush: &str) -> Result<FlushWrites> {
+        let keys: Vec<&str> = mutations.iter().map(|(k, _)| *k).collect();
+        let versions = self.versions_of(&keys)?;
+        let mut out = FlushWrites { writes: Vec::new(), tombstones: Vec::new(), after: Vec::new() };
+        for (key, mutation) in mutations {
+            let prev = versions.get(*key).cloned().unwrap_or_default();
+            let record = match mutation {
+                Mutation::Put(r) => Some((*r).clone()),
+                Mutation::Delete => None,
+            };
+            let stamp = match own_item_write(key, *mutation, &prev, flush, &mut out.tombstones)? {
+                Some(write) => {
+                    let stamp = write.stamp_after();
+                    out.writes.push(write);
+                    stamp
+                }
+                None => prev.stamp,
+            };
+            out.after.push((key.to_string(), Version { record, stamp }));
+        }
+        Ok(out)
     }
 
     /// The commit point: writes the batch's checkpoints and, when the flush
     /// `wrote` items, sets the run's marker to `seq`, all in one request.
     fn commit(&self, batch: &WriteBatch<'_>, flush: &str, seq: u64, wrote: bool) -> Result<()> {
         let mut items = Vec::with_capacity(batch.checkpoints.len() + 1);
-        for (source, cp) in &batch.checkpoints {
-            items.push(checkpoint_item(source, cp, wrote.then_some(flush))?);
+        // Each checkpoint is conditioned on the one this store last saw: a
+        // delayed commit of an abandoned flush cannot move it back.
+        let sources: Vec<&str> = batch.checkpoints.iter().map(|(s, _)| *s).collect();
+        self.learn_checkpoint_commits(&sources)?;
+        let commit_id = new_run();
+        let mut committing = Vec::new();
+        {
+            let commits = self.commits.borrow();
+            for (source, cp) in &batch.checkpoints {
+                let mut item = checkpoint_item(source, cp, wrote.then_some(flush))?;
+                item.insert(attr::COMMIT.into(), AttributeValue::S(commit_id.clone()));
+                let over = commits.get(*source).cloned().flatten();
+                items.push((item, Some(CommitCondition { over, mine: commit_id.clone() })));
+                committing.push(source.to_string());
+            }
         }
         if wrote {
             let mut item = key_item(&marker_key(&self.run));
@@ -232,14 +319,14 @@ impl DynamoStore {
             item.insert(attr::COMMITTED_SEQ.into(), AttributeValue::N(seq.to_string()));
             // Wall-clock time of the commit: `riskd store prune` leaves recent markers alone.
             item.insert(attr::COMMITTED_AT.into(), AttributeValue::N(crate::event::now_ms().to_string()));
-            items.push(item);
+            items.push((item, None));
         }
-        match items.len() {
+        let sent = match items.len() {
             0 => Ok(()),
             1 => {
-                let item = items.pop().ok_or_else(|| backend("no item"))?;
+                let (item, condition) = items.pop().ok_or_else(|| backend("no item"))?;
                 let key = item_key(&item).unwrap_or_default().to_string();
-                self.remote.put(&key, item)
+                self.remote.put(&key, item, condition.as_ref())
             }
             n if n <= MAX_TRANSACT_ITEMS => self.remote.transact_put(items),
             n => Err(StateError::Request(Box::new(RequestFailure {
@@ -254,31 +341,79 @@ impl DynamoStore {
                 ),
                 transient: false,
             }))),
+        };
+        sent?;
+        let mut commits = self.commits.borrow_mut();
+        for source in committing {
+            commits.insert(source, Some(commit_id.clone()));
         }
+        Ok(())
     }
 
-    /// Remembers the batch's values as the keys' committed versions.
-    fn remember_flush(&self, mutations: &[(&str, Mutation<'_>)]) {
-        let mut versions = self.versions.borrow_mut();
-        for (key, mutation) in mutations {
-            let now = match mutation {
-                Mutation::Put(record) => Some((*record).clone()),
-                Mutation::Delete => None,
-            };
-            versions.insert(key.to_string(), now);
+    /// Learns the commit ids of the checkpoints of `sources` the store does
+    /// not know yet.
+    fn learn_checkpoint_commits(&self, sources: &[&str]) -> Result<()> {
+        let unknown: Vec<String> = {
+            let commits = self.commits.borrow();
+            sources.iter().filter(|s| !commits.contains_key(**s)).map(|s| checkpoint_key(s)).collect()
+        };
+        if unknown.is_empty() {
+            return Ok(());
         }
-        if versions.len() > self.remember_versions {
+        let keys: Vec<&str> = unknown.iter().map(String::as_str).collect();
+        let items = self.remote.fetch(&keys)?;
+        let mut commits = self.commits.borrow_mut();
+        for (source, key) in sources.iter().filter(|s| !commits.contains_key(**s)).zip(&unknown).collect::<Vec<_>>() {
+            commits.insert(source.to_string(), items.get(key).and_then(commit_of));
+        }
+        Ok(())
+    }
+
+    /// Remembers the keys' versions after a flush.
+    fn remember_versions(&self, after: Vec<(String, Version)>) {
+        let mut versions = self.versions.borrow_mut();
+        if versions.len() + after.len() > self.remember_versions {
             versions.clear();
         }
+        versions.extend(after);
     }
 
-    /// Deletes the tombstones of a committed flush.
-    fn remove_tombstones(&self, tombstones: Vec<String>) {
+    /// Deletes the tombstones of committed flush `flush`.
+    fn remove_tombstones(&self, tombstones: Vec<String>, flush: &str) {
         // Committed tombstones read as absent: removing them only saves
-        // space, so a failure here is not the flush's failure.
-        let deletes: Result<Vec<_>> =
-            tombstones.into_iter().map(|key| delete_request(&key).map(|delete| (key, delete))).collect();
-        if let Err(e) = deletes.and_then(|d| self.remote.write(d)) {
+        // space, so a failure here is not the flush's failure (the store
+        // then forgets them, and reads them again when it next writes there).
+        let deletes: Vec<Write> = tombstones
+            .iter()
+            .map(|key| Write {
+                key: key.clone(),
+                item: None,
+                over: Stamp::Flush(flush.to_string()),
+                flush: flush.to_string(),
+            })
+            .collect();
+        let result = self.remote.write_items(deletes);
+        let mut versions = self.versions.borrow_mut();
+        let mut entities = self.entities.borrow_mut();
+        for key in &tombstones {
+            match (&result, key.strip_prefix(entity::ENTITY_PREFIX)) {
+                (Ok(()), None) => {
+                    versions.insert(key.clone(), Version::default());
+                }
+                (Ok(()), Some(e)) => {
+                    if let Some(k) = entities.get_mut(e) {
+                        k.stamp = Stamp::Unstamped;
+                    }
+                }
+                (Err(_), None) => {
+                    versions.remove(key);
+                }
+                (Err(_), Some(e)) => {
+                    entities.remove(e);
+                }
+            }
+        }
+        if let Err(e) = result {
             tracing::warn!(error = %e, "could not remove committed tombstones (they read as absent)");
         }
     }

@@ -38,10 +38,10 @@
 //! keep the entity item under the limit.
 
 use super::codec::{attr, ceil_seconds, check_item_size, check_key, key_item, FlushId, Item};
-use super::commit::{own_item_write, put_request};
+use super::commit::{own_item_write, Stamp, Version, Write};
 use super::{backend, corrupt, DynamoStore};
 use crate::state::{Mutation, Record, Result, RISK_PREFIX};
-use aws_sdk_dynamodb::types::{AttributeValue, WriteRequest};
+use aws_sdk_dynamodb::types::AttributeValue;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -184,6 +184,8 @@ pub(super) struct Known {
     /// The names its item marks as spilled (a spilled part whose own item
     /// is gone, deleted by TTL, is here but not in `records`).
     pub(super) spilled: BTreeSet<String>,
+    /// What its item is stamped with.
+    pub(super) stamp: Stamp,
 }
 
 impl Known {
@@ -198,6 +200,11 @@ impl Known {
     /// The committed version of a spilled part's own item.
     fn own(&self, name: &str) -> Option<&Record> {
         self.records.get(name).filter(|_| self.spilled.contains(name))
+    }
+
+    /// Whether the two hold the same parts in the same places.
+    fn same_parts(&self, other: &Known) -> bool {
+        self.records == other.records && self.spilled == other.spilled
     }
 }
 
@@ -235,12 +242,13 @@ impl DynamoStore {
         let mut known = HashMap::with_capacity(stored.len());
         let mut spilled = Vec::new();
         for (entity, s) in stored {
+            let stamp = Stamp::of(s.as_ref().and_then(|s| s.flush.as_ref()));
             let parts = match s {
                 None => Parts::new(),
                 Some(s) if s.flush.as_ref().is_none_or(|f| self.is_committed(f)) => s.parts,
                 Some(s) => s.undone(),
             };
-            let mut k = Known::default();
+            let mut k = Known { stamp, ..Known::default() };
             for (name, part) in parts {
                 match part {
                     Part::Inline(r) => {
@@ -257,8 +265,9 @@ impl DynamoStore {
         if !spilled.is_empty() {
             let refs: Vec<&str> = spilled.iter().map(|(_, k)| k.as_str()).collect();
             let read = self.read_committed(&refs)?;
+            self.remember(&read);
             for (entity, key) in &spilled {
-                if let (Some(Some(r)), Some((_, name))) = (read.get(key), place(key)) {
+                if let (Some(Some(r)), Some((_, name))) = (read.get(key).map(|v| &v.record), place(key)) {
                     if let Some(k) = known.get_mut(*entity) {
                         k.records.insert(name.to_string(), r.clone());
                     }
@@ -287,8 +296,9 @@ impl DynamoStore {
         &self,
         changes: &PartChanges<'_>,
         flush: &str,
-        writes: &mut Vec<(String, WriteRequest)>,
+        writes: &mut Vec<Write>,
         tombstones: &mut Vec<String>,
+        after_own: &mut Vec<(String, Version)>,
     ) -> Result<Vec<(String, Known)>> {
         if changes.is_empty() {
             return Ok(Vec::new());
@@ -303,7 +313,8 @@ impl DynamoStore {
         let mut changed = Vec::new();
         for (entity, mutations) in changes {
             let before = fetched.get(*entity).or_else(|| entities.get(*entity)).cloned().unwrap_or_default();
-            let mut after = Known { records: before.records.clone(), spilled: BTreeSet::new() };
+            let mut after =
+                Known { records: before.records.clone(), spilled: BTreeSet::new(), stamp: before.stamp.clone() };
             for (name, mutation) in mutations {
                 match mutation {
                     Mutation::Put(r) => after.records.insert(name.to_string(), (*r).clone()),
@@ -311,20 +322,31 @@ impl DynamoStore {
                 };
             }
             after.spilled = spilled_names(&after.records).into_iter().collect();
-            if after == before {
+            if after.same_parts(&before) {
                 continue;
             }
             // Spilled parts: their own items, in the per-key layout.
-            let names: BTreeSet<&String> = after.spilled.iter().chain(&before.spilled).collect();
-            for name in names {
-                let key = part_key(entity, name);
+            let names: Vec<String> = after.spilled.union(&before.spilled).cloned().collect();
+            let keys: Vec<String> = names.iter().map(|n| part_key(entity, n)).collect();
+            let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let versions = if refs.is_empty() { HashMap::new() } else { self.versions_of(&refs)? };
+            for (name, key) in names.iter().zip(keys) {
                 let mutation = match after.own(name) {
                     Some(r) => Mutation::Put(r),
                     None => Mutation::Delete,
                 };
-                if let Some(request) = own_item_write(&key, mutation, before.own(name), flush, tombstones)? {
-                    writes.push((key, request));
-                }
+                // The own item's committed record is the entity's, wherever it was read.
+                let stamp = versions.get(&key).map(|v| v.stamp.clone()).unwrap_or_default();
+                let prev = Version { record: before.own(name).cloned(), stamp };
+                let stamp_after = match own_item_write(&key, mutation, &prev, flush, tombstones)? {
+                    Some(write) => {
+                        let s = write.stamp_after();
+                        writes.push(write);
+                        s
+                    }
+                    None => prev.stamp,
+                };
+                after_own.push((key, Version { record: after.own(name).cloned(), stamp: stamp_after }));
             }
             // The entity item, with the undo of each part it changes.
             let names: BTreeSet<&String> =
@@ -347,7 +369,9 @@ impl DynamoStore {
                 if parts.is_empty() {
                     tombstones.push(key.clone());
                 }
-                writes.push((key, put_request(item)?));
+                let write = Write { key, item: Some(item), over: before.stamp.clone(), flush: flush.to_string() };
+                after.stamp = write.stamp_after();
+                writes.push(write);
             }
             changed.push((entity.to_string(), after));
         }
@@ -486,6 +510,6 @@ mod tests {
         assert_eq!(item.get(attr::EXPIRES_AT), None);
         let back = decode_entity("riskd/entity/user/u", &item).unwrap();
         assert_eq!(back.parts, parts);
-        assert_eq!(back.flush, Some(FlushId { run: "run".into(), seq: 1 }));
+        assert_eq!(back.flush, Some(FlushId { run: "run".into(), seq: 1, text: "run:1".into() }));
     }
 }

@@ -89,6 +89,7 @@ mod commit;
 mod entity;
 
 pub use admin::{check_table, init_table, prune_markers};
+pub use capacity::write_units_total;
 
 use super::{Checkpoint, Record, Result, StateError, Store, WriteBatch};
 use crate::telemetry::metrics;
@@ -192,7 +193,10 @@ pub struct DynamoStore {
     /// Highest committed flush number known per run (this one included).
     committed: RefCell<HashMap<String, u64>>,
     /// Last committed version per key, as read or written (`None`: absent).
-    versions: RefCell<HashMap<String, Option<Record>>>,
+    versions: RefCell<HashMap<String, commit::Version>>,
+    /// The commit id each input's checkpoint holds, as read or written
+    /// (`None`: no checkpoint).
+    commits: RefCell<HashMap<String, Option<String>>>,
     /// Entity layout: each entity's committed version, as read or written.
     entities: RefCell<HashMap<String, entity::Known>>,
     /// How many versions `versions` (and entities `entities`) holds before it is cleared.
@@ -213,6 +217,7 @@ impl DynamoStore {
             run,
             seq: 0,
             versions: RefCell::new(HashMap::new()),
+            commits: RefCell::new(HashMap::new()),
             entities: RefCell::new(HashMap::new()),
             remember_versions: cfg.remember_versions,
             layout: cfg.layout,
@@ -234,7 +239,7 @@ impl Store for DynamoStore {
         if self.layout == Layout::Key {
             let resolved = self.read_committed(keys)?;
             self.remember(&resolved);
-            return Ok(keys.iter().map(|k| resolved.get(*k).and_then(|r| r.clone())).collect());
+            return Ok(keys.iter().map(|k| resolved.get(*k).and_then(|v| v.record.clone())).collect());
         }
         let (own, parts): (Vec<&str>, Vec<&str>) = keys.iter().partition(|k| entity::place(k).is_none());
         let resolved = if own.is_empty() { HashMap::new() } else { self.read_committed(&own)? };
@@ -247,7 +252,7 @@ impl Store for DynamoStore {
             .iter()
             .map(|k| match entity::place(k) {
                 Some((e, name)) => known.get(e).and_then(|k| k.records.get(name)).cloned(),
-                None => resolved.get(*k).and_then(|r| r.clone()),
+                None => resolved.get(*k).and_then(|v| v.record.clone()),
             })
             .collect();
         self.remember_entities(known);
@@ -265,6 +270,7 @@ impl Store for DynamoStore {
     fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>> {
         let key = checkpoint_key(source);
         let items = self.remote.fetch(&[&key])?;
+        self.commits.borrow_mut().insert(source.to_string(), items.get(&key).and_then(commit::commit_of));
         items.get(&key).map(|item| decode_checkpoint(&key, item)).transpose()
     }
 
@@ -274,6 +280,7 @@ impl Store for DynamoStore {
 
     fn forget(&mut self) {
         self.versions.borrow_mut().clear();
+        self.commits.borrow_mut().clear();
         self.entities.borrow_mut().clear();
     }
 
