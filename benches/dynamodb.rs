@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 fn requests() -> f64 {
     let m = riskd::telemetry::metrics();
-    ["BatchGetItem", "BatchWriteItem", "TransactWriteItems", "Scan", "PutItem", "DeleteItem"]
+    ["BatchGetItem", "TransactWriteItems", "Scan", "PutItem", "DeleteItem"]
         .iter()
         .flat_map(|op| ["ok", "throttled", "error"].map(|o| m.dynamodb_requests.with_label_values(&[op, o]).get()))
         .sum::<u64>() as f64
@@ -35,7 +35,7 @@ fn requests() -> f64 {
 /// Capacity units of `kind` (`read`, `write`) consumed so far, reported and estimated.
 fn units(kind: &str) -> f64 {
     let m = riskd::telemetry::metrics();
-    ["BatchGetItem", "BatchWriteItem", "TransactWriteItems", "Scan", "PutItem", "DeleteItem"]
+    ["BatchGetItem", "TransactWriteItems", "Scan", "PutItem", "DeleteItem"]
         .iter()
         .flat_map(|op| {
             ["dynamodb", "estimate"].map(|s| m.dynamodb_capacity_units.with_label_values(&[kind, op, s]).get())

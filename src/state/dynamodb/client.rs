@@ -419,7 +419,6 @@ impl CommitCondition {
     }
 }
 
-/// A condition's parts as the request builders take them.
 type ConditionParts = (Option<String>, Option<HashMap<String, String>>, Option<HashMap<String, AttributeValue>>);
 
 /// A condition's parts as the request builders take them.
