@@ -5,7 +5,7 @@
 use super::capacity;
 use super::client::{never, send, Remote};
 use super::codec::{attr, integer, item_key, key_item, marker_key, FlushId, MARKER_PREFIX};
-use super::{backend, DynamoConfig};
+use super::{backend, DynamoConfig, Layout};
 use crate::state::{Result, StateError};
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnConsumedCapacity,
@@ -13,6 +13,96 @@ use aws_sdk_dynamodb::types::{
 };
 use std::collections::HashSet;
 use std::time::Duration;
+
+/// The item that says which layout the table holds.
+const LAYOUT_KEY: &str = "riskd/layout";
+
+/// The layout the table's mark names: `None` when unmarked.
+fn marked_layout(remote: &Remote) -> Result<Option<String>> {
+    let items = remote.fetch(&[LAYOUT_KEY])?;
+    Ok(items.get(LAYOUT_KEY).and_then(|it| match it.get(attr::LAYOUT) {
+        Some(AttributeValue::S(name)) => Some(name.clone()),
+        _ => None,
+    }))
+}
+
+/// Whether the table holds any item (one Scan of one item).
+fn holds_anything(remote: &Remote) -> Result<bool> {
+    let out = remote
+        .rt
+        .block_on(send(
+            &remote.limits,
+            "Scan",
+            || {
+                remote
+                    .client
+                    .scan()
+                    .table_name(&remote.table)
+                    .limit(1)
+                    .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                    .send()
+            },
+            never,
+        ))
+        .map_err(|f| f.into_error("Scan", &remote.table, None))?;
+    let items = out.items.unwrap_or_default();
+    capacity::count("Scan", capacity::reported(out.consumed_capacity.as_ref()), || capacity::scan_units(&items));
+    Ok(!items.is_empty())
+}
+
+/// Makes sure the table holds `layout`, marking a table that has no mark
+/// yet: an empty one with `layout`, one that already holds items (written
+/// by riskd before tables were marked, or by Panther) as the per-key
+/// layout. A table marked otherwise, or one holding per-key items for the
+/// entity layout, is a misfit: its state would read as absent.
+pub(super) fn claim_layout(remote: &Remote, layout: Layout) -> Result<()> {
+    let marked = match marked_layout(remote)? {
+        Some(name) => name,
+        None => {
+            let name = if holds_anything(remote)? { Layout::Key.name() } else { layout.name() };
+            let mut item = key_item(LAYOUT_KEY);
+            item.insert(attr::META.into(), AttributeValue::S("layout".into()));
+            item.insert(attr::LAYOUT.into(), AttributeValue::S(name.into()));
+            let put = remote.rt.block_on(send(
+                &remote.limits,
+                "PutItem",
+                || {
+                    remote
+                        .client
+                        .put_item()
+                        .table_name(&remote.table)
+                        .set_item(Some(item.clone()))
+                        .condition_expression("attribute_not_exists(#k)")
+                        .expression_attribute_names("#k", attr::KEY)
+                        .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                        .send()
+                },
+                never,
+            ));
+            match put {
+                Ok(out) => {
+                    capacity::count("PutItem", capacity::reported(out.consumed_capacity()), || 1.0);
+                    name.to_string()
+                }
+                // Marked by another process meanwhile: its mark holds.
+                Err(f) if f.code == "ConditionalCheckFailedException" => {
+                    marked_layout(remote)?.unwrap_or_else(|| name.to_string())
+                }
+                Err(f) => return Err(f.into_error("PutItem", &remote.table, Some(LAYOUT_KEY))),
+            }
+        }
+    };
+    if marked != layout.name() {
+        return Err(StateError::TableMisfit {
+            table: remote.table.clone(),
+            problems: vec![format!(
+                "it holds the {marked:?} layout (item {LAYOUT_KEY:?}) and store.layout is {:?}: the state would read as absent; set store.layout = {marked:?}, or use another table",
+                layout.name()
+            )],
+        });
+    }
+    Ok(())
+}
 
 /// `riskd store prune`: deletes the commit markers no item needs any more.
 ///
@@ -183,7 +273,7 @@ fn ttl_problems(want: bool, status: Option<&TimeToLiveStatus>, attribute: Option
 /// nothing). A table that does not exist is one problem.
 pub fn check_table(cfg: &DynamoConfig) -> Result<Vec<String>> {
     let remote = Remote::connect(cfg)?;
-    remote.rt.block_on(async {
+    let mut problems = remote.rt.block_on(async {
         let Some(table) = describe(&remote).await? else {
             return Ok(vec![format!(
                 "table {:?} does not exist in {} (create it with `riskd store init`)",
@@ -194,7 +284,18 @@ pub fn check_table(cfg: &DynamoConfig) -> Result<Vec<String>> {
         let (status, attribute) = ttl_state(&remote).await?;
         problems.extend(ttl_problems(cfg.ttl, status.as_ref(), attribute.as_deref()));
         Ok(problems)
-    })
+    })?;
+    if problems.is_empty() {
+        match marked_layout(&remote)? {
+            Some(name) if name != cfg.layout.name() => problems.push(format!(
+                "the table holds the {name:?} layout and store.layout is {:?} (set store.layout = {name:?}, or use another table)",
+                cfg.layout.name()
+            )),
+            // Unmarked: the first run marks it.
+            _ => {}
+        }
+    }
+    Ok(problems)
 }
 
 /// `riskd store init`: creates the table (on-demand, hash key `key` S) if it
@@ -203,7 +304,7 @@ pub fn check_table(cfg: &DynamoConfig) -> Result<Vec<String>> {
 /// did, one line per step.
 pub fn init_table(cfg: &DynamoConfig) -> Result<Vec<String>> {
     let remote = Remote::connect(cfg)?;
-    remote.rt.block_on(async {
+    let mut done = remote.rt.block_on(async {
         let mut done = Vec::new();
         let table = match describe(&remote).await? {
             Some(table) => {
@@ -220,7 +321,10 @@ pub fn init_table(cfg: &DynamoConfig) -> Result<Vec<String>> {
         }
         done.push(set_up_ttl(&remote, cfg.ttl).await?);
         Ok(done)
-    })
+    })?;
+    claim_layout(&remote, cfg.layout)?;
+    done.push(format!("the table holds the {:?} layout (item {LAYOUT_KEY:?})", cfg.layout.name()));
+    Ok(done)
 }
 
 /// The error for a table riskd cannot use.

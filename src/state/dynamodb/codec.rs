@@ -22,6 +22,7 @@ pub(super) mod attr {
     pub const COMMITTED_SEQ: &str = "riskdCommittedSeq";
     pub const COMMITTED_AT: &str = "riskdCommittedAt";
     pub const COMMIT: &str = "riskdCommit";
+    pub const LAYOUT: &str = "riskdLayout";
     pub const VERSION: &str = "riskdVersion";
     pub const PARTS: &str = "riskdParts";
     pub const UNDO: &str = "riskdUndo";

@@ -203,6 +203,8 @@ pub struct DynamoStore {
     remember_versions: usize,
     /// How records map to items.
     layout: Layout,
+    /// The table was found to hold `layout` (checked before the first request).
+    layout_checked: std::cell::Cell<bool>,
 }
 
 impl DynamoStore {
@@ -221,12 +223,23 @@ impl DynamoStore {
             entities: RefCell::new(HashMap::new()),
             remember_versions: cfg.remember_versions,
             layout: cfg.layout,
+            layout_checked: std::cell::Cell::new(false),
         })
     }
 
     /// The table this store uses.
     pub fn table(&self) -> &str {
         &self.remote.table
+    }
+
+    /// Makes sure, once, that the table holds this store's layout (see
+    /// `admin::claim_layout`).
+    fn check_layout(&self) -> Result<()> {
+        if !self.layout_checked.get() {
+            admin::claim_layout(&self.remote, self.layout)?;
+            self.layout_checked.set(true);
+        }
+        Ok(())
     }
 }
 
@@ -236,6 +249,7 @@ impl Store for DynamoStore {
     }
 
     fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Record>>> {
+        self.check_layout()?;
         if self.layout == Layout::Key {
             let resolved = self.read_committed(keys)?;
             self.remember(&resolved);
@@ -260,6 +274,7 @@ impl Store for DynamoStore {
     }
 
     fn apply(&mut self, batch: WriteBatch<'_>) -> Result<()> {
+        self.check_layout()?;
         let result = self.apply_flush(&batch);
         if result.is_err() {
             self.abandon_run();
@@ -268,6 +283,7 @@ impl Store for DynamoStore {
     }
 
     fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>> {
+        self.check_layout()?;
         let key = checkpoint_key(source);
         let items = self.remote.fetch(&[&key])?;
         self.commits.borrow_mut().insert(source.to_string(), items.get(&key).and_then(commit::commit_of));
@@ -289,6 +305,7 @@ impl Store for DynamoStore {
     /// move meanwhile; otherwise read again and retry. Direct writes carry no
     /// flush id: they are committed as soon as they are written.
     fn update(&mut self, key: &str, now_ms: i64, f: &mut dyn FnMut(&mut Record) -> bool) -> Result<()> {
+        self.check_layout()?;
         check_key(key)?;
         if self.layout == Layout::Entity && entity::place(key).is_some() {
             // The config refuses `consistency: direct` rules with this layout.
@@ -346,6 +363,7 @@ impl Store for DynamoStore {
     }
 
     fn scan(&self, prefix: &str, visit: &mut dyn FnMut(&str, &Record)) -> Result<()> {
+        self.check_layout()?;
         // riskd's own items (checkpoints, markers) are filtered out by the table.
         let mut filter = format!("attribute_not_exists({})", attr::META);
         if self.layout == Layout::Entity {
