@@ -1088,7 +1088,6 @@ mod entity_layout {
         let panther = test_config();
         init_table(&panther).unwrap();
         let table = Table::of(&panther.table);
-        table.client.delete_item().table_name(&panther.table).key("key", s("riskd/layout")).send();
         table
             .rt
             .block_on(table.client.delete_item().table_name(&panther.table).key("key", s("riskd/layout")).send())
