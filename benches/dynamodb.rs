@@ -138,11 +138,13 @@ fn main() {
         [("cached", &input, root.join("config/rules")), ("direct", &direct_input, direct_rules.clone())]
     {
         let table = format!("riskd-bench-{}", uuid::Uuid::new_v4().simple());
+        // Direct rules need the per-key layout; the cached run takes the default.
+        let layout = if mode == "direct" { "key" } else { "entity" };
         let config = dir.path().join(format!("{mode}.toml"));
         std::fs::write(
             &config,
             format!(
-                "[source]\npath = {:?}\n[sink]\npath = \"{mode}-alerts.jsonl\"\n[store]\nkind = \"dynamodb\"\ntable = \"{table}\"\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\nttl = false\n[rules]\npaths = [{:?}]\n[telemetry]\nlisten = \"\"\n",
+                "[source]\npath = {:?}\n[sink]\npath = \"{mode}-alerts.jsonl\"\n[store]\nkind = \"dynamodb\"\ntable = \"{table}\"\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\nttl = false\nlayout = \"{layout}\"\n[rules]\npaths = [{:?}]\n[telemetry]\nlisten = \"\"\n",
                 input.display().to_string(),
                 rules.display().to_string()
             ),

@@ -19,7 +19,8 @@ fn the_shipped_rules_in_direct_mode_give_the_same_alerts() {
             .collect();
         std::fs::write(rules.join(name), direct).unwrap();
     }
-    let store = dynamodb_store_section("ttl = false");
+    // Direct rules need the per-key layout.
+    let store = dynamodb_store_section("ttl = false\nlayout = \"key\"");
     let config = write_config_with_store(dir.path(), &samples(), &rules, "", &store);
     let c = config.display().to_string();
     assert!(riskd(&["store", "init", "--config", &c]).status.success());

@@ -237,7 +237,8 @@ impl Config {
                 report.section("store").at(
                     "layout",
                     format!(
-                        "store.layout = \"entity\" keeps each entity's state in one item with one writer, but rule{} {} {} consistency: direct (keys written by several processes): use store.layout = \"key\"",
+                        "store.layout {} keeps each entity's state in one item with one writer, but rule{} {} {} consistency: direct (keys written by several processes): set store.layout = \"key\"",
+                        if file.store.layout.is_some() { "= \"entity\"" } else { "(default \"entity\")" },
                         if direct.len() == 1 { "" } else { "s" },
                         direct.join(", "),
                         if direct.len() == 1 { "uses" } else { "use" }

@@ -43,16 +43,20 @@ pub struct StoreFile {
     /// being throttled. No budget when absent.
     #[serde(default)]
     pub max_write_units_per_second: Option<f64>,
-    /// DynamoDB: `key` (one item per key, Panther's layout) or `entity`
-    /// (one item per entity, holding each rule's state and its risk).
+    /// DynamoDB: `entity` (the default: one item per entity, holding each
+    /// rule's state and its risk) or `key` (one item per key, Panther's
+    /// layout, which Panther's cache helpers read; `consistency: direct`
+    /// rules need it).
     #[serde(default)]
     pub layout: Option<String>,
     /// State and checkpoint are flushed after this many events…
     #[serde(default = "hundred_thousand")]
     pub flush_every_events: u64,
-    /// …or this long after the last flush, whichever comes first (and at the end).
-    #[serde(default = "two_seconds")]
-    pub flush_interval: String,
+    /// …or this long after the last flush, whichever comes first (and at
+    /// the end). Default 2s; on DynamoDB, where every flush is billed by the
+    /// items it writes, 1m (see the README's cost table).
+    #[serde(default)]
+    pub flush_interval: Option<String>,
     /// Entries the write-back cache may hold; past it (or `cache_max_bytes`)
     /// the job flushes early and the cache evicts its least recently used clean entries.
     #[serde(default = "million")]
@@ -84,9 +88,14 @@ fn embedded() -> String {
 fn hundred_thousand() -> u64 {
     100_000
 }
-fn two_seconds() -> String {
-    "2s".into()
-}
+/// The default `flush_interval`: the embedded store's flushes cost a disk
+/// write, so they can be frequent.
+const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+/// The default `flush_interval` on DynamoDB, where a flush is billed by the
+/// items it writes: a key changed many times within a minute is written
+/// once. What it costs: a crash replays up to a minute of events, and
+/// `riskd entity` and the API see state up to a minute old.
+const DYNAMODB_FLUSH_INTERVAL: Duration = Duration::from_secs(60);
 fn one_gib() -> usize {
     1 << 30
 }
@@ -120,15 +129,19 @@ pub(super) fn build(file: &StoreFile, base: &Path, err: &mut Section) -> Store {
     if file.flush_every_events == 0 {
         err.at("flush_every_events", "store.flush_every_events must be at least 1".into());
     }
-    let flush_interval = match humantime::parse_duration(&file.flush_interval) {
-        Ok(d) if !d.is_zero() => d,
-        _ => {
-            err.at(
-                "flush_interval",
-                format!("store.flush_interval {:?} is not a duration above zero, e.g. 2s", file.flush_interval),
-            );
-            Duration::from_secs(2)
-        }
+    let flush_interval = match (file.flush_interval.as_deref(), &kind) {
+        (None, StoreKind::DynamoDb(_)) => DYNAMODB_FLUSH_INTERVAL,
+        (None, _) => FLUSH_INTERVAL,
+        (Some(text), _) => match humantime::parse_duration(text) {
+            Ok(d) if !d.is_zero() => d,
+            _ => {
+                err.at(
+                    "flush_interval",
+                    format!("store.flush_interval {text:?} is not a duration above zero, e.g. 2s"),
+                );
+                FLUSH_INTERVAL
+            }
+        },
     };
     let purge_after = match (file.purge_after.as_deref(), &kind) {
         (Some("off") | None, _) => None,
@@ -248,7 +261,8 @@ fn dynamo_config(file: &StoreFile, err: &mut Section) -> DynamoConfig {
         }
     }
     let layout = match file.layout.as_deref() {
-        None | Some("key") => Layout::Key,
+        None => Layout::Entity,
+        Some("key") => Layout::Key,
         Some("entity") => Layout::Entity,
         Some(other) => {
             err.at("layout", format!("store.layout {other:?} is not one of key, entity"));
@@ -277,6 +291,10 @@ mod tests {
         let cfg = load_text("[store]\nkind = \"dynamodb\"\n").unwrap();
         let StoreKind::DynamoDb(d) = &cfg.store else { panic!("{:?}", cfg.store) };
         assert_eq!((d.table.as_str(), &d.region, &d.endpoint_url, d.ttl), ("panther-kv-store", &None, &None, true));
+        // On DynamoDB a flush is billed: one item per entity, a flush a minute.
+        assert_eq!((d.layout, cfg.flush_interval), (Layout::Entity, Duration::from_secs(60)));
+        assert_eq!(load_text("").unwrap().flush_interval, Duration::from_secs(2));
+        assert_eq!(load_text("[store]\nkind = \"dynamodb\"\nflush_interval = \"5s\"\nlayout = \"key\"\nmax_write_units_per_second = 100\n").map(|c| (c.flush_interval, c.write_budget)).unwrap(), (Duration::from_secs(5), Some(100.0)));
         let cfg = load_text(
             "[store]\nkind = \"dynamodb\"\ntable = \"t-1\"\nregion = \"eu-west-1\"\nendpoint_url = \"http://127.0.0.1:8000\"\nttl = false\n",
         )
