@@ -39,6 +39,8 @@ use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// On-demand prices, us-east-1, $ per million request units.
@@ -142,8 +144,9 @@ fn alert_ids(path: &Path) -> BTreeSet<String> {
         .collect()
 }
 
-/// Appends `stream`'s lines to `feed` at `rate` lines/s by wall clock; the seconds it took.
-fn feed(stream: &Path, feed: &Path, rate: u64, total: u64) -> f64 {
+/// Appends `stream`'s lines to `feed` at `rate` lines/s by wall clock,
+/// counting them in `fed`; the seconds it took.
+fn feed(stream: &Path, feed: &Path, rate: u64, total: u64, fed: &AtomicU64) -> f64 {
     let mut input = BufReader::new(File::open(stream).expect("open stream"));
     let mut out = BufWriter::new(OpenOptions::new().append(true).open(feed).expect("open feed"));
     let start = Instant::now();
@@ -160,6 +163,7 @@ fn feed(stream: &Path, feed: &Path, rate: u64, total: u64) -> f64 {
             written += 1;
         }
         out.flush().expect("flush feed");
+        fed.store(written, Ordering::Relaxed);
         std::thread::sleep(Duration::from_millis(10));
     }
     start.elapsed().as_secs_f64()
@@ -174,6 +178,8 @@ struct Run {
     secs: f64,
     /// Seconds from the feeder's last line to riskd having read it.
     lag: f64,
+    /// Most lines fed and not yet read by riskd, sampled every 100 ms.
+    max_backlog: f64,
     c: Counters,
     ids: BTreeSet<String>,
 }
@@ -235,10 +241,18 @@ fn live_run(
         let shutdown = shutdown.clone();
         std::thread::spawn(move || run_blocking(cfg, RunOptions::default(), shutdown))
     };
+    let fed_lines = Arc::new(AtomicU64::new(0));
     let feeder = {
-        let (stream, feed_path) = (stream.to_path_buf(), feed_path.clone());
-        std::thread::spawn(move || feed(&stream, &feed_path, rate, total))
+        let (stream, feed_path, fed_lines) = (stream.to_path_buf(), feed_path.clone(), Arc::clone(&fed_lines));
+        std::thread::spawn(move || feed(&stream, &feed_path, rate, total, &fed_lines))
     };
+    // How far riskd falls behind the feed, meanwhile.
+    let mut max_backlog = 0f64;
+    while !feeder.is_finished() {
+        let backlog = fed_lines.load(Ordering::Relaxed) as f64 - Counters::now().since(before).lines;
+        max_backlog = max_backlog.max(backlog);
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let fed = feeder.join().expect("feeder");
     let fed_at = Instant::now();
     // riskd has read every line: stop it; it applies what it holds and flushes.
@@ -265,6 +279,7 @@ fn live_run(
         suppressed: summary.suppressed,
         secs,
         lag,
+        max_backlog,
         c,
         ids: alert_ids(&alerts),
     }
@@ -371,13 +386,15 @@ fn main() {
     );
     for r in &runs {
         println!(
-            "{:>6}/s {:<32} {} events, {} alerts ({} suppressed), {:.1} s (read all {:.1} s after the last line fed); per 1k events: {:.2} requests, {:.3} write units, {:.3} read units ({:.3} with misses charged); {:.0} distinct keys first touched, read units {:.0} ({:.0} with misses charged); {:.0} flushes, {:.1} keys per flush; ${:.5} per million events",
+            "{:>6}/s {:<32} {} events, {} alerts ({} suppressed), {:.1} s (most behind the feed: {:.0} lines = {:.1} s; read all {:.1} s after the last line fed); per 1k events: {:.2} requests, {:.3} write units, {:.3} read units ({:.3} with misses charged); {:.0} distinct keys first touched, read units {:.0} ({:.0} with misses charged); {:.0} flushes, {:.1} keys written per flush (the entity layout packs an entity's keys into one item); ${:.5} per million events",
             r.rate,
             r.variant,
             r.events,
             r.alerts,
             r.suppressed,
             r.secs,
+            r.max_backlog,
+            r.max_backlog / r.rate as f64,
             r.lag,
             r.per_k(r.c.requests),
             r.per_k(r.c.writes),
@@ -444,10 +461,7 @@ fn main() {
             }
         }
         if mismatched.len() == differ_before {
-            println!(
-                "{rate}/s: every variant raised the same {} alerts (same alert ids)",
-                first.ids.len()
-            );
+            println!("{rate}/s: every variant raised the same {} alerts (same alert ids)", first.ids.len());
         }
         let replay = replay_ids(dir.path(), &rules, stream, *rate);
         if replay == first.ids {
