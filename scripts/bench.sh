@@ -4,7 +4,9 @@
 #   scripts/bench.sh dynamodb     DynamoDB requests per 1,000 events and events/s, on DynamoDB Local
 #   scripts/bench.sh kafka        events/s from a broker through the rules to the alerts topic, vs a bare consume
 #   scripts/bench.sh order        the file job with the event-time buffer off and on (events/s, peak memory)
-#   scripts/bench.sh              all four
+#   scripts/bench.sh cost         DynamoDB units and $ per 1,000 events fed live (1,000 and 10,000/s, 5 min
+#                                 each, three store variants) beside Panther's helpers; long: not in `all`
+#   scripts/bench.sh              all four (not cost)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -21,6 +23,16 @@ if [ "$what" = dynamodb ] || [ "$what" = all ]; then
   start_ddb
   export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_REGION=us-east-1
   cargo bench --bench dynamodb
+fi
+if [ "$what" = cost ]; then
+  install_ddb
+  start_ddb
+  export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_REGION=us-east-1
+  if [ ! -x .services/panther/bin/python ]; then
+    echo "== creating the Panther baseline's venv in .services/panther"
+    python3 -m venv .services/panther && .services/panther/bin/pip install -q -r scripts/panther_baseline/requirements.txt
+  fi
+  cargo bench --bench cost
 fi
 if [ "$what" = kafka ] || [ "$what" = all ]; then
   install_tansu
