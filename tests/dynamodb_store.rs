@@ -819,37 +819,74 @@ fn write_units() -> f64 {
         .sum()
 }
 
-#[test]
-fn the_expiry_granule_saves_write_units_and_changes_no_alert() {
-    if !alone("the_expiry_granule_saves_write_units_and_changes_no_alert") {
-        return;
-    }
+/// One run of the shipped rules on a fresh table.
+struct Measured {
+    /// Write units per 1,000 events.
+    per_1000: f64,
+    flushes: u64,
+    /// Writes the expiry granule avoided.
+    avoided: u64,
+    /// The alerts file.
+    alerts: Vec<u8>,
+    config: std::path::PathBuf,
+}
+
+/// Runs the shipped rules over the same 20,000 generated events (500 users,
+/// a flush every 700 events) once for each `[store]` addition of
+/// `variants`, each on a fresh table; the temporary folder holds the runs.
+fn shipped_rules_runs(variants: &[&str]) -> (tempfile::TempDir, Vec<Measured>) {
     use riskd::pipeline::{run_blocking, RunOptions};
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("events.jsonl");
     let events = 20_000u64;
     let spec = riskd::generate::Spec { events, users: 500, attack_every: 300, ..Default::default() };
     riskd::generate::write_stream(&spec, &mut std::fs::File::create(&input).unwrap()).unwrap();
-    let avoided = || metrics().state_writes_avoided.with_label_values(&["expiry_granule"]).get();
+    let m = metrics();
+    let counts = || {
+        let avoided = m.state_writes_avoided.with_label_values(&["expiry_granule"]).get();
+        (write_units(), m.flushes.with_label_values(&["ok"]).get(), avoided)
+    };
     let mut runs = Vec::new();
-    for granule in ["0.01", "0"] {
-        let run_dir = dir.path().join(format!("granule-{granule}"));
+    for (i, variant) in variants.iter().enumerate() {
+        let run_dir = dir.path().join(format!("run-{i}"));
         std::fs::create_dir(&run_dir).unwrap();
-        let store = format!("ttl = false\nflush_every_events = 700\nexpiry_granule = {granule}");
+        let store = format!("ttl = false\nflush_every_events = 700\n{variant}");
         let config = common::write_dynamodb_config(&run_dir, &input, "", &store);
         let cfg = riskd::config::Config::load(&config).unwrap();
-        let (units_before, avoided_before) = (write_units(), avoided());
+        let before = counts();
         let summary = run_blocking(cfg, RunOptions::default(), riskd::shutdown::Shutdown::new()).unwrap();
         assert_eq!(summary.read, events);
-        let per_1000 = 1000.0 * (write_units() - units_before) / events as f64;
-        println!("expiry_granule = {granule}: {per_1000:.1} write units per 1,000 events");
-        runs.push((per_1000, avoided() - avoided_before, std::fs::read(run_dir.join("alerts.jsonl")).unwrap()));
+        let after = counts();
+        let per_1000 = 1000.0 * (after.0 - before.0) / events as f64;
+        let (flushes, avoided) = (after.1 - before.1, after.2 - before.2);
+        println!("{variant:?}: {per_1000:.1} write units per 1,000 events, {flushes} flushes");
+        let alerts = std::fs::read(run_dir.join("alerts.jsonl")).unwrap();
+        runs.push(Measured { per_1000, flushes, avoided, alerts, config });
     }
+    (dir, runs)
+}
+
+#[test]
+fn the_expiry_granule_saves_write_units_and_changes_no_alert() {
+    if !alone("the_expiry_granule_saves_write_units_and_changes_no_alert") {
+        return;
+    }
+    let (_dir, runs) = shipped_rules_runs(&["expiry_granule = 0.01", "expiry_granule = 0"]);
     let (with, without) = (&runs[0], &runs[1]);
-    assert!(with.0 < without.0, "write units per 1,000 events: {} with the granule, {} without", with.0, without.0);
-    assert!(with.1 > 0 && without.1 == 0, "writes avoided: {} with, {} without", with.1, without.1);
-    assert!(!with.2.is_empty());
-    assert!(with.2 == without.2, "the granule changed the alerts");
+    assert!(
+        with.per_1000 < without.per_1000,
+        "write units per 1,000 events: {} with the granule, {} without",
+        with.per_1000,
+        without.per_1000
+    );
+    assert!(
+        with.avoided > 0 && without.avoided == 0,
+        "writes avoided: {} with, {} without",
+        with.avoided,
+        without.avoided
+    );
+    assert!(!with.alerts.is_empty());
+    assert!(with.alerts == without.alerts, "the granule changed the alerts");
 }
 
 #[test]
@@ -857,38 +894,26 @@ fn the_entity_layout_writes_fewer_units_and_changes_no_alert() {
     if !alone("the_entity_layout_writes_fewer_units_and_changes_no_alert") {
         return;
     }
-    use riskd::pipeline::{run_blocking, RunOptions};
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("events.jsonl");
-    let events = 20_000u64;
-    let spec = riskd::generate::Spec { events, users: 500, attack_every: 300, ..Default::default() };
-    riskd::generate::write_stream(&spec, &mut std::fs::File::create(&input).unwrap()).unwrap();
-    let mut runs = Vec::new();
-    for layout in ["entity", "key"] {
-        let run_dir = dir.path().join(layout);
-        std::fs::create_dir(&run_dir).unwrap();
-        let store = format!("ttl = false\nflush_every_events = 700\nlayout = \"{layout}\"");
-        let config = common::write_dynamodb_config(&run_dir, &input, "", &store);
-        let cfg = riskd::config::Config::load(&config).unwrap();
-        let before = write_units();
-        let summary = run_blocking(cfg, RunOptions::default(), riskd::shutdown::Shutdown::new()).unwrap();
-        assert_eq!(summary.read, events);
-        let per_1000 = 1000.0 * (write_units() - before) / events as f64;
-        println!("layout = {layout}: {per_1000:.1} write units per 1,000 events");
-        // What the state says of the last entity alerted, read back by a new process.
-        let alerts = std::fs::read_to_string(run_dir.join("alerts.jsonl")).unwrap();
+    let (_dir, runs) = shipped_rules_runs(&["layout = \"entity\"", "layout = \"key\""]);
+    // What the state says of the last entity alerted, read back by a new process.
+    let entity_report = |run: &Measured| {
+        let alerts = String::from_utf8_lossy(&run.alerts);
         let last: serde_json::Value = serde_json::from_str(alerts.lines().last().unwrap()).unwrap();
         let (kind, id) = (last["entity"]["type"].as_str().unwrap(), last["entity"]["id"].as_str().unwrap());
-        let out = common::riskd(&["entity", kind, id, "--config", &config.display().to_string()]);
+        let out = common::riskd(&["entity", kind, id, "--config", &run.config.display().to_string()]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let entity = String::from_utf8_lossy(&out.stdout).into_owned();
-        runs.push((per_1000, std::fs::read(run_dir.join("alerts.jsonl")).unwrap(), entity));
-    }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     let (entity, key) = (&runs[0], &runs[1]);
-    assert!(entity.0 < 0.75 * key.0, "write units per 1,000 events: {} by entity, {} by key", entity.0, key.0);
-    assert!(!entity.1.is_empty());
-    assert!(entity.1 == key.1, "the layout changed the alerts");
-    assert_eq!(entity.2, key.2, "the layout changed what riskd entity reads");
+    assert!(
+        entity.per_1000 < 0.75 * key.per_1000,
+        "write units per 1,000 events: {} by entity, {} by key",
+        entity.per_1000,
+        key.per_1000
+    );
+    assert!(!entity.alerts.is_empty());
+    assert!(entity.alerts == key.alerts, "the layout changed the alerts");
+    assert_eq!(entity_report(entity), entity_report(key), "the layout changed what riskd entity reads");
 }
 
 #[test]
@@ -896,32 +921,22 @@ fn a_write_budget_stretches_flushes_and_changes_no_alert() {
     if !alone("a_write_budget_stretches_flushes_and_changes_no_alert") {
         return;
     }
-    use riskd::pipeline::{run_blocking, RunOptions};
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("events.jsonl");
-    let events = 20_000u64;
-    let spec = riskd::generate::Spec { events, users: 500, attack_every: 300, ..Default::default() };
-    riskd::generate::write_stream(&spec, &mut std::fs::File::create(&input).unwrap()).unwrap();
-    let flushes = || metrics().flushes.with_label_values(&["ok"]).get();
-    let mut runs = Vec::new();
-    for budget in ["", "max_write_units_per_second = 50"] {
-        let run_dir = dir.path().join(if budget.is_empty() { "none" } else { "budget" });
-        std::fs::create_dir(&run_dir).unwrap();
-        let store = format!("ttl = false\nflush_every_events = 700\n{budget}");
-        let config = common::write_dynamodb_config(&run_dir, &input, "", &store);
-        let cfg = riskd::config::Config::load(&config).unwrap();
-        let (units_before, flushes_before) = (write_units(), flushes());
-        let summary = run_blocking(cfg, RunOptions::default(), riskd::shutdown::Shutdown::new()).unwrap();
-        assert_eq!(summary.read, events);
-        let (units, flushed) = (write_units() - units_before, flushes() - flushes_before);
-        println!("{budget:?}: {flushed} flushes, {units} write units");
-        runs.push((flushed, units, std::fs::read(run_dir.join("alerts.jsonl")).unwrap()));
-    }
+    let (_dir, runs) = shipped_rules_runs(&["", "max_write_units_per_second = 50"]);
     let (without, with) = (&runs[0], &runs[1]);
-    assert!(with.0 * 2 < without.0, "flushes: {} with the budget, {} without", with.0, without.0);
-    assert!(with.1 < without.1, "write units: {} with the budget, {} without", with.1, without.1);
-    assert!(!with.2.is_empty());
-    assert!(with.2 == without.2, "the budget changed the alerts");
+    assert!(
+        with.flushes * 2 < without.flushes,
+        "flushes: {} with the budget, {} without",
+        with.flushes,
+        without.flushes
+    );
+    assert!(
+        with.per_1000 < without.per_1000,
+        "write units: {} with the budget, {} without",
+        with.per_1000,
+        without.per_1000
+    );
+    assert!(!with.alerts.is_empty());
+    assert!(with.alerts == without.alerts, "the budget changed the alerts");
 }
 
 /// The entity layout (`store.layout = "entity"`): the same behaviour as
