@@ -904,6 +904,32 @@ fn the_entity_layout_writes_fewer_units_and_changes_no_alert() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    // Item sizes by DynamoDB's rules, as the tables hold them at the end.
+    for run in &runs {
+        let text = std::fs::read_to_string(&run.config).unwrap();
+        let table = text.lines().find_map(|l| l.strip_prefix("table = ")).unwrap().trim_matches('"').to_string();
+        let t = Table::of(&table);
+        let mut sizes: Vec<usize> = Vec::new();
+        let mut start = None;
+        loop {
+            let page = t.rt.block_on(t.client.scan().table_name(&table).set_exclusive_start_key(start).send()).unwrap();
+            sizes.extend(page.items().iter().map(size_by_the_rules));
+            start = page.last_evaluated_key.filter(|k| !k.is_empty());
+            if start.is_none() {
+                break;
+            }
+        }
+        sizes.sort_unstable();
+        let mean = sizes.iter().sum::<usize>() / sizes.len().max(1);
+        let p99 = sizes[sizes.len() * 99 / 100];
+        let over_1kb = sizes.iter().filter(|&&b| b > 1024).count();
+        println!(
+            "{}: {} items, bytes mean {mean}, p99 {p99}, max {}; {over_1kb} over 1 KB",
+            text.lines().find(|l| l.starts_with("layout")).unwrap_or(""),
+            sizes.len(),
+            sizes.last().unwrap_or(&0)
+        );
+    }
     let (entity, key) = (&runs[0], &runs[1]);
     assert!(
         entity.per_1000 < 0.75 * key.per_1000,
