@@ -189,13 +189,24 @@ fn forward_requests(
 
 #[test]
 fn sigkill_between_a_flushs_writes_and_its_commit_on_dynamodb() {
+    sigkill_between_writes_and_commit("flush_every_events = 700");
+}
+
+#[test]
+fn sigkill_between_a_flushs_writes_and_its_commit_on_dynamodb_per_key_layout() {
+    sigkill_between_writes_and_commit("flush_every_events = 700\nlayout = \"key\"");
+}
+
+/// Kills riskd between the items and the commit of its ninth flush (see
+/// [`KillingProxy`]), then resumes; `store` is added to `[store]`.
+fn sigkill_between_writes_and_commit(store: &str) {
     let work = tempfile::tempdir().unwrap();
     let input = work.path().join("events.jsonl");
     generate(&input, 20_000);
 
     let reference = work.path().join("reference");
     std::fs::create_dir(&reference).unwrap();
-    let ref_config = dynamodb_no_ttl(&reference, &input, "", "flush_every_events = 700");
+    let ref_config = dynamodb_no_ttl(&reference, &input, "", store);
     run_ok(&ref_config);
     let ref_alerts = std::fs::read(reference.join("alerts.jsonl")).unwrap();
 
@@ -203,7 +214,7 @@ fn sigkill_between_a_flushs_writes_and_its_commit_on_dynamodb() {
     let proxy = KillingProxy::start(8, 40);
     let killed = work.path().join("killed");
     std::fs::create_dir(&killed).unwrap();
-    let direct = dynamodb_no_ttl(&killed, &input, "", "flush_every_events = 700");
+    let direct = dynamodb_no_ttl(&killed, &input, "", store);
     let text = std::fs::read_to_string(&direct).unwrap().replace(&dynamodb_endpoint(), &proxy.endpoint);
     std::fs::write(&direct, text).unwrap();
     let config = direct;
