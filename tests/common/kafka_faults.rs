@@ -492,6 +492,14 @@ pub fn compare_alerts(read: &[super::kafka::Read], expected: &BTreeMap<String, V
         *counts.entry(m.value["alert_id"].as_str().unwrap().to_string()).or_default() += 1;
     }
     let missing = expected.keys().filter(|id| !counts.contains_key(*id)).count();
+    // Which, with the events that raised them (a fault test's timeline says
+    // whether they were produced before the fault or after).
+    for (id, alert) in expected.iter().filter(|(id, _)| !counts.contains_key(*id)) {
+        eprintln!(
+            "missing alert {id}: rule {}, entity {}, event time {}",
+            alert["rule_id"], alert["entity"]["id"], alert["event_time"]
+        );
+    }
     let extra: usize = counts.iter().map(|(id, n)| if expected.contains_key(id) { n - 1 } else { *n }).sum();
     let got = by_id(read.iter().map(|m| m.value.clone()));
     if missing == 0 && extra == 0 {
