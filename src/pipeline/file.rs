@@ -258,7 +258,7 @@ fn pump(
             hold_position(job, &reading);
             job.flush(&[])?;
             since_flush = 0;
-            pace.flushed(Instant::now(), crate::state::dynamodb::write_units_total());
+            pace.flushed_now();
         }
         if ended {
             // Following a file: wait for more lines.

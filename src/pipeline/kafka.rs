@@ -272,7 +272,7 @@ impl KafkaJob {
     fn flush_and_commit(&mut self, consumer: &ScoringConsumer, mode: CommitMode) -> Result<(), RunError> {
         self.flush()?;
         self.since_flush = 0;
-        self.pace.flushed(Instant::now(), crate::state::dynamodb::write_units_total());
+        self.pace.flushed_now();
         let mut tpl = TopicPartitionList::new();
         for (id, p) in &self.partitions {
             let cp = &p.cp;

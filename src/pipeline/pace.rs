@@ -63,6 +63,11 @@ impl Pace {
         self.hold.is_none() && events >= self.every_events
     }
 
+    /// A flush ended just now.
+    pub(super) fn flushed_now(&mut self) {
+        self.flushed(Instant::now(), crate::state::dynamodb::write_units_total());
+    }
+
     /// A flush ended at `now`, with `units_total` write units counted so far.
     pub(super) fn flushed(&mut self, now: Instant, units_total: f64) {
         let units = (units_total - self.units_at_last).max(0.0);

@@ -119,13 +119,36 @@ pub(super) fn own_item_write(
 }
 
 /// What a flush writes.
-struct FlushWrites {
-    /// One write per key that changes.
-    writes: Vec<Write>,
+#[derive(Default)]
+pub(super) struct FlushWrites {
+    /// One write per item that changes.
+    pub(super) writes: Vec<Write>,
     /// The keys whose writes are tombstones, removed after the commit.
-    tombstones: Vec<String>,
-    /// Each changed key's version once the flush committed.
-    after: Vec<(String, Version)>,
+    pub(super) tombstones: Vec<String>,
+    /// Each key kept as an item of its own: its version once the flush committed.
+    pub(super) after: Vec<(String, Version)>,
+}
+
+impl FlushWrites {
+    /// Adds the write of `mutation` of `key`, an item of its own, over its
+    /// committed version `prev` (see [`own_item_write`]), and the key's
+    /// version after it.
+    pub(super) fn own_item(&mut self, key: &str, mutation: Mutation<'_>, prev: Version, flush: &str) -> Result<()> {
+        let record = match mutation {
+            Mutation::Put(r) => Some(r.clone()),
+            Mutation::Delete => None,
+        };
+        let stamp = match own_item_write(key, mutation, &prev, flush, &mut self.tombstones)? {
+            Some(write) => {
+                let stamp = write.stamp_after();
+                self.writes.push(write);
+                stamp
+            }
+            None => prev.stamp,
+        };
+        self.after.push((key.to_string(), Version { record, stamp }));
+        Ok(())
+    }
 }
 
 impl DynamoStore {
@@ -212,9 +235,7 @@ impl DynamoStore {
     /// Forgets everything a failed `apply` may have made untrue, and starts
     /// a new run so that nothing of the failed flush can ever commit.
     pub(super) fn abandon_run(&mut self) {
-        self.versions.borrow_mut().clear();
-        self.entities.borrow_mut().clear();
-        self.commits.borrow_mut().clear();
+        crate::state::Store::forget(self);
         self.run = new_run();
         self.seq = 0;
         self.committed.borrow_mut().insert(self.run.clone(), 0);
@@ -231,8 +252,9 @@ impl DynamoStore {
         };
         let seq = self.seq + 1;
         let flush = format!("{}:{seq}", self.run);
-        let FlushWrites { mut writes, mut tombstones, mut after } = self.flush_writes(&own, &flush)?;
-        let entities = self.entity_writes(&parts, &flush, &mut writes, &mut tombstones, &mut after)?;
+        let mut out = self.flush_writes(&own, &flush)?;
+        let entities = self.entity_writes(&parts, &flush, &mut out)?;
+        let FlushWrites { writes, tombstones, after } = out;
         let wrote = !writes.is_empty();
         if wrote {
             self.remote.write_items(writes)?;
@@ -273,22 +295,9 @@ impl DynamoStore {
     fn flush_writes(&self, mutations: &[(&str, Mutation<'_>)], flush: &str) -> Result<FlushWrites> {
         let keys: Vec<&str> = mutations.iter().map(|(k, _)| *k).collect();
         let versions = self.versions_of(&keys)?;
-        let mut out = FlushWrites { writes: Vec::new(), tombstones: Vec::new(), after: Vec::new() };
+        let mut out = FlushWrites::default();
         for (key, mutation) in mutations {
-            let prev = versions.get(*key).cloned().unwrap_or_default();
-            let record = match mutation {
-                Mutation::Put(r) => Some((*r).clone()),
-                Mutation::Delete => None,
-            };
-            let stamp = match own_item_write(key, *mutation, &prev, flush, &mut out.tombstones)? {
-                Some(write) => {
-                    let stamp = write.stamp_after();
-                    out.writes.push(write);
-                    stamp
-                }
-                None => prev.stamp,
-            };
-            out.after.push((key.to_string(), Version { record, stamp }));
+            out.own_item(key, *mutation, versions.get(*key).cloned().unwrap_or_default(), flush)?;
         }
         Ok(out)
     }
@@ -353,17 +362,17 @@ impl DynamoStore {
     /// Learns the commit ids of the checkpoints of `sources` the store does
     /// not know yet.
     fn learn_checkpoint_commits(&self, sources: &[&str]) -> Result<()> {
-        let unknown: Vec<String> = {
+        let unknown: Vec<(&str, String)> = {
             let commits = self.commits.borrow();
-            sources.iter().filter(|s| !commits.contains_key(**s)).map(|s| checkpoint_key(s)).collect()
+            sources.iter().filter(|s| !commits.contains_key(**s)).map(|s| (*s, checkpoint_key(s))).collect()
         };
         if unknown.is_empty() {
             return Ok(());
         }
-        let keys: Vec<&str> = unknown.iter().map(String::as_str).collect();
+        let keys: Vec<&str> = unknown.iter().map(|(_, key)| key.as_str()).collect();
         let items = self.remote.fetch(&keys)?;
         let mut commits = self.commits.borrow_mut();
-        for (source, key) in sources.iter().filter(|s| !commits.contains_key(**s)).zip(&unknown).collect::<Vec<_>>() {
+        for (source, key) in &unknown {
             commits.insert(source.to_string(), items.get(key).and_then(commit_of));
         }
         Ok(())

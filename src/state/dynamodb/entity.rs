@@ -38,7 +38,7 @@
 //! keep the entity item under the limit.
 
 use super::codec::{attr, ceil_seconds, check_item_size, check_key, key_item, FlushId, Item};
-use super::commit::{own_item_write, Stamp, Version, Write};
+use super::commit::{FlushWrites, Stamp, Version, Write};
 use super::{backend, corrupt, DynamoStore};
 use crate::state::{Mutation, Record, Result, RISK_PREFIX};
 use aws_sdk_dynamodb::types::AttributeValue;
@@ -226,6 +226,16 @@ pub(super) fn split<'a>(mutations: &[(&'a str, Mutation<'a>)]) -> (Vec<(&'a str,
 }
 
 impl DynamoStore {
+    /// The parts of an entity item as of its last committed flush (learn
+    /// its flush's commit first).
+    fn committed_parts(&self, stored: StoredEntity) -> Parts {
+        if stored.flush.as_ref().is_none_or(|f| self.is_committed(f)) {
+            stored.parts
+        } else {
+            stored.undone()
+        }
+    }
+
     /// The committed versions of `entities` (each once), spilled parts read too.
     pub(super) fn read_entities(&self, entities: &[&str]) -> Result<HashMap<String, Known>> {
         let keys: Vec<String> = entities.iter().map(|e| entity_item_key(e)).collect();
@@ -243,11 +253,7 @@ impl DynamoStore {
         let mut spilled = Vec::new();
         for (entity, s) in stored {
             let stamp = Stamp::of(s.as_ref().and_then(|s| s.flush.as_ref()));
-            let parts = match s {
-                None => Parts::new(),
-                Some(s) if s.flush.as_ref().is_none_or(|f| self.is_committed(f)) => s.parts,
-                Some(s) => s.undone(),
-            };
+            let parts = s.map(|s| self.committed_parts(s)).unwrap_or_default();
             let mut k = Known { stamp, ..Known::default() };
             for (name, part) in parts {
                 match part {
@@ -289,16 +295,14 @@ impl DynamoStore {
         }
     }
 
-    /// Adds to `writes` the requests of flush `flush` that change parts of
+    /// Adds to `out` the writes of flush `flush` that change parts of
     /// entities (entity items, and the own items of spilled parts); returns
     /// each changed entity's new version, to remember once committed.
     pub(super) fn entity_writes(
         &self,
         changes: &PartChanges<'_>,
         flush: &str,
-        writes: &mut Vec<Write>,
-        tombstones: &mut Vec<String>,
-        after_own: &mut Vec<(String, Version)>,
+        out: &mut FlushWrites,
     ) -> Result<Vec<(String, Known)>> {
         if changes.is_empty() {
             return Ok(Vec::new());
@@ -337,16 +341,7 @@ impl DynamoStore {
                 };
                 // The own item's committed record is the entity's, wherever it was read.
                 let stamp = versions.get(&key).map(|v| v.stamp.clone()).unwrap_or_default();
-                let prev = Version { record: before.own(name).cloned(), stamp };
-                let stamp_after = match own_item_write(&key, mutation, &prev, flush, tombstones)? {
-                    Some(write) => {
-                        let s = write.stamp_after();
-                        writes.push(write);
-                        s
-                    }
-                    None => prev.stamp,
-                };
-                after_own.push((key, Version { record: after.own(name).cloned(), stamp: stamp_after }));
+                out.own_item(&key, mutation, Version { record: before.own(name).cloned(), stamp }, flush)?;
             }
             // The entity item, with the undo of each part it changes.
             let names: BTreeSet<&String> =
@@ -367,11 +362,11 @@ impl DynamoStore {
                 check_key(&key)?;
                 let item = entity_item(entity, &parts, flush, &undo)?;
                 if parts.is_empty() {
-                    tombstones.push(key.clone());
+                    out.tombstones.push(key.clone());
                 }
                 let write = Write { key, item: Some(item), over: before.stamp.clone(), flush: flush.to_string() };
                 after.stamp = write.stamp_after();
-                writes.push(write);
+                out.writes.push(write);
             }
             changed.push((entity.to_string(), after));
         }
@@ -396,8 +391,7 @@ impl DynamoStore {
         self.learn_commits(flushes.chain(own.values().filter_map(|s| s.flush.as_ref())))?;
         let mut records = BTreeMap::new();
         for (entity, s) in entities {
-            let parts = if s.flush.as_ref().is_none_or(|f| self.is_committed(f)) { s.parts } else { s.undone() };
-            for (name, part) in parts {
+            for (name, part) in self.committed_parts(s) {
                 let key = part_key(&entity, &name);
                 if !key.starts_with(prefix) {
                     continue;
@@ -432,11 +426,12 @@ pub(super) fn part_bytes(record: &Record) -> usize {
 /// Which of an entity's records are spilled: those over [`SPILL_BYTES`],
 /// and past [`MAX_INLINE_PARTS`] the largest of the rest.
 pub(super) fn spilled_names(records: &BTreeMap<String, Record>) -> Vec<String> {
+    // Smallest first (ties: the later name first): the smallest stay inline.
     let mut sized: Vec<(usize, &String)> = records.iter().map(|(n, r)| (part_bytes(r), n)).collect();
-    sized.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+    sized.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(a.1)));
     let mut inline = 0;
     let mut out = Vec::new();
-    for (bytes, name) in sized.into_iter().rev() {
+    for (bytes, name) in sized {
         if bytes > SPILL_BYTES || inline >= MAX_INLINE_PARTS {
             out.push(name.clone());
         } else {

@@ -192,7 +192,8 @@ pub struct DynamoStore {
     // a `block_on`.
     /// Highest committed flush number known per run (this one included).
     committed: RefCell<HashMap<String, u64>>,
-    /// Last committed version per key, as read or written (`None`: absent).
+    /// Last committed version per key and the stamp of its item, as read or
+    /// written.
     versions: RefCell<HashMap<String, commit::Version>>,
     /// The commit id each input's checkpoint holds, as read or written
     /// (`None`: no checkpoint).
