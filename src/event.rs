@@ -1,9 +1,15 @@
-//! An event: a parsed JSON object, its event time, and where it came from.
-//! Field paths are compiled once and looked up without allocating.
+//! An event: the fields the rules read of a JSON object, its event time,
+//! and where it came from. Field paths are compiled once and looked up
+//! without allocating; [`Reads`] is every path the rules read.
+
+mod reads;
+
+pub use reads::{to_serde, Reads};
 
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
 use serde_json::Value;
 use std::fmt;
+use std::sync::OnceLock;
 
 /// A compiled field path such as `userIdentity.arn` or `resources[0].ARN`
 /// (`resources.0.ARN` works too).
@@ -167,12 +173,60 @@ impl fmt::Display for Origin {
 /// A decoded event.
 #[derive(Debug)]
 pub struct Event {
-    /// The JSON object.
+    /// The fields the rules read (see [`Reads`]); the whole object when the
+    /// event was made from one ([`EventTime::event`]).
     pub value: Value,
     /// Event time (ms since the epoch).
     pub time_ms: i64,
     /// Where the time came from.
     pub time_source: TimeSource,
+    /// The line it was taken from, when `value` holds only some fields.
+    line: Option<Line>,
+}
+
+/// The line an event's fields were taken from.
+#[derive(Debug)]
+struct Line {
+    raw: Box<[u8]>,
+    /// [`Reads::id`] of the paths taken.
+    reads: u64,
+    /// The whole object, parsed when first asked for.
+    whole: OnceLock<Value>,
+}
+
+impl Event {
+    /// An event of a whole JSON object, with its time.
+    pub fn new(value: Value, time_ms: i64, time_source: TimeSource) -> Self {
+        Self { value, time_ms, time_source, line: None }
+    }
+
+    /// The whole JSON object, as `serde_json` parses it: for an alert's
+    /// `event` and id, and for conditions that read more than paths. Parsed
+    /// from the line once, when first asked for.
+    pub fn whole(&self) -> &Value {
+        match &self.line {
+            None => &self.value,
+            Some(line) => line.whole.get_or_init(|| serde_json::from_slice(&line.raw).unwrap_or(Value::Null)),
+        }
+    }
+
+    /// Whether the whole object has been parsed (or was given).
+    pub fn has_whole(&self) -> bool {
+        self.line.as_ref().is_none_or(|l| l.whole.get().is_some())
+    }
+
+    /// The same event with the fields `reads` names, if it was taken with
+    /// other paths (it was decoded before a reload): `None` when it has
+    /// them already.
+    pub fn retaken(&self, reads: &Reads) -> Option<Event> {
+        let line = self.line.as_ref().filter(|l| l.reads != reads.id())?;
+        let value = match sonic_rs::from_slice::<sonic_rs::Value>(&line.raw) {
+            Ok(v) => reads.take(&v),
+            Err(_) => self.whole().clone(),
+        };
+        let line = Line { raw: line.raw.clone(), reads: reads.id(), whole: OnceLock::new() };
+        Some(Event { value, time_ms: self.time_ms, time_source: self.time_source, line: Some(line) })
+    }
 }
 
 /// Where an event's time came from (an alert's `event_time_source`).
@@ -242,14 +296,31 @@ impl EventTime {
     /// [`TimeSource::Untrusted`] (its time is `ingest_ms` until an
     /// [`EventClock`] settles it).
     pub fn event(&self, value: Value, ingest_ms: i64) -> Event {
-        let found = self.fields.iter().find_map(|p| p.lookup(&value).and_then(parse_time_ms));
-        let (time_ms, time_source) = match found {
+        let (time_ms, time_source) = self.time(&value, ingest_ms);
+        Event { time_ms, time_source, value, line: None }
+    }
+
+    /// As [`event`](Self::event), for the fields `reads` takes of `raw`
+    /// (they include this event time's fields).
+    pub fn event_of_line(&self, fields: Value, raw: &[u8], reads: &Reads, ingest_ms: i64) -> Event {
+        let (time_ms, time_source) = self.time(&fields, ingest_ms);
+        let line = Line { raw: raw.into(), reads: reads.id(), whole: OnceLock::new() };
+        Event { time_ms, time_source, value: fields, line: Some(line) }
+    }
+
+    /// The time fields, in the order of preference.
+    pub fn fields(&self) -> &[FieldPath] {
+        &self.fields
+    }
+
+    fn time(&self, value: &Value, ingest_ms: i64) -> (i64, TimeSource) {
+        let found = self.fields.iter().find_map(|p| p.lookup(value).and_then(parse_time_ms));
+        match found {
             None => (ingest_ms, TimeSource::Ingest),
             Some(t) if t > ingest_ms.saturating_add(self.max_future_ms) => (ingest_ms, TimeSource::Untrusted("future")),
             Some(t) if t < self.min_ms => (ingest_ms, TimeSource::Untrusted("too_old")),
             Some(t) => (t, TimeSource::Event),
-        };
-        Event { time_ms, time_source, value }
+        }
     }
 }
 

@@ -7,6 +7,11 @@ use riskd::telemetry::{init_logging, LogFormat};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// Events are decoded on one thread and dropped on another: mimalloc frees
+/// across threads without the lock contention of the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "riskd", version, about = "Stream-processing UEBA risk scorer")]
 struct Cli {

@@ -34,7 +34,7 @@ use crate::pipeline::align::{Align, Next, QUEUE_CAP};
 use crate::pipeline::RunError;
 use crate::shutdown::Shutdown;
 use crate::sink::KafkaProducer;
-use crate::source::{decode_message, Decoded};
+use crate::source::{decode_message, Decoded, Decoder};
 use crate::telemetry::{metrics, Health};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -113,6 +113,7 @@ pub fn run(cfg: &Config, stop: &Shutdown, health: &Arc<Health>) -> Result<RouteS
     let mut waiting: Option<((String, i32), Instant)> = None;
     let mut last_flush = Instant::now();
     let mut pending = 0u64;
+    let decoder = Decoder::new(&cfg.rules, &cfg.event_time);
     while !stop.is_triggered() {
         let polled = poll_batch(&consumer);
         // Partitions given in this poll are queued before their messages.
@@ -121,7 +122,7 @@ pub fn run(cfg: &Config, stop: &Shutdown, health: &Arc<Health>) -> Result<RouteS
         for (key, offset, payload) in polled {
             queued.insert(key.clone(), offset + 1);
             let line = u64::try_from(offset).unwrap_or(0);
-            let decoded = decode_message(&payload, line, cfg.max_line_bytes, &cfg.event_time, ingest);
+            let decoded = decode_message(&payload, line, cfg.max_line_bytes, &decoder, ingest);
             let time = match &decoded {
                 Decoded::Event(e) if e.time_source == TimeSource::Event => Some(e.time_ms),
                 _ => None,

@@ -143,6 +143,8 @@ pub struct Config {
     pub dead_letter: Option<PathBuf>,
     /// Wait for more lines at the end of a file.
     pub follow: bool,
+    /// `source.decode_threads`: threads decoding lines read ahead.
+    pub decode_threads: usize,
     /// Alert output; none when alerts only go to a Kafka topic.
     pub alerts: Option<Stream>,
     /// Kafka settings, when `[kafka]` is present.
@@ -254,6 +256,7 @@ impl Config {
             path: path.to_path_buf(),
             input: Stream::parse(&file.source.path, &base),
             max_line_bytes: file.source.max_line_bytes,
+            decode_threads: source::decode_threads(&file.source),
             dead_letter: file.source.dead_letter.map(|p| base.join(p)),
             follow: file.source.follow,
             alerts: source::alerts(&file.sink, &base, alerts_to_kafka),

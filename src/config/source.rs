@@ -26,6 +26,18 @@ pub struct SourceFile {
     /// At the end of a file, wait for more lines (as `tail -f`) until stopped.
     #[serde(default)]
     pub follow: bool,
+    /// Threads decoding lines read ahead from a file or stdin (Kafka
+    /// messages are decoded by `kafka.lanes` threads); by default the CPUs
+    /// less one, the one that applies the events.
+    #[serde(default)]
+    pub decode_threads: Option<usize>,
+}
+
+/// `source.decode_threads` by default: one CPU applies events in order
+/// while the others decode (one at least).
+pub fn decode_threads(file: &SourceFile) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    file.decode_threads.unwrap_or(cpus.saturating_sub(1)).max(1)
 }
 
 fn file_kind() -> String {
@@ -88,6 +100,9 @@ fn time_fields() -> Vec<String> {
 
 /// Checks the settings of `[source]` but its `kind` (see [`from_kafka`]).
 pub(super) fn check(file: &SourceFile, err: &mut Section) {
+    if file.decode_threads == Some(0) {
+        err.at("decode_threads", "source.decode_threads must be at least 1 (or absent: the CPUs less one)".into());
+    }
     if file.max_line_bytes == 0 {
         err.at("max_line_bytes", "source.max_line_bytes must be at least 1".into());
     }

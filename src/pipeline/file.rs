@@ -10,14 +10,20 @@ use super::{io_err, open_err, RunError, RunOptions, Summary};
 use crate::config::{Config, Stream};
 use crate::event::{now_ms, Event, TimeSource};
 use crate::shutdown::Shutdown;
-use crate::source::{decode, Decoded, JsonLines, LineInfo};
+use crate::source::{decode, Decoded, Decoder, JsonLines, LineInfo};
 use crate::state::Store;
 use crate::telemetry::{metrics, Health};
-use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-/// Lines read ahead (and whose state is loaded in one batch) for a remote store.
-const READ_AHEAD: usize = 1024;
+/// Lines read ahead and decoded together, at most (for a remote store,
+/// their state is also loaded in one batch).
+const BATCH: usize = 1024;
+
+/// With no line coming, the loop wakes this often (to flush, release held
+/// events by wall clock, and notice a stop).
+const IDLE: Duration = Duration::from_millis(200);
 
 /// Runs the main job over the configured (or given) file or stdin: to its
 /// end, or, following a file, until shutdown.
@@ -31,14 +37,9 @@ pub(super) fn run(
     let input = opts.input.clone().unwrap_or(cfg.input.clone());
     let mut settings = Settings::new(&cfg);
     settings.follow &= matches!(input, Stream::File(_));
-    let (mut job, mut reader, progress) = start(&cfg, opts, &input, store, shutdown.clone(), health)?;
-    // A remote store reads the state of many lines at once: lines are read
-    // ahead, decoded, their keys loaded in one batch, then applied in order.
-    // Only from a file, where reading ahead never waits on a writer (stdin
-    // would hold events back until a whole batch arrived).
-    let from_file = matches!(input, Stream::File(_));
-    let ahead = if from_file && job.store().batched_reads() { READ_AHEAD } else { 1 };
-    pump(&mut job, &mut reader, &settings, ahead, &progress, &shutdown)?;
+    let (mut job, reader, progress) = start(&cfg, opts, &input, store, shutdown.clone(), health)?;
+    let lines = read_ahead(reader, &job, &settings, cfg.decode_threads);
+    pump(&mut job, lines, &settings, &progress, &shutdown)?;
     job.flush(&[])?;
     progress.finish();
     Ok(job.summary().clone())
@@ -113,9 +114,6 @@ struct Reading {
     released: Option<i64>,
     /// Where the last line read ends, and its number.
     last: (u64, u64),
-    buf: Vec<u8>,
-    /// How a failing read is retried.
-    read_input: RetryPolicy,
 }
 
 impl Reading {
@@ -127,33 +125,16 @@ impl Reading {
             reread_to: start.read.map_or(start.offset, |(offset, _)| offset),
             released: start.released_ms,
             last: (start.offset, start.line),
-            buf: Vec::new(),
-            read_input: job.retry_policy(),
         }
     }
 
-    /// Reads one line: an event is held, or put in `ready` when its time is
-    /// released (or it has none). False at the end of the input.
-    fn line(
-        &mut self,
-        job: &mut Job,
-        reader: &mut JsonLines,
-        settings: &Settings,
-        ready: &mut Vec<Held>,
-    ) -> Result<bool, RunError> {
-        let buf = &mut self.buf;
-        // A read that fails (an I/O error, say) is retried like a failing
-        // store: the reader goes on where the failed read left it.
-        let next = self.read_input.run("read input", || {
-            let next = if settings.follow { reader.next_complete_line(buf) } else { reader.next_line(buf) };
-            next.map_err(io_err("input", &self.name))
-        });
-        let Some(info) = next? else { return Ok(false) };
+    /// Takes one line read: its event is held, or put in `ready` when its
+    /// time is released (or it has none).
+    fn take(&mut self, job: &mut Job, line: Line, ready: &mut Vec<Held>) -> Result<(), RunError> {
+        let Line { info, raw, decoded, ingest } = line;
         let before = (self.last.0, self.last.1, job.trusted_time());
         self.last = (info.end_offset, info.line);
         self.order.freeze(self.last.0 < self.reread_to);
-        let ingest = now_ms();
-        let decoded = decode(buf, &info, settings.max_line_bytes, &settings.event_time, ingest);
         let event = if info.end_offset <= self.reread_to {
             match decoded {
                 Decoded::Event(mut event) => {
@@ -168,19 +149,18 @@ impl Reading {
                 _ => None,
             }
         } else {
-            job.admit(&Origin { source: &self.name, line: info.line }, buf, decoded, ingest)?
+            job.admit(&Origin { source: &self.name, line: info.line }, &raw, decoded, ingest)?
         };
-        let Some(event) = event else { return Ok(true) };
-        // One allocation of the line's size: the read buffer keeps its capacity.
+        let Some(event) = event else { return Ok(()) };
         let (time, source) = (event.time_ms, event.time_source);
-        let held = Held { before, info, raw: buf.clone(), event, late: false };
+        let held = Held { before, info, raw, event, late: false };
         if self.order.take_into(time, source, held, Instant::now(), ready) {
             if let Some(item) = ready.last_mut() {
                 job.late(&Origin { source: &self.name, line: item.info.line });
                 item.late = true;
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Still reading again what the last run held: nothing is released
@@ -197,50 +177,144 @@ impl Reading {
     }
 }
 
-/// Reads, decodes and applies lines, `ahead` at a time, in event-time order
-/// within `event_time.max_delay`, flushing as the settings say, until the
-/// input ends (or, following, until shutdown).
+/// A line read and decoded by the reading thread.
+struct Line {
+    info: LineInfo,
+    raw: Vec<u8>,
+    decoded: Decoded,
+    ingest: i64,
+}
+
+/// Batches of lines, read and decoded in order, or the error that ended reading.
+type Lines = Receiver<Result<Vec<Line>, RunError>>;
+
+/// Reads lines on a thread of its own and decodes them on `threads`
+/// threads, sending them in batches of up to [`BATCH`] — fewer from a pipe
+/// or stdin, where a batch ends when nothing more is buffered (no event
+/// waits for a writer). The channel closes at the end of the input (never,
+/// following a file) or when the receiver is gone.
+fn read_ahead(mut reader: JsonLines, job: &Job, settings: &Settings, threads: usize) -> Lines {
+    let (tx, rx) = std::sync::mpsc::sync_channel(2);
+    let (decoder, policy, name): (Arc<RwLock<Decoder>>, RetryPolicy, String) =
+        (job.shared_decoder(), job.retry_policy(), job.source_name().to_string());
+    let (follow, max_line_bytes) = (settings.follow, settings.max_line_bytes);
+    let read = move || {
+        let mut buf = Vec::new();
+        loop {
+            let mut lines = Vec::new();
+            let mut ended = false;
+            while lines.len() < BATCH {
+                // A read that fails (an I/O error, say) is retried like a
+                // failing store: the reader goes on where the failed read left it.
+                let next = policy.run("read input", || {
+                    let next = if follow { reader.next_complete_line(&mut buf) } else { reader.next_line(&mut buf) };
+                    next.map_err(io_err("input", &name))
+                });
+                match next {
+                    // One allocation of the line's size: the read buffer keeps its capacity.
+                    Ok(Some(info)) => lines.push((info, buf.clone())),
+                    Ok(None) => {
+                        ended = true;
+                        break;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+                if reader.may_wait() {
+                    break;
+                }
+            }
+            if !lines.is_empty() {
+                let decoder = decoder.read().unwrap_or_else(|p| p.into_inner()).clone();
+                let ingest = now_ms();
+                let decoded = super::parallel_map(&lines, threads, |(info, raw)| {
+                    decode(raw, info, max_line_bytes, &decoder, ingest)
+                });
+                let batch = lines.into_iter().zip(decoded);
+                let batch = batch.map(|((info, raw), decoded)| Line { info, raw, decoded, ingest }).collect();
+                if tx.send(Ok(batch)).is_err() {
+                    return;
+                }
+            }
+            if ended {
+                if !follow || policy.shutdown.is_triggered() {
+                    return;
+                }
+                policy.shutdown.sleep(IDLE);
+            }
+        }
+    };
+    // Not joined: a thread reading stdin may wait on it for ever; once the
+    // receiver is gone it ends at its next batch.
+    if let Err(e) = std::thread::Builder::new().name("riskd-read".into()).spawn(read) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let _ = tx.send(Err(RunError::Io { what: "input", path: job.source_name().to_string(), source: e }));
+        return rx;
+    }
+    rx
+}
+
+/// Applies the lines read, in event-time order within
+/// `event_time.max_delay`, flushing as the settings say, until the input
+/// ends (or, following, until shutdown).
 fn pump(
     job: &mut Job,
-    reader: &mut JsonLines,
+    lines: Lines,
     settings: &Settings,
-    ahead: usize,
     progress: &Progress,
     shutdown: &Shutdown,
 ) -> Result<(), RunError> {
     let mut reading = Reading::new(job, settings);
-    let mut ready: Vec<Held> = Vec::with_capacity(ahead);
+    let mut ready: Vec<Held> = Vec::with_capacity(BATCH);
     let mut since_flush = 0u64;
     let mut pace = settings.pace();
-    let mut lines = 0u64;
+    let batched_reads = job.store().batched_reads();
     while !shutdown.is_triggered() {
-        // A reloaded config is swapped in before the next lines (a channel poll: cheap).
+        let batch = match lines.recv_timeout(IDLE) {
+            Ok(batch) => batch?,
+            Err(RecvTimeoutError::Timeout) => Vec::new(),
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        // A reloaded config is swapped in before the next lines (a channel
+        // poll: cheap); lines decoded for the old rules are taken again.
         job.reload(&mut [])?;
-        let mut read = 0;
-        while read < ahead && reading.line(job, reader, settings, &mut ready)? {
-            read += 1;
+        let idle = batch.is_empty();
+        // Lines are applied one at a time, or for a remote store a batch at
+        // a time (their state loaded in one read); a flush falls between.
+        let step = if batched_reads { BATCH } else { 1 };
+        let mut batch = batch.into_iter().peekable();
+        loop {
+            let mut read = 0u64;
+            for line in batch.by_ref().take(step) {
+                reading.take(job, line, &mut ready)?;
+                read += 1;
+            }
+            reading.release(&mut ready);
+            if batched_reads && !ready.is_empty() {
+                let events: Vec<(&Event, _)> = ready.iter().map(|h| (&h.event, None)).collect();
+                job.prefetch(&events)?;
+            }
+            // Events released by wall clock while no line came are flushed too.
+            since_flush += if idle { ready.len() as u64 } else { read };
+            for h in ready.drain(..) {
+                job.apply(&Origin { source: &reading.name, line: h.info.line }, &h.raw, &h.event, h.late)?;
+            }
+            // Alerts and dead letters wait in memory until a flush: flush
+            // early when they grow large.
+            if since_flush > 0 && (pace.due_by_events(since_flush) || job.outputs_over_bounds()) {
+                hold_position(job, &reading);
+                job.flush(&[])?;
+                since_flush = 0;
+                pace.flushed_now();
+            }
+            if batch.peek().is_none() {
+                break;
+            }
         }
-        lines += read as u64;
-        let ended = read == 0;
-        if ended && !settings.follow {
-            break;
-        }
-        reading.release(&mut ready);
-        if ahead > 1 && !ready.is_empty() {
-            let events: Vec<(&Event, _)> = ready.iter().map(|h| (&h.event, None)).collect();
-            job.prefetch(&events)?;
-        }
-        if read == 0 {
-            // Events released by wall clock while no line came: flushed too.
-            since_flush += ready.len() as u64;
-        }
-        for h in ready.drain(..) {
-            job.apply(&Origin { source: &reading.name, line: h.info.line }, &h.raw, &h.event, h.late)?;
-        }
-        since_flush += read as u64;
-        // The clock is read every 1024 lines only (and when idle): cheap, and often enough.
-        let tick = ended || lines % 1024 == 0;
-        if tick {
+        // Once a batch (at most 1024 lines) or idle wake-up: cheap, and often enough.
+        {
             metrics().events_held.set(reading.order.len() as i64);
             if let Some(released) = reading.order.released() {
                 metrics().watermark_lag.set((now_ms() - released) as f64 / 1000.0);
@@ -248,21 +322,11 @@ fn pump(
             job.main().publish_metrics();
             progress.update(job.summary(), reading.last.0);
         }
-        // Alerts and dead letters wait in memory until a flush: flush early
-        // when they grow large.
-        let due = since_flush > 0
-            && (pace.due_by_events(since_flush)
-                || job.outputs_over_bounds()
-                || (tick && (pace.due(Instant::now(), since_flush) || job.main().cache.over_bounds())));
-        if due {
+        if since_flush > 0 && (pace.due(Instant::now(), since_flush) || job.main().cache.over_bounds()) {
             hold_position(job, &reading);
             job.flush(&[])?;
             since_flush = 0;
             pace.flushed_now();
-        }
-        if ended {
-            // Following a file: wait for more lines.
-            shutdown.sleep(Duration::from_millis(200));
         }
     }
     // The input has ended, or riskd stops cleanly: the events held are

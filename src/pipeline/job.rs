@@ -12,12 +12,12 @@ use crate::rules::{Engine, Outcome, Problem, Rule, Scope};
 use crate::scoring::{Scorer, ScoringConfig};
 use crate::shutdown::Shutdown;
 use crate::sink::DeadLetter;
-use crate::source::Decoded;
+use crate::source::{Decoded, Decoder};
 use crate::state::{Access, Checkpoint, StateCache, Store, WATERMARK_KEY};
 use crate::telemetry::{metrics, Health};
 use prometheus::IntCounter;
 use std::sync::mpsc::Receiver;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 /// How often expired records are purged from the embedded store.
@@ -143,6 +143,8 @@ pub(super) struct Job {
     /// moved into its cache before each flush.
     main: Lane,
     rules: Arc<Vec<Rule>>,
+    /// How lines are decoded for these rules (shared with a reading thread).
+    decoder: Arc<RwLock<Decoder>>,
     scoring: Arc<ScoringConfig>,
     outputs: Outputs,
     source: JobSource,
@@ -192,6 +194,7 @@ impl Job {
                 source.position.clock_ms.or((source.position.watermark_ms > 0).then_some(source.position.watermark_ms)),
             ),
             counters: EventMetrics::new(source.kind),
+            decoder: Arc::new(RwLock::new(Decoder::new(&cfg.rules, &cfg.event_time))),
             source,
             watermark: Access::Cached,
             alerts: Vec::new(),
@@ -202,6 +205,16 @@ impl Job {
             purge_after: cfg.purge_after,
             last_purge: None,
         }
+    }
+
+    /// How lines are decoded now (it changes on a reload).
+    pub(super) fn decoder(&self) -> Decoder {
+        self.decoder.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The decoder as a reading thread follows it.
+    pub(super) fn shared_decoder(&self) -> Arc<RwLock<Decoder>> {
+        Arc::clone(&self.decoder)
     }
 
     /// A new lane with the job's rules over `cache`.
@@ -367,6 +380,8 @@ impl Job {
             let n = cfg.rules.len();
             self.rules = cfg.rules;
             self.scoring = Arc::new(cfg.scoring);
+            let decoder = self.decoder().with_rules(&self.rules);
+            *self.decoder.write().unwrap_or_else(|p| p.into_inner()) = decoder;
             let (rules, scoring) = (Arc::clone(&self.rules), Arc::clone(&self.scoring));
             let policy = self.retry_policy();
             let set = |lane: &mut Lane| policy.run("reload", || lane.set_rules(&rules, &scoring));

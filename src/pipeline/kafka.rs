@@ -402,14 +402,14 @@ impl KafkaJob {
             msgs.push((id, m.payload().unwrap_or(&[]), offset, entity, upstream));
         }
         let ingest = now_ms();
-        let (max_bytes, event_time) = (self.settings.max_line_bytes, &self.settings.event_time);
-        let decoded = parallel_map(&msgs, self.lanes.len().max(1), |(_, payload, offset, entity, _)| {
+        let (max_bytes, decoder) = (self.settings.max_line_bytes, &self.job.decoder());
+        let decoded = super::parallel_map(&msgs, self.lanes.len().max(1), |(_, payload, offset, entity, _)| {
             // A routed message names its entity in its key: without one, no rule could apply it.
             if entity.as_ref().is_some_and(|(_, id)| id.is_empty()) {
                 let detail = "a message on a routed topic has no UTF-8 key (the entity id)".to_string();
                 return Decoded::Rejected { reason: "no_key", detail };
             }
-            decode_message(payload, *offset, max_bytes, event_time, ingest)
+            decode_message(payload, *offset, max_bytes, decoder, ingest)
         });
         for ((id, payload, offset, entity, upstream), decoded) in msgs.into_iter().zip(decoded) {
             let time = match &decoded {
@@ -676,20 +676,6 @@ fn evaluate(engines: &mut [Lane], ready: &[Ready], policy: &RetryPolicy) -> Resu
         let handles: Vec<_> =
             engines.iter_mut().enumerate().map(|(lane, e)| s.spawn(move || run_lane(lane, e))).collect();
         handles.into_iter().map(|h| h.join().map_err(|_| RunError::Task("a lane panicked".into()))?).collect()
-    })
-}
-
-/// `f` over `items`, split over `threads` threads, results in order.
-fn parallel_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    if threads <= 1 || items.len() < 64 {
-        return items.iter().map(&f).collect();
-    }
-    let chunk = items.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        let f = &f;
-        let handles: Vec<_> =
-            items.chunks(chunk).map(|c| s.spawn(move || c.iter().map(f).collect::<Vec<R>>())).collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
     })
 }
 

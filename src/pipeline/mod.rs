@@ -247,6 +247,20 @@ pub fn run_blocking(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> Result
     run_with_store(cfg, opts, store, shutdown, Health::new())
 }
 
+/// `f` over `items`, split over `threads` threads, results in order.
+pub(super) fn parallel_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    if threads <= 1 || items.len() < 64 {
+        return items.iter().map(&f).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> =
+            items.chunks(chunk).map(|c| s.spawn(move || c.iter().map(f).collect::<Vec<R>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,8 +10,14 @@
 //! Event fields are CEL variables: `errorCode`, `userIdentity.arn`. A field
 //! the event lacks makes a comparison an error, and an error reads as
 //! "false", so an absent field never matches; `has(a.b)` tests presence.
+//!
+//! A condition knows the field paths it reads ([`Condition::reads`]): only
+//! those are decoded of each event. One that reads more than a path can
+//! name — a whole object or list (`size(a)`, `x in a.b`), a key computed at
+//! run time (`a[k]`), a macro over a map or list (`a.exists(…)`) — runs its
+//! CEL part on the whole event, parsed for the events that reach it.
 
-use crate::event::FieldPath;
+use crate::event::{Event, FieldPath};
 use cel::common::ast::{Expr, LiteralValue};
 use cel::common::value::CowVal;
 use cel::context::VariableResolver;
@@ -27,6 +33,10 @@ pub struct Condition {
     native: Vec<Term>,
     /// `None` when the native terms are the whole condition.
     program: Option<Program>,
+    /// The field paths it reads.
+    reads: Vec<FieldPath>,
+    /// It reads more than paths name: its CEL part runs on the whole event.
+    whole: bool,
 }
 
 impl std::fmt::Debug for Condition {
@@ -81,8 +91,33 @@ impl Condition {
         let mut conjuncts = Vec::new();
         flatten_and(&program.expression().expr, &mut conjuncts);
         let native: Vec<Term> = conjuncts.iter().filter_map(|e| native_term(e)).collect();
-        let whole = native.len() == conjuncts.len();
-        Ok(Self { source: source.to_string(), native, program: (!whole).then_some(program) })
+        let all_native = native.len() == conjuncts.len();
+        let mut reads = Vec::new();
+        let whole = !cel_paths(&program.expression().expr, &mut reads);
+        Ok(Self { source: source.to_string(), native, program: (!all_native).then_some(program), reads, whole })
+    }
+
+    /// The field paths the condition reads (each read whole).
+    pub fn reads(&self) -> &[FieldPath] {
+        &self.reads
+    }
+
+    /// Whether it reads more than [`reads`](Self::reads) names, so that its
+    /// CEL part runs on the whole event.
+    pub fn reads_whole_event(&self) -> bool {
+        self.whole
+    }
+
+    /// Evaluates against an event's fields, or against the whole event
+    /// when the condition reads more than paths.
+    pub fn matches(&self, event: &Event, extra: Extra<'_>) -> bool {
+        if !self.native.iter().all(|t| t.test(&event.value)) {
+            return false;
+        }
+        match &self.program {
+            None => true,
+            Some(p) => eval_cel(p, if self.whole { event.whole() } else { &event.value }, extra),
+        }
     }
 
     /// The condition as written.
@@ -194,6 +229,79 @@ pub fn json_to_cel(v: &Value) -> cel::Value {
     }
 }
 
+/// Calls whose arguments are read as values: a path among them is read as
+/// a path (its whole value is decoded).
+const VALUE_CALLS: &[&str] = &[
+    "_==_",
+    "_!=_",
+    "_<_",
+    "_<=_",
+    "_>_",
+    "_>=_",
+    "_&&_",
+    "_||_",
+    "!_",
+    "_?_:_",
+    "_+_",
+    "_-_",
+    "_*_",
+    "_/_",
+    "_%_",
+    "-_",
+    "@not_strictly_false",
+    "startsWith",
+    "endsWith",
+    "contains",
+    "matches",
+    "int",
+    "uint",
+    "double",
+    "string",
+    "bool",
+    "bytes",
+    "timestamp",
+    "duration",
+];
+
+/// Adds the paths `e` reads to `out`; false when it reads more than paths
+/// name (see the module's documentation).
+fn cel_paths(e: &Expr, out: &mut Vec<FieldPath>) -> bool {
+    if let Some(p) = path_of(e) {
+        out.push(p);
+        return true;
+    }
+    let whole_if_path = |e: &Expr, out: &mut Vec<FieldPath>| path_of(e).is_none() && cel_paths(e, out);
+    match e {
+        Expr::Literal(_) => true,
+        Expr::Select(s) if s.test => match path_segments(&s.operand.expr) {
+            Some(mut segs) => {
+                segs.push(s.field.clone());
+                match FieldPath::parse(&segs.join(".")) {
+                    Ok(p) => {
+                        out.push(p);
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+            None => cel_paths(&s.operand.expr, out),
+        },
+        Expr::Select(s) => cel_paths(&s.operand.expr, out),
+        Expr::List(l) => l.elements.iter().all(|x| cel_paths(&x.expr, out)),
+        Expr::Call(c) if VALUE_CALLS.contains(&c.func_name.as_str()) => {
+            c.target.iter().map(|t| &**t).chain(c.args.iter()).all(|x| cel_paths(&x.expr, out))
+        }
+        // `x in a.b`: x is a value, the list or map is read whole.
+        Expr::Call(c) if c.func_name == "@in" && c.target.is_none() && c.args.len() == 2 => {
+            cel_paths(&c.args[0].expr, out) && whole_if_path(&c.args[1].expr, out)
+        }
+        // Any other function (`size`, `a[k]`, …) reads what it is given whole.
+        Expr::Call(c) => c.target.iter().map(|t| &**t).chain(c.args.iter()).all(|x| whole_if_path(&x.expr, out)),
+        // Macros over maps and lists, map and struct literals.
+        _ => false,
+    }
+}
+
 fn flatten_and<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
     match e {
         Expr::Call(c) if c.func_name == "_&&_" && c.target.is_none() && c.args.len() == 2 => {
@@ -278,6 +386,75 @@ mod tests {
                 assert_eq!(c.eval(e, &[]), eval_cel(&p, e, &[]), "{src} on {e}");
             }
         }
+    }
+
+    /// Decodes `line` as the pipeline does, taking only what `c` reads.
+    fn decoded(c: &Condition, line: &str) -> Event {
+        let reads = crate::event::Reads::new(c.reads(), &[]);
+        let fields = reads.take(&sonic_rs::from_str(line).unwrap());
+        crate::event::EventTime::new(vec![]).event_of_line(fields, line.as_bytes(), &reads, 0)
+    }
+
+    #[test]
+    fn paths_known_at_load_are_read_alone_the_rest_reads_the_whole_event() {
+        let paths = |src: &str| {
+            let c = Condition::compile(src).unwrap();
+            let mut p: Vec<String> = c.reads().iter().map(|p| p.to_string()).collect();
+            p.sort();
+            (p, c.reads_whole_event())
+        };
+        let known = |v: &[&str]| (v.iter().map(|s| s.to_string()).collect::<Vec<_>>(), false);
+        assert_eq!(paths(r#"a.b == "x" && has(c.d) && n > 3"#), known(&["a.b", "c.d", "n"]));
+        assert_eq!(paths(r#"e in ["A", "B"] && a.b.startsWith("x") && !(f.g < 2)"#), known(&["a.b", "e", "f.g"]));
+        for whole in [
+            r#"size(requestParameters) > 2"#,                         // a whole object
+            r#"requestParameters[eventName] == "x""#,                 // a key known only at run time
+            r#"requestParameters.exists(k, k.startsWith("bucket"))"#, // a function over a map
+            r#""x" in tags"#,                                         // a whole list
+            r#"requestParameters.filter(k, k == "a").size() == 1"#,   // a macro, then a method
+        ] {
+            assert!(paths(whole).1, "{whole} reads more than paths");
+        }
+    }
+
+    #[test]
+    fn conditions_on_decoded_fields_agree_with_the_whole_event() {
+        let lines = [
+            r#"{"eventName": "PutObject", "requestParameters": {"bucketName": "b", "key": "k"}, "tags": ["x"], "n": 4}"#,
+            r#"{"eventName": "GetObject", "requestParameters": {"bucketName": "c"}, "tags": [], "n": 2, "a": {"b": "xy"}}"#,
+            r#"{"eventName": "PutObject", "requestParameters": "not a map", "n": "4", "a": {}}"#,
+            r#"{"eventName": "PutObject", "a": {"b": null}, "requestParameters": {"PutObject": "x"}}"#,
+        ];
+        for src in [
+            r#"eventName == "PutObject" && size(requestParameters) > 1"#,
+            r#"eventName == "PutObject" && requestParameters[eventName] == "x""#,
+            r#"requestParameters.exists(k, k.startsWith("bucket")) && n > 3"#,
+            r#""x" in tags || !has(a.b)"#,
+            r#"a.b.startsWith("x") || n >= 4"#,
+            r#"has(a.b) && a.b == null"#,
+        ] {
+            let c = Condition::compile(src).unwrap();
+            for line in lines {
+                let whole: Value = serde_json::from_str(line).unwrap();
+                let event = decoded(&c, line);
+                assert_eq!(c.matches(&event, &[]), c.eval(&whole, &[]), "{src} on {line}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_whole_event_is_parsed_only_for_events_that_reach_the_cel_part() {
+        let c = Condition::compile(r#"eventName == "PutObject" && size(requestParameters) > 1"#).unwrap();
+        let other = decoded(&c, r#"{"eventName": "GetObject", "requestParameters": {"a": 1, "b": 2}}"#);
+        assert!(!c.matches(&other, &[]));
+        assert!(!other.has_whole(), "the native test failed first: nothing more was parsed");
+        let put = decoded(&c, r#"{"eventName": "PutObject", "requestParameters": {"a": 1, "b": 2}}"#);
+        assert!(c.matches(&put, &[]));
+        assert!(put.has_whole());
+        let paths = Condition::compile(r#"eventName == "PutObject" && n > 1"#).unwrap();
+        let event = decoded(&paths, r#"{"eventName": "PutObject", "n": 2, "big": {"x": [1, 2, 3]}}"#);
+        assert!(paths.matches(&event, &[]));
+        assert!(!event.has_whole(), "paths alone were enough");
     }
 
     #[test]

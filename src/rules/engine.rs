@@ -4,7 +4,7 @@
 use super::forms::{apply_form, Skip};
 use super::{Form, Rule};
 use crate::alert::{Alert, EntityRef};
-use crate::event::{format_time_ms, id_string, Event, FieldPath};
+use crate::event::{format_time_ms, id_string, Event, FieldPath, Reads};
 use crate::state::{self, join_key, Access, Record, StateCache, StateError, DEDUP_PREFIX, RISK_PREFIX};
 use crate::telemetry::metrics;
 use hashbrown::HashMap;
@@ -42,6 +42,9 @@ pub struct Outcome {
 /// caller owns and hands in.
 pub struct Engine {
     rules: Arc<Vec<Rule>>,
+    /// The fields they read: an event decoded for other rules (before a
+    /// reload) is taken again.
+    reads: Reads,
     /// Per rule: how its state and dedup window are changed, and how its
     /// entity's risk is (an entity type with a `direct` rule has its risk
     /// keys written from many places, so every rule changes them directly
@@ -163,6 +166,7 @@ impl Engine {
             counts: vec![(0, 0); rules.len()],
             elapsed: vec![std::time::Duration::ZERO; rules.len()],
             access: access(&rules),
+            reads: super::reads(&rules, &[]),
             rules,
             key: String::new(),
             matched: Vec::new(),
@@ -193,6 +197,7 @@ impl Engine {
         self.elapsed = vec![std::time::Duration::ZERO; rules.len()];
         self.rule_metrics = rule_metrics(&rules);
         self.access = access(&rules);
+        self.reads = super::reads(&rules, &[]);
         self.stats = self.stats.as_ref().map(|_| vec![RuleStats::default(); rules.len()]);
         self.rules = rules;
         Ok(fresh)
@@ -219,6 +224,8 @@ impl Engine {
         scope: Option<Scope<'_>>,
         alerts: &mut Vec<Alert>,
     ) -> Result<Outcome, StateError> {
+        let retaken = event.retaken(&self.reads);
+        let event = retaken.as_ref().unwrap_or(event);
         let mut out = Outcome::default();
         self.events += 1;
         let sampled = self.events % 64 == 0;
@@ -294,6 +301,8 @@ impl Engine {
     ) -> Result<(), StateError> {
         let mut keys = Vec::new();
         for (event, scope) in events {
+            let retaken = event.retaken(&self.reads);
+            let event = retaken.as_ref().unwrap_or(event);
             for (i, rule, verdict) in verdicts(&self.rules, event, *scope) {
                 if let Verdict::Match(entity_id) = verdict {
                     needed_keys(cache, &mut self.key, rule, self.access[i], &entity_id, &event.value, &mut keys);
@@ -368,7 +377,7 @@ impl Engine {
             risk: rule.risk,
             dedup_key,
             context: Value::Object(context),
-            event: event.value.clone(),
+            event: event.whole().clone(),
         };
         if let Some(stats) = self.stats.as_mut() {
             stats[rule_index].alerts += 1;
@@ -431,7 +440,7 @@ impl Engine {
         let mut context = decision.context;
         if let Some(fire) = &rule.fire {
             let state = Value::Object(context);
-            if !fire.eval(&event.value, &[("state", &state)]) {
+            if !fire.matches(event, &[("state", &state)]) {
                 return Ok(None);
             }
             context = match state {
@@ -501,7 +510,7 @@ fn verdict(rule: &Rule, event: &Event, scope: Option<Scope<'_>>) -> Verdict {
             return Verdict::Elsewhere;
         }
     }
-    if !rule.matcher.eval(&event.value, &[]) {
+    if !rule.matcher.matches(event, &[]) {
         return Verdict::NoMatch;
     }
     let id = match known {
@@ -595,7 +604,7 @@ fn alert_id(rule: &Rule, entity_id: &str, event: &Event) -> String {
     // serde_json's default map is ordered by key, so this serialization is
     // canonical: the same event gives the same bytes however it was spaced.
     let mut name = format!("{}\0{}\0{}\0{}\0", rule.id, rule.entity_type, entity_id, event.time_ms).into_bytes();
-    name.extend(serde_json::to_vec(&event.value).unwrap_or_default());
+    name.extend(serde_json::to_vec(event.whole()).unwrap_or_default());
     uuid::Uuid::new_v5(&ALERT_NAMESPACE, &name).to_string()
 }
 
@@ -624,7 +633,7 @@ mod tests {
         );
         let mut cache = StateCache::new(Box::new(crate::state::MemoryStore::new()), 1000);
         let mut engine = Engine::new(rules(&v1));
-        let event = Event { value: json!({"u": "x"}), time_ms: 0, time_source: TimeSource::Event };
+        let event = Event::new(json!({"u": "x"}), 0, TimeSource::Event);
         let mut alerts = Vec::new();
         engine.process(&mut cache, &event, None, &mut alerts).unwrap();
         engine.process(&mut cache, &event, None, &mut alerts).unwrap();
@@ -635,6 +644,33 @@ mod tests {
     }
 
     #[test]
+    fn an_event_decoded_for_the_rules_before_a_reload_is_taken_again_for_the_new_ones() {
+        let v1 = "id: r\ntitle: t\nseverity: LOW\nentity: {type: user, key: u}\nmatch: 'a == \"x\"'\n";
+        let v2 =
+            "id: r\ntitle: t\nseverity: LOW\nentity: {type: user, key: u}\nmatch: 'b == \"y\"'\ncontext: {c: c.d}\n";
+        let line = r#"{"u": "someone", "a": "no", "b": "y", "c": {"d": 5}}"#;
+        let (old, new) = (rules(v1), rules(v2));
+        let reads = super::super::reads(&old, &[]);
+        let event = crate::event::EventTime::new(vec![]).event_of_line(
+            reads.take(&sonic_rs::from_str(line).unwrap()),
+            line.as_bytes(),
+            &reads,
+            0,
+        );
+        assert_eq!(event.value, json!({"u": "someone", "a": "no"}), "only what the old rule reads");
+        let mut cache = StateCache::new(Box::new(crate::state::MemoryStore::new()), 1000);
+        let mut engine = Engine::new(old);
+        let mut alerts = Vec::new();
+        engine.process(&mut cache, &event, None, &mut alerts).unwrap();
+        assert!(alerts.is_empty());
+        engine.set_rules(&mut cache, new).unwrap();
+        engine.process(&mut cache, &event, None, &mut alerts).unwrap();
+        assert_eq!(alerts.len(), 1, "the new rule reads b, which the event was not decoded with");
+        assert_eq!(alerts[0].context["c"], json!(5));
+        assert_eq!(alerts[0].event, serde_json::from_str::<Value>(line).unwrap(), "the alert carries the whole event");
+    }
+
+    #[test]
     fn lanes_split_the_entities_and_together_do_what_one_engine_does() {
         let base =
             "title: t\nseverity: LOW\nmatch: 'true'\nstate: {count: {window: 1h, threshold: 3, on_fire: reset}}\n";
@@ -642,14 +678,13 @@ mod tests {
             "id: by_user\nentity: {{type: user, key: u}}\n{base}---\nid: by_ip\nentity: {{type: ip, key: ip}}\n{base}"
         );
         let events: Vec<Event> = (0..200)
-            .map(|i| Event {
-                value: if i % 17 == 0 {
+            .map(|i| {
+                let value = if i % 17 == 0 {
                     json!({"ip": "10.0.0.1"})
                 } else {
                     json!({"u": format!("u{}", i % 7), "ip": format!("10.0.0.{}", i % 3)})
-                },
-                time_ms: i * 60_000,
-                time_source: TimeSource::Event,
+                };
+                Event::new(value, i * 60_000, TimeSource::Event)
             })
             .collect();
         let engine = || {
@@ -688,11 +723,7 @@ mod tests {
     #[test]
     fn first_seen_re_seeing_a_known_value_within_the_granule_writes_nothing() {
         let yaml = "id: fs\ntitle: t\nseverity: LOW\nentity: {type: user, key: u}\nmatch: 'true'\nstate: {first_seen: {field: ip, ttl: 100s}}\n";
-        let at = |ip: &str, time_ms: i64| Event {
-            value: json!({"u": "x", "ip": ip}),
-            time_ms,
-            time_source: TimeSource::Event,
-        };
+        let at = |ip: &str, time_ms: i64| Event::new(json!({"u": "x", "ip": ip}), time_ms, TimeSource::Event);
         let mut cache = StateCache::new(Box::new(crate::state::MemoryStore::new()), 1000).with_expiry_granule(0.01);
         let mut engine = Engine::new(rules(yaml));
         let mut alerts = Vec::new();

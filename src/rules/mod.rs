@@ -12,7 +12,7 @@ use spec::{ChangedSpec, CountSpec, DistinctSpec, FirstSeenSpec, TravelSpec};
 pub use spec::{OnFire, RuleSpec, StateSpec};
 
 use crate::alert::Severity;
-use crate::event::FieldPath;
+use crate::event::{FieldPath, Reads};
 use crate::state::Access;
 use std::time::Duration;
 
@@ -112,6 +112,23 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// Every field path the rule reads of an event: its entity key, its
+    /// conditions, its state's fields, its dedup key and context.
+    pub fn reads(&self) -> Vec<&FieldPath> {
+        let mut out = vec![&self.entity_key];
+        out.extend(self.matcher.reads());
+        out.extend(self.fire.iter().flat_map(|f| f.reads()));
+        match &self.form {
+            Form::Stateless | Form::Count { .. } => {}
+            Form::Distinct { field, .. } | Form::FirstSeen { field, .. } => out.push(field),
+            Form::Changed { fields, .. } => out.extend(fields.iter().map(|(_, p)| p)),
+            Form::Travel { lat, lon, city, .. } => out.extend([lat, lon].into_iter().chain(city)),
+        }
+        out.extend(&self.dedup_key);
+        out.extend(self.context.iter().map(|(_, p)| p));
+        out
+    }
+
     /// What the rule's stored state means: the form and the fields it keeps,
     /// the entity and the key namespace — not its thresholds or windows. A
     /// reload keeps the state of a rule whose shape is unchanged.
@@ -176,6 +193,12 @@ fn threshold(n: u32, field: &'static str, errors: &mut Vec<FieldError>) -> u32 {
         errors.push(FieldError { field, message: "threshold must be at least 1".into() });
     }
     n
+}
+
+/// The fields the enabled rules read, and `extra` fields (the event
+/// time's): what decoding takes of each event.
+pub fn reads(rules: &[Rule], extra: &[FieldPath]) -> Reads {
+    Reads::new(rules.iter().filter(|r| r.enabled).flat_map(Rule::reads), extra)
 }
 
 /// How the risk of an entity type is changed: directly in the store when an

@@ -48,7 +48,7 @@ impl Scorer {
                 Some(&(risk, cap, access)) => {
                     let source = RiskSource { rule_id: &alert.rule_id, risk, cap };
                     let (scored, risk_alert) =
-                        contribute(&self.config, cache, access, &source, &alert, &event.value, event.time_ms)?;
+                        contribute(&self.config, cache, access, &source, &alert, event.whole(), event.time_ms)?;
                     outcome.capped += u32::from(scored == Scored::Capped);
                     risk_alert
                 }

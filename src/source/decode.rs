@@ -1,9 +1,38 @@
 //! A line or a Kafka message → an event with its time, or the reason it is
 //! set aside. Used by the main job, the router and replays.
+//!
+//! A line is parsed with `sonic-rs` (SIMD), which checks all of it, and
+//! only the fields the rules read are kept ([`Reads`]); the whole object is
+//! parsed with `serde_json` only when asked for ([`Event::whole`]: an
+//! alert's event and id). A line `sonic-rs` refuses is read again with
+//! `serde_json`, whose verdict and words are the dead letter's.
 
 use super::LineInfo;
-use crate::event::{Event, EventTime};
+use crate::event::{Event, EventTime, Reads};
+use crate::rules::Rule;
 use serde_json::Value;
+use sonic_rs::JsonValueTrait;
+use std::sync::Arc;
+
+/// What decoding needs: the fields to take and how to read an event's time.
+#[derive(Clone, Debug)]
+pub struct Decoder {
+    reads: Arc<Reads>,
+    event_time: Arc<EventTime>,
+}
+
+impl Decoder {
+    /// Takes what `rules` read, and the event time's fields.
+    pub fn new(rules: &[Rule], event_time: &EventTime) -> Self {
+        let reads = crate::rules::reads(rules, event_time.fields());
+        Self { reads: Arc::new(reads), event_time: Arc::new(event_time.clone()) }
+    }
+
+    /// The same event time, for other rules (a reload).
+    pub fn with_rules(&self, rules: &[Rule]) -> Self {
+        Self::new(rules, &self.event_time)
+    }
+}
 
 /// One input line, decoded.
 pub enum Decoded {
@@ -22,7 +51,7 @@ pub enum Decoded {
 }
 
 /// Decodes one line read by [`JsonLines`](super::JsonLines) into an event, with its time.
-pub fn decode(buf: &[u8], info: &LineInfo, max_line_bytes: usize, event_time: &EventTime, ingest_ms: i64) -> Decoded {
+pub fn decode(buf: &[u8], info: &LineInfo, max_line_bytes: usize, decoder: &Decoder, ingest_ms: i64) -> Decoded {
     if info.too_large {
         let detail = format!("line is {} bytes, over the {max_line_bytes}-byte limit", info.len);
         return Decoded::Rejected { reason: "too_large", detail };
@@ -30,23 +59,26 @@ pub fn decode(buf: &[u8], info: &LineInfo, max_line_bytes: usize, event_time: &E
     if buf.iter().all(u8::is_ascii_whitespace) {
         return Decoded::Blank;
     }
-    match serde_json::from_slice::<Value>(buf) {
-        Ok(v @ Value::Object(_)) => Decoded::Event(event_time.event(v, ingest_ms)),
-        Ok(_) => Decoded::Rejected { reason: "not_object", detail: "line is JSON but not an object".into() },
-        Err(e) => Decoded::Rejected { reason: "invalid_json", detail: e.to_string() },
+    let not_object = || Decoded::Rejected { reason: "not_object", detail: "line is JSON but not an object".into() };
+    match sonic_rs::from_slice::<sonic_rs::Value>(buf) {
+        Ok(v) if v.is_object() => {
+            let fields = decoder.reads.take(&v);
+            Decoded::Event(decoder.event_time.event_of_line(fields, buf, &decoder.reads, ingest_ms))
+        }
+        Ok(_) => not_object(),
+        Err(_) => match serde_json::from_slice::<Value>(buf) {
+            // Should sonic-rs refuse what serde_json takes, serde_json's reading stands.
+            Ok(v @ Value::Object(_)) => Decoded::Event(decoder.event_time.event(v, ingest_ms)),
+            Ok(_) => not_object(),
+            Err(e) => Decoded::Rejected { reason: "invalid_json", detail: e.to_string() },
+        },
     }
 }
 
 /// Decodes one Kafka message (its payload at `offset`) as [`decode`] does a
 /// line: a payload over `max_bytes` is set aside as too large.
-pub fn decode_message(
-    payload: &[u8],
-    offset: u64,
-    max_bytes: usize,
-    event_time: &EventTime,
-    ingest_ms: i64,
-) -> Decoded {
+pub fn decode_message(payload: &[u8], offset: u64, max_bytes: usize, decoder: &Decoder, ingest_ms: i64) -> Decoded {
     let len = payload.len();
     let info = LineInfo { line: offset, end_offset: offset + 1, len, too_large: len > max_bytes };
-    decode(&payload[..len.min(max_bytes)], &info, max_bytes, event_time, ingest_ms)
+    decode(&payload[..len.min(max_bytes)], &info, max_bytes, decoder, ingest_ms)
 }

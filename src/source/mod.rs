@@ -5,7 +5,7 @@
 
 mod decode;
 
-pub use decode::{decode, decode_message, Decoded};
+pub use decode::{decode, decode_message, Decoded, Decoder};
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
@@ -38,7 +38,7 @@ pub struct JsonLines {
 enum Input {
     /// A file: it can be followed (see [`JsonLines::next_line`]).
     File(BufReader<File>),
-    Other(Box<dyn BufRead + Send>),
+    Other(BufReader<Box<dyn Read + Send>>),
 }
 
 impl Input {
@@ -73,16 +73,27 @@ impl JsonLines {
 
     /// Reads standard input.
     pub fn stdin(max_line_bytes: usize) -> Self {
-        Self::new(Input::Other(Box::new(BufReader::with_capacity(256 * 1024, io::stdin()))), 0, 0, max_line_bytes)
+        Self::from_reader(io::stdin(), max_line_bytes)
     }
 
     /// Reads any reader (tests, benchmarks).
     pub fn from_reader(r: impl Read + Send + 'static, max_line_bytes: usize) -> Self {
-        Self::new(Input::Other(Box::new(BufReader::with_capacity(256 * 1024, r))), 0, 0, max_line_bytes)
+        let r: Box<dyn Read + Send> = Box::new(r);
+        Self::new(Input::Other(BufReader::with_capacity(256 * 1024, r)), 0, 0, max_line_bytes)
     }
 
     fn new(inner: Input, offset: u64, line: u64, max: usize) -> Self {
         Self { inner, max, offset, line, partial: None }
+    }
+
+    /// Whether reading another line may wait for a writer: nothing is
+    /// buffered from a pipe or stdin. A file never waits (at its end the
+    /// next read finds no line).
+    pub fn may_wait(&self) -> bool {
+        match &self.inner {
+            Input::File(_) => false,
+            Input::Other(r) => r.buffer().is_empty(),
+        }
     }
 
     /// Reads the next line into `buf` (cleared first, newline and a trailing

@@ -11,7 +11,7 @@ use crate::pipeline::RunError;
 use crate::rules::{Engine, Form, Rule};
 use crate::scoring::Scorer;
 use crate::source::JsonLines;
-use crate::source::{decode, Decoded};
+use crate::source::{decode, Decoded, Decoder};
 use crate::state::{MemoryStore, StateCache};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -101,6 +101,7 @@ fn values(rule: &Rule, peaks: impl Iterator<Item = i64>) -> Option<Values> {
 
 /// Runs the config's rules over `input` on an in-memory store.
 pub fn replay(cfg: Config, input: &Path) -> Result<Report, RunError> {
+    let decoder = Decoder::new(&cfg.rules, &cfg.event_time);
     let rules = cfg.rules;
     let mut cache = StateCache::new(Box::new(MemoryStore::new()), usize::MAX);
     let mut engine = Engine::new(Arc::clone(&rules));
@@ -125,7 +126,7 @@ pub fn replay(cfg: Config, input: &Path) -> Result<Report, RunError> {
                 order.finish(&mut due);
                 ended = true;
             }
-            Some(info) => match decode(&buf, &info, cfg.max_line_bytes, &cfg.event_time, now_ms()) {
+            Some(info) => match decode(&buf, &info, cfg.max_line_bytes, &decoder, now_ms()) {
                 Decoded::Blank => continue,
                 Decoded::Rejected { .. } => report.invalid += 1,
                 Decoded::Event(mut event) => {
