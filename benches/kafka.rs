@@ -28,6 +28,10 @@ use std::time::{Duration, Instant};
 
 const PARTITIONS: i32 = 4;
 
+/// As the `riskd` binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let Ok(brokers) = std::env::var("RISKD_TEST_KAFKA_BROKERS") else {
         eprintln!("RISKD_TEST_KAFKA_BROKERS is not set: run scripts/bench.sh kafka, which starts a broker");

@@ -2,25 +2,35 @@
 //!
 //! `cargo bench --bench throughput` generates a mixed CloudTrail/Okta stream
 //! (1 M events, 10 k users, attacks planted; `RISKD_BENCH_EVENTS` changes
-//! the size), then times, on one thread, alternately and several times:
+//! the size), then times, alternately and several times:
 //! - parse-only: read the file line by line and parse each line into a
-//!   `serde_json::Value`, nothing else;
+//!   `serde_json::Value`, nothing else (one thread);
 //! - riskd: the full main job (`pipeline::run_blocking`) with the five
-//!   shipped rules, the embedded redb store and alerts written to a file.
+//!   shipped rules, the embedded redb store and alerts written to a file,
+//!   with 1 decoding thread and with one per CPU (`source.decode_threads`);
+//! - with `RISKD_BENCH_BEFORE=<riskd binary>`, that binary (an older build)
+//!   on the same input and config, for a before/after in the same run.
 //!
-//! It also times the shipped rules' match conditions on the native matcher
+//! It also times decoding alone (serde_json, sonic-rs, simd-json, riskd's
+//! decoder), and the shipped rules' match conditions on the native matcher
 //! and on CEL alone, the measurement behind using the native fast path.
 
 use riskd::config::Config;
 use riskd::pipeline::{run_blocking, RunOptions};
 use riskd::rules::condition::{compile_cel, eval_cel};
-use riskd::source::JsonLines;
+use riskd::source::{decode, Decoded, Decoder, JsonLines, LineInfo};
 use serde_json::Value;
+use simd_json::prelude::TypedObjectValue as _;
+use sonic_rs::JsonValueTrait as _;
 use std::fs::File;
 use std::path::Path;
 use std::time::Instant;
 
 const ROUNDS: usize = 3;
+
+/// As the `riskd` binary: the same allocator for every run here.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn parse_only(input: &Path) -> u64 {
     let mut reader = JsonLines::open_file(input, 0, 0, 1 << 20).expect("open input");
@@ -34,19 +44,67 @@ fn parse_only(input: &Path) -> u64 {
     n
 }
 
-fn riskd_run(root: &Path, input: &Path, work: &Path) -> u64 {
+/// A fresh work folder with a config for `input`, decoding on `threads`
+/// threads (none: the line is left out, for older builds).
+fn config(root: &Path, input: &Path, work: &Path, threads: Option<usize>) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(work);
     std::fs::create_dir_all(work).expect("work dir");
     let config = work.join("riskd.toml");
+    let threads = threads.map(|n| format!("decode_threads = {n}\n")).unwrap_or_default();
     let text = format!(
-        "[source]\npath = {:?}\n[sink]\npath = \"alerts.jsonl\"\n[store]\nkind = \"embedded\"\npath = \"state.redb\"\nflush_every_events = 100000\nflush_interval = \"2s\"\n[rules]\npaths = [{:?}]\n",
+        "[source]\npath = {:?}\n{threads}[sink]\npath = \"alerts.jsonl\"\n[store]\nkind = \"embedded\"\npath = \"state.redb\"\nflush_every_events = 100000\nflush_interval = \"2s\"\n[rules]\npaths = [{:?}]\n[telemetry]\nlisten = \"\"\n",
         input.display().to_string(),
         root.join("config/rules").display().to_string()
     );
     std::fs::write(&config, text).expect("write config");
+    config
+}
+
+fn riskd_run(root: &Path, input: &Path, work: &Path, threads: usize) -> u64 {
+    let config = config(root, input, work, Some(threads));
     let cfg = Config::load(&config).expect("valid config");
     let summary = run_blocking(cfg, RunOptions::default(), riskd::shutdown::Shutdown::new()).expect("run");
     summary.read
+}
+
+/// An older riskd binary on the same input and config; events read.
+fn before_run(bin: &Path, root: &Path, input: &Path, work: &Path, events: u64) -> u64 {
+    let config = config(root, input, work, None);
+    let status = std::process::Command::new(bin)
+        .args(["run", "--config", &config.display().to_string()])
+        .current_dir(work)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run the older riskd");
+    assert!(status.success(), "the older riskd failed");
+    events
+}
+
+/// Decoding alone, one thread, over `lines`: events/s of each decoder.
+fn decoders(lines: &[&[u8]], cfg: &Config) {
+    let time = |name: &str, f: &dyn Fn(&[u8]) -> bool| {
+        let t = Instant::now();
+        let ok = lines.iter().filter(|l| f(l)).count();
+        assert_eq!(ok, lines.len(), "{name} decodes every generated line");
+        println!("  {name:<44} {:>9.0} events/s", lines.len() as f64 / t.elapsed().as_secs_f64());
+    };
+    println!("decoding alone, {} lines, one thread:", lines.len());
+    time("serde_json into Value (the parse-only baseline)", &|l| {
+        serde_json::from_slice::<Value>(l).map(|v| std::hint::black_box(v).is_object()).unwrap_or(false)
+    });
+    time("simd-json into its borrowed value", &|l| {
+        let mut copy = l.to_vec();
+        simd_json::to_borrowed_value(&mut copy).map(|v| std::hint::black_box(v).is_object()).unwrap_or(false)
+    });
+    time("sonic-rs into its Value", &|l| {
+        sonic_rs::from_slice::<sonic_rs::Value>(l).map(|v| std::hint::black_box(v).is_object()).unwrap_or(false)
+    });
+    let decoder = Decoder::new(&cfg.rules, &cfg.event_time);
+    time("riskd: sonic-rs, then the fields the rules read", &|l| {
+        let info = LineInfo { line: 1, end_offset: 0, len: l.len(), too_large: false };
+        matches!(decode(l, &info, usize::MAX, &decoder, 0), Decoded::Event(_))
+    });
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -67,27 +125,59 @@ fn main() {
     let bytes = std::fs::metadata(&input).map(|m| m.len()).unwrap_or(0);
     println!("input: {events} events, {} users, {attacks} planted attacks, {:.0} MB", spec.users, bytes as f64 / 1e6);
 
-    let (mut parse_rates, mut riskd_rates) = (Vec::new(), Vec::new());
-    for round in 0..ROUNDS {
-        let t = Instant::now();
-        let n = parse_only(&input);
-        let parse = n as f64 / t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let n = riskd_run(root, &input, &dir.path().join("run"));
-        let rate = n as f64 / t.elapsed().as_secs_f64();
-        println!("round {}: parse-only {:>9.0} events/s   riskd {:>9.0} events/s", round + 1, parse, rate);
-        parse_rates.push(parse);
-        riskd_rates.push(rate);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let before = std::env::var_os("RISKD_BENCH_BEFORE").map(std::path::PathBuf::from);
+    let alerts_of = |run: &str| std::fs::read_to_string(dir.path().join(run).join("alerts.jsonl")).unwrap_or_default();
+    // Runs, by name: events/s each round.
+    let mut names = vec!["parse-only".to_string()];
+    if before.is_some() {
+        names.push("riskd before".to_string());
     }
-    let alerts = std::fs::read_to_string(dir.path().join("run/alerts.jsonl")).map(|s| s.lines().count()).unwrap_or(0);
-    let (p, r) = (median(parse_rates), median(riskd_rates));
-    println!(
-        "median: parse-only {p:.0} events/s, riskd {r:.0} events/s = {:.0}% of parse-only ({alerts} alerts)",
-        100.0 * r / p
-    );
+    names.push("riskd, 1 decode thread".to_string());
+    names.push(format!("riskd, {cpus} decode threads"));
+    let mut rates = vec![Vec::new(); names.len()];
+    for round in 0..ROUNDS {
+        let mut line = format!("round {}:", round + 1);
+        for (i, name) in names.iter().enumerate() {
+            let work = dir.path().join(format!("run{i}"));
+            let t = Instant::now();
+            let n = match i {
+                0 => parse_only(&input),
+                _ if name == "riskd before" => {
+                    before_run(before.as_deref().unwrap_or(Path::new("")), root, &input, &work, events)
+                }
+                _ if name.contains(" 1 decode") => riskd_run(root, &input, &work, 1),
+                _ => riskd_run(root, &input, &work, cpus),
+            };
+            let rate = n as f64 / t.elapsed().as_secs_f64();
+            line.push_str(&format!("  {name} {rate:>9.0}"));
+            rates[i].push(rate);
+        }
+        println!("{line}  (events/s)");
+    }
+    let medians: Vec<f64> = rates.into_iter().map(median).collect();
+    println!("median (events/s, and ratio to parse-only):");
+    for (name, m) in names.iter().zip(&medians) {
+        println!("  {name:<28} {m:>9.0}  {:.2}x", m / medians[0]);
+    }
+    let last = alerts_of(&format!("run{}", names.len() - 1));
+    for i in 1..names.len() - 1 {
+        assert_eq!(
+            alerts_of(&format!("run{i}")),
+            last,
+            "{} and {} wrote other alerts",
+            names[i],
+            names[names.len() - 1]
+        );
+    }
+    println!("alerts: {} (the same, byte for byte, in every riskd run)", last.lines().count());
+
+    let cfg = Config::load(&root.join("config/riskd.toml")).expect("shipped config");
+    let text = std::fs::read(&input).expect("read input");
+    let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).take(200_000).collect();
+    decoders(&lines, &cfg);
 
     // Conditions: native matcher vs CEL alone, on the same events.
-    let cfg = Config::load(&root.join("config/riskd.toml")).expect("shipped config");
     let sample: Vec<Value> = std::fs::read_to_string(&input)
         .expect("read input")
         .lines()

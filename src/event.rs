@@ -4,7 +4,7 @@
 
 mod reads;
 
-pub use reads::{to_serde, Reads};
+pub use reads::{parse_line, to_serde, Reads};
 
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
 use serde_json::Value;
@@ -220,9 +220,9 @@ impl Event {
     /// them already.
     pub fn retaken(&self, reads: &Reads) -> Option<Event> {
         let line = self.line.as_ref().filter(|l| l.reads != reads.id())?;
-        let value = match sonic_rs::from_slice::<sonic_rs::Value>(&line.raw) {
-            Ok(v) => reads.take(&v),
-            Err(_) => self.whole().clone(),
+        let value = match parse_line(&line.raw) {
+            Some(v) => reads.take(&v),
+            None => self.whole().clone(),
         };
         let line = Line { raw: line.raw.clone(), reads: reads.id(), whole: OnceLock::new() };
         Some(Event { value, time_ms: self.time_ms, time_source: self.time_source, line: Some(line) })

@@ -4,12 +4,13 @@
 //!
 //! Taking follows `serde_json`'s reading of a line exactly, so a path looked
 //! up in the fields taken finds what it would find in the whole object: a
-//! key given twice keeps its last value, a number is an unsigned integer, a
-//! negative integer or a float as `serde_json` would make it, `null` is kept.
+//! key given twice keeps its last value, a number is read from its text by
+//! `serde_json` itself (the line is parsed with numbers kept as text, see
+//! [`crate::source::decode`]), `null` is kept.
 
 use super::{FieldPath, Segment};
 use serde_json::{Map, Number, Value};
-use sonic_rs::{JsonNumberTrait, ValueRef};
+use sonic_rs::{JsonContainerTrait, JsonNumberTrait, JsonValueTrait};
 use std::hash::{Hash, Hasher};
 
 /// The paths read, merged into a tree.
@@ -63,9 +64,9 @@ impl Reads {
     /// The fields read of a parsed JSON object (an empty object if `object`
     /// is not one).
     pub fn take(&self, object: &sonic_rs::Value) -> Value {
-        match object.as_ref() {
-            ValueRef::Object(o) => Value::Object(take_object(&self.root, o.iter())),
-            _ => Value::Object(Map::new()),
+        match object.as_object() {
+            Some(o) => Value::Object(take_object(&self.root, o.iter())),
+            None => Value::Object(Map::new()),
         }
     }
 }
@@ -92,9 +93,11 @@ impl Node {
         if self.whole {
             return Some(to_serde(v));
         }
-        match v.as_ref() {
-            ValueRef::Object(o) => Some(Value::Object(take_object(self, o.iter()))),
-            ValueRef::Array(a) => {
+        if let Some(o) = v.as_object() {
+            return Some(Value::Object(take_object(self, o.iter())));
+        }
+        match v.as_array() {
+            Some(a) => {
                 let mut out = Vec::new();
                 for (seg, child) in &self.children {
                     if let Segment::Index(i, _) = seg {
@@ -108,7 +111,7 @@ impl Node {
                 }
                 Some(Value::Array(out))
             }
-            _ => None,
+            None => None,
         }
     }
 }
@@ -130,24 +133,67 @@ fn take_object<'a>(node: &Node, pairs: impl Iterator<Item = (&'a str, &'a sonic_
     out
 }
 
+/// Parses a line with `sonic-rs`, numbers kept as their text: `None`
+/// unless `serde_json` would take it too — UTF-8, one JSON value and
+/// nothing after it, and every number finite as `serde_json` reads it
+/// (`1e400` is an error to it). A line refused here is for `serde_json` to
+/// judge (and word).
+pub fn parse_line(buf: &[u8]) -> Option<sonic_rs::Value> {
+    let text = std::str::from_utf8(buf).ok()?;
+    let mut de = sonic_rs::Deserializer::from_str(text).use_rawnumber();
+    let v: sonic_rs::Value = de.deserialize().ok()?;
+    de.end().ok()?;
+    finite(&v).then_some(v)
+}
+
+/// Whether every number in `v` is finite as `serde_json` reads it: only
+/// one with an exponent or over 300 digits can be too large for an `f64`.
+fn finite(v: &sonic_rs::Value) -> bool {
+    if let Some(o) = v.as_object() {
+        return o.iter().all(|(_, v)| finite(v));
+    }
+    if let Some(a) = v.as_array() {
+        return a.iter().all(finite);
+    }
+    match v.as_raw_number() {
+        Some(raw) => {
+            let raw = raw.as_str();
+            raw.len() <= 300 && !raw.contains(['e', 'E']) || serde_json::from_str::<Number>(raw).is_ok()
+        }
+        None => true,
+    }
+}
+
 /// A parsed value as `serde_json` would have parsed it.
 pub fn to_serde(v: &sonic_rs::Value) -> Value {
-    match v.as_ref() {
-        ValueRef::Null => Value::Null,
-        ValueRef::Bool(b) => Value::Bool(b),
-        ValueRef::Number(n) => {
-            if let Some(u) = n.as_u64() {
-                Value::Number(u.into())
-            } else if let Some(i) = n.as_i64() {
-                Value::Number(i.into())
-            } else {
-                n.as_f64().and_then(Number::from_f64).map_or(Value::Null, Value::Number)
-            }
-        }
-        ValueRef::String(s) => Value::String(s.to_string()),
-        ValueRef::Array(a) => Value::Array(a.iter().map(to_serde).collect()),
-        ValueRef::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.to_string(), to_serde(v))).collect()),
+    if let Some(o) = v.as_object() {
+        return Value::Object(o.iter().map(|(k, v)| (k.to_string(), to_serde(v))).collect());
     }
+    if let Some(a) = v.as_array() {
+        return Value::Array(a.iter().map(to_serde).collect());
+    }
+    if let Some(s) = v.as_str() {
+        return Value::String(s.to_string());
+    }
+    if let Some(raw) = v.as_raw_number() {
+        // serde_json's own reading of the number's text: the same integer
+        // or float, to the last bit (its rounding differs from sonic-rs's).
+        return serde_json::from_str::<Number>(raw.as_str()).map_or(Value::Null, Value::Number);
+    }
+    if let Some(b) = v.as_bool() {
+        return Value::Bool(b);
+    }
+    if let Some(n) = v.as_number() {
+        // Parsed without raw numbers (tests).
+        if let Some(u) = n.as_u64() {
+            return Value::Number(u.into());
+        }
+        if let Some(i) = n.as_i64() {
+            return Value::Number(i.into());
+        }
+        return n.as_f64().and_then(Number::from_f64).map_or(Value::Null, Value::Number);
+    }
+    Value::Null
 }
 
 #[cfg(test)]
@@ -161,7 +207,7 @@ mod tests {
 
     fn take(ps: &[&str], line: &str) -> Value {
         let p = paths(ps);
-        Reads::new(&p, &[]).take(&sonic_rs::from_str(line).unwrap())
+        Reads::new(&p, &[]).take(&parse_line(line.as_bytes()).unwrap())
     }
 
     #[test]
@@ -180,6 +226,7 @@ mod tests {
             r#"{"a": "first", "a": {"b": 2}}"#,
             r#"{"n": {"0": "key spelled with a digit"}, "m": [["x"]], "u": 18446744073709551615, "i": -3, "f": 1.5e3}"#,
             r#"{"s": "\u00e9\n\"", "z": null, "t": true}"#,
+            r#"{"f": 184460748147419103232, "i": -0, "u": 1E2, "a": {"b": [1.0, -1e-400]}}"#,
         ];
         let ps = ["a", "a.b", "n.0", "m[0][0]", "u", "i", "f", "s", "z", "t", "missing.x"];
         for line in lines {

@@ -652,7 +652,7 @@ mod tests {
         let (old, new) = (rules(v1), rules(v2));
         let reads = super::super::reads(&old, &[]);
         let event = crate::event::EventTime::new(vec![]).event_of_line(
-            reads.take(&sonic_rs::from_str(line).unwrap()),
+            reads.take(&crate::event::parse_line(line.as_bytes()).unwrap()),
             line.as_bytes(),
             &reads,
             0,

@@ -8,7 +8,7 @@
 //! `serde_json`, whose verdict and words are the dead letter's.
 
 use super::LineInfo;
-use crate::event::{Event, EventTime, Reads};
+use crate::event::{parse_line, Event, EventTime, Reads};
 use crate::rules::Rule;
 use serde_json::Value;
 use sonic_rs::JsonValueTrait;
@@ -25,6 +25,12 @@ impl Decoder {
     /// Takes what `rules` read, and the event time's fields.
     pub fn new(rules: &[Rule], event_time: &EventTime) -> Self {
         let reads = crate::rules::reads(rules, event_time.fields());
+        Self { reads: Arc::new(reads), event_time: Arc::new(event_time.clone()) }
+    }
+
+    /// Takes `paths` and the event time's fields (tests, fuzzing).
+    pub fn of_paths(paths: &[crate::event::FieldPath], event_time: &EventTime) -> Self {
+        let reads = Reads::new(paths, event_time.fields());
         Self { reads: Arc::new(reads), event_time: Arc::new(event_time.clone()) }
     }
 
@@ -60,13 +66,13 @@ pub fn decode(buf: &[u8], info: &LineInfo, max_line_bytes: usize, decoder: &Deco
         return Decoded::Blank;
     }
     let not_object = || Decoded::Rejected { reason: "not_object", detail: "line is JSON but not an object".into() };
-    match sonic_rs::from_slice::<sonic_rs::Value>(buf) {
-        Ok(v) if v.is_object() => {
+    match parse_line(buf) {
+        Some(v) if v.is_object() => {
             let fields = decoder.reads.take(&v);
             Decoded::Event(decoder.event_time.event_of_line(fields, buf, &decoder.reads, ingest_ms))
         }
-        Ok(_) => not_object(),
-        Err(_) => match serde_json::from_slice::<Value>(buf) {
+        Some(_) => not_object(),
+        None => match serde_json::from_slice::<Value>(buf) {
             // Should sonic-rs refuse what serde_json takes, serde_json's reading stands.
             Ok(v @ Value::Object(_)) => Decoded::Event(decoder.event_time.event(v, ingest_ms)),
             Ok(_) => not_object(),
