@@ -139,11 +139,53 @@ fn take_object<'a>(node: &Node, pairs: impl Iterator<Item = (&'a str, &'a sonic_
 /// (`1e400` is an error to it). A line refused here is for `serde_json` to
 /// judge (and word).
 pub fn parse_line(buf: &[u8]) -> Option<sonic_rs::Value> {
+    if too_deep(buf) {
+        return None;
+    }
     let text = std::str::from_utf8(buf).ok()?;
     let mut de = sonic_rs::Deserializer::from_str(text).use_rawnumber();
     let v: sonic_rs::Value = de.deserialize().ok()?;
     de.end().ok()?;
     finite(&v).then_some(v)
+}
+
+/// Deepest nesting of arrays and objects parsed here. No security event
+/// nests this deep; a deeper line is left to `serde_json`, which bounds
+/// its own recursion (it refuses a 128th level), so that an attacker's
+/// `[[[[…` never reaches a parser or a walk that recurses without bound
+/// (sonic-rs's parser, unoptimized, overflows a 2 MiB stack near 126).
+const MAX_DEPTH: usize = 32;
+
+/// Whether arrays and objects nest deeper than [`MAX_DEPTH`]. Counting
+/// brackets, strings included, settles almost every line at once.
+fn too_deep(buf: &[u8]) -> bool {
+    if buf.iter().filter(|b| matches!(b, b'[' | b'{')).count() <= MAX_DEPTH {
+        return false;
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in buf {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Whether every number in `v` is finite as `serde_json` reads it: only
@@ -236,6 +278,37 @@ mod tests {
                 assert_eq!(p.lookup(&taken), p.lookup(&whole), "{p} in {line}");
             }
         }
+    }
+
+    #[test]
+    fn nesting_is_refused_where_serde_json_refuses_it_and_never_overflows_a_stack() {
+        use crate::source::{decode, Decoded, Decoder, LineInfo};
+        let decoder = Decoder::of_paths(&paths(&["a"]), &crate::event::EventTime::new(vec![]));
+        for depth in [1, 30, 31, 32, 33, 126, 127, 128, 129, 1_000, 1_000_000] {
+            let array = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            let object = format!("{{\"a\":{}1{}, \"s\": \"[[[{{{{\"}}", "[".repeat(depth), "]".repeat(depth));
+            for line in [array, object] {
+                let serde = match serde_json::from_str::<Value>(&line) {
+                    Ok(Value::Object(_)) => "event",
+                    Ok(_) => "not_object",
+                    Err(_) => "invalid_json",
+                };
+                let info = LineInfo { line: 1, end_offset: 0, len: line.len(), too_large: false };
+                // On a 2 MiB thread, as the reading thread's.
+                let decoder = decoder.clone();
+                let ours = std::thread::Builder::new().stack_size(2 << 20).spawn(move || {
+                    match decode(line.as_bytes(), &info, usize::MAX, &decoder, 0) {
+                        Decoded::Event(_) => "event",
+                        Decoded::Rejected { reason, .. } => reason,
+                        Decoded::Blank => "blank",
+                    }
+                });
+                assert_eq!(ours.unwrap().join().unwrap(), serde, "depth {depth}");
+            }
+            assert!(parse_line("[".repeat(depth).as_bytes()).is_none());
+        }
+        assert!(parse_line(format!("{}{}", "[".repeat(32), "]".repeat(32)).as_bytes()).is_some());
+        assert!(parse_line(format!("{}{}", "[".repeat(33), "]".repeat(33)).as_bytes()).is_none());
     }
 
     #[test]
