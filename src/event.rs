@@ -4,7 +4,7 @@
 
 mod reads;
 
-pub use reads::{parse_line, to_serde, Reads};
+pub use reads::{parse_line, Reads};
 
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
 use serde_json::Value;

@@ -10,7 +10,7 @@
 
 use super::{FieldPath, Segment};
 use serde_json::{Map, Number, Value};
-use sonic_rs::{JsonContainerTrait, JsonNumberTrait, JsonValueTrait};
+use sonic_rs::{JsonContainerTrait, JsonValueTrait};
 use std::hash::{Hash, Hasher};
 
 /// The paths read, merged into a tree.
@@ -61,8 +61,8 @@ impl Reads {
         self.id
     }
 
-    /// The fields read of a parsed JSON object (an empty object if `object`
-    /// is not one).
+    /// The fields read of a JSON object [`parse_line`] parsed (an empty
+    /// object if `object` is not one).
     pub fn take(&self, object: &sonic_rs::Value) -> Value {
         match object.as_object() {
             Some(o) => Value::Object(take_object(&self.root, o.iter())),
@@ -206,8 +206,8 @@ fn finite(v: &sonic_rs::Value) -> bool {
     }
 }
 
-/// A parsed value as `serde_json` would have parsed it.
-pub fn to_serde(v: &sonic_rs::Value) -> Value {
+/// A value [`parse_line`] parsed, as `serde_json` would have parsed it.
+fn to_serde(v: &sonic_rs::Value) -> Value {
     if let Some(o) = v.as_object() {
         return Value::Object(o.iter().map(|(k, v)| (k.to_string(), to_serde(v))).collect());
     }
@@ -224,16 +224,6 @@ pub fn to_serde(v: &sonic_rs::Value) -> Value {
     }
     if let Some(b) = v.as_bool() {
         return Value::Bool(b);
-    }
-    if let Some(n) = v.as_number() {
-        // Parsed without raw numbers (tests).
-        if let Some(u) = n.as_u64() {
-            return Value::Number(u.into());
-        }
-        if let Some(i) = n.as_i64() {
-            return Value::Number(i.into());
-        }
-        return n.as_f64().and_then(Number::from_f64).map_or(Value::Null, Value::Number);
     }
     Value::Null
 }

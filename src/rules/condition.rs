@@ -18,7 +18,7 @@
 //! CEL part on the whole event, parsed for the events that reach it.
 
 use crate::event::{Event, FieldPath};
-use cel::common::ast::{Expr, LiteralValue};
+use cel::common::ast::{Expr, LiteralValue, SelectExpr};
 use cel::common::value::CowVal;
 use cel::context::VariableResolver;
 use cel::objects::{Key, Map};
@@ -273,18 +273,12 @@ fn cel_paths(e: &Expr, out: &mut Vec<FieldPath>) -> bool {
     let whole_if_path = |e: &Expr, out: &mut Vec<FieldPath>| path_of(e).is_none() && cel_paths(e, out);
     match e {
         Expr::Literal(_) => true,
-        Expr::Select(s) if s.test => match path_segments(&s.operand.expr) {
-            Some(mut segs) => {
-                segs.push(s.field.clone());
-                match FieldPath::parse(&segs.join(".")) {
-                    Ok(p) => {
-                        out.push(p);
-                        true
-                    }
-                    Err(_) => false,
-                }
+        Expr::Select(s) if s.test => match has_path(s) {
+            Some(p) => {
+                out.push(p);
+                true
             }
-            None => cel_paths(&s.operand.expr, out),
+            None => path_segments(&s.operand.expr).is_none() && cel_paths(&s.operand.expr, out),
         },
         Expr::Select(s) => cel_paths(&s.operand.expr, out),
         Expr::List(l) => l.elements.iter().all(|x| cel_paths(&x.expr, out)),
@@ -314,11 +308,7 @@ fn flatten_and<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
 
 fn native_term(e: &Expr) -> Option<Term> {
     match e {
-        Expr::Select(s) if s.test => {
-            let mut segs = path_segments(&s.operand.expr)?;
-            segs.push(s.field.clone());
-            Some(Term::Has(FieldPath::parse(&segs.join(".")).ok()?))
-        }
+        Expr::Select(s) if s.test => Some(Term::Has(has_path(s)?)),
         Expr::Call(c)
             if c.target.is_none() && c.args.len() == 2 && (c.func_name == "_==_" || c.func_name == "_!=_") =>
         {
@@ -330,6 +320,13 @@ fn native_term(e: &Expr) -> Option<Term> {
         }
         _ => None,
     }
+}
+
+/// The path `has(a.b)` tests, when its operand is a path.
+fn has_path(s: &SelectExpr) -> Option<FieldPath> {
+    let mut segs = path_segments(&s.operand.expr)?;
+    segs.push(s.field.clone());
+    FieldPath::parse(&segs.join(".")).ok()
 }
 
 fn path_of(e: &Expr) -> Option<FieldPath> {

@@ -24,13 +24,15 @@ pub struct Decoder {
 impl Decoder {
     /// Takes what `rules` read, and the event time's fields.
     pub fn new(rules: &[Rule], event_time: &EventTime) -> Self {
-        let reads = crate::rules::reads(rules, event_time.fields());
-        Self { reads: Arc::new(reads), event_time: Arc::new(event_time.clone()) }
+        Self::of_reads(crate::rules::reads(rules, event_time.fields()), event_time)
     }
 
     /// Takes `paths` and the event time's fields (tests, fuzzing).
     pub fn of_paths(paths: &[crate::event::FieldPath], event_time: &EventTime) -> Self {
-        let reads = Reads::new(paths, event_time.fields());
+        Self::of_reads(Reads::new(paths, event_time.fields()), event_time)
+    }
+
+    fn of_reads(reads: Reads, event_time: &EventTime) -> Self {
         Self { reads: Arc::new(reads), event_time: Arc::new(event_time.clone()) }
     }
 
