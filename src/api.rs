@@ -106,8 +106,11 @@ fn entity(inner: &Inner, args: Vec<String>) -> Result<Explanation, Refusal> {
     let entity = EntityRef { type_: args[0].clone(), id: args[1].clone() };
     let (rules, scoring) =
         inner.rules.lock().map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "rules poisoned"))?.clone();
-    crate::scoring::explain_entity(&rules, &scoring, store.as_ref(), &entity)
-        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
+    match crate::scoring::explain_entity(&rules, &scoring, store.as_ref(), &entity, None) {
+        Ok(Some(x)) => Ok(x),
+        Ok(None) => Err(error(StatusCode::NOT_FOUND, crate::scoring::no_state(&rules, &entity))),
+        Err(e) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    }
 }
 
 fn state(inner: &Inner, args: Vec<String>) -> Result<Value, Refusal> {

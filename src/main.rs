@@ -35,6 +35,11 @@ enum Command {
         /// Alert output instead of the configured sink (`-` = stdout).
         #[arg(long)]
         alerts: Option<String>,
+        /// At the end of the input file, wait for more lines (as `tail -f`)
+        /// until Ctrl-C or SIGTERM, serving `/metrics` and the API meanwhile
+        /// (`source.follow = true` for this run).
+        #[arg(long)]
+        follow: bool,
     },
     /// Re-key raw Kafka events by entity: consume `kafka.topics`, produce
     /// each event to `<kafka.route_prefix><entity type>` keyed by entity id.
@@ -75,7 +80,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
-    /// Explain an entity: its risk score, contributions and every rule's state.
+    /// Explain an entity: its risk score, peak, last crossing, whether it is
+    /// armed, its contributions and every rule's state. Exits non-zero when
+    /// the store holds nothing for it.
     Entity {
         /// Entity type (user, ip, role, principal, …).
         entity_type: String,
@@ -87,6 +94,10 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Score at this event time (RFC 3339, e.g. 2024-03-01T10:05:00Z)
+        /// instead of the latest seen.
+        #[arg(long, value_name = "TIME", value_parser = event_time)]
+        at: Option<i64>,
     },
     /// Look at the state store.
     State {
@@ -185,12 +196,47 @@ enum StoreAction {
     },
 }
 
+/// A time read as event times are (RFC 3339, or epoch seconds or milliseconds).
+fn event_time(text: &str) -> Result<i64, String> {
+    riskd::event::parse_time_ms(&serde_json::Value::from(text))
+        .ok_or_else(|| format!("{text:?} is not a time: give RFC 3339, e.g. 2024-03-01T10:05:00Z"))
+}
+
 fn stream(text: &str) -> Stream {
     Stream::parse(text, Path::new(""))
 }
 
 fn load(path: &Path) -> anyhow::Result<Config> {
+    readable(path)?;
     Config::load(path).map_err(anyhow::Error::from)
+}
+
+/// A config file that cannot be read is not an invalid one: say which and why.
+fn readable(path: &Path) -> anyhow::Result<()> {
+    match std::fs::read(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            anyhow::bail!("cannot read the config file {}: {e}; name it with --config FILE", path.display())
+        }
+        Err(e) => anyhow::bail!("cannot read the config file {}: {e}", path.display()),
+    }
+}
+
+/// An error and its causes, each said once: a message that already holds
+/// its cause's text is not followed by it again.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Runs store work on a blocking thread: the DynamoDB store blocks on a
@@ -210,7 +256,11 @@ fn state_command(cfg: &Config, action: StateAction) -> anyhow::Result<()> {
         }
         StateAction::Get { key } => {
             let record = store.get_many(&[&key])?.pop().flatten();
-            anyhow::ensure!(record.is_some(), "no key {key:?}");
+            anyhow::ensure!(
+                record.is_some(),
+                "no key {key:?} in the {} store (`riskd state list --prefix PREFIX` lists the keys there are)",
+                store.kind()
+            );
             let now = riskd::state::watermark(store.as_ref())?;
             let view = riskd::state::describe(&key, record.as_ref(), now);
             std::io::Write::write_all(&mut out, format!("{view:#}\n").as_bytes())?;
@@ -306,8 +356,19 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         init_logging(cli.log_format, "warn");
     }
     match cli.command {
-        Command::Run { config, input, alerts } => {
-            let cfg = load(&config)?;
+        Command::Run { config, input, alerts, follow } => {
+            let mut cfg = load(&config)?;
+            if follow {
+                anyhow::ensure!(
+                    !cfg.from_kafka,
+                    "--follow follows a file; a Kafka source is read until stopped anyway"
+                );
+                anyhow::ensure!(
+                    input.as_deref() != Some("-"),
+                    "--follow follows a file; standard input is read until it closes anyway"
+                );
+                cfg.follow = true;
+            }
             init_logging(cli.log_format, &cfg.log_level);
             let opts = riskd::RunOptions {
                 input: input.as_deref().map(stream),
@@ -340,6 +401,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 .map(|s| riskd::config::Override::parse(s))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(anyhow::Error::msg)?;
+            readable(&config)?;
             let cfg = riskd::config::Config::load_with(&config, &overrides)?;
             let report = tokio::task::spawn_blocking(move || riskd::tuning::replay::replay(cfg, &input)).await??;
             match format {
@@ -347,13 +409,14 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
             }
         }
-        Command::Entity { entity_type, id, config, json } => {
+        Command::Entity { entity_type, id, config, json, at } => {
             let cfg = load(&config)?;
             let text = blocking(move || {
                 let store = riskd::state::open_store(&cfg.store).context("opening the store")?;
                 let entity = riskd::alert::EntityRef { type_: entity_type, id };
-                let x = riskd::scoring::explain_entity(&cfg.rules, &cfg.scoring, store.as_ref(), &entity)
-                    .context("reading the entity's state")?;
+                let x = riskd::scoring::explain_entity(&cfg.rules, &cfg.scoring, store.as_ref(), &entity, at)
+                    .context("reading the entity's state")?
+                    .ok_or_else(|| anyhow::anyhow!(riskd::scoring::no_state(&cfg.rules, &entity)))?;
                 Ok(if json { format!("{}\n", serde_json::to_string_pretty(&x)?) } else { x.to_string() })
             })
             .await?;
@@ -387,7 +450,7 @@ fn main() -> ExitCode {
     match runtime.block_on(main_inner(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("riskd: {e:#}");
+            eprintln!("riskd: {}", report(&e));
             ExitCode::FAILURE
         }
     }

@@ -45,6 +45,8 @@ fn entities_and_state_keys_read_from_a_running_riskd() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(trudy["armed"], false);
+    assert_eq!(trudy["peak"]["score"], 143.73);
+    assert_eq!(trudy["last_crossing"]["score"], 103.73);
     assert_eq!(trudy["entity"]["id"], "trudy@example.com");
     assert_eq!(trudy["rule_state"].as_array().map(Vec::len), Some(4));
 
@@ -54,6 +56,12 @@ fn entities_and_state_keys_read_from_a_running_riskd() {
     assert_eq!(grace["expires_at"], "2024-03-08T14:00:00.000Z");
     let (status, missing) = get(&url("/v1/state/no/such/key"), None);
     assert_eq!(status, 404, "{missing}");
+    let (status, nobody) = get(&url("/v1/entities/usr/trudy@example.com"), None);
+    assert_eq!(status, 404, "{nobody}");
+    assert!(
+        nobody["error"].as_str().unwrap().contains("the rules' entity types are ip, principal, role, user"),
+        "{nobody}"
+    );
 }
 
 #[test]
@@ -78,4 +86,49 @@ fn a_token_is_required_when_set_and_beyond_loopback() {
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(!status.success());
     assert!(stderr.contains("is not a loopback address: set RISKD_API_TOKEN"), "{stderr}");
+}
+
+/// `riskd run --follow` on the shipped sample: once every line is applied it
+/// keeps serving `/metrics` and the API, takes lines appended later, and
+/// stops cleanly on SIGTERM with its summary.
+#[test]
+fn follow_keeps_serving_after_the_sample_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    std::fs::copy(samples(), &input).unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), &input, "", "flush_interval = \"200ms\"");
+    let text =
+        std::fs::read_to_string(&config).unwrap().replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    std::fs::write(&config, text).unwrap();
+    let mut cmd = riskd_command(&["run", "--config", &config.display().to_string(), "--follow"]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut riskd = Guard(cmd.spawn().unwrap());
+    let read = || {
+        let (_, body) = http_get(&format!("http://127.0.0.1:{port}/metrics"), None).unwrap_or((0, String::new()));
+        body.lines()
+            .filter(|l| l.starts_with("riskd_events_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    wait_for("the sample's 210 events on /metrics", Duration::from_secs(30), || read() == 210.0);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(riskd.0.try_wait().unwrap().is_none(), "riskd ended at the end of the sample");
+    assert_eq!(read(), 210.0);
+    wait_for("trudy on the API", Duration::from_secs(30), || {
+        get(&format!("http://127.0.0.1:{port}/v1/entities/user/trudy@example.com"), None).0 == 200
+    });
+    // A line appended is read.
+    let last = std::fs::read_to_string(samples()).unwrap().lines().last().unwrap().to_string();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&input).unwrap();
+    std::io::Write::write_all(&mut f, format!("{last}\n").as_bytes()).unwrap();
+    wait_for("the appended line", Duration::from_secs(30), || read() == 211.0);
+    // SIGTERM: flushed, summary printed, exit 0.
+    let pid = riskd.0.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = riskd.0.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut riskd.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("riskd: events read 211, skipped 0"), "{stderr}");
 }

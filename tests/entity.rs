@@ -54,3 +54,91 @@ fn explains_scores_contributions_and_rule_state() {
     assert!(text.starts_with("entity user trudy@example.com\nscore "), "{text}");
     assert!(text.contains("contributions (6), largest first:"), "{text}");
 }
+
+/// The planted attacker's score has decayed away a month later; what it
+/// reached, when it crossed and why it is disarmed are still shown.
+#[test]
+fn shows_the_peak_the_last_crossing_and_why_it_is_disarmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &samples(), "", "");
+    run_ok(&config);
+    let risk_alert: Value = std::fs::read_to_string(dir.path().join("alerts.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|a| a["rule_id"] == "entity_risk")
+        .unwrap();
+
+    let trudy = explain(&config, "user", "trudy@example.com");
+    assert_eq!(trudy["score"], 0.0);
+    // It crossed at 10:00 with the first of two contributions at that time
+    // (103.73, the risk alert's score); the second took it to 143.73.
+    assert_eq!(trudy["last_crossing"]["at"], "2024-03-01T10:00:00.000Z");
+    assert_eq!(trudy["last_crossing"]["score"], risk_alert["context"]["score"]);
+    assert_eq!(trudy["last_crossing"]["score"], 103.73);
+    assert_eq!(trudy["last_crossing"]["alert_id"], risk_alert["alert_id"]);
+    assert_eq!(trudy["peak"], serde_json::json!({"at": "2024-03-01T10:00:00.000Z", "score": 143.73}));
+    let why = format!(
+        "disarmed since 2024-03-01T10:00:00.000Z, when the score reached 103.73 (risk alert {}); re-arms when a new \
+         contribution finds the score below 50.0 (it is 0.0 now)",
+        risk_alert["alert_id"].as_str().unwrap()
+    );
+    assert_eq!(trudy["armed_explained"], why.as_str());
+
+    let config_arg = config.display().to_string();
+    let out = riskd(&["entity", "user", "trudy@example.com", "--config", &config_arg]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\npeak   143.73 at 2024-03-01T10:00:00.000Z\n"), "{text}");
+    assert!(text.contains("\nlast crossing at 2024-03-01T10:00:00.000Z: score 103.73, risk alert "), "{text}");
+    assert!(text.contains(&format!("\n{why}\n")), "{text}");
+
+    // --at: scored at another event time.
+    let at = |time: &str| {
+        let out = riskd(&["entity", "user", "trudy@example.com", "--config", &config_arg, "--json", "--at", time]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let at_crossing = at("2024-03-01T10:00:00Z");
+    assert_eq!(
+        (at_crossing["now"].as_str(), at_crossing["score"].as_f64()),
+        (Some("2024-03-01T10:00:00.000Z"), Some(143.73))
+    );
+    let before = at("2024-03-01T09:00:00Z");
+    assert_eq!(before["armed"], true);
+    assert_eq!(before["last_crossing"], Value::Null);
+    assert_eq!(before["contributions"].as_array().map(Vec::len), Some(4));
+    assert!(before["armed_explained"]
+        .as_str()
+        .unwrap()
+        .starts_with("armed: a score reaching 100.0 raises a risk alert"));
+    let out = riskd(&["entity", "user", "trudy@example.com", "--config", &config_arg, "--at", "yesterday"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"yesterday\" is not a time"));
+}
+
+#[test]
+fn an_entity_without_state_is_an_error_naming_the_types_rules_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &samples(), "", "");
+    run_ok(&config);
+    let config = config.display().to_string();
+    let out = riskd(&["entity", "usr", "trudy@example.com", "--config", &config]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "riskd: no state for usr \"trudy@example.com\": no rule is keyed by entity type \"usr\"; the rules' entity \
+         types are ip, principal, role, user\n"
+    );
+    let out = riskd(&["entity", "user", "nobody@example.com", "--config", &config]);
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "riskd: no state for user \"nobody@example.com\": no rule has kept anything for it, and it has no risk\n"
+    );
+    let out = riskd(&["state", "--config", &config, "get", "okta_ip_change/user/nobody@example.com"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("riskd: no key \"okta_ip_change/user/nobody@example.com\"")
+    );
+}

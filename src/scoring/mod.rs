@@ -19,9 +19,11 @@ mod policy;
 mod risk;
 mod scorer;
 
-pub use explain::{explain_contributions, explain_entity, ContributionRow, Explanation, RuleStateRow};
+pub use explain::{
+    explain_contributions, explain_entity, no_state, ContributionRow, CrossingRow, Explanation, PeakRow, RuleStateRow,
+};
 pub use policy::{default_bands, Modifier, ScoringConfig, TypePolicy};
-pub use risk::{contribute, load, risk_key, Contribution, RiskSource, RiskState, Scored};
+pub use risk::{contribute, load, risk_key, Contribution, Crossing, Mark, RiskSource, RiskState, Scored};
 pub use scorer::Scorer;
 
 /// Rule id of risk alerts.

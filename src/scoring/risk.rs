@@ -27,17 +27,51 @@ pub struct Contribution {
 }
 
 /// An entity's risk state, kept as the dictionary of its risk key.
+///
+/// `peak`, `crossed` and `rearmed` came later than the rest: a state
+/// stored without them reads as having none (and they are written only once
+/// they have a value, so an entity that never crossed stores no more than it did).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RiskState {
     /// Whether crossing the threshold raises an alert.
     pub armed: bool,
     /// Contributions not yet decayed below the floor.
     pub contributions: Vec<Contribution>,
+    /// The highest score reached (the score peaks at a contribution).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak: Option<Mark>,
+    /// The last time the score crossed the threshold while armed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crossed: Option<Crossing>,
+    /// The last time a contribution found the score below `rearm_below`
+    /// and re-armed the entity (the score it found).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rearmed: Option<Mark>,
+}
+
+/// A score at an event time (ms).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mark {
+    /// The score, to 3 decimals.
+    pub score: f64,
+    /// Event time (ms).
+    pub at: i64,
+}
+
+/// A crossing of the threshold: when, the score reached, the risk alert raised.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Crossing {
+    /// The score reached, to 3 decimals.
+    pub score: f64,
+    /// Event time (ms).
+    pub at: i64,
+    /// The risk alert raised.
+    pub alert_id: String,
 }
 
 impl Default for RiskState {
     fn default() -> Self {
-        Self { armed: true, contributions: Vec::new() }
+        Self { armed: true, contributions: Vec::new(), peak: None, crossed: None, rearmed: None }
     }
 }
 
@@ -51,6 +85,25 @@ impl RiskState {
             .map(|c| policy.decayed(c.points, now - c.event_time))
             .sum::<f64>()
             + 0.0
+    }
+
+    /// The highest score reached by event time `now`: the stored peak if it
+    /// is that old, or the highest the contributions kept reach at their
+    /// own times (those decayed below the floor are gone, so for a state
+    /// stored without a peak this may be lower than the score really was).
+    pub fn peak_by(&self, policy: &TypePolicy, now: i64) -> Option<Mark> {
+        self.highest(policy, self.peak.filter(|p| p.at <= now), |t| t <= now)
+    }
+
+    /// The highest of `stored` and the scores at the times of the
+    /// contributions `counted` picks (the score peaks at a contribution).
+    fn highest(&self, policy: &TypePolicy, stored: Option<Mark>, counted: impl Fn(i64) -> bool) -> Option<Mark> {
+        let reached = self
+            .contributions
+            .iter()
+            .filter(|c| counted(c.event_time))
+            .map(|c| Mark { score: round3(self.score(policy, c.event_time)), at: c.event_time });
+        stored.into_iter().chain(reached).reduce(|a, b| if b.score > a.score { b } else { a })
     }
 
     pub(super) fn from_dict(dict: Option<&Map<String, Value>>) -> Self {
@@ -180,9 +233,13 @@ fn add(
     // Contributions that have decayed to nothing are dropped, so state stays bounded.
     state.contributions.retain(|c| c.event_time > now || policy.decayed(c.points, now - c.event_time) >= cfg.floor);
     let before = state.score(policy, now);
-    let rearmed = !state.armed && before < policy.rearm_below;
+    // A late contribution, older than the last crossing, cannot re-arm:
+    // what it finds is the score before the crossing.
+    let after_crossing = state.crossed.as_ref().is_none_or(|c| now >= c.at);
+    let rearmed = !state.armed && after_crossing && before < policy.rearm_below;
     if rearmed {
         state.armed = true;
+        state.rearmed = Some(Mark { score: round3(before), at: now });
     }
     state.contributions.push(Contribution {
         rule_id: source.rule_id.to_string(),
@@ -191,10 +248,14 @@ fn add(
         alert_id: alert.alert_id.clone(),
     });
     let score = before + points;
+    // The score at this contribution, and (were it late) at every later one.
+    state.peak = state.highest(policy, state.peak, |t| t >= now);
     let mut risk_alert = None;
     if state.armed && score >= policy.threshold {
         state.armed = false;
-        risk_alert = Some(risk_alert_for(policy, &state, alert, event, score, now));
+        let raised = risk_alert_for(policy, &state, alert, event, score, now);
+        state.crossed = Some(Crossing { score: round3(score), at: now, alert_id: raised.alert_id.clone() });
+        risk_alert = Some(raised);
     }
     let dict = state.to_dict();
     check_dict_size(key, &dict)?;
@@ -342,6 +403,46 @@ mod tests {
         assert_eq!(b.risk_alerts.len(), 1);
         b.hit(&r, "u", 2 * H + 30 * H + 48 * H + 1); // ≈ 152: crosses again
         assert_eq!(b.risk_alerts.len(), 2);
+    }
+
+    #[test]
+    fn peak_crossing_and_rearming_are_kept() {
+        let r = rule("r", 60, None);
+        let mut b = Bench::new(ScoringConfig::default());
+        let e = EntityRef { type_: "user".into(), id: "u".into() };
+        b.hit(&r, "u", 10 * H); // 60
+        b.hit(&r, "u", 11 * H); // ≈ 118.3: crosses
+        let state = load(&mut b.cache, &e, 11 * H).unwrap();
+        let crossed = state.crossed.clone().unwrap();
+        assert_eq!((crossed.at, crossed.alert_id.as_str()), (11 * H, b.risk_alerts[0].alert_id.as_str()));
+        assert!((crossed.score - 118.29).abs() < 0.01, "{crossed:?}");
+        assert_eq!(state.peak.map(|p| p.at), Some(11 * H));
+        // A late contribution (before the peak) raises the score at the peak
+        // too; finding the score at its time under 50, it does not re-arm.
+        b.hit(&r, "u", 9 * H);
+        let state = load(&mut b.cache, &e, 11 * H).unwrap();
+        let peak = state.peak.unwrap();
+        assert_eq!(peak.at, 11 * H);
+        assert!(close(peak.score, round3(state.score(b.cfg.policy("user"), 11 * H))), "{peak:?}");
+        assert!(peak.score > 170.0);
+        assert_eq!((state.rearmed, state.armed), (None, false));
+        // Three days on the score is ≈ 22: the next contribution re-arms.
+        b.hit(&r, "u", 11 * H + 72 * H);
+        let state = load(&mut b.cache, &e, 11 * H + 72 * H).unwrap();
+        let rearmed = state.rearmed.unwrap();
+        assert_eq!(rearmed.at, 11 * H + 72 * H);
+        assert!(rearmed.score < 50.0);
+        assert_eq!(state.peak.unwrap(), peak, "the peak stays");
+        // A state stored before these were kept reads as having none, and
+        // its peak is found from the contributions kept.
+        let old: Map<String, Value> = serde_json::from_str(
+            r#"{"armed":false,"contributions":[{"rule_id":"r","points":60.0,"event_time":0,"alert_id":"a"}]}"#,
+        )
+        .unwrap();
+        let old = RiskState::from_dict(Some(&old));
+        assert_eq!((old.crossed.clone(), old.rearmed), (None, None));
+        assert_eq!(old.peak_by(b.cfg.policy("user"), H), Some(Mark { score: 60.0, at: 0 }));
+        assert_eq!(old.to_dict().len(), 2, "nothing is written for what is not known");
     }
 
     #[test]
