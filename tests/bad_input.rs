@@ -30,6 +30,10 @@ fn bad_lines_are_counted_set_aside_and_skipped() {
     assert_eq!(got, vec![(4, "invalid_json"), (6, "not_object"), (8, "too_large"), (10, "incomplete")]);
     assert!(dead.iter().all(|d| d["source"] == input.display().to_string()));
     assert_eq!(dead[0]["raw"], "this is not json");
+    assert_eq!(
+        dead[0]["detail"],
+        "not valid JSON at byte 2: a word that is not true, false or null (a string needs double quotes), near \"this is not j\""
+    );
     assert!(dead[2]["raw"].as_str().map(str::len) == Some(2048), "too large: first bytes kept");
     assert!(dead[3]["detail"].as_str().unwrap_or("").contains("okta_ip_change"), "{}", dead[3]);
     // The good lines were all applied: the same alerts as the good lines alone.
@@ -75,6 +79,35 @@ fn bad_config_is_rejected_whole_with_every_error() {
     let check = riskd(&["check", "--config", &config.display().to_string()]);
     assert!(!check.status.success());
     assert_eq!(String::from_utf8_lossy(&check.stderr), stderr);
+}
+
+/// Files that cannot be opened are named once, with the cause once; a
+/// config that cannot be read is not called invalid.
+#[test]
+fn missing_files_are_named_once_with_their_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &samples(), "", "");
+    let missing = dir.path().join("nope.jsonl").display().to_string();
+    let out = riskd(&["run", "--config", &config.display().to_string(), "--input", &missing]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("riskd: cannot open the input {missing}: No such file or directory")),
+        "{stderr}"
+    );
+
+    let nope = dir.path().join("nope.toml").display().to_string();
+    for command in
+        [&["run", "--config", &nope][..], &["check", "--config", &nope], &["entity", "user", "x", "--config", &nope]]
+    {
+        let out = riskd(command);
+        assert!(!out.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!("riskd: cannot read the config file {nope}: No such file or directory (os error 2); name it with --config FILE\n")
+        );
+    }
 }
 
 #[test]

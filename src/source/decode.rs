@@ -78,9 +78,47 @@ pub fn decode(buf: &[u8], info: &LineInfo, max_line_bytes: usize, decoder: &Deco
             // Should sonic-rs refuse what serde_json takes, serde_json's reading stands.
             Ok(v @ Value::Object(_)) => Decoded::Event(decoder.event_time.event(v, ingest_ms)),
             Ok(_) => not_object(),
-            Err(e) => Decoded::Rejected { reason: "invalid_json", detail: e.to_string() },
+            Err(e) => Decoded::Rejected { reason: "invalid_json", detail: invalid_json(&e, buf) },
         },
     }
+}
+
+/// What is wrong with a line that is not JSON, in words: where (the byte),
+/// what the parser found there, and the text around it.
+fn invalid_json(e: &serde_json::Error, buf: &[u8]) -> String {
+    let message = e.to_string();
+    let what = message.split(" at line ").next().unwrap_or(&message);
+    let words = match what {
+        "expected ident" => "a word that is not true, false or null (a string needs double quotes)",
+        "expected value" => "no JSON value where one was expected",
+        "expected `,` or `}`" => "a missing comma or closing brace in an object",
+        "expected `,` or `]`" => "a missing comma or closing bracket in an array",
+        "expected `:`" => "a key not followed by a colon",
+        "key must be a string" => "an object key that is not a string in double quotes",
+        "trailing characters" => "more text after the JSON value ended",
+        "trailing comma" => "a comma before a closing brace or bracket",
+        "EOF while parsing a string" => "the line ends inside a string: it is cut short",
+        "EOF while parsing an object" => "the line ends inside an object: it is cut short",
+        "EOF while parsing a list" => "the line ends inside an array: it is cut short",
+        "EOF while parsing a value" => "the line ends where a value was expected: it is cut short",
+        "invalid escape" => "a backslash escape that JSON does not have",
+        "invalid number" => "a malformed number",
+        "number out of range" => "a number too large for a 64-bit float",
+        "recursion limit exceeded" => "arrays and objects nested over 128 levels deep",
+        "invalid unicode code point" | "lone leading surrogate in hex escape" | "unexpected end of hex escape" => {
+            "a \\u escape that is not a valid character"
+        }
+        w if w.starts_with("control character") => "a control character inside a string (it must be escaped)",
+        w if w.starts_with("invalid unicode") || w.contains("UTF-8") => "bytes that are not UTF-8",
+        w => w,
+    };
+    // serde_json counts columns in bytes, from 1.
+    let at = e.column().saturating_sub(1).min(buf.len());
+    let from = at.saturating_sub(12);
+    let to = (at + 12).min(buf.len());
+    let near = String::from_utf8_lossy(&buf[from..to]);
+    let near: String = near.chars().flat_map(char::escape_debug).collect();
+    format!("not valid JSON at byte {}: {words}, near \"{near}\"", at + 1)
 }
 
 /// Decodes one Kafka message (its payload at `offset`) as [`decode`] does a
@@ -89,4 +127,37 @@ pub fn decode_message(payload: &[u8], offset: u64, max_bytes: usize, decoder: &D
     let len = payload.len();
     let info = LineInfo { line: offset, end_offset: offset + 1, len, too_large: len > max_bytes };
     decode(&payload[..len.min(max_bytes)], &info, max_bytes, decoder, ingest_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn detail(line: &str) -> String {
+        let e = serde_json::from_str::<Value>(line).unwrap_err();
+        invalid_json(&e, line.as_bytes())
+    }
+
+    #[test]
+    fn invalid_json_is_said_in_words_with_where_and_what_is_there() {
+        assert_eq!(
+            detail("nope"),
+            "not valid JSON at byte 2: a word that is not true, false or null (a string needs double quotes), near \"nope\""
+        );
+        assert_eq!(
+            detail(r#"{"a": 1 "b": 2}"#),
+            "not valid JSON at byte 9: a missing comma or closing brace in an object, near \"{\\\"a\\\": 1 \\\"b\\\": 2}\""
+        );
+        let cut = detail(r#"{"eventName": "ConsoleLogin", "user"#);
+        assert_eq!(
+            cut,
+            "not valid JSON at byte 35: the line ends inside a string: it is cut short, near \"Login\\\", \\\"user\""
+        );
+        assert!(
+            detail("{\"a\": \"x\u{1}\"}").contains("a control character inside a string (it must be escaped), near")
+        );
+        // What the line holds is shown escaped: nothing of it reaches a log raw.
+        assert!(detail("{\"a\": 1}\u{1b}[31m")
+            .contains(r#"more text after the JSON value ended, near "{\"a\": 1}\u{1b}[31m""#));
+    }
 }
