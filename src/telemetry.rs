@@ -19,6 +19,9 @@ use tracing_subscriber::EnvFilter;
 /// Every metric riskd exports.
 pub struct Metrics {
     registry: Registry,
+    /// Every metric's name, in the order declared (the process collector's
+    /// `process_*` aside).
+    names: Vec<String>,
     /// Lines read, by source kind and outcome (`ok`, `invalid`, `too_large`, `incomplete`).
     pub events: IntCounterVec,
     /// Lines written to the dead-letter file, by reason.
@@ -128,28 +131,42 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
 }
 
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+/// A registry being filled, and the name of every metric in it.
+#[derive(Default)]
+struct Catalogue {
+    registry: Registry,
+    names: std::cell::RefCell<Vec<String>>,
+}
+
+impl Catalogue {
+    fn add(&self, metric: Box<dyn prometheus::core::Collector>, name: &str) {
+        self.names.borrow_mut().extend(metric.desc().iter().map(|d| d.fq_name.clone()));
+        self.registry.register(metric).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    }
+}
+
+fn counter(r: &Catalogue, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.add(Box::new(c.clone()), name);
     c
 }
 
-fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+fn histogram(r: &Catalogue, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
     let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
         .unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    r.register(Box::new(h.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.add(Box::new(h.clone()), name);
     h
 }
 
-fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+fn gauge(r: &Catalogue, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.add(Box::new(g.clone()), name);
     g
 }
 
-fn float(r: &Registry, name: &str, help: &str) -> prometheus::Gauge {
+fn float(r: &Catalogue, name: &str, help: &str) -> prometheus::Gauge {
     let g = prometheus::Gauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.add(Box::new(g.clone()), name);
     g
 }
 
@@ -163,10 +180,10 @@ impl Metrics {
     // Long on purpose: every metric riskd exports is declared here, once,
     // one after the other, so that the list reads as the catalogue.
     fn new() -> Self {
-        let r = Registry::new();
+        let r = Catalogue::default();
         #[cfg(target_os = "linux")]
         {
-            let _ = r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+            let _ = r.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
         }
         let seconds = buckets(1e-6, 4.0, 12); // 1 µs … ~4 s
         let m = Metrics {
@@ -333,7 +350,7 @@ impl Metrics {
                     &["kind", "op", "source"],
                 )
                 .unwrap_or_else(|e| panic!("metric {name}: {e}"));
-                r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+                r.add(Box::new(c.clone()), name);
                 c
             },
             rate_limiter_waits: counter(
@@ -348,7 +365,7 @@ impl Metrics {
                     &["kind"],
                 )
                 .unwrap_or_else(|e| panic!("metric riskd_rate_limiter_wait_seconds_total: {e}"));
-                r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric: {e}"));
+                r.add(Box::new(c.clone()), "riskd_rate_limiter_wait_seconds_total");
                 c
             },
             config_reloads: counter(&r, "riskd_config_reloads_total", "Config reloads, by outcome.", &["outcome"]),
@@ -397,7 +414,7 @@ impl Metrics {
                     "Time the other partitions spent waiting for one with nothing buffered.",
                 )
                 .unwrap_or_else(|e| panic!("metric riskd_kafka_partition_wait_seconds_total: {e}"));
-                r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric: {e}"));
+                r.add(Box::new(c.clone()), "riskd_kafka_partition_wait_seconds_total");
                 c
             },
             kafka_produced: counter(
@@ -424,12 +441,13 @@ impl Metrics {
                 let name = "riskd_not_ready_seconds_total";
                 let c = prometheus::Counter::new(name, "Time spent not ready.")
                     .unwrap_or_else(|e| panic!("metric {name}: {e}"));
-                r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+                r.add(Box::new(c.clone()), name);
                 c
             },
             not_ready_since: Mutex::new(None),
             build_info: gauge(&r, "riskd_build_info", "Always 1, labelled with riskd's version.", &["version"]),
-            registry: r,
+            registry: r.registry,
+            names: r.names.into_inner(),
         };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         m
@@ -447,6 +465,12 @@ impl Metrics {
             }
             _ => {}
         }
+    }
+
+    /// The name of every metric riskd exports (`process_*` aside), as
+    /// declared: the catalogue the README's table is checked against.
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// The exposition in the Prometheus text format.
