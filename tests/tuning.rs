@@ -123,7 +123,7 @@ fn state_get_list_delete_export_import() {
     let out = riskd(&["state", "--config", &c, "list", "--prefix", "riskd/risk/user/"]);
     let listed = text(&out).0;
     assert!(
-        listed.lines().any(|l| l.starts_with("riskd/risk/user/trudy@example.com  dict{2 keys}  no expiry")),
+        listed.lines().any(|l| l.starts_with("riskd/risk/user/trudy@example.com  dict{4 keys}  no expiry")),
         "{listed}"
     );
 
