@@ -37,6 +37,11 @@ pub struct PathError {
 }
 
 impl FieldPath {
+    /// One top-level key, as it is (dots and brackets included).
+    pub fn key(name: &str) -> Self {
+        Self { text: name.to_string(), segments: vec![Segment::Key(name.to_string())] }
+    }
+
     /// Parses `a.b[0].c`.
     pub fn parse(text: &str) -> Result<Self, PathError> {
         let err = |reason| PathError { path: text.to_string(), reason };

@@ -330,6 +330,14 @@ async fn store_command(action: StoreAction) -> anyhow::Result<()> {
 fn check_command(config: &Path, sample: Option<&Path>) -> anyhow::Result<()> {
     let cfg = load(config)?;
     println!("{}: ok, {} rules", config.display(), cfg.rules.len());
+    if !cfg.sigma_paths.is_empty() {
+        let loaded: usize = cfg.sigma.loaded.values().sum();
+        let by: Vec<String> = cfg.sigma.loaded.iter().map(|(l, n)| format!("{l} {n}")).collect();
+        println!("Sigma rules: {loaded} loaded ({}), {} skipped", by.join(", "), cfg.sigma.skipped.len());
+        for s in &cfg.sigma.skipped {
+            println!("  skipped {s}");
+        }
+    }
     let samples = match sample {
         None => Vec::new(),
         Some(p) => std::fs::read_to_string(p)

@@ -68,7 +68,8 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
                 }
             }
         });
-        Some(crate::reload::spawn(cfg.path.clone(), cfg.rule_paths.clone(), tx))
+        let watched = cfg.rule_paths.iter().chain(&cfg.sigma_paths).cloned().collect();
+        Some(crate::reload::spawn(cfg.path.clone(), watched, tx))
     } else {
         None
     };

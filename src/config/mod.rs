@@ -12,6 +12,7 @@
 mod kafka;
 mod rule_files;
 mod scoring;
+pub mod sigma;
 mod source;
 mod spans;
 mod store;
@@ -102,6 +103,9 @@ pub struct ConfigFile {
     /// Kafka: the broker, the consumer group, topics.
     #[serde(default)]
     pub kafka: Option<KafkaFile>,
+    /// How Sigma rules become riskd rules.
+    #[serde(default)]
+    pub sigma: sigma::SigmaFile,
 }
 
 /// A section left out of the file: every key at its serde default, so that
@@ -177,6 +181,10 @@ pub struct Config {
     pub rules: std::sync::Arc<Vec<Rule>>,
     /// The rule files and folders (where `riskd test` looks for tests).
     pub rule_paths: Vec<PathBuf>,
+    /// The Sigma rule files and folders.
+    pub sigma_paths: Vec<PathBuf>,
+    /// The Sigma rules loaded, by logsource, and those skipped.
+    pub sigma: sigma::SigmaLoad,
     /// Entity risk scoring.
     pub scoring: ScoringConfig,
     /// Telemetry endpoint address, if on.
@@ -215,7 +223,11 @@ impl Config {
         let scoring = scoring::build(&file.scoring, &mut report.section("scoring"));
         let listen = telemetry::build(&file.telemetry, &mut report.section("telemetry"));
         let rule_paths = rule_files::paths(&file.rules, &base, &mut report.section("rules"));
-        let rules = rule_files::load(&rule_paths, overrides, &mut report.errors);
+        let mut rules = rule_files::load(&rule_paths, overrides, &mut report.errors);
+        let sigma_paths: Vec<PathBuf> = file.rules.sigma.iter().map(|p| base.join(p)).collect();
+        let taken = rules.iter().map(|r| r.id.clone()).collect();
+        let (sigma_rules, sigma) = sigma::load(&sigma_paths, &file.sigma, &taken, &mut report.errors);
+        rules.extend(sigma_rules);
         if rules.is_empty() && report.errors.is_empty() {
             report.file_error("no rules found under rules.paths".into());
         }
@@ -273,6 +285,8 @@ impl Config {
             event_time,
             rules: std::sync::Arc::new(rules),
             rule_paths,
+            sigma_paths,
+            sigma,
             scoring,
             listen,
             log_level: file.telemetry.log_level,

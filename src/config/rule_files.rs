@@ -18,6 +18,9 @@ pub struct RulesFile {
     /// (in name order; `*.test.yaml` files are rule tests, not rules).
     #[serde(default = "rules_dir")]
     pub paths: Vec<String>,
+    /// Sigma rule files, or folders searched at any depth (see `[sigma]`).
+    #[serde(default)]
+    pub sigma: Vec<String>,
 }
 
 fn rules_dir() -> Vec<String> {

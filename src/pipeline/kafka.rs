@@ -941,7 +941,7 @@ fn pump(
         if kj.flush_due() {
             kj.flush_and_commit(consumer, CommitMode::Async)?;
         }
-        if kj.since_flush % 1024 == 0 {
+        if kj.since_flush.is_multiple_of(1024) {
             kj.job.main().publish_metrics();
         }
     }

@@ -37,6 +37,9 @@ pub struct Condition {
     reads: Vec<FieldPath>,
     /// It reads more than paths name: its CEL part runs on the whole event.
     whole: bool,
+    /// A Sigma rule's detection instead of CEL, and the condition an event
+    /// must meet first (its logsource's), if any.
+    sigma: Option<Box<(super::sigma::Detection, Option<Condition>)>>,
 }
 
 impl std::fmt::Debug for Condition {
@@ -94,7 +97,20 @@ impl Condition {
         let all_native = native.len() == conjuncts.len();
         let mut reads = Vec::new();
         let whole = !cel_paths(&program.expression().expr, &mut reads);
-        Ok(Self { source: source.to_string(), native, program: (!all_native).then_some(program), reads, whole })
+        let program = (!all_native).then_some(program);
+        Ok(Self { source: source.to_string(), native, program, reads, whole, sigma: None })
+    }
+
+    /// A Sigma rule's detection as a condition, behind `gate` if given;
+    /// `source` names it.
+    pub fn sigma(detection: super::sigma::Detection, gate: Option<Condition>, source: String) -> Self {
+        let mut reads = detection.reads().to_vec();
+        let mut whole = detection.reads_whole_event();
+        if let Some(g) = &gate {
+            reads.extend(g.reads.iter().cloned());
+            whole |= g.whole;
+        }
+        Self { source, native: Vec::new(), program: None, reads, whole, sigma: Some(Box::new((detection, gate))) }
     }
 
     /// The field paths the condition reads (each read whole).
@@ -111,6 +127,9 @@ impl Condition {
     /// Evaluates against an event's fields, or against the whole event
     /// when the condition reads more than paths.
     pub fn matches(&self, event: &Event, extra: Extra<'_>) -> bool {
+        if let Some(s) = &self.sigma {
+            return s.1.as_ref().is_none_or(|g| g.matches(event, extra)) && s.0.matches(event);
+        }
         if !self.native.iter().all(|t| t.test(&event.value)) {
             return false;
         }
@@ -137,6 +156,9 @@ impl Condition {
             .collect();
         if let Some(p) = &self.program {
             out.extend(p.references().variables().into_iter().map(String::from));
+        }
+        if self.sigma.is_some() {
+            out.extend(self.reads.iter().map(|p| p.as_str().to_string()));
         }
         out.sort();
         out.dedup();
@@ -165,6 +187,9 @@ impl Condition {
 
     /// Evaluates against an event; `extra` binds more variables.
     pub fn eval(&self, event: &Value, extra: Extra<'_>) -> bool {
+        if let Some(s) = &self.sigma {
+            return s.1.as_ref().is_none_or(|g| g.eval(event, extra)) && s.0.matches_value(event);
+        }
         if !self.native.iter().all(|t| t.test(event)) {
             return false;
         }

@@ -228,7 +228,7 @@ impl Engine {
         let event = retaken.as_ref().unwrap_or(event);
         let mut out = Outcome::default();
         self.events += 1;
-        let sampled = self.events % 64 == 0;
+        let sampled = self.events.is_multiple_of(64);
         let mut timer = sampled.then(std::time::Instant::now);
         // Phase 1: which rules match, for which entity; load their keys.
         self.matched.clear();
@@ -365,6 +365,9 @@ impl Engine {
         }
         for (name, path) in &rule.context {
             context.insert(name.clone(), path.lookup(&event.value).cloned().unwrap_or(Value::Null));
+        }
+        for (name, value) in &rule.labels {
+            context.insert(name.clone(), value.clone());
         }
         let alert = Alert {
             alert_id: alert_id(rule, entity_id, event),

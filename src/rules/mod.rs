@@ -4,6 +4,7 @@
 pub mod condition;
 pub mod engine;
 mod forms;
+pub mod sigma;
 pub mod spec;
 
 pub use condition::Condition;
@@ -109,6 +110,8 @@ pub struct Rule {
     pub dedup_key: Option<FieldPath>,
     /// Event fields copied into alerts.
     pub context: Vec<(String, FieldPath)>,
+    /// Constant values in every alert's context (a Sigma rule's id, level, tags).
+    pub labels: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Rule {
@@ -295,6 +298,7 @@ pub fn compile(spec: RuleSpec) -> Result<Rule, Vec<FieldError>> {
             dedup_window_ms,
             dedup_key,
             context,
+            labels: serde_json::Map::new(),
         }),
         _ => Err(errors),
     }

@@ -192,7 +192,7 @@ fn serve(client: TcpStream, server: TcpStream, state: &Mutex<State>) {
                     Plan::Delay(d)
                 }
                 Fault::Cut(share) if s.unit() < share => {
-                    let (in_answer, reset, at) = (s.next() % 2 == 0, s.next() % 2 == 0, s.unit());
+                    let (in_answer, reset, at) = (s.next().is_multiple_of(2), s.next().is_multiple_of(2), s.unit());
                     if in_answer {
                         s.counts.cut_answers += 1;
                         Plan::CutAnswer(at, reset)
