@@ -259,7 +259,11 @@ fn sigterm_while_a_flush_retries_a_full_store() {
     setup.append(0.0, 0.4);
     let mut riskd = Service::start(&setup.config);
     riskd.wait_events(setup.part(0.0, 0.4).len(), Duration::from_secs(60));
-    riskd.wait_commit(Duration::from_secs(30));
+    // A checkpoint to resume from: the lines taken are committed within a
+    // flush_interval (2 s) of the last; the commit may already have come
+    // (counting commits from "now" raced with it under load).
+    std::thread::sleep(Duration::from_millis(2500));
+    riskd.wait_commits(1.0, Duration::from_secs(30));
     let filler = state.fill();
     setup.append(0.4, 1.0);
     riskd.wait_not_ready("store: embedded store", Duration::from_secs(30));

@@ -261,14 +261,13 @@ impl Service {
         });
     }
 
-    /// Waits for a commit after the ones so far (the lines taken are then
-    /// in a checkpoint).
-    pub fn wait_commit(&mut self, timeout: Duration) {
-        let ok = |s: &Self| metric_sum(&s.metrics(), "riskd_flushes_total", &[("outcome", "ok")]);
-        let before = ok(self);
-        wait_for("a commit", timeout, || {
+    /// Waits until riskd has committed at least `n` times since it started
+    /// (`riskd_flushes_total{outcome="ok"}`). Counting from the start, not
+    /// from "now": the commit awaited may already have happened.
+    pub fn wait_commits(&mut self, n: f64, timeout: Duration) {
+        wait_for(&format!("{n} commits"), timeout, || {
             assert!(self.running(), "riskd exited: {}", self.stderr());
-            ok(self) > before
+            metric_sum(&self.metrics(), "riskd_flushes_total", &[("outcome", "ok")]) >= n
         });
     }
 
