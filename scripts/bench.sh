@@ -6,7 +6,9 @@
 #   scripts/bench.sh order        the file job with the event-time buffer off and on (events/s, peak memory)
 #   scripts/bench.sh cost         DynamoDB units and $ per 1,000 events fed live (1,000 and 10,000/s, 5 min
 #                                 each, three store variants) beside Panther's helpers; long: not in `all`
-#   scripts/bench.sh              all four (not cost)
+#   scripts/bench.sh sigma        the file job with the five rules alone and with every vendored Sigma rule,
+#                                 beside the rsigma engine on the same file
+#   scripts/bench.sh              all five (not cost)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -14,6 +16,9 @@ what=${1:-all}
 
 if [ "$what" = throughput ] || [ "$what" = all ]; then
   cargo bench --bench throughput
+fi
+if [ "$what" = sigma ] || [ "$what" = all ]; then
+  cargo bench --bench sigma
 fi
 # shellcheck source=scripts/services.sh
 . "$root/scripts/services.sh"

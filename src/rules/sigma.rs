@@ -219,8 +219,17 @@ impl Detection {
 
     /// Whether a whole event (a JSON object) matches.
     pub fn matches_value(&self, event: &Value) -> bool {
-        let mut memo: Vec<Option<bool>> = vec![None; self.named.len()];
-        self.conditions.iter().any(|c| self.holds(c, event, &mut memo))
+        // Each named detection is evaluated once at most (on the stack for
+        // the usual handful).
+        let mut small = [None; 16];
+        let mut large = Vec::new();
+        let memo: &mut [Option<bool>] = if self.named.len() <= small.len() {
+            &mut small[..self.named.len()]
+        } else {
+            large.resize(self.named.len(), None);
+            &mut large
+        };
+        self.conditions.iter().any(|c| self.holds(c, event, memo))
     }
 
     fn named(&self, i: usize, event: &Value, memo: &mut [Option<bool>]) -> bool {
@@ -715,6 +724,24 @@ impl Matcher {
 
     /// Against a string (keywords search strings only).
     fn matches_str(&self, s: &str) -> bool {
+        // ASCII text against an ASCII value: no lowercase copy needed (both
+        // ASCII, Unicode and ASCII case folding agree).
+        if s.is_ascii() {
+            let fold = |v: &str, c: &Case, t: &str| match c {
+                Case::Insensitive => v.is_ascii() && t.eq_ignore_ascii_case(v),
+                Case::Sensitive => t == v,
+            };
+            match self {
+                Matcher::Exact(v, c) if v.is_ascii() => return fold(v, c, s),
+                Matcher::StartsWith(v, c) if v.is_ascii() => {
+                    return s.len() >= v.len() && fold(v, c, &s[..v.len()]);
+                }
+                Matcher::EndsWith(v, c) if v.is_ascii() => {
+                    return s.len() >= v.len() && fold(v, c, &s[s.len() - v.len()..]);
+                }
+                _ => {}
+            }
+        }
         let folded =
             if self.folds() { std::borrow::Cow::Owned(s.to_lowercase()) } else { std::borrow::Cow::Borrowed(s) };
         self.matches_folded(s, &folded)
