@@ -51,10 +51,12 @@ fn every_vendored_rule_loads_or_is_listed_as_unsupported() {
     let skipped: Vec<&str> = text.lines().filter(|l| l.starts_with("  skipped ")).collect();
     assert_eq!(skipped.len(), UNSUPPORTED, "{text}");
     assert!(
-        summary.starts_with(&format!("Sigma rules: {} loaded (aws/cloudtrail 57, ", 249 - UNSUPPORTED)),
+        // 249 vendored rules and riskd's 3 correlations over them.
+        summary.starts_with(&format!("Sigma rules: {} loaded (aws/cloudtrail 57, ", 252 - UNSUPPORTED)),
         "{summary}"
     );
     assert!(summary.contains("okta/okta 21"), "{summary}");
+    assert!(summary.contains("correlation/event_count 1, correlation/temporal_ordered 1"), "{summary}");
     assert!(summary.ends_with(&format!(", {UNSUPPORTED} skipped")), "{summary}");
 }
 

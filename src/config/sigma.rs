@@ -9,9 +9,12 @@
 use super::ConfigError;
 use crate::alert::Severity;
 use crate::event::FieldPath;
+use crate::rules::correlation::{Correlation, Kind, Op, MAX_LIMIT};
 use crate::rules::sigma::{self as rules_sigma, Detection};
 use crate::rules::{Condition, Form, Rule};
-use rsigma_parser::{Level, LogSource, SigmaRule};
+use rsigma_parser::{
+    ConditionOperator, CorrelationCondition, CorrelationRule, CorrelationType, Level, LogSource, SigmaRule, WindowMode,
+};
 use serde::Deserialize;
 use serde_json::{json, Map};
 use std::collections::{BTreeMap, HashSet};
@@ -33,6 +36,27 @@ pub struct SigmaFile {
     /// Field names of the rules → the events' names, where they differ.
     #[serde(default)]
     pub fields: BTreeMap<String, String>,
+    /// Entity type by event field, for correlations grouped by a field that
+    /// is not their logsource's entity key (`sourceIPAddress = "ip"`), over
+    /// the shipped ones.
+    #[serde(default)]
+    pub entities: BTreeMap<String, String>,
+    /// Dedup window of the Sigma rules' alerts (default 1h).
+    #[serde(default)]
+    pub dedup: Option<String>,
+}
+
+/// The shipped entity types of group-by fields (besides every logsource's
+/// entity key): the source addresses of the shipped logsources.
+fn shipped_entities() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("sourceIPAddress", "ip"),
+        ("client.ipAddress", "ip"),
+        ("callerIpAddress", "ip"),
+        ("ipAddress", "ip"),
+        ("protoPayload.requestMetadata.callerIp", "ip"),
+        ("ClientIP", "ip"),
+    ]
 }
 
 /// Risk points of a Sigma rule by its level. The defaults: with the default
@@ -161,8 +185,33 @@ pub fn load(
     let mut logsources = cfg.logsources.clone();
     logsources.extend(shipped_logsources());
     let gates = compile_gates(&logsources, errors);
+    let dedup_window_ms = match cfg.dedup.as_deref().map(|d| humantime::parse_duration(d.trim())) {
+        None => 3_600_000,
+        Some(Ok(d)) if !d.is_zero() => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Some(_) => {
+            let given = cfg.dedup.clone().unwrap_or_default();
+            errors.push(error(
+                Path::new("[sigma]"),
+                None,
+                None,
+                format!("dedup: invalid duration {given:?}; use e.g. 90s, 15m, 1h"),
+            ));
+            3_600_000
+        }
+    };
+    for (field, t) in &cfg.entities {
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+            let message = format!("entities: {field} = {t:?}: an entity type is lowercase letters, digits and _");
+            errors.push(error(Path::new("[sigma]"), None, None, message));
+        }
+    }
+    let ctx = Ctx { cfg, logsources: &logsources, gates: &gates, dedup_window_ms };
     let mut out = (Vec::new(), SigmaLoad::default());
     let mut ids: HashSet<String> = taken.clone();
+    // Detection rules by Sigma id and name (for correlations), and the
+    // correlations, loaded once every file's rules are.
+    let mut known: BTreeMap<String, (SigmaRule, usize)> = BTreeMap::new();
+    let mut correlations = Vec::new();
     for file in files {
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
@@ -185,15 +234,10 @@ pub fn load(
                 out.1.skipped.push(skip(&file, &text, None, None, e.clone()));
             }
         }
-        for c in &collection.correlations {
-            let reason = "correlation rules are not supported yet".to_string();
-            out.1.skipped.push(skip(
-                &file,
-                &text,
-                Some("correlation:"),
-                Some(c.id.clone().unwrap_or(c.title.clone())),
-                reason,
-            ));
+        let stated = conditions_stated(&text);
+        for (n, c) in collection.correlations.iter().enumerate() {
+            let stated = stated.get(n).copied().unwrap_or(true);
+            correlations.push((file.clone(), text.clone(), c.clone(), stated, n + 1));
         }
         for f in &collection.filters {
             let reason = "filter rules are not supported".to_string();
@@ -212,16 +256,73 @@ pub fn load(
             while !ids.insert(id.clone()) {
                 id.push('_');
             }
-            match convert(sigma, id, &file, cfg, &logsources, &gates) {
+            match convert(sigma, id, &file, &ctx) {
                 Ok((rule, logsource)) => {
                     *out.1.loaded.entry(logsource).or_default() += 1;
+                    for name in sigma.id.iter().chain(&sigma.name) {
+                        known.insert(name.clone(), (sigma.clone(), out.0.len()));
+                    }
                     out.0.push(rule);
                 }
                 Err(why) => out.1.skipped.push(skip(&file, &text, why.near.as_deref(), Some(name), why.reason)),
             }
         }
     }
+    // A referenced rule alerts on its own only if a correlation naming it
+    // says `generate: true` (Sigma's default is false).
+    let mut silenced = HashSet::new();
+    let mut generated = HashSet::new();
+    let several = correlations.len() > 1;
+    for (file, text, c, stated, n) in correlations {
+        let name = c.id.clone().unwrap_or_else(|| c.title.clone());
+        let mut id = riskd_id(&file, None);
+        id.push_str("_correlation");
+        if several && n > 1 {
+            id.push_str(&format!("_{n}"));
+        }
+        while !ids.insert(id.clone()) {
+            id.push('_');
+        }
+        match convert_correlation(&c, stated, id, &file, &ctx, &known) {
+            Ok((rule, referenced)) => {
+                *out.1.loaded.entry(format!("correlation/{}", rule_type(&rule))).or_default() += 1;
+                let to = if c.generate { &mut generated } else { &mut silenced };
+                to.extend(referenced);
+                out.0.push(rule);
+            }
+            Err(why) => out.1.skipped.push(skip(&file, &text, why.near.as_deref(), Some(name), why.reason)),
+        }
+    }
+    for i in silenced.difference(&generated) {
+        out.0[*i].enabled = false;
+    }
     out
+}
+
+fn rule_type(rule: &Rule) -> &'static str {
+    match &rule.form {
+        Form::Correlation(c) => c.type_name(),
+        _ => "detection",
+    }
+}
+
+/// For each correlation document of a file, in order: whether it states a
+/// `condition` (a `temporal` one without needs all its rules; the parser
+/// cannot tell it from `gte: 1`).
+fn conditions_stated(text: &str) -> Vec<bool> {
+    use serde::Deserialize as _;
+    serde_yaml_ng::Deserializer::from_str(text)
+        .filter_map(|doc| serde_yaml_ng::Value::deserialize(doc).ok())
+        .filter_map(|doc| doc.get("correlation").map(|c| c.get("condition").is_some()))
+        .collect()
+}
+
+/// What converting a rule needs of the configuration.
+struct Ctx<'a> {
+    cfg: &'a SigmaFile,
+    logsources: &'a [LogsourceFile],
+    gates: &'a [Option<String>],
+    dedup_window_ms: i64,
 }
 
 fn collect(path: &Path, files: &mut Vec<PathBuf>, errors: &mut Vec<ConfigError>) {
@@ -330,37 +431,45 @@ fn level_name(level: Option<Level>) -> &'static str {
     }
 }
 
-fn convert(
+fn bad(what: &str, e: String) -> rules_sigma::Unsupported {
+    rules_sigma::Unsupported { reason: format!("{what}: {e}"), near: None }
+}
+
+/// A detection rule's matcher (its detection behind its logsource's gate),
+/// its logsource's mapping and its name.
+fn matcher<'a>(
     sigma: &SigmaRule,
-    id: String,
     file: &Path,
-    cfg: &SigmaFile,
-    logsources: &[LogsourceFile],
-    gates: &[Option<String>],
-) -> Result<(Rule, String), rules_sigma::Unsupported> {
+    ctx: &Ctx<'a>,
+) -> Result<(Condition, &'a LogsourceFile), rules_sigma::Unsupported> {
     let logsource = logsource_name(&sigma.logsource);
-    let Some((index, map)) = mapping(logsources, &sigma.logsource) else {
+    let Some((index, map)) = mapping(ctx.logsources, &sigma.logsource) else {
         return Err(rules_sigma::Unsupported {
             reason: format!("no entity for logsource {logsource:?}: map it under [[sigma.logsources]]"),
             near: Some("logsource:".into()),
         });
     };
-    let renamed = rename_fields(sigma, &cfg.fields);
+    let renamed = rename_fields(sigma, &ctx.cfg.fields);
     let detection = Detection::compile(renamed.as_ref().unwrap_or(sigma))?;
-    let bad = |what: &str, e: String| rules_sigma::Unsupported { reason: format!("{what}: {e}"), near: None };
-    let entity_key = FieldPath::parse(&map.entity_key).map_err(|e| bad("the logsource's entity_key", e.to_string()))?;
-    let gate = match &gates[index] {
+    let gate = match &ctx.gates[index] {
         Some(src) => Some(Condition::compile(src).map_err(|e| bad("the logsource's match", e))?),
         None => None,
     };
     let sigma_id = sigma.id.clone().unwrap_or_default();
-    let level = level_name(sigma.level);
+    let source = format!("sigma {} ({})", if sigma_id.is_empty() { &sigma.title } else { &sigma_id }, file.display());
+    Ok((Condition::sigma(detection, gate, source), map))
+}
+
+/// Risk points and severity of a Sigma rule or correlation: by its id
+/// (Sigma's, then riskd's), its tags, then its level.
+fn risk_of(cfg: &SigmaFile, sigma_id: &str, id: &str, tags: &[String], level: Option<Level>) -> (u32, Severity) {
+    let level = level_name(level);
     let risk = cfg
         .risk_by
-        .get(&sigma_id)
-        .or_else(|| cfg.risk_by.get(&id))
+        .get(sigma_id)
+        .or_else(|| cfg.risk_by.get(id))
         .copied()
-        .or_else(|| sigma.tags.iter().filter_map(|t| cfg.risk_by.get(t)).max().copied())
+        .or_else(|| tags.iter().filter_map(|t| cfg.risk_by.get(t)).max().copied())
         .unwrap_or(match level {
             "informational" => cfg.risk.informational,
             "low" => cfg.risk.low,
@@ -375,42 +484,93 @@ fn convert(
         "critical" => Severity::Critical,
         _ => Severity::Medium,
     };
-    let attack: Vec<&String> = sigma.tags.iter().filter(|t| t.starts_with("attack.")).collect();
-    let mut labels = Map::new();
-    labels.insert(
-        "sigma".into(),
-        json!({
-            "id": sigma.id,
-            "title": sigma.title,
-            "level": level,
-            "tags": sigma.tags,
+    (risk, severity)
+}
+
+fn convert(
+    sigma: &SigmaRule,
+    id: String,
+    file: &Path,
+    ctx: &Ctx<'_>,
+) -> Result<(Rule, String), rules_sigma::Unsupported> {
+    let logsource = logsource_name(&sigma.logsource);
+    let (matcher, map) = matcher(sigma, file, ctx)?;
+    let entity_key = FieldPath::parse(&map.entity_key).map_err(|e| bad("the logsource's entity_key", e.to_string()))?;
+    let meta = Meta {
+        id: &sigma.id,
+        title: &sigma.title,
+        description: &sigma.description,
+        level: sigma.level,
+        tags: &sigma.tags,
+    };
+    let labels = meta.labels(&logsource, file, json!({}));
+    let rule = meta.rule(id, ctx, (map.entity_type.clone(), entity_key, Vec::new()), matcher, Form::Stateless, labels);
+    Ok((rule, logsource))
+}
+
+/// What a Sigma detection or correlation rule says of itself.
+struct Meta<'a> {
+    id: &'a Option<String>,
+    title: &'a String,
+    description: &'a Option<String>,
+    level: Option<Level>,
+    tags: &'a [String],
+}
+
+impl Meta<'_> {
+    /// `context.sigma` of its alerts: id, title, level, tags, ATT&CK tags,
+    /// logsource, file, and `more`'s keys.
+    fn labels(&self, logsource: &str, file: &Path, more: serde_json::Value) -> Map<String, serde_json::Value> {
+        let attack: Vec<&String> = self.tags.iter().filter(|t| t.starts_with("attack.")).collect();
+        let mut sigma = json!({
+            "id": self.id,
+            "title": self.title,
+            "level": level_name(self.level),
+            "tags": self.tags,
             "attack": attack,
             "logsource": logsource,
             "file": file.display().to_string(),
-        }),
-    );
-    let source = format!("sigma {} ({})", if sigma_id.is_empty() { &sigma.title } else { &sigma_id }, file.display());
-    let rule = Rule {
-        namespace: id.clone(),
-        id,
-        title: sigma.title.clone(),
-        description: sigma.description.clone().unwrap_or_default(),
-        severity,
-        enabled: true,
-        risk,
-        risk_cap: None,
-        entity_type: map.entity_type.clone(),
-        entity_key,
-        matcher: Condition::sigma(detection, gate, source),
-        form: Form::Stateless,
-        fire: None,
-        direct: false,
-        dedup_window_ms: 3_600_000,
-        dedup_key: None,
-        context: Vec::new(),
-        labels,
-    };
-    Ok((rule, logsource))
+        });
+        if let (Some(s), serde_json::Value::Object(more)) = (sigma.as_object_mut(), more) {
+            s.extend(more);
+        }
+        Map::from_iter([("sigma".to_string(), sigma)])
+    }
+
+    /// The riskd rule: risk and severity by its id, tags or level; Sigma's
+    /// dedup window; `entity` is its type, key and further group-by fields.
+    fn rule(
+        &self,
+        id: String,
+        ctx: &Ctx<'_>,
+        (entity_type, entity_key, group): (String, FieldPath, Vec<FieldPath>),
+        matcher: Condition,
+        form: Form,
+        labels: Map<String, serde_json::Value>,
+    ) -> Rule {
+        let (risk, severity) = risk_of(ctx.cfg, self.id.as_deref().unwrap_or_default(), &id, self.tags, self.level);
+        Rule {
+            namespace: id.clone(),
+            id,
+            title: self.title.clone(),
+            description: self.description.clone().unwrap_or_default(),
+            severity,
+            enabled: true,
+            risk,
+            risk_cap: None,
+            entity_type,
+            entity_key,
+            group,
+            matcher,
+            form,
+            fire: None,
+            direct: false,
+            dedup_window_ms: ctx.dedup_window_ms,
+            dedup_key: None,
+            context: Vec::new(),
+            labels,
+        }
+    }
 }
 
 /// The rule with its field names mapped (`[sigma.fields]`), if any is.
@@ -437,4 +597,123 @@ fn rename(d: &mut rsigma_parser::Detection, names: &BTreeMap<String, String>) {
         rsigma_parser::Detection::AnyOf(ds) => ds.iter_mut().for_each(|d| rename(d, names)),
         _ => {}
     }
+}
+
+/// A Sigma correlation as a riskd rule whose matcher is its referenced
+/// rules' detections; with the indexes of those rules.
+fn convert_correlation(
+    c: &CorrelationRule,
+    stated: bool,
+    id: String,
+    file: &Path,
+    ctx: &Ctx<'_>,
+    known: &BTreeMap<String, (SigmaRule, usize)>,
+) -> Result<(Rule, Vec<usize>), rules_sigma::Unsupported> {
+    let no = |reason: String, near: &str| rules_sigma::Unsupported { reason, near: Some(near.into()) };
+    if c.window != WindowMode::Sliding {
+        return Err(no(format!("{} windows are not supported, only sliding ones", c.window.as_str()), "window:"));
+    }
+    if !c.aliases.is_empty() {
+        let why = "aliases are not supported: name the same field in each rule, or map names with [sigma.fields]";
+        return Err(no(why.into(), "aliases:"));
+    }
+    if c.group_by.is_empty() {
+        return Err(no("a correlation without group-by has no entity to score".into(), "correlation:"));
+    }
+    if c.timespan.seconds == 0 {
+        return Err(no("timespan must be longer than zero".into(), "timespan:"));
+    }
+    let rename = |f: &String| ctx.cfg.fields.get(f).cloned().unwrap_or_else(|| f.clone());
+    let path = |f: &str| FieldPath::parse(f).map_err(|e| bad(&format!("field {f:?}"), e.to_string()));
+    let (predicates, fields) = match &c.condition {
+        CorrelationCondition::Threshold { predicates, field, .. } => (predicates, field),
+        CorrelationCondition::Extended(_) => {
+            let why = "a condition over rule names is not supported: give a count (gte: N)";
+            return Err(no(why.into(), "condition:"));
+        }
+    };
+    let kind = match c.correlation_type {
+        CorrelationType::EventCount => Kind::EventCount,
+        CorrelationType::Temporal => Kind::Temporal,
+        CorrelationType::TemporalOrdered => Kind::TemporalOrdered,
+        CorrelationType::ValueCount => match fields {
+            Some(f) if !f.is_empty() => Kind::ValueCount(f.iter().map(|f| path(&rename(f))).collect::<Result<_, _>>()?),
+            _ => return Err(no("value_count needs condition.field".into(), "condition:")),
+        },
+        other => {
+            let why = format!(
+                "{} correlations are not supported (event_count, value_count, temporal and temporal_ordered are)",
+                other.as_str()
+            );
+            return Err(no(why, "type:"));
+        }
+    };
+    if let Some((_, n)) = predicates.iter().find(|(_, n)| *n > MAX_LIMIT) {
+        let why = format!("condition counts to {n}: riskd keeps up to {MAX_LIMIT} hits per group");
+        return Err(no(why, "condition:"));
+    }
+    let mut predicates: Vec<(Op, f64)> = predicates
+        .iter()
+        .map(|(op, n)| {
+            let op = match op {
+                ConditionOperator::Lt => Op::Lt,
+                ConditionOperator::Lte => Op::Lte,
+                ConditionOperator::Gt => Op::Gt,
+                ConditionOperator::Gte => Op::Gte,
+                ConditionOperator::Eq => Op::Eq,
+                ConditionOperator::Neq => Op::Neq,
+            };
+            (op, *n as f64)
+        })
+        .collect();
+    if c.correlation_type == CorrelationType::Temporal && !stated {
+        // Sigma: without a condition, every referenced rule must match.
+        predicates = vec![(Op::Gte, c.rules.len() as f64)];
+    }
+    let mut parts = Vec::new();
+    let mut maps = Vec::new();
+    let mut referenced = Vec::new();
+    for r in &c.rules {
+        let Some((sigma, index)) = known.get(r) else {
+            let why = format!("references rule {r:?}, which is not loaded (absent, skipped, or a correlation: correlations of correlations are not supported)");
+            return Err(no(why, r));
+        };
+        let (m, map) = matcher(sigma, file, ctx)?;
+        parts.push(m);
+        maps.push(map);
+        referenced.push(*index);
+    }
+    let group: Vec<String> = c.group_by.iter().map(rename).collect();
+    let entity_of = |f: &str| -> Option<String> {
+        if maps.iter().all(|m| m.entity_key == f) {
+            return maps.first().map(|m| m.entity_type.clone());
+        }
+        ctx.cfg
+            .entities
+            .get(f)
+            .cloned()
+            .or_else(|| shipped_entities().into_iter().find(|(k, _)| *k == f).map(|(_, t)| t.to_string()))
+            .or_else(|| ctx.logsources.iter().find(|l| l.entity_key == f).map(|l| l.entity_type.clone()))
+    };
+    let Some((at, entity_type)) = group.iter().enumerate().find_map(|(i, f)| Some((i, entity_of(f)?))) else {
+        let why = format!(
+            "no entity among the group-by fields {group:?}: name the entity type of one under [sigma.entities]"
+        );
+        return Err(no(why, "group-by:"));
+    };
+    let entity_key = path(&group[at])?;
+    let others = group.iter().enumerate().filter(|(i, _)| *i != at).map(|(_, f)| path(f)).collect::<Result<_, _>>()?;
+    let correlation = Correlation {
+        kind,
+        rules: c.rules.clone(),
+        window_ms: (c.timespan.seconds as i64).saturating_mul(1000),
+        predicates,
+    };
+    let meta = Meta { id: &c.id, title: &c.title, description: &c.description, level: c.level, tags: &c.tags };
+    let labels = meta.labels("correlation", file, json!({"group_by": c.group_by, "timespan": c.timespan.original}));
+    let name = c.id.as_ref().unwrap_or(&c.title);
+    let matcher = Condition::any(parts, format!("sigma correlation {name} ({})", file.display()));
+    let form = Form::Correlation(Box::new(correlation));
+    let rule = meta.rule(id, ctx, (entity_type, entity_key, others), matcher, form, labels);
+    Ok((rule, referenced))
 }

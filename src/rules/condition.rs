@@ -40,6 +40,9 @@ pub struct Condition {
     /// A Sigma rule's detection instead of CEL, and the condition an event
     /// must meet first (its logsource's), if any.
     sigma: Option<Box<(super::sigma::Detection, Option<Condition>)>>,
+    /// Parts of which any one is enough (a Sigma correlation's referenced
+    /// rules); empty for every other condition.
+    any: Vec<Condition>,
 }
 
 impl std::fmt::Debug for Condition {
@@ -98,7 +101,7 @@ impl Condition {
         let mut reads = Vec::new();
         let whole = !cel_paths(&program.expression().expr, &mut reads);
         let program = (!all_native).then_some(program);
-        Ok(Self { source: source.to_string(), native, program, reads, whole, sigma: None })
+        Ok(Self { source: source.to_string(), native, program, reads, whole, sigma: None, any: Vec::new() })
     }
 
     /// A Sigma rule's detection as a condition, behind `gate` if given;
@@ -110,7 +113,31 @@ impl Condition {
             reads.extend(g.reads.iter().cloned());
             whole |= g.whole;
         }
-        Self { source, native: Vec::new(), program: None, reads, whole, sigma: Some(Box::new((detection, gate))) }
+        Self {
+            source,
+            native: Vec::new(),
+            program: None,
+            reads,
+            whole,
+            sigma: Some(Box::new((detection, gate))),
+            any: Vec::new(),
+        }
+    }
+
+    /// A condition that holds when any of `parts` does (in order, the first
+    /// that holds decides); `source` names it.
+    pub fn any(parts: Vec<Condition>, source: String) -> Self {
+        let mut reads: Vec<FieldPath> = parts.iter().flat_map(|p| p.reads.iter().cloned()).collect();
+        reads.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        reads.dedup();
+        let whole = parts.iter().any(|p| p.whole);
+        Self { source, native: Vec::new(), program: None, reads, whole, sigma: None, any: parts }
+    }
+
+    /// For a condition made by [`Condition::any`]: the indexes of the parts
+    /// that hold for the event.
+    pub fn parts_matching(&self, event: &Event) -> Vec<usize> {
+        (0..self.any.len()).filter(|i| self.any[*i].matches(event, &[])).collect()
     }
 
     /// The field paths the condition reads (each read whole).
@@ -127,6 +154,9 @@ impl Condition {
     /// Evaluates against an event's fields, or against the whole event
     /// when the condition reads more than paths.
     pub fn matches(&self, event: &Event, extra: Extra<'_>) -> bool {
+        if !self.any.is_empty() {
+            return self.any.iter().any(|p| p.matches(event, extra));
+        }
         if let Some(s) = &self.sigma {
             // The detection first: it rejects most events more cheaply than CEL.
             return s.0.matches(event) && s.1.as_ref().is_none_or(|g| g.matches(event, extra));
@@ -158,7 +188,7 @@ impl Condition {
         if let Some(p) = &self.program {
             out.extend(p.references().variables().into_iter().map(String::from));
         }
-        if self.sigma.is_some() {
+        if self.sigma.is_some() || !self.any.is_empty() {
             out.extend(self.reads.iter().map(|p| p.as_str().to_string()));
         }
         out.sort();
@@ -188,6 +218,9 @@ impl Condition {
 
     /// Evaluates against an event; `extra` binds more variables.
     pub fn eval(&self, event: &Value, extra: Extra<'_>) -> bool {
+        if !self.any.is_empty() {
+            return self.any.iter().any(|p| p.eval(event, extra));
+        }
         if let Some(s) = &self.sigma {
             return s.0.matches_value(event) && s.1.as_ref().is_none_or(|g| g.eval(event, extra));
         }

@@ -52,8 +52,8 @@ pub struct Engine {
     access: Vec<RuleAccess>,
     /// Scratch buffer for state keys: no allocation per evaluation.
     key: String,
-    /// Per event: the matched rules (index, entity id) and the keys to load.
-    matched: Vec<(usize, String)>,
+    /// Per event: the matched rules (index, entity) and the keys to load.
+    matched: Vec<(usize, Target)>,
     keys: Vec<String>,
     /// Events seen (for sampling the evaluation timer).
     events: u64,
@@ -87,7 +87,22 @@ enum Verdict {
     /// Matched, but the rule cannot apply it (entity id absent or too long).
     Problem(String),
     /// Matched, for this entity.
-    Match(String),
+    Match(Target),
+}
+
+/// Whom a matched rule is about: its entity, and the name of its state
+/// when the rule groups by more than the entity (a Sigma correlation's
+/// `group-by`).
+struct Target {
+    entity: String,
+    group: Option<String>,
+}
+
+impl Target {
+    /// The id the rule's state and default dedup key are kept under.
+    fn state(&self) -> &str {
+        self.group.as_deref().unwrap_or(&self.entity)
+    }
 }
 
 /// A rule's metric handles, resolved once.
@@ -251,19 +266,19 @@ impl Engine {
             if let Some(stats) = self.stats.as_mut() {
                 stats[i].matches += 1;
             }
-            let entity_id = match verdict {
-                Verdict::Match(id) => id,
+            let target = match verdict {
+                Verdict::Match(t) => t,
                 Verdict::Problem(message) => {
                     out.problems.push(Problem { rule_id: rule.id.clone(), message });
                     continue;
                 }
                 _ => continue,
             };
-            needed_keys(cache, &mut self.key, rule, self.access[i], &entity_id, &event.value, &mut self.keys);
+            needed_keys(cache, &mut self.key, rule, self.access[i], &target, &event.value, &mut self.keys);
             if let Some(stats) = self.stats.as_mut() {
-                stats[i].entities_matched.insert(entity_id.clone());
+                stats[i].entities_matched.insert(target.entity.clone());
             }
-            self.matched.push((i, entity_id));
+            self.matched.push((i, target));
         }
         if self.matched.is_empty() {
             self.observe(timer.is_some());
@@ -275,9 +290,9 @@ impl Engine {
         }
         // Phase 2: apply, in rule order; every key is in the cache now.
         let matched = std::mem::take(&mut self.matched);
-        for (i, entity_id) in &matched {
+        for (i, target) in &matched {
             let rule = &rules[*i];
-            if let Err(e) = self.apply(cache, *i, rule, entity_id, event, alerts, &mut out) {
+            if let Err(e) = self.apply(cache, *i, rule, target, event, alerts, &mut out) {
                 self.matched = matched;
                 return Err(e);
             }
@@ -304,8 +319,8 @@ impl Engine {
             let retaken = event.retaken(&self.reads);
             let event = retaken.as_ref().unwrap_or(event);
             for (i, rule, verdict) in verdicts(&self.rules, event, *scope) {
-                if let Verdict::Match(entity_id) = verdict {
-                    needed_keys(cache, &mut self.key, rule, self.access[i], &entity_id, &event.value, &mut keys);
+                if let Verdict::Match(target) = verdict {
+                    needed_keys(cache, &mut self.key, rule, self.access[i], &target, &event.value, &mut keys);
                 }
             }
         }
@@ -342,13 +357,16 @@ impl Engine {
         cache: &mut StateCache,
         rule_index: usize,
         rule: &Rule,
-        entity_id: &str,
+        target: &Target,
         event: &Event,
         alerts: &mut Vec<Alert>,
         out: &mut Outcome,
     ) -> Result<(), StateError> {
-        let Some(mut context) = self.decide(cache, rule_index, rule, entity_id, event, out)? else { return Ok(()) };
-        let Some(dedup_key) = dedup_key(rule, entity_id, &event.value) else {
+        let entity_id = target.entity.as_str();
+        let Some(mut context) = self.decide(cache, rule_index, rule, target.state(), event, out)? else {
+            return Ok(());
+        };
+        let Some(dedup_key) = dedup_key(rule, target.state(), &event.value) else {
             let path = rule.dedup_key.as_ref().map(FieldPath::as_str).unwrap_or_default();
             let message = format!("dedup key field {path} is absent, not a scalar, or over {MAX_ID_BYTES} bytes");
             out.problems.push(Problem { rule_id: rule.id.clone(), message });
@@ -390,7 +408,7 @@ impl Engine {
         Ok(())
     }
 
-    /// Changes the rule's state for the entity and decides whether it fires
+    /// Changes the rule's state for the entity (`state_id`: [`Target::state`]) and decides whether it fires
     /// (its state form, then its `fire` condition); the alert's context if
     /// it does. A problem with the event is recorded in `out`.
     fn decide(
@@ -398,11 +416,11 @@ impl Engine {
         cache: &mut StateCache,
         rule_index: usize,
         rule: &Rule,
-        entity_id: &str,
+        state_id: &str,
         event: &Event,
         out: &mut Outcome,
     ) -> Result<Option<Map<String, Value>>, StateError> {
-        join_key(&mut self.key, [&rule.namespace, &rule.entity_type, entity_id]);
+        join_key(&mut self.key, [&rule.namespace, &rule.entity_type, state_id]);
         let key = self.key.as_str();
         let mut reached = None;
         let access = self.access[rule_index];
@@ -533,7 +551,28 @@ fn verdict(rule: &Rule, event: &Event, scope: Option<Scope<'_>>) -> Verdict {
     if !Scope::admits_entity(scope, rule, Some(&entity_id)) {
         return Verdict::OutOfScope;
     }
-    Verdict::Match(entity_id)
+    if rule.group.is_empty() {
+        return Verdict::Match(Target { entity: entity_id, group: None });
+    }
+    // The group's name: the entity id and each further group-by value,
+    // joined by the unit separator (no id or value is taken for another).
+    let mut group = entity_id.clone();
+    for path in &rule.group {
+        match path.lookup(&event.value).and_then(id_string) {
+            Some(v) => {
+                group.push('\u{1f}');
+                group.push_str(&v);
+            }
+            None => return Verdict::Problem(format!("group-by field {path} is absent or not a scalar")),
+        }
+    }
+    if group.len() > MAX_ID_BYTES {
+        return Verdict::Problem(format!(
+            "the group-by fields' values are {} bytes, over the {MAX_ID_BYTES}-byte limit of an id in a state key",
+            group.len()
+        ));
+    }
+    Verdict::Match(Target { entity: entity_id, group: Some(group) })
 }
 
 fn rule_metrics(rules: &[Rule]) -> Vec<RuleMetrics> {
@@ -556,10 +595,11 @@ fn needed_keys(
     scratch: &mut String,
     rule: &Rule,
     access: RuleAccess,
-    entity_id: &str,
+    target: &Target,
     event: &Value,
     out: &mut Vec<String>,
 ) {
+    let (entity_id, state_id) = (target.entity.as_str(), target.state());
     let mut need = |scratch: &mut String| {
         if !cache.is_cached(scratch) {
             out.push(scratch.clone());
@@ -570,14 +610,14 @@ fn needed_keys(
     // direct rule.
     let cached = access.state == Access::Cached;
     if cached && !matches!(rule.form, Form::Stateless) {
-        join_key(scratch, [&rule.namespace, &rule.entity_type, entity_id]);
+        join_key(scratch, [&rule.namespace, &rule.entity_type, state_id]);
         need(scratch);
     }
     if !cached {
     } else if rule.dedup_key.is_none() {
-        join_key(scratch, [DEDUP_PREFIX, &rule.id, entity_id]);
+        join_key(scratch, [DEDUP_PREFIX, &rule.id, state_id]);
         need(scratch);
-    } else if let Some(dedup) = dedup_key(rule, entity_id, event) {
+    } else if let Some(dedup) = dedup_key(rule, state_id, event) {
         join_key(scratch, [DEDUP_PREFIX, &rule.id, &dedup]);
         need(scratch);
     }

@@ -93,6 +93,14 @@ pub(super) fn apply_form(
             let city_v = city.as_ref().and_then(|c| c.lookup(&event.value)).cloned().unwrap_or(Value::Null);
             travel(r, key, now, (lat_v, lon_v, city_v), *ttl_ms, (*min_km, *max_kmh))?
         }
+        Form::Correlation(c) => {
+            let parts = rule.matcher.parts_matching(event);
+            let decision = super::correlation::apply(r, c, event, &parts)?;
+            if let Some(d) = r.dict.as_ref() {
+                check_dict_size(key, d)?;
+            }
+            decision
+        }
     })
 }
 

@@ -2,6 +2,7 @@
 //! ([`Rule`]), conditions ([`condition`]) and evaluation ([`engine`]).
 
 pub mod condition;
+pub mod correlation;
 pub mod engine;
 mod forms;
 pub mod sigma;
@@ -71,6 +72,8 @@ pub enum Form {
         /// Impossible speed, km/h.
         max_kmh: f64,
     },
+    /// A Sigma correlation's sliding window, per group.
+    Correlation(Box<correlation::Correlation>),
 }
 
 /// A compiled, validated rule.
@@ -94,6 +97,10 @@ pub struct Rule {
     pub entity_type: String,
     /// Where the entity id is.
     pub entity_key: FieldPath,
+    /// More fields that, with the entity id, name the rule's state and its
+    /// dedup window (a Sigma correlation's `group-by` beyond its entity);
+    /// an event without one of them is skipped by the rule.
+    pub group: Vec<FieldPath>,
     /// Which events it looks at.
     pub matcher: Condition,
     /// What it remembers.
@@ -119,6 +126,7 @@ impl Rule {
     /// conditions, its state's fields, its dedup key and context.
     pub fn reads(&self) -> Vec<&FieldPath> {
         let mut out = vec![&self.entity_key];
+        out.extend(&self.group);
         out.extend(self.matcher.reads());
         out.extend(self.fire.iter().flat_map(|f| f.reads()));
         match &self.form {
@@ -126,6 +134,11 @@ impl Rule {
             Form::Distinct { field, .. } | Form::FirstSeen { field, .. } => out.push(field),
             Form::Changed { fields, .. } => out.extend(fields.iter().map(|(_, p)| p)),
             Form::Travel { lat, lon, city, .. } => out.extend([lat, lon].into_iter().chain(city)),
+            Form::Correlation(c) => {
+                if let correlation::Kind::ValueCount(fields) = &c.kind {
+                    out.extend(fields);
+                }
+            }
         }
         out.extend(&self.dedup_key);
         out.extend(self.context.iter().map(|(_, p)| p));
@@ -147,6 +160,14 @@ impl Rule {
             }
             Form::Travel { lat, lon, city, .. } => {
                 format!("travel {lat} {lon} {}", city.as_ref().map(FieldPath::as_str).unwrap_or(""))
+            }
+            Form::Correlation(c) => {
+                let fields = match &c.kind {
+                    correlation::Kind::ValueCount(f) => f.iter().map(FieldPath::as_str).collect::<Vec<_>>().join(","),
+                    _ => String::new(),
+                };
+                let group: Vec<&str> = self.group.iter().map(FieldPath::as_str).collect();
+                format!("correlation {} {} {fields} by {}", c.type_name(), c.rules.join(","), group.join(","))
             }
         };
         let consistency = if self.direct { "direct" } else { "cached" };
@@ -292,6 +313,7 @@ pub fn compile(spec: RuleSpec) -> Result<Rule, Vec<FieldError>> {
             risk_cap: spec.risk_cap,
             entity_type: spec.entity.type_,
             entity_key,
+            group: Vec::new(),
             matcher,
             form,
             fire,

@@ -28,7 +28,7 @@ pub fn warnings(rules: &[Rule], samples: &[Value]) -> Vec<String> {
             Form::Distinct { field, .. } | Form::FirstSeen { field, .. } => fields.push(field.as_str().to_string()),
             Form::Changed { fields: f, .. } => fields.extend(f.iter().map(|(_, p)| p.as_str().to_string())),
             Form::Travel { lat, lon, .. } => fields.extend([lat.as_str().to_string(), lon.as_str().to_string()]),
-            Form::Stateless | Form::Count { .. } => {}
+            Form::Stateless | Form::Count { .. } | Form::Correlation(_) => {}
         }
         fields.sort();
         fields.dedup();
