@@ -7,7 +7,7 @@
 #   scripts/bench.sh cost         DynamoDB units and $ per 1,000 events fed live (1,000 and 10,000/s, 5 min
 #                                 each, three store variants) beside Panther's helpers; long: not in `all`
 #   scripts/bench.sh sigma        the file job with the five rules alone and with every vendored Sigma rule,
-#                                 beside the rsigma engine on the same file
+#                                 beside the rsigma engine (library and `rsigma engine eval`) on the same file
 #   scripts/bench.sh              all five (not cost)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,11 @@ if [ "$what" = throughput ] || [ "$what" = all ]; then
   cargo bench --bench throughput
 fi
 if [ "$what" = sigma ] || [ "$what" = all ]; then
+  # The rsigma CLI, for the row beside `rsigma engine eval` (crates.io, once).
+  if [ ! -x .services/rsigma/bin/rsigma ]; then
+    echo "== installing the rsigma CLI 0.23.0 into .services/rsigma (a few minutes, once)"
+    cargo install rsigma@0.23.0 --locked --root .services/rsigma
+  fi
   cargo bench --bench sigma
 fi
 # shellcheck source=scripts/services.sh

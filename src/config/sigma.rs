@@ -106,13 +106,19 @@ pub struct LogsourceFile {
 /// The shipped mappings for the logsources of SigmaHQ's cloud and identity
 /// rules, by the field each log names its actor with.
 fn shipped_logsources() -> Vec<LogsourceFile> {
+    // Without a gate of its own, a logsource's events are those with its
+    // entity key: other logs' events are passed over, not reported as
+    // lacking an entity (and a rule searching whole events skips them).
     let m = |product: &str, service: &str, entity_type: &str, entity_key: &str, match_: Option<&str>| LogsourceFile {
         product: Some(product.into()),
         service: Some(service.into()),
         category: None,
         entity_type: entity_type.into(),
         entity_key: entity_key.into(),
-        match_: match_.map(String::from),
+        match_: Some(match_.map(String::from).unwrap_or_else(|| match entity_key.contains('.') {
+            true => format!("has({entity_key})"),
+            false => format!("{entity_key} != \"\""),
+        })),
     };
     vec![
         m("aws", "cloudtrail", "principal", "userIdentity.arn", Some("eventSource.endsWith(\"amazonaws.com\")")),

@@ -134,6 +134,18 @@ impl Condition {
         Self { source, native: Vec::new(), program: None, reads, whole, sigma: None, any: parts }
     }
 
+    /// A field and values without which the condition cannot hold (a
+    /// Sigma detection's, see [`super::sigma::Required`]); `None` for CEL.
+    pub fn required(&self) -> Option<super::sigma::Required> {
+        if let Some(s) = &self.sigma {
+            return s.0.required();
+        }
+        if self.any.is_empty() {
+            return None;
+        }
+        super::sigma::Required::any_of(self.any.iter().map(Condition::required))
+    }
+
     /// For a condition made by [`Condition::any`]: the indexes of the parts
     /// that hold for the event.
     pub fn parts_matching(&self, event: &Event) -> Vec<usize> {
@@ -158,8 +170,14 @@ impl Condition {
             return self.any.iter().any(|p| p.matches(event, extra));
         }
         if let Some(s) = &self.sigma {
-            // The detection first: it rejects most events more cheaply than CEL.
-            return s.0.matches(event) && s.1.as_ref().is_none_or(|g| g.matches(event, extra));
+            // The detection first: it rejects most events more cheaply than
+            // CEL; but not one that searches the whole event (keywords).
+            let gate = || s.1.as_ref().is_none_or(|g| g.matches(event, extra));
+            let whole = s.0.reads_whole_event();
+            if whole && !gate() {
+                return false;
+            }
+            return s.0.matches(event) && (whole || gate());
         }
         if !self.native.iter().all(|t| t.test(&event.value)) {
             return false;

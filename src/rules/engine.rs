@@ -64,6 +64,10 @@ pub struct Engine {
     rule_metrics: Vec<RuleMetrics>,
     /// Per-rule replay figures, when enabled.
     stats: Option<Vec<RuleStats>>,
+    /// Which rules an event can match at all (Sigma rules' prefilters).
+    index: super::sigma::Index,
+    /// Per event, per rule: it may match (from `index`).
+    candidates: Vec<bool>,
 }
 
 /// How one rule's keys are changed.
@@ -177,6 +181,7 @@ impl Engine {
     /// An engine over compiled rules (evaluated in the given order).
     pub fn new(rules: Arc<Vec<Rule>>) -> Self {
         let rule_metrics = rule_metrics(&rules);
+        let index = index(&rules);
         Self {
             counts: vec![(0, 0); rules.len()],
             elapsed: vec![std::time::Duration::ZERO; rules.len()],
@@ -189,6 +194,8 @@ impl Engine {
             events: 0,
             rule_metrics,
             stats: None,
+            index,
+            candidates: Vec::new(),
         }
     }
 
@@ -213,6 +220,7 @@ impl Engine {
         self.rule_metrics = rule_metrics(&rules);
         self.access = access(&rules);
         self.reads = super::reads(&rules, &[]);
+        self.index = index(&rules);
         self.stats = self.stats.as_ref().map(|_| vec![RuleStats::default(); rules.len()]);
         self.rules = rules;
         Ok(fresh)
@@ -249,7 +257,8 @@ impl Engine {
         self.matched.clear();
         self.keys.clear();
         let rules = Arc::clone(&self.rules);
-        for (i, rule, verdict) in verdicts(&rules, event, scope) {
+        self.index.candidates(&event.value, &mut self.candidates);
+        for (i, rule, verdict) in verdicts(&rules, event, scope, &self.candidates) {
             if matches!(verdict, Verdict::Elsewhere) {
                 continue;
             }
@@ -315,10 +324,12 @@ impl Engine {
         events: &[(&Event, Option<Scope<'_>>)],
     ) -> Result<(), StateError> {
         let mut keys = Vec::new();
+        let mut candidates = Vec::new();
         for (event, scope) in events {
             let retaken = event.retaken(&self.reads);
             let event = retaken.as_ref().unwrap_or(event);
-            for (i, rule, verdict) in verdicts(&self.rules, event, *scope) {
+            self.index.candidates(&event.value, &mut candidates);
+            for (i, rule, verdict) in verdicts(&self.rules, event, *scope, &candidates) {
                 if let Verdict::Match(target) = verdict {
                     needed_keys(cache, &mut self.key, rule, self.access[i], &target, &event.value, &mut keys);
                 }
@@ -515,15 +526,23 @@ fn verdicts<'r>(
     rules: &'r [Rule],
     event: &'r Event,
     scope: Option<Scope<'r>>,
+    candidates: &'r [bool],
 ) -> impl Iterator<Item = (usize, &'r Rule, Verdict)> + 'r {
     rules
         .iter()
         .enumerate()
         .filter(move |(_, r)| r.enabled && Scope::admits_type(scope, r))
-        .map(move |(i, rule)| (i, rule, verdict(rule, event, scope)))
+        .map(move |(i, rule)| (i, rule, verdict(rule, event, scope, candidates.get(i).copied().unwrap_or(true))))
 }
 
-fn verdict(rule: &Rule, event: &Event, scope: Option<Scope<'_>>) -> Verdict {
+/// The prefilter of every rule (see [`super::sigma::Index`]).
+fn index(rules: &[Rule]) -> super::sigma::Index {
+    super::sigma::Index::new(rules.iter().map(|r| r.matcher.required()))
+}
+
+/// What the rule makes of the event; `candidate` is false when its
+/// prefilter rules the event out (it cannot match).
+fn verdict(rule: &Rule, event: &Event, scope: Option<Scope<'_>>, candidate: bool) -> Verdict {
     let by_lane = scope.is_some_and(|s| s.lane.is_some());
     let known = by_lane.then(|| rule.entity_key.lookup(&event.value).and_then(id_string));
     if let Some(id) = &known {
@@ -531,7 +550,7 @@ fn verdict(rule: &Rule, event: &Event, scope: Option<Scope<'_>>) -> Verdict {
             return Verdict::Elsewhere;
         }
     }
-    if !rule.matcher.matches(event, &[]) {
+    if !candidate || !rule.matcher.matches(event, &[]) {
         return Verdict::NoMatch;
     }
     let id = match known {

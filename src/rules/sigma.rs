@@ -614,7 +614,20 @@ impl Det {
         match self {
             Det::AllOf(items) => items.iter().all(|i| i.matches(event)),
             Det::AnyOf(ds) => ds.iter().any(|d| d.matches(event)),
-            Det::Keywords(ms) => ms.iter().any(|m| any_string(event, 0, &mut |s| m.matches_str(s))),
+            // One walk over the event's strings, each lowercased once for all keywords.
+            Det::Keywords(ms) => {
+                let mut folded = String::new();
+                any_string(event, 0, &mut |s| {
+                    folded.clear();
+                    if s.is_ascii() {
+                        folded.push_str(s);
+                        folded.make_ascii_lowercase();
+                    } else {
+                        folded.push_str(&s.to_lowercase());
+                    }
+                    ms.iter().any(|m| m.matches_folded(s, &folded))
+                })
+            }
         }
     }
 }
@@ -793,6 +806,167 @@ fn fieldref(other: &Field, op: StrOp, case: Case, v: &Value, event: &Value) -> b
         op => {
             let Some(r) = as_text(reference) else { return false };
             plain(&r, op, case).matches(v, event)
+        }
+    }
+}
+
+/// A field a detection can only match when it holds one of some values:
+/// its prefilter for [`Index`]. The values are ASCII, lowercased (a
+/// superset of what matches, whatever the case rule).
+#[derive(Debug, Clone)]
+pub struct Required {
+    field: Field,
+    values: Vec<String>,
+}
+
+impl Required {
+    /// Two requirements on the same field: either holds.
+    fn or(self, other: Required) -> Option<Required> {
+        (self.field.name == other.field.name).then(|| {
+            let mut values = self.values;
+            values.extend(other.values);
+            values.sort();
+            values.dedup();
+            Required { field: self.field, values }
+        })
+    }
+
+    /// Several alternatives: each must require the same field.
+    pub fn any_of(alternatives: impl IntoIterator<Item = Option<Required>>) -> Option<Required> {
+        let mut out: Option<Required> = None;
+        for r in alternatives {
+            let r = r?;
+            out = Some(match out {
+                None => r,
+                Some(o) => o.or(r)?,
+            });
+        }
+        out
+    }
+}
+
+impl Detection {
+    /// A field and values without which the detection cannot match, if its
+    /// conditions name one (an exact value, or a list of them, of a field
+    /// in every way it can match); `None` when it may match otherwise.
+    pub fn required(&self) -> Option<Required> {
+        Required::any_of(self.conditions.iter().map(|c| self.cond_required(c)))
+    }
+
+    fn cond_required(&self, c: &Cond) -> Option<Required> {
+        match c {
+            Cond::And(cs) => cs.iter().find_map(|c| self.cond_required(c)),
+            Cond::Or(cs) => Required::any_of(cs.iter().map(|c| self.cond_required(c))),
+            Cond::Not(_) => None,
+            Cond::Is(i) => self.named[*i].1.required(),
+            Cond::AtLeast(n, is) if *n >= 1 => Required::any_of(is.iter().map(|i| self.named[*i].1.required())),
+            Cond::AtLeast(..) => None,
+            Cond::All(is) => is.iter().find_map(|i| self.named[*i].1.required()),
+        }
+    }
+}
+
+impl Det {
+    fn required(&self) -> Option<Required> {
+        match self {
+            Det::AllOf(items) => items.iter().find_map(Item::required),
+            Det::AnyOf(ds) => Required::any_of(ds.iter().map(Det::required)),
+            Det::Keywords(_) => None,
+        }
+    }
+}
+
+impl Item {
+    fn required(&self) -> Option<Required> {
+        let field = self.field.clone()?;
+        if self.exists.is_some() {
+            return None;
+        }
+        let exact = |m: &Matcher| match m {
+            Matcher::Exact(v, _) if v.is_ascii() => Some(v.to_ascii_lowercase()),
+            _ => None,
+        };
+        let values = match &self.matcher {
+            Matcher::Any(ms) => ms.iter().map(exact).collect::<Option<Vec<_>>>()?,
+            m => vec![exact(m)?],
+        };
+        Some(Required { field, values })
+    }
+}
+
+/// A field of the index: the rules that need a value of it, by value, and
+/// all its rules.
+type IndexedField = (Field, std::collections::HashMap<String, Vec<usize>>, Vec<usize>);
+
+/// Which Sigma rules an event can match at all, from their [`Required`]
+/// fields: an event whose field holds none of a rule's values is not
+/// evaluated against it. A value that is not plain ASCII text (a number
+/// read as text, a Unicode string whose lowercase may be ASCII) passes
+/// every rule of its field; a rule without a prefilter is always evaluated.
+#[derive(Debug, Default)]
+pub struct Index {
+    /// By field: the rules (indexes) that need a value, by value, and all
+    /// the rules on that field.
+    fields: Vec<IndexedField>,
+    /// Per rule: it has a prefilter (it is evaluated only when marked).
+    filtered: Vec<bool>,
+}
+
+impl Index {
+    /// For the rules (by index) and their requirements, if any.
+    pub fn new(rules: impl IntoIterator<Item = Option<Required>>) -> Self {
+        let mut index = Index::default();
+        for (i, req) in rules.into_iter().enumerate() {
+            index.filtered.push(req.is_some());
+            let Some(req) = req else { continue };
+            let at = match index.fields.iter().position(|(f, _, _)| f.name == req.field.name) {
+                Some(at) => at,
+                None => {
+                    index.fields.push((req.field.clone(), Default::default(), Vec::new()));
+                    index.fields.len() - 1
+                }
+            };
+            let (_, by_value, all) = &mut index.fields[at];
+            all.push(i);
+            for v in req.values {
+                by_value.entry(v).or_default().push(i);
+            }
+        }
+        index
+    }
+
+    /// Whether any rule is filtered (else [`Index::candidates`] marks all).
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// Marks in `out` (one per rule) the rules the event may match.
+    pub fn candidates(&self, event: &Value, out: &mut Vec<bool>) {
+        out.clear();
+        out.extend(self.filtered.iter().map(|f| !f));
+        let mut mark = |rules: &[usize]| rules.iter().for_each(|&i| out[i] = true);
+        for (field, by_value, all) in &self.fields {
+            let values: Vec<&Value> = match field.resolve(event) {
+                None => continue,
+                Some(Resolved::One(v)) => vec![v],
+                Some(Resolved::Many(vs)) => vs,
+            };
+            for v in values {
+                match v {
+                    Value::String(s) if s.is_ascii() => {
+                        if let Some(rules) = by_value.get(s.to_ascii_lowercase().as_str()) {
+                            mark(rules);
+                        }
+                    }
+                    Value::Array(_) | Value::Object(_) | Value::Null => {
+                        // Arrays match by element, and are rare here: every rule of the field.
+                        if v.is_array() {
+                            mark(all);
+                        }
+                    }
+                    _ => mark(all),
+                }
+            }
         }
     }
 }
