@@ -337,6 +337,60 @@ fn a_correlation_resumes_from_its_state_after_a_stop() {
     assert_eq!(all, both);
 }
 
+/// A run SIGKILLed mid-stream and restarted writes exactly the alerts and
+/// keeps exactly the state of one uninterrupted run: correlation windows
+/// are state like any other, committed with the input's position.
+#[test]
+fn a_correlation_resumes_after_sigkill_as_if_never_stopped() {
+    let work = tempfile::tempdir().unwrap();
+    // Only the correlations alert (a detection alerting on every hit would
+    // make the run about scoring), one per group and hour.
+    std::fs::write(work.path().join("correlations.yml"), RULES.replace("  generate: true\n", "")).unwrap();
+    let input = work.path().join("events.jsonl");
+    let lines: Vec<String> = stream(2024, 20_000).iter().map(Value::to_string).collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let setup = |name: &str| {
+        let dir = work.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let cfg = config(&dir, &input, &work.path().join("correlations.yml"), "");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let text = text.replacen("[store]\n", "[store]\nflush_every_events = 700\n", 1).replace("\"1ms\"", "\"1h\"");
+        std::fs::write(&cfg, text).unwrap();
+        (dir, cfg)
+    };
+    let (reference, ref_config) = setup("reference");
+    run_ok(&ref_config);
+    let ref_alerts = std::fs::read(reference.join("alerts.jsonl")).unwrap();
+    let correlated = alerts(&reference).iter().filter(|a| a["context"]["correlation"].is_object()).count();
+    assert!(correlated > 1000, "{correlated} correlation alerts");
+
+    let (killed, config) = setup("killed");
+    let mut child = riskd_command(&["run", "--config", &config.display().to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let len = std::fs::metadata(killed.join("alerts.jsonl")).map(|m| m.len()).unwrap_or(0);
+        if len as usize > ref_alerts.len() / 3 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "riskd finished before it could be killed: make the input larger");
+        assert!(std::time::Instant::now() < deadline, "riskd made no progress");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "riskd finished before it could be killed: make the input larger");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let stderr = run_ok(&config);
+    assert!(stderr.contains("resumed after line "), "{stderr}");
+    assert!(
+        std::fs::read(killed.join("alerts.jsonl")).unwrap() == ref_alerts,
+        "alerts differ from the uninterrupted run"
+    );
+    assert_eq!(export_state(&config), export_state(&ref_config), "state differs from the uninterrupted run");
+}
+
 /// What riskd cannot express is skipped and listed with file, line and why.
 #[test]
 fn unsupported_correlations_are_listed_with_file_line_and_why() {
