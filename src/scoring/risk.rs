@@ -206,6 +206,48 @@ struct Change {
     dict: Option<serde_json::Map<String, Value>>,
 }
 
+/// Most contributions an entity's risk keeps: beyond, the oldest are merged
+/// into one, so that its record stays bounded (about 60 KB, well within a
+/// DynamoDB item) whatever the rate of alerts about the entity, which an
+/// attacker may drive.
+pub const MAX_CONTRIBUTIONS: usize = 500;
+
+/// The rule id of a contribution that holds several older ones, merged.
+pub const MERGED: &str = "riskd_merged";
+
+/// Merges the oldest past contributions into one, leaving room for one
+/// more under [`MAX_CONTRIBUTIONS`]. Exact for every later score: decay is
+/// exponential, so the merged contributions are worth at the newest one's
+/// time their sum decayed to it, and decay together from there.
+fn merge_oldest(state: &mut RiskState, policy: &TypePolicy, now: i64) {
+    let excess = (state.contributions.len() + 1).saturating_sub(MAX_CONTRIBUTIONS);
+    if excess == 0 {
+        return;
+    }
+    let mut past: Vec<usize> =
+        (0..state.contributions.len()).filter(|&i| state.contributions[i].event_time <= now).collect();
+    past.sort_by_key(|&i| state.contributions[i].event_time);
+    past.truncate(excess + 1);
+    if past.len() < 2 {
+        return;
+    }
+    let at = past.iter().map(|&i| state.contributions[i].event_time).max().unwrap_or(now);
+    let points = past
+        .iter()
+        .map(|&i| policy.decayed(state.contributions[i].points, at - state.contributions[i].event_time))
+        .sum();
+    past.sort_unstable_by(|a, b| b.cmp(a));
+    for i in past {
+        state.contributions.remove(i);
+    }
+    state.contributions.push(Contribution {
+        rule_id: MERGED.to_string(),
+        points,
+        event_time: at,
+        alert_id: String::new(),
+    });
+}
+
 /// Adds `points` to the risk held in `dict` (pure: the caller stores the result).
 #[allow(clippy::too_many_arguments)]
 fn add(
@@ -241,6 +283,7 @@ fn add(
         state.armed = true;
         state.rearmed = Some(Mark { score: round3(before), at: now });
     }
+    merge_oldest(&mut state, policy, now);
     state.contributions.push(Contribution {
         rule_id: source.rule_id.to_string(),
         points,
@@ -502,6 +545,30 @@ mod tests {
         assert_eq!(b.hit(&r, "admin-bob", 0), Scored::Added(60.0));
         assert_eq!(b.hit(&r, "scanner", 0), Scored::Nothing);
         assert_eq!(b.hit(&r, "carol", 0), Scored::Added(30.0));
+    }
+
+    #[test]
+    fn a_flood_of_alerts_keeps_a_bounded_record_and_the_exact_score() {
+        let r = rule("r", 10, None);
+        let mut b = Bench::new(ScoringConfig::default());
+        let minute = 60_000;
+        for i in 0..2_000 {
+            b.hit(&r, "u", i * minute);
+        }
+        let now = 1_999 * minute;
+        let e = EntityRef { type_: "user".into(), id: "u".into() };
+        let state = load(&mut b.cache, &e, now).unwrap();
+        assert!(state.contributions.len() <= MAX_CONTRIBUTIONS, "{}", state.contributions.len());
+        assert_eq!(state.contributions.iter().filter(|c| c.rule_id == MERGED).count(), 1);
+        // None has decayed below the floor in 33 hours: every alert counts.
+        let policy = b.cfg.policy("user").clone();
+        let later = now + 30 * H;
+        for t in [now, later] {
+            // And later, decayed together.
+            let exact: f64 = (0..2_000).map(|i| policy.decayed(10.0, t - i * minute)).sum();
+            let score = b.score("u", t);
+            assert!((score - exact).abs() < 1e-6 * exact, "at {t}: {score} vs {exact}");
+        }
     }
 
     #[test]
