@@ -495,3 +495,55 @@ fn the_shipped_correlations_fire_over_the_vendored_rules() {
     // Risk by level: high.
     assert_eq!(fired[0]["risk"], 50);
 }
+
+/// `riskd test` cases target correlations like any rule: a case that fires
+/// one and a case that must not (the third login comes after the window).
+#[test]
+fn rule_tests_take_correlations() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("correlations.yml");
+    std::fs::write(&rules, RULES).unwrap();
+    let input = dir.path().join("events.jsonl");
+    std::fs::write(&input, "").unwrap();
+    let config = config(dir.path(), &input, &rules, "");
+    let login = |t: &str| {
+        format!(
+            "{{eventTime: \"{t}\", eventSource: signin.amazonaws.com, eventName: ConsoleLogin, sourceIPAddress: 203.0.113.5, userIdentity: {{type: IAMUser, arn: \"arn:aws:iam::1:user/t\"}}}}"
+        )
+    };
+    let tests = dir.path().join("correlations.test.yaml");
+    std::fs::write(
+        &tests,
+        format!(
+            r#"- name: three logins in ten minutes
+  events:
+    - {}
+    - {}
+    - {}
+  expect:
+    alerts:
+      - rule: sigma_correlations_correlation
+        entity: "arn:aws:iam::1:user/t"
+        fields: {{context.count: 3, context.sigma.title: "Many logins"}}
+- name: the third login is eleven minutes after the first
+  events:
+    - {}
+    - {}
+    - {}
+  expect:
+    no_alerts: [sigma_correlations_correlation]
+"#,
+            login("2024-05-01T08:00:00Z"),
+            login("2024-05-01T08:05:00Z"),
+            login("2024-05-01T08:09:00Z"),
+            login("2024-05-01T08:00:00Z"),
+            login("2024-05-01T08:05:00Z"),
+            login("2024-05-01T08:11:00Z"),
+        ),
+    )
+    .unwrap();
+    let out = riskd(&["test", &tests.display().to_string(), "--config", &config.display().to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("2 passed, 0 failed"), "{text}");
+}
