@@ -17,6 +17,7 @@ pub(super) struct Decision {
 }
 
 /// Why a rule skips an event: a field it needs is absent, or the store failed.
+#[derive(Debug)]
 pub(super) enum Skip {
     Missing(String),
     State(StateError),
@@ -36,7 +37,8 @@ fn required_scalar(path: &FieldPath, event: &Event) -> Result<String, Skip> {
     scalar_string(required(path, event)?).ok_or_else(|| Skip::Missing(format!("field {path} is not a scalar")))
 }
 
-fn number(v: &Value) -> Option<f64> {
+/// A finite number, or a string holding one.
+pub(super) fn number(v: &Value) -> Option<f64> {
     match v {
         Value::Number(n) => n.as_f64(),
         Value::String(s) => s.trim().parse().ok(),
@@ -92,6 +94,14 @@ pub(super) fn apply_form(
             let (lat_v, lon_v) = (point(lat, 90.0)?, point(lon, 180.0)?);
             let city_v = city.as_ref().and_then(|c| c.lookup(&event.value)).cloned().unwrap_or(Value::Null);
             travel(r, key, now, (lat_v, lon_v, city_v), *ttl_ms, (*min_km, *max_kmh))?
+        }
+        Form::Baseline(b) => super::behaviour::baseline(r, b, event)?,
+        Form::Rare(spec) => {
+            let decision = super::behaviour::rare(r, spec, event)?;
+            if let Some(d) = r.dict.as_ref() {
+                check_dict_size(key, d)?;
+            }
+            decision
         }
         Form::Correlation(c) => {
             let parts = rule.matcher.parts_matching(event);

@@ -1,6 +1,7 @@
 //! Rules: the model operators write ([`spec`]), its compiled form
 //! ([`Rule`]), conditions ([`condition`]) and evaluation ([`engine`]).
 
+mod behaviour;
 pub mod condition;
 pub mod correlation;
 pub mod engine;
@@ -10,7 +11,7 @@ pub mod spec;
 
 pub use condition::Condition;
 pub use engine::{Engine, Outcome, Problem, RuleStats, Scope};
-use spec::{ChangedSpec, CountSpec, DistinctSpec, FirstSeenSpec, TravelSpec};
+use spec::{BaselineSpec, ChangedSpec, CountSpec, DistinctSpec, FirstSeenSpec, RareSpec, TravelSpec};
 pub use spec::{OnFire, RuleSpec, StateSpec};
 
 use crate::alert::Severity;
@@ -74,6 +75,10 @@ pub enum Form {
     },
     /// A Sigma correlation's sliding window, per group.
     Correlation(Box<correlation::Correlation>),
+    /// Volume per bucket against the entity's own baseline.
+    Baseline(behaviour::Baseline),
+    /// A value rare for the entity.
+    Rare(behaviour::Rare),
 }
 
 /// A compiled, validated rule.
@@ -139,6 +144,8 @@ impl Rule {
                     out.extend(fields);
                 }
             }
+            Form::Baseline(b) => out.extend(&b.value),
+            Form::Rare(r) => out.push(&r.field),
         }
         out.extend(&self.dedup_key);
         out.extend(self.context.iter().map(|(_, p)| p));
@@ -169,6 +176,11 @@ impl Rule {
                 let group: Vec<&str> = self.group.iter().map(FieldPath::as_str).collect();
                 format!("correlation {} {} {fields} by {}", c.type_name(), c.rules.join(","), group.join(","))
             }
+            // The bucket is part of the shape: the stored index counts buckets.
+            Form::Baseline(b) => {
+                format!("baseline {} {}", b.bucket_ms, b.value.as_ref().map(FieldPath::as_str).unwrap_or(""))
+            }
+            Form::Rare(r) => format!("rare {}", r.field),
         };
         let consistency = if self.direct { "direct" } else { "cached" };
         format!("{}|{}|{}|{}|{consistency}", self.namespace, self.entity_type, self.entity_key, form)
@@ -327,13 +339,27 @@ pub fn compile(spec: RuleSpec) -> Result<Rule, Vec<FieldError>> {
 }
 
 fn compile_state(state: StateSpec, errors: &mut Vec<FieldError>) -> Form {
-    let StateSpec { count, distinct, first_seen, changed, travel } = state;
-    let given = [count.is_some(), distinct.is_some(), first_seen.is_some(), changed.is_some(), travel.is_some()];
+    let StateSpec { count, distinct, first_seen, changed, travel, baseline, rare } = state;
+    let given = [
+        count.is_some(),
+        distinct.is_some(),
+        first_seen.is_some(),
+        changed.is_some(),
+        travel.is_some(),
+        baseline.is_some(),
+        rare.is_some(),
+    ];
     if given.iter().filter(|g| **g).count() != 1 {
         errors.push(FieldError {
             field: "state",
-            message: "state needs exactly one of count, distinct, first_seen, changed, travel".into(),
+            message: "state needs exactly one of count, distinct, first_seen, changed, travel, baseline, rare".into(),
         });
+    }
+    if let Some(b) = baseline {
+        return Form::Baseline(compile_baseline(b, errors));
+    }
+    if let Some(r) = rare {
+        return Form::Rare(compile_rare(r, errors));
     }
     if let Some(CountSpec { window, threshold: t, on_fire }) = count {
         return Form::Count {
@@ -379,4 +405,54 @@ fn compile_state(state: StateSpec, errors: &mut Vec<FieldError>) -> Form {
         };
     }
     Form::Stateless
+}
+
+fn compile_baseline(b: BaselineSpec, errors: &mut Vec<FieldError>) -> behaviour::Baseline {
+    if !(b.k >= 0.0 && b.k.is_finite()) {
+        errors.push(FieldError { field: "k", message: format!("k must be 0 or more, got {}", b.k) });
+    }
+    if !b.min_value.is_finite() {
+        errors.push(FieldError {
+            field: "min_value",
+            message: format!("min_value must be a number, got {}", b.min_value),
+        });
+    }
+    behaviour::Baseline {
+        bucket_ms: duration_ms(&b.bucket, "bucket", errors),
+        value: b.value.map(|v| path(&v, "value", errors)),
+        half_life_ms: duration_ms(&b.half_life, "half_life", errors),
+        k: b.k,
+        min_value: b.min_value,
+        min_history: u64::from(b.min_history),
+        ttl_ms: duration_ms(&b.ttl, "ttl", errors),
+    }
+}
+
+fn compile_rare(r: RareSpec, errors: &mut Vec<FieldError>) -> behaviour::Rare {
+    if !(r.max_share > 0.0 && r.max_share <= 1.0) {
+        errors.push(FieldError {
+            field: "max_share",
+            message: format!("max_share must be above 0 and at most 1, got {}", r.max_share),
+        });
+    }
+    if !(r.min_history >= 0.0 && r.min_history.is_finite()) {
+        errors.push(FieldError {
+            field: "min_history",
+            message: format!("min_history must be 0 or more, got {}", r.min_history),
+        });
+    }
+    if r.max_values == 0 || r.max_values > behaviour::MAX_RARE_VALUES {
+        errors.push(FieldError {
+            field: "max_values",
+            message: format!("max_values must be 1 to {}, got {}", behaviour::MAX_RARE_VALUES, r.max_values),
+        });
+    }
+    behaviour::Rare {
+        field: path(&r.field, "field", errors),
+        half_life_ms: duration_ms(&r.half_life, "half_life", errors),
+        max_share: r.max_share,
+        min_history: r.min_history,
+        max_values: r.max_values as usize,
+        ttl_ms: duration_ms(&r.ttl, "ttl", errors),
+    }
 }

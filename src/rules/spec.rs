@@ -131,6 +131,81 @@ pub struct StateSpec {
     /// Alert on impossible travel.
     #[serde(default)]
     pub travel: Option<TravelSpec>,
+    /// Alert on a bucket's volume far above the entity's own baseline.
+    #[serde(default)]
+    pub baseline: Option<BaselineSpec>,
+    /// Alert on a value rare for the entity.
+    #[serde(default)]
+    pub rare: Option<RareSpec>,
+}
+
+/// Per entity, the volume of matching events (or the sum of a field) per
+/// bucket of event time, against an exponentially weighted mean and
+/// variance of its past buckets; fire once per bucket when the volume is
+/// over `mean + k·stddev`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaselineSpec {
+    /// Bucket length (`1h`).
+    pub bucket: String,
+    /// Field path of a number to sum; absent: count events.
+    #[serde(default)]
+    pub value: Option<String>,
+    /// Half-life of the baseline's memory (`7d`).
+    pub half_life: String,
+    /// Standard deviations above the mean that fire.
+    #[serde(default = "four")]
+    pub k: f64,
+    /// A bucket below this volume never fires.
+    #[serde(default)]
+    pub min_value: f64,
+    /// Closed buckets the baseline needs before it may fire.
+    #[serde(default = "ten")]
+    pub min_history: u32,
+    /// How long after the entity's last matching event the baseline is kept.
+    pub ttl: String,
+}
+
+/// Per entity, decayed weights of the values of a field; fire on a value
+/// whose share of the total weight is under `max_share`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RareSpec {
+    /// Field path of the value.
+    pub field: String,
+    /// Half-life of the weights (`30d`).
+    pub half_life: String,
+    /// Share under which a value is rare.
+    #[serde(default = "two_percent")]
+    pub max_share: f64,
+    /// Decayed total weight (about: events) needed before it may fire.
+    #[serde(default = "twenty")]
+    pub min_history: f64,
+    /// Values remembered; past it the lightest is forgotten.
+    #[serde(default = "two_five_six")]
+    pub max_values: u32,
+    /// How long after the entity's last matching event it is kept.
+    pub ttl: String,
+}
+
+fn four() -> f64 {
+    4.0
+}
+
+fn ten() -> u32 {
+    10
+}
+
+fn two_percent() -> f64 {
+    0.02
+}
+
+fn twenty() -> f64 {
+    20.0
+}
+
+fn two_five_six() -> u32 {
+    256
 }
 
 /// Count matching events in a window that opens at the first one; fire

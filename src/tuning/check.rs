@@ -26,6 +26,8 @@ pub fn warnings(rules: &[Rule], samples: &[Value]) -> Vec<String> {
         fields.push(rule.entity_key.as_str().to_string());
         match &rule.form {
             Form::Distinct { field, .. } | Form::FirstSeen { field, .. } => fields.push(field.as_str().to_string()),
+            Form::Rare(r) => fields.push(r.field.as_str().to_string()),
+            Form::Baseline(b) => fields.extend(b.value.iter().map(|v| v.as_str().to_string())),
             Form::Changed { fields: f, .. } => fields.extend(f.iter().map(|(_, p)| p.as_str().to_string())),
             Form::Travel { lat, lon, .. } => fields.extend([lat.as_str().to_string(), lon.as_str().to_string()]),
             Form::Stateless | Form::Count { .. } | Form::Correlation(_) => {}

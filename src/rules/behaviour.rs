@@ -1,0 +1,366 @@
+//! Behaviour forms: `baseline` (is this bucket's volume unusual for this
+//! entity) and `rare` (is this value unusual for this entity). Both keep
+//! their state in the entity's dictionary and are pure functions of it and
+//! the event, so results are deterministic on event time and replayable.
+
+use super::forms::{number, Decision, Skip};
+use crate::event::{format_time_ms, scalar_string, Event, FieldPath};
+use crate::state::Record;
+use serde_json::{json, Map, Value};
+
+/// Most values a `rare` rule may remember per entity.
+pub const MAX_RARE_VALUES: u32 = 4096;
+
+/// Empty buckets closed one by one at most; past this many the baseline
+/// has decayed to nothing that a double can tell from zero (see `close_empty`).
+const MAX_EMPTY_CLOSES: u64 = 100_000;
+
+/// `baseline`, compiled.
+#[derive(Debug)]
+pub struct Baseline {
+    /// Bucket length, ms.
+    pub bucket_ms: i64,
+    /// The number summed per bucket; `None`: events are counted.
+    pub value: Option<FieldPath>,
+    /// Half-life of the baseline, ms.
+    pub half_life_ms: i64,
+    /// Standard deviations above the mean that fire.
+    pub k: f64,
+    /// Least volume that fires.
+    pub min_value: f64,
+    /// Closed buckets needed before it fires.
+    pub min_history: u64,
+    /// Kept this long after the last event, ms.
+    pub ttl_ms: i64,
+}
+
+/// `rare`, compiled.
+#[derive(Debug)]
+pub struct Rare {
+    /// The value.
+    pub field: FieldPath,
+    /// Half-life of the weights, ms.
+    pub half_life_ms: i64,
+    /// Share under which a value is rare.
+    pub max_share: f64,
+    /// Decayed total weight needed before it fires.
+    pub min_history: f64,
+    /// Values remembered.
+    pub max_values: usize,
+    /// Kept this long after the last event, ms.
+    pub ttl_ms: i64,
+}
+
+/// A baseline's state: `{b, v, mean, var, n, fired}`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Bucketed {
+    b: i64,
+    v: f64,
+    mean: f64,
+    var: f64,
+    n: u64,
+    fired: bool,
+}
+
+impl Bucketed {
+    fn read(d: &Map<String, Value>) -> Option<Self> {
+        let f = |k: &str| d.get(k).and_then(Value::as_f64).filter(|x| x.is_finite());
+        Some(Self {
+            b: d.get("b")?.as_i64()?,
+            v: f("v")?,
+            mean: f("mean").unwrap_or(0.0),
+            var: f("var").unwrap_or(0.0).max(0.0),
+            n: d.get("n").and_then(Value::as_u64).unwrap_or(0),
+            fired: d.get("fired").and_then(Value::as_bool).unwrap_or(false),
+        })
+    }
+
+    fn write(&self) -> Map<String, Value> {
+        let mut d = Map::new();
+        d.insert("b".into(), json!(self.b));
+        d.insert("v".into(), json!(self.v));
+        d.insert("mean".into(), json!(self.mean));
+        d.insert("var".into(), json!(self.var));
+        d.insert("n".into(), json!(self.n));
+        d.insert("fired".into(), json!(self.fired));
+        d
+    }
+
+    /// Closes the current bucket with volume `x`.
+    fn close(&mut self, x: f64, alpha: f64) {
+        if self.n == 0 {
+            self.mean = x;
+            self.var = 0.0;
+        } else {
+            let d = x - self.mean;
+            self.mean += alpha * d;
+            self.var = (1.0 - alpha) * (self.var + alpha * d * d);
+        }
+        self.n += 1;
+    }
+
+    /// Closes `m` empty buckets: each as `close(0)`, one by one while it
+    /// can change a double, then only counted (both mean and variance shrink
+    /// by at least `1 − α` per close, so past that they are 0).
+    fn close_empty(&mut self, m: u64, alpha: f64) {
+        for i in 0..m {
+            if i >= MAX_EMPTY_CLOSES || (self.n > 0 && self.mean == 0.0 && self.var == 0.0) {
+                if self.n > 0 && i >= MAX_EMPTY_CLOSES {
+                    self.mean = 0.0;
+                    self.var = 0.0;
+                }
+                self.n += m - i;
+                return;
+            }
+            self.close(0.0, alpha);
+        }
+    }
+}
+
+/// `baseline`: see [`super::spec::BaselineSpec`]. An event in a bucket
+/// before the current one (later than any reordering waited for) changes
+/// nothing and does not fire: closed buckets are not reopened.
+pub(super) fn baseline(r: &mut Record, spec: &Baseline, event: &Event) -> Result<Option<Decision>, Skip> {
+    let add = match &spec.value {
+        None => 1.0,
+        Some(p) => p
+            .lookup(&event.value)
+            .and_then(number)
+            .ok_or_else(|| Skip::Missing(format!("field {p} is absent or not a finite number")))?,
+    };
+    let now = event.time_ms;
+    let bucket = now.div_euclid(spec.bucket_ms.max(1));
+    let alpha = 1.0 - 0.5f64.powf(spec.bucket_ms as f64 / spec.half_life_ms.max(1) as f64);
+    let stored = r.dict.as_ref().and_then(Bucketed::read);
+    let mut s = match stored {
+        None => Bucketed { b: bucket, v: 0.0, mean: 0.0, var: 0.0, n: 0, fired: false },
+        Some(s) if bucket < s.b => return Ok(None),
+        Some(mut s) => {
+            if bucket > s.b {
+                s.close(s.v, alpha);
+                s.close_empty((bucket - s.b - 1) as u64, alpha);
+                s.b = bucket;
+                s.v = 0.0;
+                s.fired = false;
+            }
+            s
+        }
+    };
+    s.v += add;
+    let stddev = s.var.sqrt();
+    let fire = !s.fired && s.n >= spec.min_history && s.v >= spec.min_value && s.v > s.mean + spec.k * stddev;
+    if fire {
+        s.fired = true;
+    }
+    r.dict = Some(s.write());
+    r.expires_at_ms = Some(now.saturating_add(spec.ttl_ms));
+    Ok(fire.then(|| {
+        let mut c = Map::new();
+        c.insert("value".into(), json!(s.v));
+        c.insert("mean".into(), json!(round(s.mean)));
+        c.insert("stddev".into(), json!(round(stddev)));
+        c.insert("z".into(), if stddev > 0.0 { json!(round((s.v - s.mean) / stddev)) } else { Value::Null });
+        c.insert("history".into(), json!(s.n));
+        c.insert("bucket_start".into(), json!(format_time_ms(bucket.saturating_mul(spec.bucket_ms))));
+        Decision { context: c, reset: false }
+    }))
+}
+
+fn round(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// `rare`: see [`super::spec::RareSpec`]. Weights decay from the entity's
+/// latest event; an event older than it decays nothing.
+pub(super) fn rare(r: &mut Record, spec: &Rare, event: &Event) -> Result<Option<Decision>, Skip> {
+    let value = spec
+        .field
+        .lookup(&event.value)
+        .and_then(scalar_string)
+        .ok_or_else(|| Skip::Missing(format!("field {} is absent or not a scalar", spec.field)))?;
+    let now = event.time_ms;
+    let d = r.dict.take().unwrap_or_default();
+    let last = d.get("t").and_then(Value::as_i64).unwrap_or(now);
+    let f = if now > last { 0.5f64.powf((now - last) as f64 / spec.half_life_ms.max(1) as f64) } else { 1.0 };
+    let mut total = d.get("total").and_then(Value::as_f64).filter(|x| x.is_finite()).unwrap_or(0.0) * f;
+    let mut weights: Vec<(String, f64)> = d
+        .get("w")
+        .and_then(Value::as_object)
+        .map(|m| m.iter().filter_map(|(k, w)| Some((k.clone(), w.as_f64()? * f))).collect())
+        .unwrap_or_default();
+    let weight = weights.iter().find(|(k, _)| *k == value).map_or(0.0, |(_, w)| *w);
+    let share = if total > 0.0 { weight / total } else { 0.0 };
+    let fire = total >= spec.min_history && share < spec.max_share;
+    let context = fire.then(|| {
+        let mut top = weights.clone();
+        top.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let top: Vec<Value> = top.iter().take(5).map(|(k, w)| json!({"value": k, "share": round(w / total)})).collect();
+        let mut c = Map::new();
+        c.insert("value".into(), json!(value));
+        c.insert("share".into(), json!(round(share)));
+        c.insert("history".into(), json!(round(total)));
+        c.insert("top".into(), Value::Array(top));
+        c
+    });
+    match weights.iter_mut().find(|(k, _)| *k == value) {
+        Some((_, w)) => *w += 1.0,
+        None => weights.push((value, 1.0)),
+    }
+    total += 1.0;
+    if weights.len() > spec.max_values {
+        // The lightest is forgotten (its weight stays in the total); ties: the first by value.
+        if let Some(i) = (0..weights.len())
+            .min_by(|&a, &b| weights[a].1.total_cmp(&weights[b].1).then_with(|| weights[a].0.cmp(&weights[b].0)))
+        {
+            weights.swap_remove(i);
+        }
+    }
+    let mut out = Map::new();
+    out.insert("t".into(), json!(now.max(last)));
+    out.insert("total".into(), json!(total));
+    out.insert("w".into(), Value::Object(weights.into_iter().map(|(k, w)| (k, json!(w))).collect()));
+    r.dict = Some(out);
+    r.expires_at_ms = Some(now.max(last).saturating_add(spec.ttl_ms));
+    Ok(context.map(|context| Decision { context, reset: false }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::TimeSource;
+
+    const H: i64 = 3_600_000;
+
+    fn at(ms: i64, v: Value) -> Event {
+        Event::new(v, ms, TimeSource::Event)
+    }
+
+    fn spec(min_history: u64) -> Baseline {
+        // α = 1 − 0.5^(1h / 1h) = 0.5: easy to follow by hand.
+        Baseline { bucket_ms: H, value: None, half_life_ms: H, k: 2.0, min_value: 0.0, min_history, ttl_ms: 48 * H }
+    }
+
+    fn state(r: &Record) -> Bucketed {
+        Bucketed::read(r.dict.as_ref().unwrap()).unwrap()
+    }
+
+    /// Feeds `counts[i]` events into hour `i`; returns the hours that fired.
+    fn feed(spec: &Baseline, counts: &[u32]) -> (Record, Vec<usize>) {
+        let mut r = Record::default();
+        let mut fired = Vec::new();
+        for (hour, n) in counts.iter().enumerate() {
+            for j in 0..*n {
+                let e = at(hour as i64 * H + i64::from(j), json!({}));
+                if baseline(&mut r, spec, &e).ok().flatten().is_some() {
+                    fired.push(hour);
+                }
+            }
+        }
+        (r, fired)
+    }
+
+    #[test]
+    fn baseline_math_by_hand() {
+        // Hours: 4, 2, then the third open. First close: mean 4, var 0.
+        // Second: d = 2 − 4 = −2; mean = 4 + 0.5·(−2) = 3; var = 0.5·(0 + 0.5·4) = 1.
+        let (r, _) = feed(&spec(100), &[4, 2, 1]);
+        let s = state(&r);
+        assert_eq!((s.b, s.v, s.n), (2, 1.0, 2));
+        assert_eq!((s.mean, s.var), (3.0, 1.0));
+    }
+
+    #[test]
+    fn empty_buckets_close_with_zero_and_the_first_bucket_is_the_first_close() {
+        // 4 events in hour 0, then one in hour 3: hour 0 closes with 4 (first
+        // close), hours 1 and 2 with 0: d = −4: mean 2, var 0.5·(0 + 0.5·16) = 4;
+        // d = −2: mean 1, var 0.5·(4 + 0.5·4) = 3.
+        let (r, _) = feed(&spec(100), &[4, 0, 0, 1]);
+        let s = state(&r);
+        assert_eq!((s.b, s.n, s.mean, s.var), (3, 3, 1.0, 3.0));
+        // A very long gap: counted, and the baseline decays to nothing.
+        let mut r = r;
+        let e = at(1_000_000 * H, json!({}));
+        baseline(&mut r, &spec(100), &e).unwrap();
+        let s = state(&r);
+        assert_eq!((s.n, s.mean, s.var), (3 + 1 + 999_996, 0.0, 0.0));
+    }
+
+    #[test]
+    fn fires_once_per_bucket_after_min_history_above_mean_plus_k_stddev() {
+        // Steady 2 per hour (mean 2, var 0), then 5: fires at the first
+        // event over 2 (the third), once.
+        let (_, fired) = feed(&spec(3), &[2, 2, 2, 5]);
+        assert_eq!(fired, [3]);
+        // Not before min_history closed buckets.
+        let (_, fired) = feed(&spec(4), &[2, 2, 2, 5]);
+        assert!(fired.is_empty());
+        // A late event (an earlier bucket) changes nothing.
+        let (mut r, _) = feed(&spec(3), &[2, 2, 2]);
+        let before = r.clone();
+        assert!(baseline(&mut r, &spec(3), &at(0, json!({}))).unwrap().is_none());
+        assert_eq!(r, before);
+    }
+
+    #[test]
+    fn baseline_sums_a_value_and_skips_an_event_without_it() {
+        let mut s = spec(0);
+        s.value = Some(FieldPath::parse("bytes").unwrap());
+        let mut r = Record::default();
+        baseline(&mut r, &s, &at(0, json!({"bytes": 10}))).unwrap();
+        baseline(&mut r, &s, &at(1, json!({"bytes": "2.5"}))).unwrap();
+        assert_eq!(state(&r).v, 12.5);
+        assert!(matches!(baseline(&mut r, &s, &at(2, json!({"bytes": "x"}))), Err(Skip::Missing(_))));
+    }
+
+    fn rare_spec(max_values: usize) -> Rare {
+        Rare {
+            field: FieldPath::parse("c").unwrap(),
+            half_life_ms: H,
+            max_share: 0.2,
+            min_history: 4.0,
+            max_values,
+            ttl_ms: 48 * H,
+        }
+    }
+
+    fn see(r: &mut Record, spec: &Rare, ms: i64, c: &str) -> Option<Map<String, Value>> {
+        rare(r, spec, &at(ms, json!({"c": c}))).unwrap().map(|d| d.context)
+    }
+
+    #[test]
+    fn rare_fires_on_a_value_with_a_small_share_once_there_is_history() {
+        let s = rare_spec(256);
+        let mut r = Record::default();
+        // Four DE at the same time: total 4 (no decay), the first four never fire
+        // (total 0..3 < min_history 4).
+        for _ in 0..4 {
+            assert!(see(&mut r, &s, 0, "DE").is_none());
+        }
+        // FR: weight 0 / total 4 = 0 < 0.2: fires; then DE: 4/5 = 0.8: not.
+        let c = see(&mut r, &s, 0, "FR").unwrap();
+        assert_eq!(c["share"], json!(0.0));
+        assert_eq!(c["top"], json!([{"value": "DE", "share": 1.0}]));
+        assert!(see(&mut r, &s, 0, "DE").is_none());
+        // FR again: 1/6 = 0.167 < 0.2: still rare.
+        assert_eq!(see(&mut r, &s, 0, "FR").unwrap()["share"], json!(0.167));
+    }
+
+    #[test]
+    fn rare_weights_decay_from_the_last_event_and_the_lightest_is_forgotten() {
+        let s = rare_spec(2);
+        let mut r = Record::default();
+        for _ in 0..8 {
+            see(&mut r, &s, 0, "DE");
+        }
+        // One half-life later: total 4, DE 4; FR is new (fires), then US
+        // pushes past max_values 2: the lightest (FR, 1.0) is forgotten.
+        assert!(see(&mut r, &s, H, "FR").is_some());
+        see(&mut r, &s, H, "US");
+        let d = r.dict.clone().unwrap();
+        assert_eq!(d["total"], json!(6.0));
+        assert_eq!(d["w"], json!({"DE": 4.0, "US": 1.0}));
+        // An event older than the last decays nothing.
+        see(&mut r, &s, 0, "DE");
+        assert_eq!(r.dict.unwrap()["total"], json!(7.0));
+    }
+}
