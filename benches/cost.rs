@@ -319,8 +319,13 @@ fn main() {
     let panther_events: u64 = env_or("RISKD_BENCH_PANTHER_EVENTS", 300_000);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let panther_python = root.join(env_or("RISKD_BENCH_PANTHER", ".services/panther/bin/python".to_string()));
-    let rules = root.join("config/rules");
     let dir = tempfile::tempdir().expect("temp dir");
+    // The five rules Panther's helpers implement (not the behaviour rules).
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(&rules).expect("rules folder");
+    for name in ["aws_cloudtrail.yaml", "okta.yaml"] {
+        std::fs::copy(root.join("config/rules").join(name), rules.join(name)).expect("shipped rules");
+    }
     println!(
         "riskd fed live at {rates:?} events/s for {seconds} s each; variants (appended to [store]): {}",
         variants.iter().map(|v| format!("{v:?}")).collect::<Vec<_>>().join(", ")

@@ -151,8 +151,9 @@ impl Run<'_> {
         std::fs::write(
             &config,
             format!(
-                "[source]\nkind = \"kafka\"\n[store]\nkind = \"embedded\"\npath = \"riskd-{name}.redb\"\n[rules]\npaths = [{:?}]\n[telemetry]\nlisten = \"\"\n[event_time]\nmax_delay = {delay:?}\n[kafka]\nbootstrap_servers = {brokers:?}\ngroup_id = \"bench-riskd-{name}-{run_id}\"\ntopics = [{topic:?}]\nkeyed_by = \"user\"\nalerts_topic = {alerts:?}\nlanes = {lanes}\nmax_idle = {idle:?}\n[kafka.properties]\n\"session.timeout.ms\" = \"3000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
-                root.join("config/rules").display().to_string()
+                "[source]\nkind = \"kafka\"\n[store]\nkind = \"embedded\"\npath = \"riskd-{name}.redb\"\n[rules]\npaths = [{:?}, {:?}]\n[telemetry]\nlisten = \"\"\n[event_time]\nmax_delay = {delay:?}\n[kafka]\nbootstrap_servers = {brokers:?}\ngroup_id = \"bench-riskd-{name}-{run_id}\"\ntopics = [{topic:?}]\nkeyed_by = \"user\"\nalerts_topic = {alerts:?}\nlanes = {lanes}\nmax_idle = {idle:?}\n[kafka.properties]\n\"session.timeout.ms\" = \"3000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
+                root.join("config/rules/aws_cloudtrail.yaml").display().to_string(),
+                root.join("config/rules/okta.yaml").display().to_string()
             ),
         )
         .expect("write config");

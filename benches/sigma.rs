@@ -27,9 +27,10 @@ fn config(root: &Path, input: &Path, work: &Path, sigma: bool) -> std::path::Pat
         String::new()
     };
     let text = format!(
-        "[source]\npath = {:?}\n[sink]\npath = \"alerts.jsonl\"\n[store]\nkind = \"embedded\"\npath = \"state.redb\"\nflush_every_events = 100000\nflush_interval = \"2s\"\n[rules]\npaths = [{:?}]\n{sigma}[telemetry]\nlisten = \"\"\n",
+        "[source]\npath = {:?}\n[sink]\npath = \"alerts.jsonl\"\n[store]\nkind = \"embedded\"\npath = \"state.redb\"\nflush_every_events = 100000\nflush_interval = \"2s\"\n[rules]\npaths = [{:?}, {:?}]\n{sigma}[telemetry]\nlisten = \"\"\n",
         input.display().to_string(),
-        root.join("config/rules").display().to_string()
+        root.join("config/rules/aws_cloudtrail.yaml").display().to_string(),
+                root.join("config/rules/okta.yaml").display().to_string()
     );
     std::fs::write(&config, text).expect("write config");
     config

@@ -5,11 +5,18 @@
 //! the size), then times, alternately and several times:
 //! - parse-only: read the file line by line and parse each line into a
 //!   `serde_json::Value`, nothing else (one thread);
-//! - riskd: the full main job (`pipeline::run_blocking`) with the five
-//!   shipped rules, the embedded redb store and alerts written to a file,
-//!   with 1 decoding thread and with one per CPU (`source.decode_threads`);
+//! - riskd: the full main job (`pipeline::run_blocking`) with every shipped
+//!   rule (`config/rules`: the five, and the three behaviour rules), the
+//!   embedded redb store and alerts written to a file, with 1 decoding
+//!   thread and with one per CPU (`source.decode_threads`);
+//! - riskd with the five rules alone (`aws_cloudtrail.yaml`, `okta.yaml`),
+//!   one decoding thread per CPU: what the behaviour rules cost;
 //! - with `RISKD_BENCH_BEFORE=<riskd binary>`, that binary (an older build)
-//!   on the same input and config, for a before/after in the same run.
+//!   on the same input and the five rules, for a before/after in the same run.
+//!
+//! After the runs it reports the bytes of state each rule keeps per entity
+//! (the record as JSON, as the embedded store holds it), from the store of
+//! the last run.
 //!
 //! It also times decoding alone (serde_json, sonic-rs, simd-json, riskd's
 //! decoder), and the shipped rules' match conditions on the native matcher
@@ -19,6 +26,7 @@ use riskd::config::Config;
 use riskd::pipeline::{run_blocking, RunOptions};
 use riskd::rules::condition::{compile_cel, eval_cel};
 use riskd::source::{decode, Decoded, Decoder, JsonLines, LineInfo};
+use riskd::state::Store as _;
 use serde_json::Value;
 use simd_json::prelude::TypedObjectValue as _;
 use sonic_rs::JsonValueTrait as _;
@@ -44,32 +52,38 @@ fn parse_only(input: &Path) -> u64 {
     n
 }
 
-/// A fresh work folder with a config for `input`, decoding on `threads`
-/// threads (none: the line is left out, for older builds).
-fn config(root: &Path, input: &Path, work: &Path, threads: Option<usize>) -> std::path::PathBuf {
+/// The rules of a run: every shipped rule, or the five alone.
+fn rules(root: &Path, all: bool) -> Vec<String> {
+    let dir = root.join("config/rules");
+    let paths = if all { vec![dir] } else { vec![dir.join("aws_cloudtrail.yaml"), dir.join("okta.yaml")] };
+    paths.iter().map(|p| p.display().to_string()).collect()
+}
+
+/// A fresh work folder with a config for `input` and `rules`, decoding on
+/// `threads` threads (none: the line is left out, for older builds).
+fn config(input: &Path, rules: &[String], work: &Path, threads: Option<usize>) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(work);
     std::fs::create_dir_all(work).expect("work dir");
     let config = work.join("riskd.toml");
     let threads = threads.map(|n| format!("decode_threads = {n}\n")).unwrap_or_default();
     let text = format!(
-        "[source]\npath = {:?}\n{threads}[sink]\npath = \"alerts.jsonl\"\n[store]\nkind = \"embedded\"\npath = \"state.redb\"\nflush_every_events = 100000\nflush_interval = \"2s\"\n[rules]\npaths = [{:?}]\n[telemetry]\nlisten = \"\"\n",
+        "[source]\npath = {:?}\n{threads}[sink]\npath = \"alerts.jsonl\"\n[store]\nkind = \"embedded\"\npath = \"state.redb\"\nflush_every_events = 100000\nflush_interval = \"2s\"\n[rules]\npaths = {rules:?}\n[telemetry]\nlisten = \"\"\n",
         input.display().to_string(),
-        root.join("config/rules").display().to_string()
     );
     std::fs::write(&config, text).expect("write config");
     config
 }
 
-fn riskd_run(root: &Path, input: &Path, work: &Path, threads: usize) -> u64 {
-    let config = config(root, input, work, Some(threads));
+fn riskd_run(rules: &[String], input: &Path, work: &Path, threads: usize) -> u64 {
+    let config = config(input, rules, work, Some(threads));
     let cfg = Config::load(&config).expect("valid config");
     let summary = run_blocking(cfg, RunOptions::default(), riskd::shutdown::Shutdown::new()).expect("run");
     summary.read
 }
 
 /// An older riskd binary on the same input and config; events read.
-fn before_run(bin: &Path, root: &Path, input: &Path, work: &Path, events: u64) -> u64 {
-    let config = config(root, input, work, None);
+fn before_run(bin: &Path, rules: &[String], input: &Path, work: &Path, events: u64) -> u64 {
+    let config = config(input, rules, work, None);
     let status = std::process::Command::new(bin)
         .args(["run", "--config", &config.display().to_string()])
         .current_dir(work)
@@ -107,6 +121,30 @@ fn decoders(lines: &[&[u8]], cfg: &Config) {
     });
 }
 
+/// Bytes of state per entity, by rule: each state key's record as JSON.
+fn state_sizes(work: &Path, rules: &[String]) {
+    let config = config(Path::new("unused"), rules, &work.join("sizes"), Some(1));
+    let cfg = Config::load(&config).expect("valid config");
+    let store = riskd::state::EmbeddedStore::open(&work.join("state.redb")).expect("the last run's store");
+    println!("state per entity, by rule (record as JSON; keys, mean and max bytes):");
+    for rule in cfg.rules.iter() {
+        let (mut keys, mut total, mut max) = (0u64, 0u64, 0usize);
+        let prefix = format!("{}/", rule.namespace);
+        store
+            .scan(&prefix, &mut |_, record| {
+                let n = serde_json::to_vec(record).map_or(0, |v| v.len());
+                keys += 1;
+                total += n as u64;
+                max = max.max(n);
+            })
+            .expect("scan");
+        let mean = total.checked_div(keys).unwrap_or(0);
+        let shape = rule.state_shape();
+        let form = shape.split('|').nth(3).and_then(|f| f.split(' ').next()).unwrap_or("");
+        println!("  {:<32} {form:<10} {keys:>7} keys {mean:>6} B mean {max:>7} B max", rule.id);
+    }
+}
+
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
@@ -133,8 +171,10 @@ fn main() {
     if before.is_some() {
         names.push("riskd before".to_string());
     }
+    names.push(format!("riskd, the five rules, {cpus} decode threads"));
     names.push("riskd, 1 decode thread".to_string());
     names.push(format!("riskd, {cpus} decode threads"));
+    let (five, all) = (rules(root, false), rules(root, true));
     let mut rates = vec![Vec::new(); names.len()];
     for round in 0..ROUNDS {
         let mut line = format!("round {}:", round + 1);
@@ -144,10 +184,11 @@ fn main() {
             let n = match i {
                 0 => parse_only(&input),
                 _ if name == "riskd before" => {
-                    before_run(before.as_deref().unwrap_or(Path::new("")), root, &input, &work, events)
+                    before_run(before.as_deref().unwrap_or(Path::new("")), &five, &input, &work, events)
                 }
-                _ if name.contains(" 1 decode") => riskd_run(root, &input, &work, 1),
-                _ => riskd_run(root, &input, &work, cpus),
+                _ if name.contains("the five") => riskd_run(&five, &input, &work, cpus),
+                _ if name.contains(" 1 decode") => riskd_run(&all, &input, &work, 1),
+                _ => riskd_run(&all, &input, &work, cpus),
             };
             let rate = n as f64 / t.elapsed().as_secs_f64();
             line.push_str(&format!("  {name} {rate:>9.0}"));
@@ -160,17 +201,27 @@ fn main() {
     for (name, m) in names.iter().zip(&medians) {
         println!("  {name:<28} {m:>9.0}  {:.2}x", m / medians[0]);
     }
-    let last = alerts_of(&format!("run{}", names.len() - 1));
-    for i in 1..names.len() - 1 {
+    // Runs with the same rules write the same alerts.
+    let last = names.len() - 1;
+    let same = |a: usize, b: usize| {
         assert_eq!(
-            alerts_of(&format!("run{i}")),
-            last,
-            "{} and {} wrote other alerts",
-            names[i],
-            names[names.len() - 1]
+            alerts_of(&format!("run{a}")),
+            alerts_of(&format!("run{b}")),
+            "{} and {} differ",
+            names[a],
+            names[b]
         );
+    };
+    same(last - 1, last);
+    if before.is_some() {
+        same(1, 2);
     }
-    println!("alerts: {} (the same, byte for byte, in every riskd run)", last.lines().count());
+    println!(
+        "alerts: {} with every shipped rule, {} with the five (the same, byte for byte, in every run with the same rules)",
+        alerts_of(&format!("run{last}")).lines().count(),
+        alerts_of(&format!("run{}", last - 2)).lines().count()
+    );
+    state_sizes(&dir.path().join(format!("run{last}")), &all);
 
     let cfg = Config::load(&root.join("config/riskd.toml")).expect("shipped config");
     let text = std::fs::read(&input).expect("read input");

@@ -48,7 +48,7 @@ fn entities_and_state_keys_read_from_a_running_riskd() {
     assert_eq!(trudy["peak"]["score"], 143.73);
     assert_eq!(trudy["last_crossing"]["score"], 103.73);
     assert_eq!(trudy["entity"]["id"], "trudy@example.com");
-    assert_eq!(trudy["rule_state"].as_array().map(Vec::len), Some(4));
+    assert_eq!(trudy["rule_state"].as_array().map(Vec::len), Some(5));
 
     let (status, grace) = get(&url("/v1/state/okta_ip_change/user/grace@example.com"), None);
     assert_eq!(status, 200);
@@ -111,10 +111,10 @@ fn follow_keeps_serving_after_the_sample_ends() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>()
     };
-    wait_for("the sample's 210 events on /metrics", Duration::from_secs(30), || read() == 210.0);
+    wait_for("the sample's 370 events on /metrics", Duration::from_secs(30), || read() == 370.0);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(riskd.0.try_wait().unwrap().is_none(), "riskd ended at the end of the sample");
-    assert_eq!(read(), 210.0);
+    assert_eq!(read(), 370.0);
     wait_for("trudy on the API", Duration::from_secs(30), || {
         get(&format!("http://127.0.0.1:{port}/v1/entities/user/trudy@example.com"), None).0 == 200
     });
@@ -122,7 +122,7 @@ fn follow_keeps_serving_after_the_sample_ends() {
     let last = std::fs::read_to_string(samples()).unwrap().lines().last().unwrap().to_string();
     let mut f = std::fs::OpenOptions::new().append(true).open(&input).unwrap();
     std::io::Write::write_all(&mut f, format!("{last}\n").as_bytes()).unwrap();
-    wait_for("the appended line", Duration::from_secs(30), || read() == 211.0);
+    wait_for("the appended line", Duration::from_secs(30), || read() == 371.0);
     // SIGTERM: flushed, summary printed, exit 0.
     let pid = riskd.0.id().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
@@ -130,5 +130,5 @@ fn follow_keeps_serving_after_the_sample_ends() {
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut riskd.0.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(status.success(), "{stderr}");
-    assert!(stderr.contains("riskd: events read 211, skipped 0"), "{stderr}");
+    assert!(stderr.contains("riskd: events read 371, skipped 0"), "{stderr}");
 }

@@ -137,12 +137,12 @@ fn an_overlong_entity_id_is_set_aside_not_a_store_failure() {
     let config = write_dynamodb_config(dir.path(), &input, "", "ttl = false");
     let stderr = run_ok(&config);
     assert!(
-        stderr.contains("events read 211, skipped 0 (invalid 0, too large 0), incomplete 1, alerts 14"),
+        stderr.contains("events read 371, skipped 0 (invalid 0, too large 0), incomplete 1, alerts 18"),
         "{stderr}"
     );
     let dead = read_lines(&dir.path().join("dead-letter.jsonl"));
     assert_eq!(dead.len(), 1);
-    assert_eq!((dead[0]["line"].as_u64(), dead[0]["reason"].as_str()), (Some(211), Some("incomplete")));
+    assert_eq!((dead[0]["line"].as_u64(), dead[0]["reason"].as_str()), (Some(371), Some("incomplete")));
     assert!(dead[0]["detail"].as_str().unwrap_or("").contains("3000 bytes, over the 1024-byte limit"), "{}", dead[0]);
 }
 
@@ -163,7 +163,7 @@ fn times_that_cannot_be_true_move_nothing_and_blank_ids_or_impossible_places_are
     let mut lines: Vec<String> = samples_text.lines().map(String::from).collect();
     // Mallory signs in again from another address, stamped in the year 9999,
     // then from a third, stamped before the year 2000: both are applied at
-    // the latest trusted time (the stream's last, 2024-04-01), which neither
+    // the latest trusted time (the stream's last, 2024-04-24), which neither
     // stamp moves; the second finds the first as her previous sign-in.
     lines.push(okta_login("mallory@example.com", "9999-12-31T23:59:59Z", "198.51.100.99", 51.5, -0.12));
     lines.push(okta_login("mallory@example.com", "1971-01-01T00:00:00Z", "198.51.100.98", 51.5, -0.12));
@@ -175,12 +175,12 @@ fn times_that_cannot_be_true_move_nothing_and_blank_ids_or_impossible_places_are
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let config = write_config(dir.path(), &input, "", "");
     let stderr = run_ok(&config);
-    assert!(stderr.contains("riskd: events read 214, skipped 0 (invalid 0, too large 0), incomplete 2,"), "{stderr}");
+    assert!(stderr.contains("riskd: events read 374, skipped 0 (invalid 0, too large 0), incomplete 2,"), "{stderr}");
 
     // The latest event time seen is the stream's own, not the year 9999.
     let watermark = riskd(&["state", "--config", &config.display().to_string(), "get", "riskd/watermark"]);
     let watermark = String::from_utf8_lossy(&watermark.stdout).to_string();
-    assert!(watermark.contains("1711929600000"), "the watermark stays at 2024-04-01: {watermark}");
+    assert!(watermark.contains("1713916800000"), "the watermark stays at 2024-04-24: {watermark}");
 
     let alerts = alerts(dir.path());
     let stamped: Vec<&serde_json::Value> = alerts
@@ -190,9 +190,9 @@ fn times_that_cannot_be_true_move_nothing_and_blank_ids_or_impossible_places_are
     assert_eq!(stamped.len(), 1, "the sign-in from a third address alerts: {stamped:?}");
     let a = stamped[0];
     assert_eq!(a["event_time_source"], "latest_trusted", "{a}");
-    assert_eq!(a["event_time"], "2024-04-01T00:00:00.000Z", "{a}");
+    assert_eq!(a["event_time"], "2024-04-24T00:00:00.000Z", "{a}");
     assert_eq!(a["context"]["previous"]["ip"], "198.51.100.99", "{a}");
-    assert_eq!(a["context"]["previous"]["time"], "2024-04-01T00:00:00.000Z", "{a}");
+    assert_eq!(a["context"]["previous"]["time"], "2024-04-24T00:00:00.000Z", "{a}");
     assert!(alerts.iter().filter(|a| !stamped.contains(a)).all(|a| a["event_time_source"] == "event"));
 
     let dead = read_lines(&dir.path().join("dead-letter.jsonl"));

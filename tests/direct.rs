@@ -11,7 +11,7 @@ fn the_shipped_rules_in_direct_mode_give_the_same_alerts() {
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules");
     std::fs::create_dir(&rules).unwrap();
-    for name in ["aws_cloudtrail.yaml", "okta.yaml"] {
+    for name in ["aws_cloudtrail.yaml", "okta.yaml", "ueba.yaml"] {
         let text = std::fs::read_to_string(root().join("config/rules").join(name)).unwrap();
         let direct: String = text
             .lines()
@@ -25,7 +25,7 @@ fn the_shipped_rules_in_direct_mode_give_the_same_alerts() {
     let c = config.display().to_string();
     assert!(riskd(&["store", "init", "--config", &c]).status.success());
     let stderr = run_ok(&config);
-    assert!(stderr.contains("alerts 14, suppressed 1, risk alerts 1"), "{stderr}");
+    assert!(stderr.contains("alerts 18, suppressed 1, risk alerts 1"), "{stderr}");
 
     let cached = tempfile::tempdir().unwrap();
     run_ok(&write_config(cached.path(), &samples(), "", ""));

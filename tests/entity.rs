@@ -19,8 +19,8 @@ fn explains_scores_contributions_and_rule_state() {
     run_ok(&config);
 
     let trudy = explain(&config, "user", "trudy@example.com");
-    // "now" is the latest event time seen in the stream (a role event 31 days in).
-    assert_eq!(trudy["now"], "2024-04-01T00:00:00.000Z");
+    // "now" is the latest event time seen in the stream (judy's last login, 54 days in).
+    assert_eq!(trudy["now"], "2024-04-24T00:00:00.000Z");
     assert_eq!(trudy["armed"], false, "alerted, and nothing came since to re-arm it");
     assert_eq!(trudy["contributions"].as_array().map(Vec::len), Some(6));
     let sum: f64 =
@@ -34,8 +34,18 @@ fn explains_scores_contributions_and_rule_state() {
             "riskd/dedup/okta_ip_change/trudy@example.com",
             "okta_impossible_travel/user/trudy@example.com",
             "riskd/dedup/okta_impossible_travel/trudy@example.com",
+            "okta_rare_country/user/trudy@example.com",
         ]
     );
+    // A behaviour rule's state in words too: four logins from "XX", not yet history.
+    let rare = &trudy["rule_state"][4]["summary"];
+    assert_eq!(
+        rare.as_str().unwrap_or_default(),
+        "rare: top values XX 100% (1 remembered) of a total weight 3.992 at 2024-03-01T10:00:00.000Z; a value under \
+         5% of it fires; fires only once it has a total weight of 20 (has 3.992)",
+        "{trudy}"
+    );
+    assert_eq!(trudy["rule_state"][0].get("summary"), None, "other forms have none");
     assert_eq!(trudy["rule_state"][2]["dict"]["city"], "Sydney");
     assert_eq!(trudy["rule_state"][2]["live"], false, "expired 7 days after the last login");
 

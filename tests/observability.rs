@@ -106,16 +106,16 @@ fn counters_move_as_they_should_and_promtool_accepts_the_exposition() {
     let (riskd, port) = start_riskd(dir.path(), &input, false);
     let url = format!("http://127.0.0.1:{port}/metrics");
     let mut exposition = String::new();
-    wait_for("all 213 lines counted", Duration::from_secs(30), || {
+    wait_for("all 373 lines counted", Duration::from_secs(30), || {
         exposition = get(&url).map(|(_, body)| body).unwrap_or_default();
         let n: f64 = ["ok", "invalid", "incomplete"]
             .iter()
             .filter_map(|o| sample(&exposition, &format!("riskd_events_total{{outcome=\"{o}\",source=\"file\"}}")))
             .sum();
-        n == 213.0
+        n == 373.0
     });
-    // 210 sample events in, 210 counted ok; the malformed lines as invalid.
-    assert_eq!(sample(&exposition, "riskd_events_total{outcome=\"ok\",source=\"file\"}"), Some(210.0));
+    // 370 sample events in, 370 counted ok; the malformed lines as invalid.
+    assert_eq!(sample(&exposition, "riskd_events_total{outcome=\"ok\",source=\"file\"}"), Some(370.0));
     assert_eq!(sample(&exposition, "riskd_events_total{outcome=\"invalid\",source=\"file\"}"), Some(2.0));
     assert_eq!(sample(&exposition, "riskd_events_total{outcome=\"incomplete\",source=\"file\"}"), Some(1.0));
     assert_eq!(sample(&exposition, "riskd_dead_letters_total{reason=\"invalid_json\"}"), Some(1.0));
@@ -136,13 +136,13 @@ fn counters_move_as_they_should_and_promtool_accepts_the_exposition() {
         .filter(|l| l.starts_with("riskd_alerts_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
-    assert_eq!(alerts, 14.0);
+    assert_eq!(alerts, 18.0);
 
     promtool_accepts(&exposition);
 
     assert_eq!(get(&format!("http://127.0.0.1:{port}/healthz")).map(|(s, _)| s), Some(200));
     let stderr = stop_gracefully(riskd);
-    assert!(stderr.contains("riskd: events read 213,"), "{stderr}");
+    assert!(stderr.contains("riskd: events read 373,"), "{stderr}");
 }
 
 /// Every PromQL expression in `dashboards/*.json` (the Kafka dashboard's
@@ -191,9 +191,9 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let (riskd, riskd_port) = start_riskd(dir.path(), &input, true);
     // Read the exposition once every line is scored, so that every series exists.
     let mut exposition = String::new();
-    wait_for("all 213 lines scored", Duration::from_secs(60), || {
+    wait_for("all 373 lines scored", Duration::from_secs(60), || {
         exposition = get(&format!("http://127.0.0.1:{riskd_port}/metrics")).map(|(_, b)| b).unwrap_or_default();
-        sample(&exposition, "riskd_events_total{outcome=\"ok\",source=\"file\"}") == Some(210.0)
+        sample(&exposition, "riskd_events_total{outcome=\"ok\",source=\"file\"}") == Some(370.0)
     });
 
     assert_dashboards_have_data(dir.path(), riskd_port, &exposition, &dashboard_queries(false));
@@ -312,7 +312,7 @@ fn every_kafka_dashboard_query_returns_data_from_a_real_prometheus() {
     let mut exposition = String::new();
     wait_for("all lines scored and the lag reported", Duration::from_secs(90), || {
         exposition = get(&format!("http://127.0.0.1:{port}/metrics")).map(|(_, b)| b).unwrap_or_default();
-        sample(&exposition, "riskd_events_total{outcome=\"ok\",source=\"kafka\"}") == Some(210.0)
+        sample(&exposition, "riskd_events_total{outcome=\"ok\",source=\"kafka\"}") == Some(370.0)
             && exposition.contains("riskd_kafka_consumer_lag{")
     });
     assert_eq!(sample(&exposition, "riskd_kafka_partitions"), Some(2.0));

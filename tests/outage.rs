@@ -67,17 +67,17 @@ fn a_store_outage_is_ridden_out_without_losing_or_repeating_an_event() {
     });
     assert!(reason.contains("store:"), "the reason names the store: {reason}");
     let stuck = riskd.counted();
-    assert!(stuck < 210.0, "riskd stopped taking events while the store is down ({stuck} counted)");
+    assert!(stuck < 370.0, "riskd stopped taking events while the store is down ({stuck} counted)");
     std::thread::sleep(Duration::from_secs(10).saturating_sub(outage.elapsed()));
     assert!(riskd.running(), "riskd must ride out the outage, not exit");
 
     // The store comes back with its data.
     let dynamodb = DynamoLocal::start(ddb_port, Some(dir.path()));
     wait_for("riskd ready again", Duration::from_secs(60), || riskd.ready() == Some(true));
-    wait_for("all 210 events", Duration::from_secs(60), || riskd.counted() >= 210.0);
-    assert_eq!(riskd.counted(), 210.0, "no event counted twice");
+    wait_for("all 370 events", Duration::from_secs(60), || riskd.counted() >= 370.0);
+    assert_eq!(riskd.counted(), 370.0, "no event counted twice");
     let stderr = riskd.stop();
-    assert!(stderr.contains("riskd: events read 210,"), "{stderr}");
+    assert!(stderr.contains("riskd: events read 370,"), "{stderr}");
     assert!(stderr.contains("failed; retrying") && stderr.contains("store"), "the outage is logged: {stderr}");
     assert_eq!(alert_ids(dir.path()), undisturbed_alert_ids(), "the same alerts as a run with no outage");
     drop(dynamodb);
@@ -111,9 +111,9 @@ fn a_store_down_at_start_is_waited_for() {
     assert!(riskd.running(), "riskd must wait for the store, not exit: {}", riskd.stderr());
     let dynamodb = DynamoLocal::start(ddb_port, Some(dir.path()));
     wait_for("riskd ready", Duration::from_secs(60), || riskd.ready() == Some(true));
-    wait_for("the other 110 events", Duration::from_secs(60), || riskd.counted() >= 110.0);
+    wait_for("the other 270 events", Duration::from_secs(60), || riskd.counted() >= 270.0);
     let stderr = riskd.stop();
-    assert!(stderr.contains("riskd: events read 110,"), "each event once: {stderr}");
+    assert!(stderr.contains("riskd: events read 270,"), "each event once: {stderr}");
     assert_eq!(alert_ids(dir.path()), undisturbed_alert_ids(), "the same alerts as a run with no outage");
     drop(dynamodb);
 }
@@ -133,12 +133,12 @@ fn a_quiet_minute_on_dynamodb_is_not_an_outage() {
         std::thread::sleep(Duration::from_secs(1));
     }
     riskd.append(rest);
-    wait_for("all 210 events", Duration::from_secs(60), || {
+    wait_for("all 370 events", Duration::from_secs(60), || {
         assert!(riskd.running(), "riskd exited at the first request after a quiet spell: {}", riskd.stderr());
-        riskd.counted() >= 210.0
+        riskd.counted() >= 370.0
     });
-    assert_eq!(riskd.counted(), 210.0, "no event counted twice");
+    assert_eq!(riskd.counted(), 370.0, "no event counted twice");
     let stderr = riskd.stop();
-    assert!(stderr.contains("riskd: events read 210,"), "{stderr}");
+    assert!(stderr.contains("riskd: events read 370,"), "{stderr}");
     assert_eq!(alert_ids(dir.path()), undisturbed_alert_ids(), "the same alerts as a run with no quiet spell");
 }

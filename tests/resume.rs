@@ -44,7 +44,7 @@ fn rerun_applies_nothing_twice(write_config: WriteConfig) {
     let state_before = export_state(&config);
     let stderr = run_ok(&config);
     assert!(stderr.contains("events read 0,"), "{stderr}");
-    assert!(stderr.contains("resumed after line 210"), "{stderr}");
+    assert!(stderr.contains("resumed after line 370"), "{stderr}");
     assert_eq!(std::fs::read(dir.path().join("alerts.jsonl")).unwrap(), alerts_before);
     assert_eq!(export_state(&config), state_before);
 }

@@ -1,5 +1,6 @@
-//! The five shipped rules on the shipped sample stream: the exact alerts,
-//! and the planted near misses that must not fire.
+//! The shipped rules (the five, and the three behaviour rules) on the
+//! shipped sample stream: the exact alerts, and the planted near misses
+//! that must not fire.
 
 mod common;
 
@@ -48,9 +49,9 @@ fn summary_counts_every_event_alert_and_suppression() {
     let line = run().stderr.lines().last().unwrap_or_default();
     assert_eq!(
         line,
-        "riskd: events read 210, skipped 0 (invalid 0, too large 0), incomplete 0, alerts 14, suppressed 1, risk alerts 1"
+        "riskd: events read 370, skipped 0 (invalid 0, too large 0), incomplete 0, alerts 18, suppressed 1, risk alerts 1"
     );
-    assert_eq!(run().alerts.len(), 14);
+    assert_eq!(run().alerts.len(), 18);
 }
 
 #[test]
@@ -125,6 +126,7 @@ fn okta_ip_change_fires_when_previous_login_ip_differs() {
             t("user trudy@example.com 2024-03-01T08:30:00.000Z"),
             t("user trudy@example.com 2024-03-01T10:00:00.000Z"),
             t("user grace@example.com 2024-03-01T14:00:00.000Z"),
+            t("user judy@example.com 2024-04-24T00:00:00.000Z"),
         ]
     );
     assert_eq!((got[0]["severity"].as_str(), got[0]["risk"].as_u64()), (Some("LOW"), Some(10)));
@@ -157,6 +159,29 @@ fn okta_impossible_travel_fires_on_speed_and_on_zero_time_difference() {
 }
 
 #[test]
+fn behaviour_rules_fire_once_each_on_the_planted_behaviour() {
+    // etl: three calls every four hours for 80 hours, then 70 in one hour:
+    // the 50th (min_value) is far above its baseline. No other principal
+    // has 72 closed hours of history when it is busy.
+    let got = of_rule("aws_api_volume_spike");
+    assert_eq!(ids(&got), vec![t("principal arn:aws:iam::123456789012:user/etl 2024-04-13T09:24:30.000Z")]);
+    let c = &got[0]["context"];
+    assert_eq!((c["value"].as_f64(), c["history"].as_u64()), (Some(50.0), Some(81)));
+    assert!(c["z"].as_f64().unwrap() > 4.0, "{c}");
+    assert_eq!(c["bucket_start"], "2024-04-13T09:00:00.000Z");
+    // An hour later etl calls IAM, with the weight of 130 calls to S3 and DynamoDB behind it.
+    let got = of_rule("aws_rare_service");
+    assert_eq!(ids(&got), vec![t("principal arn:aws:iam::123456789012:user/etl 2024-04-13T10:00:00.000Z")]);
+    assert_eq!(got[0]["context"]["value"], "iam.amazonaws.com");
+    assert_eq!(got[0]["context"]["top"][0]["value"], "s3.amazonaws.com");
+    // judy: 28 logins from DE, then one from BR; nobody else has 20 logins.
+    let got = of_rule("okta_rare_country");
+    assert_eq!(ids(&got), vec![t("user judy@example.com 2024-04-24T00:00:00.000Z")]);
+    assert_eq!((got[0]["context"]["value"].as_str(), got[0]["context"]["share"].as_f64()), (Some("BR"), Some(0.0)));
+    assert_eq!((got[0]["severity"].as_str(), got[0]["risk"].as_u64()), (Some("MEDIUM"), Some(20)));
+}
+
+#[test]
 fn same_input_from_empty_state_gives_identical_alerts() {
     let dir = tempfile::tempdir().unwrap();
     // A flush after every event: flush points must not change the outcome.
@@ -171,8 +196,8 @@ fn purging_long_expired_records_keeps_the_alerts_and_only_drops_dead_state() {
     let config = write_config(dir.path(), &samples(), "", "purge_after = \"7d\"");
     run_ok(&config);
     assert_eq!(alerts(dir.path()), run().alerts);
-    // The samples end on 2024-04-01: what expired before 2024-03-25 is gone, the rest stays.
-    let cutoff = 1_711_324_800_000; // 2024-03-25T00:00:00Z
+    // The samples end on 2024-04-24: what expired before 2024-04-17 is gone, the rest stays.
+    let cutoff = 1_713_312_000_000; // 2024-04-17T00:00:00Z
     let kept: Vec<Value> = export_state(&config).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let expiry = |r: &Value| r["record"]["expires_at_ms"].as_i64().or(r["expires_at_ms"].as_i64());
     assert!(kept.iter().all(|r| expiry(r).is_none_or(|at| at > cutoff)), "{kept:?}");

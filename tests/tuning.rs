@@ -16,7 +16,7 @@ fn shipped_rule_tests_pass_and_a_wrong_expectation_fails_with_a_diff() {
     let out = riskd(&["test", "--config", &config]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
-    assert_eq!(stdout.lines().last(), Some("13 passed, 0 failed"), "{stdout}");
+    assert_eq!(stdout.lines().last(), Some("20 passed, 0 failed"), "{stdout}");
     assert!(stdout.contains("okta.test.yaml: two logins at the same instant far apart count as infinitely fast ... ok"));
 
     let dir = tempfile::tempdir().unwrap();
@@ -54,9 +54,9 @@ fn check_lists_warnings_separately_from_errors() {
     assert!(stdout.contains(": ok, 2 rules\nwarnings (4):"), "{stdout}");
     for w in [
         "rule never: can never fire: its match condition can never hold",
-        "rule never: field a is in none of the 210 sample events",
-        "rule never: field user.name is in none of the 210 sample events",
-        "rule unseen: field client.device is in none of the 210 sample events",
+        "rule never: field a is in none of the 370 sample events",
+        "rule never: field user.name is in none of the 370 sample events",
+        "rule unseen: field client.device is in none of the 370 sample events",
     ] {
         assert!(stdout.contains(w), "missing {w:?} in {stdout}");
     }
@@ -76,7 +76,7 @@ fn replay(args: &[&str]) -> Value {
 #[test]
 fn replay_reports_per_rule_and_compares_settings() {
     let report = replay(&[]);
-    assert_eq!((report["events"].as_u64(), report["risk_alerts"].as_u64()), (Some(210), Some(1)));
+    assert_eq!((report["events"].as_u64(), report["risk_alerts"].as_u64()), (Some(370), Some(1)));
     let burst = &report["rules"][0];
     assert_eq!(burst["rule_id"], "aws_access_denied_burst");
     // alice 20 errors (one alert, one suppressed), bob 10, carol 10; dave's are other errors.

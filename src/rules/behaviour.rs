@@ -86,8 +86,16 @@ impl Bucketed {
         d
     }
 
-    /// Closes the current bucket with volume `x`.
-    fn close(&mut self, x: f64, alpha: f64) {
+    /// Closes the current bucket with volume `x`; with `min_history`
+    /// closed before it, its z against the baseline before it goes to
+    /// `measures` (for `riskd replay`; none where the stddev is 0).
+    fn close(&mut self, x: f64, alpha: f64, measures: Option<(&mut Vec<f64>, u64)>) {
+        if let Some((m, min_history)) = measures {
+            let stddev = self.var.sqrt();
+            if self.n >= min_history && stddev > 0.0 {
+                m.push((x - self.mean) / stddev);
+            }
+        }
         if self.n == 0 {
             self.mean = x;
             self.var = 0.0;
@@ -102,7 +110,7 @@ impl Bucketed {
     /// Closes `m` empty buckets: each as `close(0)`, one by one while it
     /// can change a double, then only counted (both mean and variance shrink
     /// by at least `1 − α` per close, so past that they are 0).
-    fn close_empty(&mut self, m: u64, alpha: f64) {
+    fn close_empty(&mut self, m: u64, alpha: f64, mut measures: Option<(&mut Vec<f64>, u64)>) {
         for i in 0..m {
             if i >= MAX_EMPTY_CLOSES || (self.n > 0 && self.mean == 0.0 && self.var == 0.0) {
                 if self.n > 0 && i >= MAX_EMPTY_CLOSES {
@@ -112,7 +120,7 @@ impl Bucketed {
                 self.n += m - i;
                 return;
             }
-            self.close(0.0, alpha);
+            self.close(0.0, alpha, measures.as_mut().map(|(v, h)| (&mut **v, *h)));
         }
     }
 }
@@ -120,7 +128,13 @@ impl Bucketed {
 /// `baseline`: see [`super::spec::BaselineSpec`]. An event in a bucket
 /// before the current one (later than any reordering waited for) changes
 /// nothing and does not fire: closed buckets are not reopened.
-pub(super) fn baseline(r: &mut Record, spec: &Baseline, event: &Event) -> Result<Option<Decision>, Skip> {
+/// `measures`: see [`super::forms::Seen`].
+pub(super) fn baseline(
+    r: &mut Record,
+    spec: &Baseline,
+    event: &Event,
+    mut measures: Option<&mut Vec<f64>>,
+) -> Result<Option<Decision>, Skip> {
     let add = match &spec.value {
         None => 1.0,
         Some(p) => p
@@ -137,8 +151,8 @@ pub(super) fn baseline(r: &mut Record, spec: &Baseline, event: &Event) -> Result
         Some(s) if bucket < s.b => return Ok(None),
         Some(mut s) => {
             if bucket > s.b {
-                s.close(s.v, alpha);
-                s.close_empty((bucket - s.b - 1) as u64, alpha);
+                s.close(s.v, alpha, measures.as_mut().map(|m| (&mut **m, spec.min_history)));
+                s.close_empty((bucket - s.b - 1) as u64, alpha, measures.map(|m| (m, spec.min_history)));
                 s.b = bucket;
                 s.v = 0.0;
                 s.fired = false;
@@ -172,7 +186,13 @@ fn round(x: f64) -> f64 {
 
 /// `rare`: see [`super::spec::RareSpec`]. Weights decay from the entity's
 /// latest event; an event older than it decays nothing.
-pub(super) fn rare(r: &mut Record, spec: &Rare, event: &Event) -> Result<Option<Decision>, Skip> {
+/// `measures`: see [`super::forms::Seen`].
+pub(super) fn rare(
+    r: &mut Record,
+    spec: &Rare,
+    event: &Event,
+    measures: Option<&mut Vec<f64>>,
+) -> Result<Option<Decision>, Skip> {
     let value = spec
         .field
         .lookup(&event.value)
@@ -191,6 +211,9 @@ pub(super) fn rare(r: &mut Record, spec: &Rare, event: &Event) -> Result<Option<
     let weight = weights.iter().find(|(k, _)| *k == value).map_or(0.0, |(_, w)| *w);
     let share = if total > 0.0 { weight / total } else { 0.0 };
     let fire = total >= spec.min_history && share < spec.max_share;
+    if let Some(m) = measures.filter(|_| total >= spec.min_history) {
+        m.push(share);
+    }
     let context = fire.then(|| {
         let mut top = weights.clone();
         top.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
@@ -224,6 +247,61 @@ pub(super) fn rare(r: &mut Record, spec: &Rare, event: &Event) -> Result<Option<
     Ok(context.map(|context| Decision { context, reset: false }))
 }
 
+/// A behaviour rule's stored state in words (`riskd entity`): the
+/// baseline's current bucket, mean and stddev and the volume that fires; a
+/// rare rule's top values and their shares. `None` for other forms or a
+/// dictionary that is not theirs.
+pub fn describe(form: &super::Form, d: &Map<String, Value>) -> Option<String> {
+    let n3 = |x: f64| round(x).to_string();
+    let waiting = |have: String, need: String| format!("; fires only once it has {need} (has {have})");
+    match form {
+        super::Form::Baseline(spec) => {
+            let s = Bucketed::read(d)?;
+            let sd = s.var.sqrt();
+            let mut text = format!(
+                "baseline: {} in the bucket from {}{}; mean {} and stddev {} over {} closed buckets; fires at a volume above {} (mean + {}·stddev) and at least {}",
+                n3(s.v),
+                format_time_ms(s.b.saturating_mul(spec.bucket_ms)),
+                if s.fired { " (fired)" } else { "" },
+                n3(s.mean),
+                n3(sd),
+                s.n,
+                n3(s.mean + spec.k * sd),
+                spec.k,
+                spec.min_value,
+            );
+            if s.n < spec.min_history {
+                text += &waiting(format!("{}", s.n), format!("{} closed buckets", spec.min_history));
+            }
+            Some(text)
+        }
+        super::Form::Rare(spec) => {
+            let total = d.get("total")?.as_f64()?;
+            let at = d.get("t").and_then(Value::as_i64).map(format_time_ms).unwrap_or_default();
+            let mut top: Vec<(&String, f64)> =
+                d.get("w")?.as_object()?.iter().filter_map(|(k, w)| Some((k, w.as_f64()?))).collect();
+            top.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+            let shown: Vec<String> = top
+                .iter()
+                .take(5)
+                .map(|(k, w)| format!("{k} {}%", n3(100.0 * w / total.max(f64::MIN_POSITIVE))))
+                .collect();
+            let mut text = format!(
+                "rare: top values {} ({} remembered) of a total weight {} at {at}; a value under {}% of it fires",
+                shown.join(", "),
+                top.len(),
+                n3(total),
+                n3(100.0 * spec.max_share),
+            );
+            if total < spec.min_history {
+                text += &waiting(n3(total), format!("a total weight of {}", spec.min_history));
+            }
+            Some(text)
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,7 +329,7 @@ mod tests {
         for (hour, n) in counts.iter().enumerate() {
             for j in 0..*n {
                 let e = at(hour as i64 * H + i64::from(j), json!({}));
-                if baseline(&mut r, spec, &e).ok().flatten().is_some() {
+                if baseline(&mut r, spec, &e, None).ok().flatten().is_some() {
                     fired.push(hour);
                 }
             }
@@ -280,7 +358,7 @@ mod tests {
         // A very long gap: counted, and the baseline decays to nothing.
         let mut r = r;
         let e = at(1_000_000 * H, json!({}));
-        baseline(&mut r, &spec(100), &e).unwrap();
+        baseline(&mut r, &spec(100), &e, None).unwrap();
         let s = state(&r);
         assert_eq!((s.n, s.mean, s.var), (3 + 1 + 999_996, 0.0, 0.0));
     }
@@ -297,7 +375,7 @@ mod tests {
         // A late event (an earlier bucket) changes nothing.
         let (mut r, _) = feed(&spec(3), &[2, 2, 2]);
         let before = r.clone();
-        assert!(baseline(&mut r, &spec(3), &at(0, json!({}))).unwrap().is_none());
+        assert!(baseline(&mut r, &spec(3), &at(0, json!({})), None).unwrap().is_none());
         assert_eq!(r, before);
     }
 
@@ -306,10 +384,35 @@ mod tests {
         let mut s = spec(0);
         s.value = Some(FieldPath::parse("bytes").unwrap());
         let mut r = Record::default();
-        baseline(&mut r, &s, &at(0, json!({"bytes": 10}))).unwrap();
-        baseline(&mut r, &s, &at(1, json!({"bytes": "2.5"}))).unwrap();
+        baseline(&mut r, &s, &at(0, json!({"bytes": 10})), None).unwrap();
+        baseline(&mut r, &s, &at(1, json!({"bytes": "2.5"})), None).unwrap();
         assert_eq!(state(&r).v, 12.5);
-        assert!(matches!(baseline(&mut r, &s, &at(2, json!({"bytes": "x"}))), Err(Skip::Missing(_))));
+        assert!(matches!(baseline(&mut r, &s, &at(2, json!({"bytes": "x"})), None), Err(Skip::Missing(_))));
+    }
+
+    #[test]
+    fn replay_measures_are_the_z_of_closed_buckets_and_the_share_at_events_with_history() {
+        // α = 0.5, min_history 1. Hour 0 (4) closes first: no history yet.
+        // Hour 1 (2): mean 4, stddev 0: no z. Hour 2 (empty): mean 3,
+        // var 1: z = (0 − 3)/1 = −3. Hour 3 (6): mean 1.5, var
+        // 0.5·(1 + 0.5·9) = 2.75: z = 4.5/√2.75. Hour 4 stays open.
+        let s = spec(1);
+        let mut r = Record::default();
+        let mut z = Vec::new();
+        for (hour, n) in [4, 2, 0, 6, 1].into_iter().enumerate() {
+            for j in 0..n {
+                baseline(&mut r, &s, &at(hour as i64 * H + j, json!({})), Some(&mut z)).unwrap();
+            }
+        }
+        assert_eq!(z, [-3.0, 4.5 / 2.75f64.sqrt()]);
+        // rare, min_history 4: four DE (total 0..3: none), then FR (0/4) and DE (4/5).
+        let s = rare_spec(256);
+        let mut r = Record::default();
+        let mut shares = Vec::new();
+        for c in ["DE", "DE", "DE", "DE", "FR", "DE"] {
+            rare(&mut r, &s, &at(0, json!({"c": c})), Some(&mut shares)).unwrap();
+        }
+        assert_eq!(shares, [0.0, 0.8]);
     }
 
     fn rare_spec(max_values: usize) -> Rare {
@@ -324,7 +427,7 @@ mod tests {
     }
 
     fn see(r: &mut Record, spec: &Rare, ms: i64, c: &str) -> Option<Map<String, Value>> {
-        rare(r, spec, &at(ms, json!({"c": c}))).unwrap().map(|d| d.context)
+        rare(r, spec, &at(ms, json!({"c": c})), None).unwrap().map(|d| d.context)
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Evaluation: every enabled rule, in a fixed order, on each event; state
 //! through the write-back cache; alerts de-duplicated on event time.
 
-use super::forms::{apply_form, Skip};
+use super::forms::{apply_form, Seen, Skip};
 use super::{Form, Rule};
 use crate::alert::{Alert, EntityRef};
 use crate::event::{format_time_ms, id_string, Event, FieldPath, Reads};
@@ -131,6 +131,10 @@ pub struct RuleStats {
     pub entities_alerted: std::collections::HashSet<String>,
     /// For `count` and `distinct` rules: the highest value each state key reached.
     pub peaks: HashMap<String, i64>,
+    /// For `baseline` rules, the z of each bucket closed with enough
+    /// history; for `rare` rules, the value's share at each event with
+    /// enough history.
+    pub measures: Vec<f64>,
 }
 
 /// Which rules apply to an event, for whom. `None` is every rule for
@@ -433,17 +437,17 @@ impl Engine {
     ) -> Result<Option<Map<String, Value>>, StateError> {
         join_key(&mut self.key, [&rule.namespace, &rule.entity_type, state_id]);
         let key = self.key.as_str();
-        let mut reached = None;
+        let mut seen = Seen { reached: None, measures: self.stats.is_some().then(Vec::new) };
         let access = self.access[rule_index];
         let granule = cache.expiry_granule();
         let mut kept = false;
         let result = if matches!(rule.form, Form::Stateless) {
-            apply_form(&mut Record::default(), rule, key, event, &mut reached, (granule, &mut kept))
+            apply_form(&mut Record::default(), rule, key, event, &mut seen, (granule, &mut kept))
         } else {
             let mut result = Ok(None);
             let stored = cache.update(access.state, key, event.time_ms, &mut |r| {
                 kept = false;
-                result = apply_form(r, rule, key, event, &mut reached, (granule, &mut kept));
+                result = apply_form(r, rule, key, event, &mut seen, (granule, &mut kept));
                 result.is_ok() && !kept
             });
             if kept {
@@ -451,9 +455,12 @@ impl Engine {
             }
             stored.map_err(Skip::State).and(result)
         };
-        if let (Some(stats), Some(v)) = (self.stats.as_mut(), reached) {
-            let peak = stats[rule_index].peaks.entry(key.to_string()).or_insert(0);
-            *peak = (*peak).max(v);
+        if let Some(stats) = self.stats.as_mut() {
+            if let Some(v) = seen.reached {
+                let peak = stats[rule_index].peaks.entry(key.to_string()).or_insert(0);
+                *peak = (*peak).max(v);
+            }
+            stats[rule_index].measures.extend(seen.measures.unwrap_or_default());
         }
         let problem = |message: String| Problem { rule_id: rule.id.clone(), message };
         let decision = match result {

@@ -16,6 +16,16 @@ pub(super) struct Decision {
     pub(super) reset: bool,
 }
 
+/// What a form saw, for `riskd replay`: the value a `count` or `distinct`
+/// rule reached; with `measures` set, a `baseline` rule's z of each bucket
+/// it closed with enough history and a `rare` rule's share of the value at
+/// each event with enough history.
+#[derive(Debug, Default)]
+pub(super) struct Seen {
+    pub(super) reached: Option<i64>,
+    pub(super) measures: Option<Vec<f64>>,
+}
+
 /// Why a rule skips an event: a field it needs is absent, or the store failed.
 #[derive(Debug)]
 pub(super) enum Skip {
@@ -61,24 +71,25 @@ fn round1(x: f64) -> Value {
 }
 
 /// Applies the rule's state form to the entity's record and decides whether
-/// it fires; `reached` is the value a `count` or `distinct` rule reached
-/// (for replay figures). `kept` is set when the form changed nothing
+/// it fires; `seen` takes what replay figures need. `kept` is set when the form changed nothing
 /// because an expiry refresh fell within `granule` (`store.expiry_granule`).
 pub(super) fn apply_form(
     r: &mut Record,
     rule: &Rule,
     key: &str,
     event: &Event,
-    reached: &mut Option<i64>,
+    seen: &mut Seen,
     (granule, kept): (f64, &mut bool),
 ) -> Result<Option<Decision>, Skip> {
     let now = event.time_ms;
     Ok(match &rule.form {
         Form::Stateless => Some(Decision { context: Map::new(), reset: false }),
-        Form::Count { window_ms, threshold, on_fire } => count(r, now, *window_ms, *threshold, *on_fire, reached),
+        Form::Count { window_ms, threshold, on_fire } => {
+            count(r, now, *window_ms, *threshold, *on_fire, &mut seen.reached)
+        }
         Form::Distinct { field, window_ms, threshold, on_fire } => {
             let value = required_scalar(field, event)?;
-            distinct(r, now, value, *window_ms, *threshold, *on_fire, reached)
+            distinct(r, now, value, *window_ms, *threshold, *on_fire, &mut seen.reached)
         }
         Form::FirstSeen { field, ttl_ms } => {
             first_seen(r, now, required_scalar(field, event)?, *ttl_ms, (granule, kept))
@@ -95,9 +106,9 @@ pub(super) fn apply_form(
             let city_v = city.as_ref().and_then(|c| c.lookup(&event.value)).cloned().unwrap_or(Value::Null);
             travel(r, key, now, (lat_v, lon_v, city_v), *ttl_ms, (*min_km, *max_kmh))?
         }
-        Form::Baseline(b) => super::behaviour::baseline(r, b, event)?,
+        Form::Baseline(b) => super::behaviour::baseline(r, b, event, seen.measures.as_mut())?,
         Form::Rare(spec) => {
-            let decision = super::behaviour::rare(r, spec, event)?;
+            let decision = super::behaviour::rare(r, spec, event, seen.measures.as_mut())?;
             if let Some(d) = r.dict.as_ref() {
                 check_dict_size(key, d)?;
             }

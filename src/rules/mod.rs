@@ -9,6 +9,7 @@ mod forms;
 pub mod sigma;
 pub mod spec;
 
+pub use behaviour::describe;
 pub use condition::Condition;
 pub use engine::{Engine, Outcome, Problem, RuleStats, Scope};
 use spec::{BaselineSpec, ChangedSpec, CountSpec, DistinctSpec, FirstSeenSpec, RareSpec, TravelSpec};

@@ -108,6 +108,9 @@ pub struct RuleStateRow {
     pub rule_id: String,
     /// String set.
     pub set: BTreeSet<String>,
+    /// A behaviour rule's state in words (`baseline`, `rare`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
 }
 
 /// Writes an entity as `{"id": …, "type": …}`, the order explanations have
@@ -159,12 +162,13 @@ pub fn explain_entity(
 ) -> Result<Option<Explanation>, StateError> {
     let policy = cfg.policy(&entity.type_);
     let risk = risk_key(entity);
-    let mut keys: Vec<(String, String)> = vec![("(risk)".to_string(), risk.clone())];
+    // (rule id, state key, the rule when the key is its state)
+    let mut keys: Vec<(String, String, Option<&Rule>)> = vec![("(risk)".to_string(), risk.clone(), None)];
     for rule in rules.iter().filter(|r| r.entity_type == entity.type_) {
-        keys.push((rule.id.clone(), crate::state::key([&rule.namespace, &entity.type_, &entity.id])));
-        keys.push((rule.id.clone(), crate::state::key([crate::state::DEDUP_PREFIX, &rule.id, &entity.id])));
+        keys.push((rule.id.clone(), crate::state::key([&rule.namespace, &entity.type_, &entity.id]), Some(rule)));
+        keys.push((rule.id.clone(), crate::state::key([crate::state::DEDUP_PREFIX, &rule.id, &entity.id]), None));
     }
-    let mut lookup: Vec<&str> = keys.iter().map(|(_, k)| k.as_str()).collect();
+    let mut lookup: Vec<&str> = keys.iter().map(|(_, k, _)| k.as_str()).collect();
     lookup.push(crate::state::WATERMARK_KEY);
     let mut records = store.get_many(&lookup)?;
     let watermark = records.pop().flatten().map_or(0, |r| r.count);
@@ -179,9 +183,11 @@ pub fn explain_entity(
         .into_iter()
         .zip(records)
         .skip(1)
-        .filter_map(|((rule_id, key), record)| {
+        .filter_map(|((rule_id, key, rule), record)| {
             let r = record?;
+            let summary = rule.zip(r.dict.as_ref()).and_then(|(rule, d)| crate::rules::describe(&rule.form, d));
             Some(RuleStateRow {
+                summary,
                 count: r.count,
                 expires_at: r.expires_at_ms.map(format_time_ms),
                 live: r.is_live(now),
@@ -355,7 +361,11 @@ impl fmt::Display for RuleStateRow {
             (Some(at), true) => format!("expires {at}"),
             (Some(at), false) => format!("EXPIRED at {at} (reads as empty)"),
         };
-        write!(f, "{}  [{}]  {}  {}", self.key, self.rule_id, values.join(" "), expiry)
+        write!(f, "{}  [{}]  {}  {}", self.key, self.rule_id, values.join(" "), expiry)?;
+        if let Some(summary) = &self.summary {
+            write!(f, "\n      {summary}")?;
+        }
+        Ok(())
     }
 }
 
@@ -372,6 +382,7 @@ mod tests {
             live: true,
             rule_id: rule_id.into(),
             set: BTreeSet::new(),
+            summary: None,
         };
         let dict: Map<String, Value> = serde_json::from_str(r#"{"lat":-33.8688,"city":"Sydney"}"#).unwrap();
         Explanation {

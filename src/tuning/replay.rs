@@ -39,6 +39,31 @@ pub struct Values {
     pub at_threshold: usize,
 }
 
+/// Distribution of a behaviour rule's measure: for `baseline` the z of
+/// each bucket closed with `min_history` behind it (empty buckets too; none
+/// where the stddev is 0), for `rare` the value's share at each event with
+/// `min_history` behind it. What choosing `k` and `max_share` needs.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Measures {
+    /// `baseline z` or `rare share`.
+    pub measure: &'static str,
+    /// Closed buckets (`baseline`) or events (`rare`) measured.
+    pub samples: usize,
+    /// Percentiles (nearest rank), to 3 decimals: p50, p90, p99 and max
+    /// of z; min, p1, p10 and p50 of the share (a rare value has a small one).
+    #[serde(serialize_with = "in_order")]
+    pub percentiles: Vec<(String, f64)>,
+    /// The rule's `k` or `max_share`.
+    pub limit: f64,
+    /// Samples past it: z above `k`, share below `max_share`.
+    pub past_limit: usize,
+}
+
+/// Pairs as a JSON object, in their order.
+fn in_order<S: serde::Serializer>(pairs: &[(String, f64)], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(pairs.iter().map(|(k, v)| (k, v)))
+}
+
 /// One rule's figures.
 #[derive(Debug, Serialize, PartialEq)]
 pub struct RuleReport {
@@ -56,6 +81,8 @@ pub struct RuleReport {
     pub entities_alerted: usize,
     /// For `count` and `distinct` rules.
     pub values: Option<Values>,
+    /// For `baseline` and `rare` rules.
+    pub measures: Option<Measures>,
 }
 
 /// The whole report.
@@ -96,6 +123,30 @@ fn values(rule: &Rule, peaks: impl Iterator<Item = i64>) -> Option<Values> {
         p99: percentile(&v, 99.0),
         max: v.last().copied().unwrap_or(0),
         at_threshold: v.iter().filter(|x| **x >= threshold).count(),
+    })
+}
+
+fn measures(rule: &Rule, mut v: Vec<f64>) -> Option<Measures> {
+    let (measure, limit, points): (_, _, &[(&str, f64)]) = match &rule.form {
+        Form::Baseline(b) => ("baseline z", b.k, &[("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("max", 100.0)]),
+        Form::Rare(r) => ("rare share", r.max_share, &[("min", 0.0), ("p1", 1.0), ("p10", 10.0), ("p50", 50.0)]),
+        _ => return None,
+    };
+    v.sort_unstable_by(f64::total_cmp);
+    let at = |p: f64| {
+        let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+        v.get(rank.clamp(1, v.len().max(1)) - 1).map_or(0.0, |x| (x * 1000.0).round() / 1000.0)
+    };
+    let past_limit = match &rule.form {
+        Form::Baseline(_) => v.iter().filter(|z| **z > limit).count(),
+        _ => v.iter().filter(|s| **s < limit).count(),
+    };
+    Some(Measures {
+        measure,
+        samples: v.len(),
+        percentiles: points.iter().map(|(name, p)| (name.to_string(), at(*p))).collect(),
+        limit,
+        past_limit,
     })
 }
 
@@ -154,6 +205,7 @@ pub fn replay(cfg: Config, input: &Path) -> Result<Report, RunError> {
             entities_matched: s.entities_matched.len(),
             entities_alerted: s.entities_alerted.len(),
             values: values(rule, s.peaks.values().copied()),
+            measures: measures(rule, s.measures.clone()),
         })
         .collect();
     Ok(report)
@@ -169,16 +221,24 @@ pub fn render(report: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<32} {:>8} {:>7} {:>10} {:>9} {:>9}   values reached per key (count/distinct rules)",
+        "{:<32} {:>8} {:>7} {:>10} {:>9} {:>9}   values reached per key (count/distinct), z per closed bucket (baseline), share per event (rare)",
         "rule", "matches", "alerts", "suppressed", "entities", "alerted"
     );
     for r in &report.rules {
-        let values = match &r.values {
-            None => String::new(),
-            Some(v) => format!(
+        let values = match (&r.values, &r.measures) {
+            (Some(v), _) => format!(
                 "{} over {} keys: p50 {} p90 {} p99 {} max {}; {} keys reach the threshold {}",
                 v.form, v.keys, v.p50, v.p90, v.p99, v.max, v.at_threshold, v.threshold
             ),
+            (None, Some(m)) => {
+                let points: Vec<String> = m.percentiles.iter().map(|(name, x)| format!("{name} {x}")).collect();
+                let (unit, past) = match m.measure {
+                    "baseline z" => ("closed buckets", format!("above k {}", m.limit)),
+                    _ => ("events", format!("under max_share {}", m.limit)),
+                };
+                format!("{} over {} {unit}: {}; {} {past}", m.measure, m.samples, points.join(" "), m.past_limit)
+            }
+            (None, None) => String::new(),
         };
         let _ = writeln!(
             out,
