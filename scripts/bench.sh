@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # riskd's benchmarks (figures in BENCHMARKS.md):
-#   scripts/bench.sh throughput   main job vs parse-only, embedded store (1 M events)
+#   scripts/bench.sh throughput   main job vs parse-only, embedded store (1 M events), every shipped rule and the five alone
 #   scripts/bench.sh dynamodb     DynamoDB requests per 1,000 events and events/s, on DynamoDB Local
 #   scripts/bench.sh kafka        events/s from a broker through the rules to the alerts topic, vs a bare consume
 #   scripts/bench.sh order        the file job with the event-time buffer off and on (events/s, peak memory)
@@ -8,7 +8,8 @@
 #                                 each, three store variants) beside Panther's helpers; long: not in `all`
 #   scripts/bench.sh sigma        the file job with the five rules alone and with every vendored Sigma rule,
 #                                 beside the rsigma engine (library and `rsigma engine eval`) on the same file
-#   scripts/bench.sh              all five (not cost)
+#   scripts/bench.sh entities     the leaderboard over 1,000,000 entities with risk (fill, list top 50, naive)
+#   scripts/bench.sh              all six (not cost)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -16,6 +17,9 @@ what=${1:-all}
 
 if [ "$what" = throughput ] || [ "$what" = all ]; then
   cargo bench --bench throughput
+fi
+if [ "$what" = entities ] || [ "$what" = all ]; then
+  cargo bench --bench entities
 fi
 if [ "$what" = sigma ] || [ "$what" = all ]; then
   # The rsigma CLI, for the row beside `rsigma engine eval` (crates.io, once).

@@ -15,7 +15,9 @@
 #   the brokers the Kafka fault tests kill and start again
 #   (RISKD_TEST_S3_ENDPOINT);
 # - libssl-dev and pkg-config, which rdkafka's bundled librdkafka builds
-#   against (TLS and SASL for MSK or Confluent Cloud).
+#   against (TLS and SASL for MSK or Confluent Cloud);
+# - Debian's chromium package, headless, for the web page tests
+#   (RISKD_TEST_CHROMIUM names another browser binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -32,6 +34,12 @@ apt_install() {
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   echo "== installing Debian's prometheus package"
   apt_install prometheus
+fi
+
+# Chromium, headless: the web page tests open riskd's pages in a real browser.
+if ! command -v "${RISKD_TEST_CHROMIUM:-chromium}" >/dev/null; then
+  echo "== installing Debian's chromium package (the web page tests' browser)"
+  apt_install chromium
 fi
 
 if ! pkg-config --exists openssl 2>/dev/null; then

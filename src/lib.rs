@@ -28,7 +28,8 @@
 //!   checkpoints, retries and outputs.
 //! - [`route`]: `riskd route`, re-keying raw Kafka events by entity.
 //! - [`tuning`]: rule tests, replays (backtests), check warnings.
-//! - [`api`]: the read-only HTTP API (`/v1/entities/…`, `/v1/state/…`).
+//! - [`web`]: the analyst's pages as HTML (leaderboard, entity), every value escaped.
+//! - [`api`]: the read-only HTTP API (`/v1/entities…`, `/v1/state/…`) and the pages.
 //! - [`http`]: the one HTTP server: metrics, health, the API.
 //! - [`reload`]: live reload on SIGHUP and on rule file changes.
 //! - [`service`]: the long-running process: signals, shutdown, the HTTP
@@ -56,6 +57,7 @@ pub mod source;
 pub mod state;
 pub mod telemetry;
 pub mod tuning;
+pub mod web;
 
 pub use pipeline::{RunOptions, Summary};
 pub use service::run;

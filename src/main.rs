@@ -99,6 +99,30 @@ enum Command {
         #[arg(long, value_name = "TIME", value_parser = event_time)]
         at: Option<i64>,
     },
+    /// List the riskiest entities: by score at the latest event time seen
+    /// (or `--at`), highest first, each with its largest contributions.
+    /// Reads every risk key of the store once (a running riskd answers the
+    /// same from memory on `GET /v1/entities`).
+    Entities {
+        /// Service config (names the store).
+        #[arg(long, default_value = "config/riskd.toml")]
+        config: PathBuf,
+        /// Only entities of this type (user, ip, role, principal, …).
+        #[arg(long = "type", value_name = "TYPE")]
+        entity_type: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+        /// Only entities scoring at least this.
+        #[arg(long, default_value_t = 0.0)]
+        min_score: f64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Score at this event time (RFC 3339) instead of the latest seen.
+        #[arg(long, value_name = "TIME", value_parser = event_time)]
+        at: Option<i64>,
+    },
     /// Look at the state store.
     State {
         /// Service config (names the store).
@@ -426,6 +450,20 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                     .context("reading the entity's state")?
                     .ok_or_else(|| anyhow::anyhow!(riskd::scoring::no_state(&cfg.rules, &entity)))?;
                 Ok(if json { format!("{}\n", serde_json::to_string_pretty(&x)?) } else { x.to_string() })
+            })
+            .await?;
+            print!("{text}");
+        }
+        Command::Entities { config, entity_type, top, min_score, json, at } => {
+            let cfg = load(&config)?;
+            let text = blocking(move || {
+                let store = riskd::state::open_store(&cfg.store).context("opening the store")?;
+                let board =
+                    riskd::scoring::Board::build(store.as_ref(), &cfg.scoring, at).context("reading the risk keys")?;
+                let filter = (entity_type.as_deref(), top.max(1), min_score);
+                let listing = riskd::scoring::list(&board, &cfg.scoring, store.as_ref(), filter, at)
+                    .context("reading the entities' risk")?;
+                Ok(if json { format!("{}\n", serde_json::to_string_pretty(&listing)?) } else { listing.to_string() })
             })
             .await?;
             print!("{text}");

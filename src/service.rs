@@ -7,6 +7,7 @@ use crate::api::{Api, TOKEN_ENV};
 use crate::config::Config;
 use crate::pipeline::{run_with_store, RunError, RunOptions, Summary};
 use crate::route::{self, RouteSummary};
+use crate::scoring::Leaderboard;
 use crate::shutdown::Shutdown;
 use crate::state::open_store;
 use crate::telemetry::Health;
@@ -73,10 +74,18 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
     } else {
         None
     };
+    let serving = cfg.listen.is_some();
     let job = move |stop: Shutdown| {
-        let store = open_store(&cfg.store)?;
-        if let Some(reader) = store.reader() {
-            api.ready(reader, Arc::clone(&cfg.rules), Arc::new(cfg.scoring.clone()));
+        let mut store = open_store(&cfg.store)?;
+        // Served: the API reads through a handle of its own, and the
+        // leaderboard is filled from the store once, then kept current by
+        // the job's writes.
+        if let (true, Some(reader), Some(scan)) = (serving, store.reader(), store.reader()) {
+            let scoring = Arc::new(cfg.scoring.clone());
+            let board = Leaderboard::new(Arc::clone(&scoring));
+            board.fill(scan);
+            api.ready(reader, Arc::clone(&cfg.rules), scoring, board.clone());
+            store = Box::new(board.ranking(store));
         }
         run_with_store(cfg, opts, store, stop, health)
     };

@@ -62,6 +62,22 @@ fn entities_and_state_keys_read_from_a_running_riskd() {
         nobody["error"].as_str().unwrap().contains("the rules' entity types are ip, principal, role, user"),
         "{nobody}"
     );
+
+    // The leaderboard, from the job's index: what `riskd entities --json` prints.
+    let (status, board) = get(&url("/v1/entities?top=2"), None);
+    assert_eq!(status, 200, "{board}");
+    assert_eq!((board["ranked"].as_u64(), board["complete"].as_bool()), (Some(9), Some(true)), "{board}");
+    let listed: Vec<&str> = board["entities"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(listed, ["judy@example.com", "arn:aws:iam::123456789012:user/etl"], "{board}");
+    assert_eq!(board["entities"][0]["top"][0]["rule_id"], "okta_rare_country");
+    let (_, users) = get(&url("/v1/entities?type=user&min_score=1"), None);
+    assert_eq!(users["entities"].as_array().map(Vec::len), Some(1), "{users}");
+    let (_, none) = get(&url("/v1/entities?type=role&min_score=1"), None);
+    assert_eq!(none["entities"], serde_json::json!([]), "{none}");
+    for bad in ["top=0", "top=100000", "top=x", "min_score=NaN", "min_score=abc"] {
+        let (status, body) = get(&url(&format!("/v1/entities?{bad}")), None);
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
 }
 
 #[test]

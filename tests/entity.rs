@@ -152,3 +152,49 @@ fn an_entity_without_state_is_an_error_naming_the_types_rules_use() {
         String::from_utf8_lossy(&out.stderr).starts_with("riskd: no key \"okta_ip_change/user/nobody@example.com\"")
     );
 }
+
+/// `riskd entities`: the leaderboard, at the latest event time and at the attack.
+#[test]
+fn entities_lists_the_riskiest_first_with_their_contributions() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &samples(), "", "");
+    run_ok(&config);
+    let c = config.display().to_string();
+    let list = |args: &[&str]| -> Value {
+        let mut all = vec!["entities", "--config", &c, "--json"];
+        all.extend_from_slice(args);
+        let out = riskd(&all);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let ids = |v: &Value| -> Vec<String> {
+        v["entities"].as_array().unwrap().iter().map(|e| format!("{} {} {}", e["type"], e["id"], e["score"])).collect()
+    };
+    // At the latest event time (2024-04-24) only judy's fresh risk is left.
+    let now = list(&["--min-score", "1"]);
+    assert_eq!(now["now"], "2024-04-24T00:00:00.000Z");
+    assert_eq!(ids(&now), [r#""user" "judy@example.com" 30.0"#]);
+    assert_eq!(now["ranked"], 9, "every entity with risk is ranked");
+    // At the attack, trudy first: disarmed by her crossing, in the MEDIUM band.
+    let attack = list(&["--at", "2024-03-01T10:00:00Z", "--top", "3"]);
+    assert_eq!(
+        ids(&attack),
+        [
+            r#""user" "trudy@example.com" 143.73"#,
+            r#""user" "mallory@example.com" 43.277"#,
+            r#""user" "heidi@example.com" 33.636"#
+        ]
+    );
+    let trudy = &attack["entities"][0];
+    assert_eq!((trudy["band"].as_str(), trudy["armed"].as_bool()), (Some("MEDIUM"), Some(false)));
+    assert_eq!(trudy["top"].as_array().map(Vec::len), Some(3));
+    assert_eq!(trudy["top"][0]["rule_id"], "okta_impossible_travel");
+    assert_eq!(trudy["last_alert"], "2024-03-01T10:00:00.000Z");
+    // One type; text for people.
+    let ips = list(&["--at", "2024-03-01T03:00:00Z", "--type", "ip"]);
+    assert_eq!(ids(&ips), [r#""ip" "203.0.113.66" 24.325"#]);
+    let out = riskd(&["entities", "--config", &c, "--at", "2024-03-01T10:00:00Z", "--top", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("1 entities listed of 6 with risk, scored at 2024-03-01T10:00:00.000Z\n"), "{text}");
+    assert!(text.contains("trudy@example.com") && text.contains("MEDIUM") && text.contains("disarmed"), "{text}");
+}

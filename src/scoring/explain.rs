@@ -223,7 +223,7 @@ pub fn explain_entity(
 /// Whether the entity is armed at event time `now` (its score there being
 /// `score`), and why, in words. The state records the last crossing and the
 /// last re-arming; before them, what is not recorded is said to be so.
-fn armed_at(policy: &TypePolicy, state: &RiskState, now: i64, score: f64) -> (bool, String) {
+pub(super) fn armed_at(policy: &TypePolicy, state: &RiskState, now: i64, score: f64) -> (bool, String) {
     let (threshold, rearm) = (number(policy.threshold), number(policy.rearm_below));
     let raises = format!("a score reaching {threshold} raises a risk alert");
     let rearmed = |r: &Mark| {

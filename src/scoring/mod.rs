@@ -12,13 +12,16 @@
 //! - `policy.rs`: thresholds, bands and modifiers ([`ScoringConfig`]);
 //! - `risk.rs`: adding contributions, raising risk alerts ([`contribute`]);
 //! - `scorer.rs`: the rule engine's alerts of an event scored ([`Scorer`]);
-//! - `explain.rs`: what riskd knows about one entity ([`explain_entity`]).
+//! - `explain.rs`: what riskd knows about one entity ([`explain_entity`]);
+//! - `board.rs`: who is riskiest, an index kept in the process ([`Board`]).
 
+mod board;
 mod explain;
 mod policy;
 mod risk;
 mod scorer;
 
+pub use board::{list, rank, score_at, Board, Leaderboard, Listed, Listing, Ranking};
 pub use explain::{
     explain_contributions, explain_entity, no_state, ContributionRow, CrossingRow, Explanation, PeakRow, RuleStateRow,
 };
