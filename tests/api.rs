@@ -93,6 +93,19 @@ fn a_token_is_required_when_set_and_beyond_loopback() {
     }
     assert_eq!(get(&url, None).0, 401);
     assert_eq!(get(&url, Some("wrong")).0, 401);
+    // The pages too: a browser is asked for Basic credentials, the token as password.
+    let page = format!("http://127.0.0.1:{port}/");
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let refused = agent.get(&page).call().unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+    assert_eq!(refused.headers().get("www-authenticate").and_then(|v| v.to_str().ok()), Some("Basic realm=\"riskd\""));
+    let basic = |password: &str| {
+        use base64::Engine as _;
+        let credentials = base64::engine::general_purpose::STANDARD.encode(format!("analyst:{password}"));
+        agent.get(&page).header("Authorization", &format!("Basic {credentials}")).call().unwrap().status().as_u16()
+    };
+    assert_eq!((basic("s3cret"), basic("wrong")), (200, 401));
+    assert_eq!(http_get(&page, Some("s3cret")).map(|(s, _)| s), Some(200));
 
     // Beyond loopback without a token: refused before anything is bound.
     let other = tempfile::tempdir().unwrap();
