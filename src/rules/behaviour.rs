@@ -75,15 +75,14 @@ impl Bucketed {
         })
     }
 
-    fn write(&self) -> Map<String, Value> {
-        let mut d = Map::new();
-        d.insert("b".into(), json!(self.b));
-        d.insert("v".into(), json!(self.v));
-        d.insert("mean".into(), json!(self.mean));
-        d.insert("var".into(), json!(self.var));
-        d.insert("n".into(), json!(self.n));
-        d.insert("fired".into(), json!(self.fired));
-        d
+    /// Writes the state into `d`, in place (no key allocated once present).
+    fn write(&self, d: &mut Map<String, Value>) {
+        set(d, "b", json!(self.b));
+        set(d, "v", json!(self.v));
+        set(d, "mean", json!(self.mean));
+        set(d, "var", json!(self.var));
+        set(d, "n", json!(self.n));
+        set(d, "fired", json!(self.fired));
     }
 
     /// Closes the current bucket with volume `x`; with `min_history`
@@ -166,7 +165,7 @@ pub(super) fn baseline(
     if fire {
         s.fired = true;
     }
-    r.dict = Some(s.write());
+    s.write(r.dict.get_or_insert_with(Map::new));
     r.expires_at_ms = Some(now.saturating_add(spec.ttl_ms));
     Ok(fire.then(|| {
         let mut c = Map::new();
@@ -178,6 +177,16 @@ pub(super) fn baseline(
         c.insert("bucket_start".into(), json!(format_time_ms(bucket.saturating_mul(spec.bucket_ms))));
         Decision { context: c, reset: false }
     }))
+}
+
+/// Sets `key` in `d`, reusing the key's allocation when it is there.
+fn set(d: &mut Map<String, Value>, key: &str, value: Value) {
+    match d.get_mut(key) {
+        Some(v) => *v = value,
+        None => {
+            d.insert(key.to_string(), value);
+        }
+    }
 }
 
 fn round(x: f64) -> f64 {
@@ -199,24 +208,30 @@ pub(super) fn rare(
         .and_then(scalar_string)
         .ok_or_else(|| Skip::Missing(format!("field {} is absent or not a scalar", spec.field)))?;
     let now = event.time_ms;
-    let d = r.dict.take().unwrap_or_default();
+    // In place: the entity's dictionary is updated where it lies, so an
+    // event allocates nothing but a value seen for the first time.
+    let d = r.dict.get_or_insert_with(Map::new);
     let last = d.get("t").and_then(Value::as_i64).unwrap_or(now);
     let f = if now > last { 0.5f64.powf((now - last) as f64 / spec.half_life_ms.max(1) as f64) } else { 1.0 };
     let mut total = d.get("total").and_then(Value::as_f64).filter(|x| x.is_finite()).unwrap_or(0.0) * f;
-    let mut weights: Vec<(String, f64)> = d
-        .get("w")
-        .and_then(Value::as_object)
-        .map(|m| m.iter().filter_map(|(k, w)| Some((k.clone(), w.as_f64()? * f))).collect())
-        .unwrap_or_default();
-    let weight = weights.iter().find(|(k, _)| *k == value).map_or(0.0, |(_, w)| *w);
+    if !matches!(d.get("w"), Some(Value::Object(_))) {
+        set(d, "w", Value::Object(Map::new()));
+    }
+    let Some(Value::Object(weights)) = d.get_mut("w") else { unreachable!("w was just made an object") };
+    // Every weight decays by f; one that is not a number is dropped.
+    weights.retain(|_, w| w.as_f64().is_some());
+    for w in weights.values_mut() {
+        *w = json!(w.as_f64().unwrap_or(0.0) * f);
+    }
+    let weight = weights.get(&value).and_then(Value::as_f64).unwrap_or(0.0);
     let share = if total > 0.0 { weight / total } else { 0.0 };
     let fire = total >= spec.min_history && share < spec.max_share;
     if let Some(m) = measures.filter(|_| total >= spec.min_history) {
         m.push(share);
     }
     let context = fire.then(|| {
-        let mut top = weights.clone();
-        top.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let mut top: Vec<(&String, f64)> = weights.iter().map(|(k, w)| (k, w.as_f64().unwrap_or(0.0))).collect();
+        top.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
         let top: Vec<Value> = top.iter().take(5).map(|(k, w)| json!({"value": k, "share": round(w / total)})).collect();
         let mut c = Map::new();
         c.insert("value".into(), json!(value));
@@ -225,24 +240,26 @@ pub(super) fn rare(
         c.insert("top".into(), Value::Array(top));
         c
     });
-    match weights.iter_mut().find(|(k, _)| *k == value) {
-        Some((_, w)) => *w += 1.0,
-        None => weights.push((value, 1.0)),
+    match weights.get_mut(&value) {
+        Some(w) => *w = json!(weight + 1.0),
+        None => {
+            weights.insert(value, json!(1.0));
+        }
     }
     total += 1.0;
     if weights.len() > spec.max_values {
         // The lightest is forgotten (its weight stays in the total); ties: the first by value.
-        if let Some(i) = (0..weights.len())
-            .min_by(|&a, &b| weights[a].1.total_cmp(&weights[b].1).then_with(|| weights[a].0.cmp(&weights[b].0)))
-        {
-            weights.swap_remove(i);
+        let lightest = weights
+            .iter()
+            .map(|(k, w)| (k, w.as_f64().unwrap_or(0.0)))
+            .min_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.cmp(b.0)))
+            .map(|(k, _)| k.clone());
+        if let Some(k) = lightest {
+            weights.remove(&k);
         }
     }
-    let mut out = Map::new();
-    out.insert("t".into(), json!(now.max(last)));
-    out.insert("total".into(), json!(total));
-    out.insert("w".into(), Value::Object(weights.into_iter().map(|(k, w)| (k, json!(w))).collect()));
-    r.dict = Some(out);
+    set(d, "t", json!(now.max(last)));
+    set(d, "total", json!(total));
     r.expires_at_ms = Some(now.max(last).saturating_add(spec.ttl_ms));
     Ok(context.map(|context| Decision { context, reset: false }))
 }
