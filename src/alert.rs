@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 /// Alert severity, lowest first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Severity {
     /// Informational.

@@ -59,5 +59,6 @@ pub mod telemetry;
 pub mod tuning;
 pub mod web;
 
+pub use api::TOKEN_ENV;
 pub use pipeline::{RunOptions, Summary};
 pub use service::run;

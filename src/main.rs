@@ -101,8 +101,8 @@ enum Command {
     },
     /// List the riskiest entities: by score at the latest event time seen
     /// (or `--at`), highest first, each with its largest contributions.
-    /// Reads every risk key of the store once (a running riskd answers the
-    /// same from memory on `GET /v1/entities`).
+    /// Asks the riskd running on this config first (its index, at once);
+    /// without one, or with `--at`, reads every risk key of the store once.
     Entities {
         /// Service config (names the store).
         #[arg(long, default_value = "config/riskd.toml")]
@@ -224,6 +224,39 @@ enum StoreAction {
 fn event_time(text: &str) -> Result<i64, String> {
     riskd::event::parse_time_ms(&serde_json::Value::from(text))
         .ok_or_else(|| format!("{text:?} is not a time: give RFC 3339, e.g. 2024-03-01T10:05:00Z"))
+}
+
+/// The listing of the riskd running on `cfg` (`GET /v1/entities` on its
+/// telemetry listener, with `RISKD_API_TOKEN` when set), if one answers.
+fn running_listing(
+    cfg: &riskd::config::Config,
+    entity_type: Option<&str>,
+    top: usize,
+    min_score: f64,
+) -> Option<(std::net::SocketAddr, riskd::scoring::Listing)> {
+    let mut addr = cfg.listen?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let mut url = format!("http://{addr}/v1/entities?top={}&min_score={min_score}", top.max(1));
+    if let Some(t) = entity_type {
+        url += &format!("&type={}", percent_encoding::utf8_percent_encode(t, percent_encoding::NON_ALPHANUMERIC));
+    }
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(3)))
+        .build()
+        .into();
+    let mut request = agent.get(&url);
+    if let Some(token) = std::env::var(riskd::TOKEN_ENV).ok().filter(|t| !t.is_empty()) {
+        request = request.header("Authorization", &format!("Bearer {token}"));
+    }
+    let mut answer = request.call().ok()?;
+    if answer.status() != 200 {
+        return None;
+    }
+    let body = answer.body_mut().read_to_string().ok()?;
+    Some((addr, serde_json::from_str(&body).ok()?))
 }
 
 fn stream(text: &str) -> Stream {
@@ -457,6 +490,17 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Entities { config, entity_type, top, min_score, json, at } => {
             let cfg = load(&config)?;
             let text = blocking(move || {
+                // A riskd running on this config answers from its index at
+                // once (and holds the embedded store's file); else one scan.
+                let running = at.is_none().then(|| running_listing(&cfg, entity_type.as_deref(), top, min_score));
+                if let Some((addr, listing)) = running.flatten() {
+                    eprintln!("riskd: listed by the riskd running on {addr} (its index, as of its last flush)");
+                    return Ok(if json {
+                        format!("{}\n", serde_json::to_string_pretty(&listing)?)
+                    } else {
+                        listing.to_string()
+                    });
+                }
                 let store = riskd::state::open_store(&cfg.store).context("opening the store")?;
                 let board =
                     riskd::scoring::Board::build(store.as_ref(), &cfg.scoring, at).context("reading the risk keys")?;

@@ -78,6 +78,17 @@ fn entities_and_state_keys_read_from_a_running_riskd() {
         let (status, body) = get(&url(&format!("/v1/entities?{bad}")), None);
         assert_eq!(status, 400, "{bad}: {body}");
     }
+    // `riskd entities` asks the running riskd (which holds the embedded
+    // store's file, so reading it would fail): the same listing at once.
+    let config = dir.path().join("riskd.toml").display().to_string();
+    let out = riskd(&["entities", "--config", &config, "--top", "2", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("listed by the riskd running on 127.0.0.1:{port}")));
+    let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cli, board, "the CLI prints what the API answers");
+    let out = riskd(&["entities", "--config", &config, "--type", "user", "--min-score", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("1 entities listed of 9 with risk") && text.contains("judy@example.com"), "{text}");
 }
 
 #[test]

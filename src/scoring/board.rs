@@ -330,7 +330,7 @@ impl Store for Ranking {
 }
 
 /// A leaderboard: `riskd entities`, `GET /v1/entities`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct Listing {
     /// The event time the scores are at: the latest seen unless asked for another.
     pub now: String,
@@ -345,7 +345,7 @@ pub struct Listing {
 }
 
 /// One entity of a [`Listing`].
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct Listed {
     /// Entity type.
     #[serde(rename = "type")]

@@ -57,7 +57,7 @@ pub struct Explanation {
 }
 
 /// One contribution, decayed to the explanation's time.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct ContributionRow {
     /// The rule alert.
     pub alert_id: String,
