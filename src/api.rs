@@ -93,6 +93,23 @@ fn respond(refusal: Refusal) -> Response {
     (refusal.0, axum::Json(serde_json::json!({ "error": refusal.1 }))).into_response()
 }
 
+/// Runs `f` on the blocking pool against the open store; a refusal when
+/// the store is not open yet, or when `f` refuses.
+async fn read<T: Send + 'static>(
+    api: Arc<Api>,
+    f: fn(&Inner, Vec<String>) -> Result<T, Refusal>,
+    args: Vec<String>,
+) -> Result<T, Refusal> {
+    let result = tokio::task::spawn_blocking(move || match api.inner.get() {
+        None => {
+            Err(error(StatusCode::SERVICE_UNAVAILABLE, "the store is not open yet, or cannot be shared (memory store)"))
+        }
+        Some(inner) => f(inner, args),
+    })
+    .await;
+    result.unwrap_or_else(|e| Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))
+}
+
 async fn answer<T: serde::Serialize + Send + 'static>(
     api: Arc<Api>,
     headers: HeaderMap,
@@ -102,26 +119,26 @@ async fn answer<T: serde::Serialize + Send + 'static>(
     if !api.authorized(&headers) {
         return respond(error(StatusCode::UNAUTHORIZED, format!("a bearer token ({TOKEN_ENV}) is required")));
     }
-    let result = tokio::task::spawn_blocking(move || match api.inner.get() {
-        None => {
-            Err(error(StatusCode::SERVICE_UNAVAILABLE, "the store is not open yet, or cannot be shared (memory store)"))
-        }
-        Some(inner) => f(inner, args),
-    })
-    .await;
-    match result {
-        Ok(Ok(v)) => axum::Json(v).into_response(),
-        Ok(Err(r)) => respond(r),
-        Err(e) => respond(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    match read(api, f, args).await {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(r) => respond(r),
     }
 }
 
+/// `[type, id]`, or `[type, id, at]` with `at` an RFC 3339 time or empty.
 fn entity(inner: &Inner, args: Vec<String>) -> Result<Explanation, Refusal> {
+    let at = match args.get(2).map(String::as_str).unwrap_or("") {
+        "" => None,
+        a => Some(
+            crate::event::parse_time_ms(&Value::from(a))
+                .ok_or_else(|| error(StatusCode::BAD_REQUEST, format!("at must be an RFC 3339 time, got {a:?}")))?,
+        ),
+    };
     let store = inner.store.lock().map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "store handle poisoned"))?;
     let entity = EntityRef { type_: args[0].clone(), id: args[1].clone() };
     let (rules, scoring) =
         inner.rules.lock().map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "rules poisoned"))?.clone();
-    match crate::scoring::explain_entity(&rules, &scoring, store.as_ref(), &entity, None) {
+    match crate::scoring::explain_entity(&rules, &scoring, store.as_ref(), &entity, at) {
         Ok(Some(x)) => Ok(x),
         Ok(None) => Err(error(StatusCode::NOT_FOUND, crate::scoring::no_state(&rules, &entity))),
         Err(e) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
@@ -144,17 +161,9 @@ async fn page(
         r.headers_mut().insert("www-authenticate", axum::http::HeaderValue::from_static("Basic realm=\"riskd\""));
         return r;
     }
-    let result = tokio::task::spawn_blocking(move || match api.inner.get() {
-        None => {
-            Err(error(StatusCode::SERVICE_UNAVAILABLE, "the store is not open yet, or cannot be shared (memory store)"))
-        }
-        Some(inner) => f(inner, args),
-    })
-    .await;
-    match result {
-        Ok(Ok(body)) => html(StatusCode::OK, body),
-        Ok(Err((status, message))) => html(status, crate::web::error(status.as_u16(), &message)),
-        Err(e) => html(StatusCode::INTERNAL_SERVER_ERROR, crate::web::error(500, &e.to_string())),
+    match read(api, f, args).await {
+        Ok(body) => html(StatusCode::OK, body),
+        Err((status, message)) => html(status, crate::web::error(status.as_u16(), &message)),
     }
 }
 
@@ -169,22 +178,7 @@ fn leaderboard_page(inner: &Inner, args: Vec<String>) -> Result<String, Refusal>
 }
 
 fn entity_page(inner: &Inner, args: Vec<String>) -> Result<String, Refusal> {
-    let at = match args.get(2).map(String::as_str).unwrap_or("") {
-        "" => None,
-        a => Some(
-            crate::event::parse_time_ms(&Value::from(a))
-                .ok_or_else(|| error(StatusCode::BAD_REQUEST, format!("at must be an RFC 3339 time, got {a:?}")))?,
-        ),
-    };
-    let store = inner.store.lock().map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "store handle poisoned"))?;
-    let entity = EntityRef { type_: args[0].clone(), id: args[1].clone() };
-    let (rules, scoring) =
-        inner.rules.lock().map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "rules poisoned"))?.clone();
-    match crate::scoring::explain_entity(&rules, &scoring, store.as_ref(), &entity, at) {
-        Ok(Some(x)) => Ok(crate::web::entity(&x)),
-        Ok(None) => Err(error(StatusCode::NOT_FOUND, crate::scoring::no_state(&rules, &entity))),
-        Err(e) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
-    }
+    entity(inner, args).map(|x| crate::web::entity(&x))
 }
 
 /// `/entity/…` parameters.

@@ -9,7 +9,7 @@
 //! and attributes) or [`path_segment`] (links).
 
 use crate::event::parse_time_ms;
-use crate::scoring::{Explanation, Listing};
+use crate::scoring::{Explanation, Listing, TypePolicy};
 use serde_json::Value;
 use std::fmt::Write as _;
 
@@ -113,9 +113,9 @@ This page refreshes every {REFRESH_SECONDS} s.</p>",
     page("riskd: riskiest entities", &b)
 }
 
-/// The score of contributions `(time ms, points)` at `t` with half-life `h` ms.
-fn score_at(contributions: &[(i64, f64, String)], h: f64, t: i64) -> f64 {
-    contributions.iter().filter(|c| c.0 <= t).map(|c| c.1 * 0.5f64.powf((t - c.0) as f64 / h)).sum()
+/// The score of contributions `(time ms, points, rule)` at `t`, decayed by `policy`.
+fn score_at(contributions: &[(i64, f64, String)], policy: &TypePolicy, t: i64) -> f64 {
+    contributions.iter().filter(|c| c.0 <= t).map(|c| policy.decayed(c.1, t - c.0)).sum()
 }
 
 /// The score over time as SVG: from a day before `now`, or from a little
@@ -130,7 +130,10 @@ fn plot(x: &Explanation) -> String {
     const B: f64 = 30.0;
     let day = 86_400_000i64;
     let now = parse_time_ms(&Value::from(x.now.as_str())).unwrap_or(0);
-    let h = (x.half_life_hours * 3_600_000.0).max(1.0);
+    let policy = TypePolicy {
+        half_life_ms: (x.half_life_hours * 3_600_000.0).round().max(1.0) as i64,
+        ..TypePolicy::with_threshold(x.threshold)
+    };
     let mut contributions: Vec<(i64, f64, String)> = x
         .contributions
         .iter()
@@ -149,7 +152,7 @@ fn plot(x: &Explanation) -> String {
     }
     times.sort_unstable();
     times.dedup();
-    let points: Vec<(i64, f64)> = times.iter().map(|&t| (t, score_at(&contributions, h, t))).collect();
+    let points: Vec<(i64, f64)> = times.iter().map(|&t| (t, score_at(&contributions, &policy, t))).collect();
     let top = points.iter().map(|p| p.1).fold(x.threshold * 1.2, f64::max) * 1.05;
     let px = |t: i64| L + (t - start) as f64 / span * (W - L - R);
     let py = |s: f64| T + (1.0 - s / top) * (H - T - B);
@@ -179,7 +182,7 @@ fn plot(x: &Explanation) -> String {
         line.join(" ")
     );
     for c in contributions.iter().filter(|c| c.0 >= start) {
-        let s = score_at(&contributions, h, c.0);
+        let s = score_at(&contributions, &policy, c.0);
         let _ = write!(
             svg,
             "<circle class=\"contribution\" cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#ef6c00\"><title>{} +{} at {}</title></circle>",

@@ -62,6 +62,16 @@ pub fn rank(state: &RiskState, policy: &TypePolicy) -> Option<f64> {
     (sum > 0.0).then(|| sum.log2() + newest as f64 / h)
 }
 
+/// The rank of a risk record of an entity of `type_` (`None`: deleted, or
+/// no positive contribution), by its contributions up to `at` when given.
+fn record_rank(cfg: &ScoringConfig, type_: &str, record: Option<&Record>, at: Option<i64>) -> Option<f64> {
+    let mut state = RiskState::from_dict(record?.dict.as_ref());
+    if let Some(at) = at {
+        state.contributions.retain(|c| c.event_time <= at);
+    }
+    rank(&state, cfg.policy(type_))
+}
+
 /// The score a rank gives at event time `now` (for every contribution at or before `now`).
 pub fn score_at(rank: f64, policy: &TypePolicy, now: i64) -> f64 {
     (rank - now as f64 / policy.half_life_ms.max(1) as f64).exp2()
@@ -79,12 +89,9 @@ impl Board {
     pub fn build(store: &dyn Store, cfg: &ScoringConfig, at: Option<i64>) -> Result<Self> {
         let mut board = Board::default();
         store.scan(&format!("{RISK_PREFIX}/"), &mut |key, record| {
-            let Some((type_, id)) = entity_of(key) else { return };
-            let mut state = RiskState::from_dict(record.dict.as_ref());
-            if let Some(at) = at {
-                state.contributions.retain(|c| c.event_time <= at);
+            if let Some((type_, id)) = entity_of(key) {
+                board.set((type_.to_string(), id.to_string()), record_rank(cfg, type_, Some(record), at));
             }
-            board.set((type_.to_string(), id.to_string()), rank(&state, cfg.policy(type_)));
         })?;
         Ok(board)
     }
@@ -103,8 +110,7 @@ impl Board {
     pub fn note(&mut self, cfg: &ScoringConfig, key: &str, record: Option<&Record>) {
         let Some((type_, id)) = entity_of(key) else { return };
         let entity = (type_.to_string(), id.to_string());
-        let state = record.and_then(|r| r.dict.as_ref()).map(|d| RiskState::from_dict(Some(d)));
-        let rank = state.and_then(|s| rank(&s, cfg.policy(type_)));
+        let rank = record_rank(cfg, type_, record, None);
         if let Some(touched) = self.filling.as_mut() {
             touched.insert(entity.clone());
         }
@@ -397,7 +403,7 @@ pub fn list(
         let mut rows = super::explain_contributions(policy, &state, now);
         rows.truncate(3);
         entities.push(Listed {
-            band: policy.bands.iter().rev().find(|(min, _)| score >= *min).map(|(_, s)| *s),
+            band: policy.band(score),
             threshold: policy.threshold,
             armed: super::explain::armed_at(policy, &state, now, score).0,
             last_alert: state.contributions.iter().map(|c| c.event_time).max().map(format_time_ms),

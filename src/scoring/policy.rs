@@ -24,8 +24,14 @@ impl TypePolicy {
         Self { threshold, rearm_below: threshold / 2.0, half_life_ms: 24 * 3_600_000, bands: default_bands(threshold) }
     }
 
+    /// The band `score` is in: the last whose lowest score it reaches (none below the lowest).
+    pub fn band(&self, score: f64) -> Option<Severity> {
+        self.bands.iter().rev().find(|(min, _)| score >= *min).map(|(_, s)| *s)
+    }
+
+    /// A risk alert's severity: its band, MEDIUM below the lowest.
     pub(super) fn severity(&self, score: f64) -> Severity {
-        self.bands.iter().rev().find(|(min, _)| score >= *min).map_or(Severity::Medium, |(_, s)| *s)
+        self.band(score).unwrap_or(Severity::Medium)
     }
 
     /// A contribution's value `age_ms` after it was made.

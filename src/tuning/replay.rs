@@ -98,9 +98,10 @@ pub struct Report {
     pub rules: Vec<RuleReport>,
 }
 
-fn percentile(sorted: &[i64], p: f64) -> i64 {
+/// Nearest-rank percentile of sorted values (the default when there are none).
+fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
     if sorted.is_empty() {
-        return 0;
+        return T::default();
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
@@ -133,10 +134,7 @@ fn measures(rule: &Rule, mut v: Vec<f64>) -> Option<Measures> {
         _ => return None,
     };
     v.sort_unstable_by(f64::total_cmp);
-    let at = |p: f64| {
-        let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-        v.get(rank.clamp(1, v.len().max(1)) - 1).map_or(0.0, |x| (x * 1000.0).round() / 1000.0)
-    };
+    let at = |p: f64| (percentile(&v, p) * 1000.0).round() / 1000.0;
     let past_limit = match &rule.form {
         Form::Baseline(_) => v.iter().filter(|z| **z > limit).count(),
         _ => v.iter().filter(|s| **s < limit).count(),
@@ -258,6 +256,6 @@ mod tests {
         let v: Vec<i64> = (1..=10).collect();
         assert_eq!((percentile(&v, 50.0), percentile(&v, 90.0), percentile(&v, 99.0)), (5, 9, 10));
         assert_eq!(percentile(&[7], 50.0), 7);
-        assert_eq!(percentile(&[], 50.0), 0);
+        assert_eq!(percentile::<i64>(&[], 50.0), 0);
     }
 }
