@@ -5,6 +5,9 @@
 //! the size), then times, alternately and several times:
 //! - parse-only: read the file line by line and parse each line into a
 //!   `serde_json::Value`, nothing else (one thread);
+//! - read + validate: the same with riskd's `sonic-rs` parse, keeping
+//!   nothing (one thread): the floor under any decoder that checks the
+//!   whole line;
 //! - riskd: the full main job (`pipeline::run_blocking`) with every shipped
 //!   rule (`config/rules`: the five, and the three behaviour rules), the
 //!   embedded redb store and alerts written to a file, with 1 decoding
@@ -46,6 +49,21 @@ fn parse_only(input: &Path) -> u64 {
     let mut n = 0u64;
     while let Some(_info) = reader.next_line(&mut buf).expect("read") {
         let v: Value = serde_json::from_slice(&buf).expect("generated events are JSON");
+        std::hint::black_box(&v);
+        n += 1;
+    }
+    n
+}
+
+/// The least any reader that checks each line is valid JSON does: read
+/// the line and validate all of it with `sonic-rs` (riskd's parse, keeping
+/// nothing), one thread. What riskd does on top of it is the rules' work.
+fn read_validate(input: &Path) -> u64 {
+    let mut reader = JsonLines::open_file(input, 0, 0, 1 << 20).expect("open input");
+    let mut buf = Vec::new();
+    let mut n = 0u64;
+    while let Some(_info) = reader.next_line(&mut buf).expect("read") {
+        let v = riskd::event::parse_line(&buf).expect("generated events are JSON");
         std::hint::black_box(&v);
         n += 1;
     }
@@ -167,7 +185,7 @@ fn main() {
     let before = std::env::var_os("RISKD_BENCH_BEFORE").map(std::path::PathBuf::from);
     let alerts_of = |run: &str| std::fs::read_to_string(dir.path().join(run).join("alerts.jsonl")).unwrap_or_default();
     // Runs, by name: events/s each round.
-    let mut names = vec!["parse-only".to_string()];
+    let mut names = vec!["parse-only".to_string(), "read + validate (sonic-rs)".to_string()];
     if before.is_some() {
         names.push("riskd before".to_string());
     }
@@ -183,6 +201,7 @@ fn main() {
             let t = Instant::now();
             let n = match i {
                 0 => parse_only(&input),
+                1 => read_validate(&input),
                 _ if name == "riskd before" => {
                     before_run(before.as_deref().unwrap_or(Path::new("")), &five, &input, &work, events)
                 }
@@ -214,7 +233,7 @@ fn main() {
     };
     same(last - 1, last);
     if before.is_some() {
-        same(1, 2);
+        same(2, 3);
     }
     println!(
         "alerts: {} with every shipped rule, {} with the five (the same, byte for byte, in every run with the same rules)",

@@ -130,7 +130,7 @@ impl Reading {
 
     /// Takes one line read: its event is held, or put in `ready` when its
     /// time is released (or it has none).
-    fn take(&mut self, job: &mut Job, line: Line, ready: &mut Vec<Held>) -> Result<(), RunError> {
+    fn take(&mut self, job: &mut Job, line: Line, now: Instant, ready: &mut Vec<Held>) -> Result<(), RunError> {
         let Line { info, raw, decoded, ingest } = line;
         let before = (self.last.0, self.last.1, job.trusted_time());
         self.last = (info.end_offset, info.line);
@@ -154,7 +154,7 @@ impl Reading {
         let Some(event) = event else { return Ok(()) };
         let (time, source) = (event.time_ms, event.time_source);
         let held = Held { before, info, raw, event, late: false };
-        if self.order.take_into(time, source, held, Instant::now(), ready) {
+        if self.order.take_into(time, source, held, now, ready) {
             if let Some(item) = ready.last_mut() {
                 job.late(&Origin { source: &self.name, line: item.info.line });
                 item.late = true;
@@ -169,9 +169,9 @@ impl Reading {
         self.last.0 < self.reread_to
     }
 
-    /// Moves the events now due to `ready`.
-    fn release(&mut self, ready: &mut Vec<Held>) {
-        while let Some(item) = self.order.pop(Instant::now()) {
+    /// Moves the events due at `now` to `ready`.
+    fn release(&mut self, now: Instant, ready: &mut Vec<Held>) {
+        while let Some(item) = self.order.pop(now) {
             ready.push(item);
         }
     }
@@ -295,13 +295,16 @@ fn pump(
         // a time (their state loaded in one read); a flush falls between.
         let step = if batched_reads { BATCH } else { 1 };
         let mut batch = batch.into_iter().peekable();
+        // The wall clock, once per batch: it only releases events held for
+        // `max_delay`, and a batch takes milliseconds.
+        let now = Instant::now();
         loop {
             let mut read = 0u64;
             for line in batch.by_ref().take(step) {
-                reading.take(job, line, &mut ready)?;
+                reading.take(job, line, now, &mut ready)?;
                 read += 1;
             }
-            reading.release(&mut ready);
+            reading.release(now, &mut ready);
             if batched_reads && !ready.is_empty() {
                 let events: Vec<(&Event, _)> = ready.iter().map(|h| (&h.event, None)).collect();
                 job.prefetch(&events)?;

@@ -40,7 +40,8 @@ impl RetryPolicy {
     /// reason a retry can mend. Gives up on shutdown, past the deadline, or
     /// on any other error.
     pub(super) fn run<T>(&self, what: &str, mut f: impl FnMut() -> Result<T, RunError>) -> Result<T, RunError> {
-        let mut delays = backoff();
+        // Made at the first failure: the hot path (every event) pays nothing.
+        let mut delays = None;
         // Every component that failed meanwhile (a flush may find its
         // outputs failing, then its store): each is reported fine again.
         let mut failing: Vec<&'static str> = Vec::new();
@@ -62,7 +63,7 @@ impl RetryPolicy {
                 return Err(e);
             }
             faults.with_label_values(&[component, &kind, "retried"]).inc();
-            let wait = delays.next().unwrap_or(RETRY_MAX).min(RETRY_MAX);
+            let wait = delays.get_or_insert_with(backoff).next().unwrap_or(RETRY_MAX).min(RETRY_MAX);
             tracing::warn!(what, component, kind, error = %e, retry_in_ms = wait.as_millis() as u64, "failed; retrying");
             self.report(component, Some(e.to_string()));
             if !failing.contains(&component) {

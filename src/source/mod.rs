@@ -146,7 +146,7 @@ impl JsonLines {
                 break;
             }
             consumed_any = true;
-            let (chunk, newline) = match avail.iter().position(|&b| b == b'\n') {
+            let (chunk, newline) = match memchr::memchr(b'\n', avail) {
                 Some(i) => (&avail[..i], true),
                 None => (avail, false),
             };
