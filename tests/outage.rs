@@ -1,7 +1,7 @@
 //! A store outage slows riskd down; it never drops or double-applies an
 //! event, and a quiet spell is no outage at all.
 //! - DynamoDB Local (its own instance, on disk so its data survives) is
-//!   stopped for 10 s while riskd follows a stream: riskd backs off,
+//!   stopped (SIGTERM: see `DynamoLocal::stop`) for 10 s while riskd follows a stream: riskd backs off,
 //!   `/readyz` says not ready and why, and once the store is back every
 //!   event is scored exactly once — the same alerts as a run that saw no
 //!   outage.
@@ -54,7 +54,7 @@ fn a_store_outage_is_ridden_out_without_losing_or_repeating_an_event() {
     std::thread::sleep(Duration::from_millis(500)); // let a flush commit them
 
     // The outage: the store goes away, more events arrive.
-    dynamodb.kill();
+    dynamodb.stop();
     let outage = Instant::now();
     riskd.append(rest);
     let mut reason = String::new();

@@ -70,6 +70,21 @@ impl DynamoLocal {
         send_signal(self.pid(), signal);
     }
 
+    /// Stops it (SIGTERM) and waits until it is gone; killed outright
+    /// after 30 s. Killed at once, DynamoDB Local can lose writes it has
+    /// acknowledged (seen once in the suite: a checkpoint gone back after a
+    /// restart), which no real store does and riskd rightly refuses to
+    /// commit over: a test that restarts it on its data stops it this way.
+    pub fn stop(mut self) {
+        send_signal(self.pid(), "TERM");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.java.0.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.java.0.kill();
+        let _ = self.java.0.wait();
+    }
+
     /// Kills it (SIGKILL) and waits until it is gone.
     pub fn kill(mut self) {
         let _ = self.java.0.kill();
