@@ -295,10 +295,11 @@ fn pump(
         // a time (their state loaded in one read); a flush falls between.
         let step = if batched_reads { BATCH } else { 1 };
         let mut batch = batch.into_iter().peekable();
-        // The wall clock, once per batch: it only releases events held for
-        // `max_delay`, and a batch takes milliseconds.
-        let now = Instant::now();
         loop {
+            // The wall clock, once per step (not per batch: applying or a
+            // flush may wait out a store outage, and an event taken after it
+            // must not seem to have waited for `max_delay` already).
+            let now = Instant::now();
             let mut read = 0u64;
             for line in batch.by_ref().take(step) {
                 reading.take(job, line, now, &mut ready)?;
