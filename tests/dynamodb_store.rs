@@ -1165,3 +1165,14 @@ mod entity_layout {
         assert!(errors.contains("store.layout \"rows\" is not one of key, entity"), "{errors}");
     }
 }
+
+/// The API keeps a reading handle of the store, which the server's task
+/// drops at shutdown: a store dropped inside an async task must not panic
+/// (dropping a runtime there used to, after riskd had printed its summary).
+#[test]
+fn a_store_dropped_inside_an_async_task_does_not_panic() {
+    let (store, _) = fresh();
+    store.get_many(&["a/b/c"]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move { tokio::spawn(async move { drop(store) }).await }).expect("dropped without a panic");
+}

@@ -574,13 +574,37 @@ where
 /// A client of one table, with the runtime its requests run on.
 pub(super) struct Remote {
     /// The runtime every request runs on (the store's methods block on it).
-    pub(super) rt: tokio::runtime::Runtime,
+    pub(super) rt: StoreRuntime,
     pub(super) client: Client,
     pub(super) table: String,
     /// Where it talks to, for messages: region and endpoint.
     pub(super) place: String,
     /// Request budgets.
     pub(super) limits: Arc<Limits>,
+}
+
+/// The store's own runtime. A store may be dropped inside an async task
+/// (the API's reading handle, when the server stops at shutdown), where
+/// dropping a runtime — which waits for its blocking tasks — panics: it is
+/// shut down without waiting instead (nothing of the store's runs there
+/// between its calls).
+pub(super) struct StoreRuntime(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for StoreRuntime {
+    type Target = tokio::runtime::Runtime;
+
+    fn deref(&self) -> &Self::Target {
+        // `None` only inside `drop`.
+        self.0.as_ref().unwrap_or_else(|| unreachable!("the store's runtime is used after its drop"))
+    }
+}
+
+impl Drop for StoreRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Remote {
@@ -615,6 +639,7 @@ impl Remote {
             Some(url) => format!("{region} at {url}"),
             None => region,
         };
+        let rt = StoreRuntime(Some(rt));
         Ok(Self { rt, client: Client::new(&sdk), table: cfg.table.clone(), place, limits: Arc::new(Limits::new(cfg)) })
     }
 
