@@ -44,27 +44,29 @@ const ROUNDS: usize = 3;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn parse_only(input: &Path) -> u64 {
-    let mut reader = JsonLines::open_file(input, 0, 0, 1 << 20).expect("open input");
-    let mut buf = Vec::new();
-    let mut n = 0u64;
-    while let Some(_info) = reader.next_line(&mut buf).expect("read") {
-        let v: Value = serde_json::from_slice(&buf).expect("generated events are JSON");
+    each_line(input, |line| {
+        let v: Value = serde_json::from_slice(line).expect("generated events are JSON");
         std::hint::black_box(&v);
-        n += 1;
-    }
-    n
+    })
 }
 
 /// The least any reader that checks each line is valid JSON does: read
 /// the line and validate all of it with `sonic-rs` (riskd's parse, keeping
 /// nothing), one thread. What riskd does on top of it is the rules' work.
 fn read_validate(input: &Path) -> u64 {
+    each_line(input, |line| {
+        let v = riskd::event::parse_line(line).expect("generated events are JSON");
+        std::hint::black_box(&v);
+    })
+}
+
+/// Reads `input` line by line, one thread, giving each line to `f`; the lines read.
+fn each_line(input: &Path, mut f: impl FnMut(&[u8])) -> u64 {
     let mut reader = JsonLines::open_file(input, 0, 0, 1 << 20).expect("open input");
     let mut buf = Vec::new();
     let mut n = 0u64;
     while let Some(_info) = reader.next_line(&mut buf).expect("read") {
-        let v = riskd::event::parse_line(&buf).expect("generated events are JSON");
-        std::hint::black_box(&v);
+        f(&buf);
         n += 1;
     }
     n

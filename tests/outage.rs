@@ -1,10 +1,10 @@
 //! A store outage slows riskd down; it never drops or double-applies an
 //! event, and a quiet spell is no outage at all.
 //! - DynamoDB Local (its own instance, on disk so its data survives) is
-//!   stopped (SIGTERM: see `DynamoLocal::stop`) for 10 s while riskd follows a stream: riskd backs off,
-//!   `/readyz` says not ready and why, and once the store is back every
-//!   event is scored exactly once — the same alerts as a run that saw no
-//!   outage.
+//!   stopped (SIGTERM: see `DynamoLocal::stop`) for 10 s while riskd
+//!   follows a stream: riskd backs off, `/readyz` says not ready and why,
+//!   and once the store is back every event is scored exactly once — the
+//!   same alerts as a run that saw no outage.
 //! - No event for 45 s while riskd follows a stream on DynamoDB Local, which
 //!   closes idle connections meanwhile: the next request must not fail the
 //!   job.

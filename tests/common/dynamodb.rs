@@ -81,8 +81,7 @@ impl DynamoLocal {
         while self.java.0.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.java.0.kill();
-        let _ = self.java.0.wait();
+        self.kill();
     }
 
     /// Kills it (SIGKILL) and waits until it is gone.
